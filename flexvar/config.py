@@ -1,0 +1,392 @@
+"""Typed, validated view of params.yaml — the only place settings live.
+
+`load_params()` reads params.yaml into `Params`; anything wrong (unknown key, wrong type,
+out-of-range value, inconsistent sections) raises `ConfigError` naming the key path and the
+bad value before any work starts:
+
+    >>> load_params_dict({"train_tokenizer": {"lr": -1}})
+    Traceback (most recent call last):
+    ...
+    flexvar.config.ConfigError: params.yaml: train_tokenizer.lr = -1: Input should be greater than 0
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """params.yaml (or a preset/override) is invalid; the message names the key path and value."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- data
+class DataConfig(Section):
+    source: str = "builtin:shapes"          # builtin:<name> | hf:<id>[:<config>] | imagefolder:<path>
+    resolution: int = Field(64, ge=8)       # output images are resolution x resolution RGB
+    num_train: int = Field(3000, ge=1)      # builtin only: images in the train split
+    num_val: int = Field(500, ge=1)         # builtin only: images in the val split
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)  # imagefolder/hf without a val split
+    image_column: str = "image"             # hf only
+    label_column: str = "label"             # hf only
+    hf_split_train: str = "train"
+    hf_split_val: str = "validation"
+    on_bad_image: Literal["skip", "fail"] = "skip"
+
+    @field_validator("source")
+    @classmethod
+    def _source_kind(cls, v: str) -> str:
+        kind, _, rest = v.partition(":")
+        if kind not in {"builtin", "hf", "imagefolder"} or not rest:
+            raise ValueError("must be builtin:<name>, hf:<dataset id>[:<config>] or imagefolder:<path>")
+        return v
+
+
+# --------------------------------------------------------------------------- models
+class TokenizerConfig(Section):
+    """Scalable VQVAE (LlamaGen encoder/decoder layout); downsampling = 2**(len(ch_mult)-1)."""
+    ch: int = Field(32, ge=1)
+    ch_mult: list[int] = Field(default_factory=lambda: [1, 2, 2, 4], min_length=1)
+    num_res_blocks: int = Field(1, ge=1)
+    z_channels: int = Field(64, ge=1)
+    codebook_dim: int = Field(32, ge=1)      # Cvae
+    codebook_size: int = Field(1024, ge=2)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    beta: float = Field(0.25, ge=0.0)        # commitment weight
+    entropy_weight: float = Field(0.0, ge=0.0)
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+class TransformerConfig(Section):
+    """FlexVAR transformer; width/heads/drop_path default to 64*depth, depth, 0.1*depth/24."""
+    depth: int = Field(4, ge=1)
+    width: int | None = Field(None, ge=1)
+    heads: int | None = Field(None, ge=1)
+    mlp_ratio: float = Field(4.0, gt=0.0)
+    drop_rate: float = Field(0.0, ge=0.0, lt=1.0)
+    attn_drop_rate: float = Field(0.0, ge=0.0, lt=1.0)
+    drop_path_rate: float | None = Field(None, ge=0.0, lt=1.0)
+    class_dropout: float = Field(0.1, ge=0.0, le=1.0)
+    prediction: Literal["gt", "residual"] = "gt"
+    pos_embed: Literal["scalable", "fixed"] = "scalable"
+    pos_embed_learnable: bool = True
+
+
+class ScheduleConfig(Section):
+    """Training step sampler (paper §4.1); what the Ray Tune sweep searches.
+
+    A sampled schedule is `head` + `count` scales drawn from each `[count, low, high]` group +
+    the full latent size, then up to `max_drops` intermediate steps dropped, the i-th with
+    probability `drop_probs[i]`. With probability `canonical_prob` the canonical schedule is used.
+    """
+    canonical: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 5, 6, 8])
+    canonical_prob: float = Field(0.05, ge=0.0, le=1.0)
+    head: list[int] = Field(default_factory=lambda: [1, 2])
+    groups: list[tuple[int, int, int]] = Field(default_factory=lambda: [(2, 3, 5), (1, 6, 7)])
+    drop_probs: list[float] = Field(default_factory=lambda: [0.10, 0.05, 0.02, 0.01])
+    max_drops: int = Field(4, ge=0)
+    max_steps: int = Field(10, ge=1)
+    max_tokens: int = Field(680, ge=1)
+
+    @field_validator("canonical", "head")
+    @classmethod
+    def _increasing(cls, v: list[int]) -> list[int]:
+        check_increasing(v)
+        return v
+
+    @field_validator("drop_probs")
+    @classmethod
+    def _probs(cls, v: list[float]) -> list[float]:
+        for p in v:
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"probability {p} is outside [0, 1]")
+        return v
+
+    @field_validator("groups")
+    @classmethod
+    def _groups(cls, v: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+        for count, low, high in v:
+            if count < 0 or low < 1 or high < low or count > high - low + 1:
+                raise ValueError(f"group [{count}, {low}, {high}] must have 1 <= low <= high and "
+                                 f"0 <= count <= high - low + 1")
+        return v
+
+
+# --------------------------------------------------------------------------- training
+class OptimConfig(Section):
+    steps: int = Field(300, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(3e-4, gt=0.0)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)   # cosine decay ends at lr * min_lr_ratio
+    warmup_steps: int = Field(20, ge=0)
+    weight_decay: float = Field(0.05, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = Field(1.0, ge=0.0)              # 0 = off
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    ema_decay: float = Field(0.0, ge=0.0, lt=1.0)      # 0 = no EMA weights
+    checkpoint_every: int = Field(100, ge=1)
+    eval_every: int = Field(100, ge=1)
+    log_every: int = Field(10, ge=1)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError(f"betas {list(v)} must each be in [0, 1)")
+        return v
+
+
+class TrainTokenizerConfig(OptimConfig):
+    num_scales: int = Field(5, ge=1)                  # K scales per batch (paper K=5), full size always in
+    recon_loss: Literal["l1", "l2", "l1+l2"] = "l1+l2"
+    perceptual_weight: float = Field(0.0, ge=0.0)     # 0 = off
+    perceptual_weights_path: str = ""                 # local VGG16 weights file for the perceptual loss
+    gan_weight: float = Field(0.0, ge=0.0)            # 0 = off
+    gan_start_step: int = Field(0, ge=0)
+    val_images: int = Field(256, ge=1)
+
+
+class TrainTransformerConfig(OptimConfig):
+    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
+    grad_accum: int = Field(1, ge=1)
+    compile: bool = False
+    val_batches: int = Field(4, ge=1)
+
+
+# --------------------------------------------------------------------------- sampling, evaluation
+class ScheduleSpec(Section):
+    """One inference schedule: explicit `scales` (of the final size) or `steps` to `size`."""
+    steps: int | None = Field(None, ge=1)
+    scales: list[int] | None = None
+    preset: str | None = None             # a named paper preset, e.g. "256-10" (Tab. 7)
+    size: tuple[int, int] | None = None   # output (H, W) pixels; default: the training resolution
+
+    @model_validator(mode="after")
+    def _one_way(self) -> "ScheduleSpec":
+        given = [k for k in ("steps", "scales", "preset") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of steps, scales, preset (got {given or 'none'})")
+        if self.scales is not None:
+            check_increasing(self.scales)
+        return self
+
+
+class SampleConfig(Section):
+    per_class: int = Field(16, ge=1)
+    batch_size: int = Field(32, ge=1)
+    cfg: float = Field(1.5, ge=0.0)
+    cfg_schedule: Literal["ramp", "constant"] = "ramp"
+    top_k: int = Field(0, ge=0)           # 0 = off
+    top_p: float = Field(0.0, ge=0.0, le=1.0)  # 0 = off
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    schedules: dict[str, ScheduleSpec] = Field(default_factory=lambda: {
+        "short": ScheduleSpec(steps=4), "canonical": ScheduleSpec(scales=[1, 2, 3, 4, 5, 6, 8]),
+        "long": ScheduleSpec(steps=10), "large": ScheduleSpec(steps=8, size=(96, 96))})
+
+
+class EvaluateConfig(Section):
+    feature_space: Literal["domain", "inception"] = "domain"
+    inception_weights: str = ""           # local path of torch-fidelity's inception-v3-compat weights
+    metrics: list[Literal["fid", "isc", "kid", "prc"]] = Field(default_factory=lambda: ["fid", "isc", "kid", "prc"])
+    reference_split: Literal["train", "val"] = "val"
+    kid_subset_size: int = Field(100, ge=2)
+    feature_net_steps: int = Field(300, ge=1)
+    feature_net_batch_size: int = Field(64, ge=1)
+    feature_net_lr: float = Field(1e-3, gt=0.0)
+
+
+class VariantsConfig(Section):
+    depths: list[int] = Field(default_factory=lambda: [2, 4], min_length=1)
+    schedules: list[str] = Field(default_factory=lambda: ["short", "canonical", "long", "large"], min_length=1)
+
+
+class TrackingConfig(Section):
+    uri: str = ""                         # empty = MLFLOW_TRACKING_URI, else the embedded SQLite store
+    experiment: str = "flexvar"
+    required: bool = True                 # unreachable server: fail (true) or run untracked (false)
+
+
+class StageResources(Section):
+    num_cpus: float = Field(1.0, ge=0.0)
+    num_gpus: float = Field(0.0, ge=0.0)
+
+
+class ResourcesConfig(Section):
+    device: str = "auto"                  # auto | cpu | cuda | cuda:N
+    num_threads: int = Field(0, ge=0)     # torch CPU threads; 0 = torch default
+    ray_address: str = ""                 # empty = start Ray locally
+    train_workers: int = Field(1, ge=1)
+    retries: int = Field(1, ge=0)
+    retry_delay_s: float = Field(5.0, ge=0.0)
+    stages: dict[str, StageResources] = Field(default_factory=dict)
+
+
+class SweepConfig(Section):
+    num_samples: int = Field(4, ge=1)
+    steps: int = Field(60, ge=1)
+    grace_steps: int = Field(20, ge=1)
+    metric: str = "val_loss"
+    cpus_per_trial: float = Field(1.0, gt=0.0)
+    gpus_per_trial: float = Field(0.0, ge=0.0)
+    max_failures: int = Field(2, ge=0)
+    search_space: dict[str, list[float]] = Field(default_factory=lambda: {
+        "schedule.canonical_prob": [0.0, 0.5]})
+
+
+# --------------------------------------------------------------------------- root
+class Params(Section):
+    seed: int = Field(0, ge=0)
+    data: DataConfig = Field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    transformer: TransformerConfig = Field(default_factory=TransformerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    train_tokenizer: TrainTokenizerConfig = Field(default_factory=TrainTokenizerConfig)
+    train_transformer: TrainTransformerConfig = Field(default_factory=TrainTransformerConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    variants: VariantsConfig = Field(default_factory=VariantsConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
+
+    @property
+    def latent_size(self) -> int:
+        return self.data.resolution // self.tokenizer.downsample
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Params":
+        f, res = self.tokenizer.downsample, self.data.resolution
+        if res % f:
+            raise _at(("data", "resolution"), res, f"must be divisible by the tokenizer's downsampling "
+                      f"factor {f} (= 2**(len(tokenizer.ch_mult)-1))")
+        full = res // f
+        sched = self.schedule
+        if sched.canonical[-1] != full:
+            raise _at(("schedule", "canonical"), sched.canonical,
+                      f"must end at the full latent size {full} (= data.resolution / {f})")
+        if sched.head and sched.head[-1] >= full:
+            raise _at(("schedule", "head"), sched.head, f"must stay below the full latent size {full}")
+        for i, (_, low, high) in enumerate(sched.groups):
+            if high >= full:
+                raise _at(("schedule", "groups", i), [_, low, high], f"high must be below the full latent size {full}")
+        for name, spec in self.sample.schedules.items():
+            if spec.size is not None and (spec.size[0] % f or spec.size[1] % f):
+                raise _at(("sample", "schedules", name, "size"), list(spec.size),
+                          f"must be divisible by the tokenizer's downsampling factor {f}")
+            if spec.scales is not None and spec.size is None and spec.scales[-1] != full:
+                raise _at(("sample", "schedules", name, "scales"), spec.scales,
+                          f"must end at the full latent size {full}, or give a size")
+        for i, name in enumerate(self.variants.schedules):
+            if name not in self.sample.schedules:
+                raise _at(("variants", "schedules", i), name,
+                          f"is not a schedule in sample.schedules ({', '.join(self.sample.schedules)})")
+        width = self.transformer.width or 64 * self.transformer.depth
+        heads = self.transformer.heads or self.transformer.depth
+        if width % heads:
+            raise _at(("transformer", "heads"), heads, f"must divide the width {width}")
+        return self
+
+    def transformer_for_depth(self, depth: int) -> TransformerConfig:
+        """The transformer section with `depth` set (variants.depths) and derived sizes left to defaults."""
+        return self.transformer.model_copy(update={"depth": depth})
+
+
+class _PathError(ValueError):
+    def __init__(self, loc: tuple, value: Any, msg: str):
+        super().__init__(msg)
+        self.loc, self.value, self.msg = loc, value, msg
+
+
+def _at(loc: tuple, value: Any, msg: str) -> _PathError:
+    return _PathError(loc, value, msg)
+
+
+def check_increasing(scales: list[int]) -> None:
+    if not scales or scales[0] < 1:
+        raise ValueError(f"{scales} must be non-empty positive scales")
+    if any(b <= a for a, b in zip(scales, scales[1:])):
+        raise ValueError(f"{scales} is not strictly increasing")
+
+
+# --------------------------------------------------------------------------- loading
+def _lookup(data: Any, loc: tuple) -> Any:
+    for k in loc:
+        try:
+            data = data[k]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return data
+
+
+def _format(loc: tuple, value: Any, msg: str, origin: str) -> str:
+    path = ".".join(str(p) for p in loc) or "(root)"
+    return f"{origin}: {path} = {value!r}: {msg}"
+
+
+def load_params_dict(data: dict[str, Any] | None, origin: str = "params.yaml") -> Params:
+    """Validate a params mapping; ConfigError lists each bad key path with its value."""
+    data = data or {}
+    try:
+        return Params.model_validate(data)
+    except _PathError as e:
+        raise ConfigError(_format(e.loc, e.value, e.msg, origin)) from None
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            ctx_err = (err.get("ctx") or {}).get("error")
+            if isinstance(ctx_err, _PathError):
+                lines.append(_format(ctx_err.loc, ctx_err.value, ctx_err.msg, origin))
+                continue
+            loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key (check the spelling; see params.yaml for the valid keys)"
+            lines.append(_format(loc, _lookup(data, loc) if err["type"] != "missing" else None, msg, origin))
+        raise ConfigError("\n".join(lines)) from None
+
+
+def load_params(path: str | os.PathLike = "params.yaml") -> Params:
+    """Read and validate params.yaml."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: not found; run from the project root or pass the params file path")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{path}: must be a mapping of sections, got {type(data).__name__}")
+    return load_params_dict(data, origin=str(path))
+
+
+def select(params: Params, keys: list[str]) -> dict[str, Any]:
+    """The values of dotted keys (e.g. 'train_tokenizer.lr', 'tokenizer'), flattened: what a stage depends on."""
+    out: dict[str, Any] = {}
+    dumped = params.model_dump(mode="json")
+    for key in keys:
+        value = _lookup(dumped, tuple(key.split(".")))
+        if isinstance(value, dict):
+            out.update(_flatten(value, key))
+        else:
+            out[key] = value
+    return out
+
+
+def _flatten(d: dict[str, Any], prefix: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}.{k}"))
+        else:
+            out[f"{prefix}.{k}"] = v
+    return out
