@@ -39,6 +39,7 @@ class DataConfig(Section):
     hf_split_train: str = "train"
     hf_split_val: str = "validation"
     on_bad_image: Literal["skip", "fail"] = "skip"
+    upscale_small: bool = False             # images smaller than resolution: upscale (true) or skip
 
     @field_validator("source")
     @classmethod

@@ -1,0 +1,73 @@
+"""Presets: partial params files under presets/ merged into params.yaml.
+
+`flexvar preset smoke` deep-merges presets/smoke.yaml into params.yaml, keeping the file's
+comments and order (ruamel round-trip), and validates the result before writing it.
+"""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+from ruamel.yaml import YAML
+
+from flexvar.config import ConfigError, load_params_dict
+
+PRESETS_DIR = Path(__file__).resolve().parents[1] / "presets"
+
+
+def available(presets_dir: Path = PRESETS_DIR) -> list[str]:
+    return sorted(p.stem for p in presets_dir.glob("*.yaml"))
+
+
+def _yaml() -> YAML:
+    y = YAML()  # round-trip: keeps comments and key order
+    y.preserve_quotes = True
+    y.width = 120
+    return y
+
+
+def deep_merge(base: Any, patch: Any) -> Any:
+    """Merge `patch` into `base` in place: mappings recurse, everything else is replaced."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        for k, v in patch.items():
+            base[k] = deep_merge(base[k], v) if k in base and isinstance(base[k], dict) and isinstance(v, dict) else v
+        return base
+    return patch
+
+
+def resolve(name_or_path: str, presets_dir: Path = PRESETS_DIR) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    path = presets_dir / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"preset {name_or_path!r} not found; available: {', '.join(available(presets_dir))} "
+                          f"(or give a path to a .yaml file)")
+    return path
+
+
+def apply_preset(name_or_path: str, params_path: str | os.PathLike = "params.yaml",
+                 presets_dir: Path = PRESETS_DIR) -> Path:
+    """Merge a preset into params.yaml; validation errors name the preset and key; returns the preset path."""
+    preset_path = resolve(name_or_path, presets_dir)
+    y = _yaml()
+    params_path = Path(params_path)
+    base = y.load(params_path.read_text()) if params_path.is_file() else {}
+    patch = y.load(preset_path.read_text()) or {}
+    merged = deep_merge(base if base is not None else {}, patch)
+    load_params_dict(_plain(merged), origin=f"{params_path} after preset {preset_path.name}")
+    buf = io.StringIO()
+    y.dump(merged, buf)
+    params_path.write_text(buf.getvalue())
+    return preset_path
+
+
+def _plain(x: Any) -> Any:
+    """ruamel's commented containers -> plain dict/list for pydantic."""
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_plain(v) for v in x]
+    return x

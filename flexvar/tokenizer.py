@@ -1,0 +1,289 @@
+"""Scalable multi-scale VQVAE: one convolutional encoder/decoder, one codebook for every scale.
+
+FlexVAR (arXiv 2502.20313, §3.3) tokenises an image at many resolutions with the same model:
+the encoder maps an image to a continuous latent z at the full scale (H/f, W/f); to tokenise at
+a coarser scale (h, w), z is area-downsampled and each vector is snapped to its nearest code.
+The decoder is fully convolutional (plus one attention block per resolution-free mid stage), so
+it turns a quantised map of any (h, w) — square or not, smaller or larger than seen in training —
+into an image of (f*h, f*w) pixels.
+
+The module layout and parameter names follow LlamaGen's VQ model (which FlexVAR's released
+tokenizer uses), so official checkpoints load 1:1:
+`encoder.*`, `decoder.*`, `quant_conv`, `post_quant_conv`, `quantize.embedding.weight`.
+
+    >>> from flexvar.config import TokenizerConfig
+    >>> vq = VQVAE(TokenizerConfig(ch=32, ch_mult=[1, 2], z_channels=32, codebook_dim=8, codebook_size=16))
+    >>> z_BCHW = vq.encode(torch.zeros(1, 3, 16, 16))
+    >>> idx_Bhw, zq_BChw = vq.quantize_at(z_BCHW, (3, 5))
+    >>> tuple(vq.decode(zq_BChw).shape)
+    (1, 3, 6, 10)
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from flexvar.checkpoint import CheckpointError, load_checkpoint, save_atomic
+from flexvar.config import TokenizerConfig
+from flexvar.quantizer import MultiScaleQuantizer, downsample
+
+TOKENIZER_FILE = "tokenizer.pt"
+TOKENIZER_KIND = "tokenizer"
+
+
+# --------------------------------------------------------------------------- building blocks
+def group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm with 32 groups (LlamaGen) — or the largest divisor of 32 for narrow test models."""
+    return nn.GroupNorm(num_groups=math.gcd(32, channels), num_channels=channels, eps=1e-6, affine=True)
+
+
+class ResnetBlock(nn.Module):
+    """Pre-activation residual block: (norm, swish, conv) x2, 1x1 shortcut when widths differ."""
+
+    def __init__(self, c_in: int, c_out: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = group_norm(c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2 = group_norm(c_out)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.nin_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
+
+    def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x_BCHW)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        skip = self.nin_shortcut(x_BCHW) if self.nin_shortcut is not None else x_BCHW
+        return skip + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all H*W positions (1x1 conv projections), residual."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = group_norm(channels)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.k = nn.Conv2d(channels, channels, 1)
+        self.v = nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x_BCHW.shape
+        h = self.norm(x_BCHW)
+        q_BLC, k_BLC, v_BLC = (rearrange(proj(h), "b c h w -> b (h w) c") for proj in (self.q, self.k, self.v))
+        att_BLC = F.scaled_dot_product_attention(q_BLC, k_BLC, v_BLC)   # scale 1/sqrt(C)
+        return x_BCHW + self.proj_out(rearrange(att_BLC, "b (h w) c -> b c h w", h=H, w=W))
+
+
+class Downsample(nn.Module):
+    """Halve H and W: pad right/bottom by one, then a stride-2 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x_BCHW, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Double H and W: nearest-neighbour, then a 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x_BCHW, scale_factor=2.0, mode="nearest"))
+
+
+def mid_stage(channels: int, dropout: float) -> nn.ModuleList:
+    """res -> attention -> res at the lowest resolution (encoder and decoder alike)."""
+    return nn.ModuleList([ResnetBlock(channels, channels, dropout), AttnBlock(channels),
+                          ResnetBlock(channels, channels, dropout)])
+
+
+# --------------------------------------------------------------------------- encoder / decoder
+class Encoder(nn.Module):
+    """Image (B, 3, H, W) -> features (B, z_channels, H/f, W/f), f = 2**(len(ch_mult)-1).
+
+    One stage per multiplier: `num_res_blocks` res blocks (attention after each at the last,
+    lowest-resolution stage), then a downsample except after the last stage.
+    """
+
+    def __init__(self, ch: int, ch_mult: list[int], num_res_blocks: int, z_channels: int,
+                 dropout: float = 0.0, in_channels: int = 3):
+        super().__init__()
+        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
+        self.conv_blocks = nn.ModuleList()
+        c_in = ch
+        for level, mult in enumerate(ch_mult):
+            last = level == len(ch_mult) - 1
+            stage = nn.Module()
+            stage.res, stage.attn = nn.ModuleList(), nn.ModuleList()
+            for _ in range(num_res_blocks):
+                stage.res.append(ResnetBlock(c_in, ch * mult, dropout))
+                c_in = ch * mult
+                if last:
+                    stage.attn.append(AttnBlock(c_in))
+            if not last:
+                stage.downsample = Downsample(c_in)
+            self.conv_blocks.append(stage)
+        self.mid = mid_stage(c_in, dropout)
+        self.norm_out = group_norm(c_in)
+        self.conv_out = nn.Conv2d(c_in, z_channels, 3, padding=1)
+
+    def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x_BCHW)
+        for stage in self.conv_blocks:
+            h = run_stage(stage, h)
+            if hasattr(stage, "downsample"):
+                h = stage.downsample(h)
+        for block in self.mid:
+            h = block(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    """Features (B, z_channels, h, w) -> image (B, 3, f*h, f*w), for any h, w.
+
+    Mirror of the encoder: stages from the deepest multiplier up, `num_res_blocks + 1` res
+    blocks each (attention at the deepest stage), an upsample after every stage but the last.
+    """
+
+    def __init__(self, ch: int, ch_mult: list[int], num_res_blocks: int, z_channels: int,
+                 dropout: float = 0.0, out_channels: int = 3):
+        super().__init__()
+        c_in = ch * ch_mult[-1]
+        self.conv_in = nn.Conv2d(z_channels, c_in, 3, padding=1)
+        self.mid = mid_stage(c_in, dropout)
+        self.conv_blocks = nn.ModuleList()
+        for level in reversed(range(len(ch_mult))):
+            stage = nn.Module()
+            stage.res, stage.attn = nn.ModuleList(), nn.ModuleList()
+            for _ in range(num_res_blocks + 1):
+                stage.res.append(ResnetBlock(c_in, ch * ch_mult[level], dropout))
+                c_in = ch * ch_mult[level]
+                if level == len(ch_mult) - 1:
+                    stage.attn.append(AttnBlock(c_in))
+            if level != 0:
+                stage.upsample = Upsample(c_in)
+            self.conv_blocks.append(stage)
+        self.norm_out = group_norm(c_in)
+        self.conv_out = nn.Conv2d(c_in, out_channels, 3, padding=1)
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        return self.conv_out.weight
+
+    def forward(self, z_BChw: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(z_BChw)
+        for block in self.mid:
+            h = block(h)
+        for stage in self.conv_blocks:
+            h = run_stage(stage, h)
+            if hasattr(stage, "upsample"):
+                h = stage.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def run_stage(stage: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """Res blocks of one stage, each followed by its attention block when the stage has them."""
+    for i, res in enumerate(stage.res):
+        h = res(h)
+        if len(stage.attn):
+            h = stage.attn[i](h)
+    return h
+
+
+# --------------------------------------------------------------------------- the VQVAE
+class VQVAE(nn.Module):
+    """Encoder -> quant_conv -> multi-scale quantiser -> post_quant_conv -> decoder."""
+
+    def __init__(self, cfg: TokenizerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.downsample = cfg.downsample
+        self.encoder = Encoder(cfg.ch, cfg.ch_mult, cfg.num_res_blocks, cfg.z_channels, cfg.dropout)
+        self.decoder = Decoder(cfg.ch, cfg.ch_mult, cfg.num_res_blocks, cfg.z_channels, cfg.dropout)
+        self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.codebook_dim, 1)
+        self.post_quant_conv = nn.Conv2d(cfg.codebook_dim, cfg.z_channels, 1)
+        self.quantize = MultiScaleQuantizer(cfg.codebook_size, cfg.codebook_dim, cfg.beta, cfg.entropy_weight)
+
+    def encode(self, img_BCHW: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] (H, W divisible by f) -> continuous full-scale latent (B, Cvae, H/f, W/f)."""
+        return self.quant_conv(self.encoder(img_BCHW))
+
+    def quantize_at(self, z_BCHW: torch.Tensor, hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokenise the full-scale latent at scale (h, w): ids (B, h, w) and code vectors (B, Cvae, h, w)."""
+        return self.quantize.quantize(z_BCHW, hw)
+
+    def decode(self, zq_BChw: torch.Tensor) -> torch.Tensor:
+        """Code vectors (B, Cvae, h, w) at any (h, w) -> images (B, 3, f*h, f*w), roughly in [-1, 1]."""
+        return self.decoder(self.post_quant_conv(zq_BChw))
+
+    def decode_indices(self, idx_Bhw: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, h, w) -> images (B, 3, f*h, f*w)."""
+        return self.decode(self.quantize.lookup(idx_Bhw))
+
+    def forward_scale(self, z_BCHW: torch.Tensor, hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """Training path at one scale: straight-through quantise the downsampled latent and decode.
+
+        Returns the decoded image (B, 3, f*h, f*w), ids (B, h, w) and the quantiser's losses/stats.
+        """
+        zq_st_BChw, idx_Bhw, losses = self.quantize(downsample(z_BCHW, hw))
+        return self.decode(zq_st_BChw.to(z_BCHW.dtype)), idx_Bhw, losses
+
+    @torch.no_grad()
+    def reconstruct(self, img_BCHW: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        """Encode, tokenise at (h, w), decode: the image as the transformer would see it at that scale."""
+        _, zq_BChw = self.quantize_at(self.encode(img_BCHW), hw)
+        return self.decode(zq_BChw)
+
+
+# --------------------------------------------------------------------------- save / load
+def save_tokenizer(model: VQVAE, cfg: TokenizerConfig, out_dir: str | os.PathLike,
+                   state_dict: dict[str, torch.Tensor] | None = None, extra: dict | None = None) -> Path:
+    """Write `out_dir/tokenizer.pt`: kind, the exact config and the weights (`state_dict` overrides
+    the model's own, e.g. EMA weights). Returns the file path."""
+    path = Path(out_dir) / TOKENIZER_FILE
+    weights = state_dict if state_dict is not None else model.state_dict()
+    ckpt = {"kind": TOKENIZER_KIND, "config": cfg.model_dump(mode="json"),
+            "model": {k: v.detach().cpu().clone() for k, v in weights.items()}, **(extra or {})}
+    save_atomic(ckpt, path)
+    return path
+
+
+def tokenizer_path(path: str | os.PathLike) -> Path:
+    """A tokenizer directory or the checkpoint file itself -> the checkpoint file."""
+    path = Path(path)
+    return path / TOKENIZER_FILE if path.is_dir() else path
+
+
+def load_tokenizer(path: str | os.PathLike, device: str | torch.device = "cpu",
+                   expect_config: TokenizerConfig | None = None) -> VQVAE:
+    """Rebuild the VQVAE a checkpoint was saved from (eval mode, on `device`).
+
+    Raises CheckpointError naming the file when it is missing, corrupt, of another kind, does
+    not match `expect_config`, or its weights do not fit the stored config.
+    """
+    file = tokenizer_path(path)
+    expect = {"config": expect_config.model_dump(mode="json")} if expect_config is not None else None
+    ckpt = load_checkpoint(file, kind=TOKENIZER_KIND, expect=expect)
+    try:
+        cfg = TokenizerConfig(**ckpt["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {file} has no valid tokenizer config: {e}") from e
+    model = VQVAE(cfg)
+    try:
+        model.load_state_dict(ckpt["model"], strict=True)
+    except (KeyError, RuntimeError) as e:
+        raise CheckpointError(f"checkpoint {file}: weights do not fit its config {ckpt['config']}: "
+                              f"{str(e).splitlines()[0][:300]}") from e
+    return model.to(device).eval()

@@ -1,0 +1,64 @@
+"""What every stage module shares: its command line, offline switches, device/thread setup, JSON output.
+
+Kept tiny on purpose: a stage is `args = stage_args(__doc__)`, `params = load_params(args.params)`,
+`device = setup_torch(params)`, then flexvar calls and `stage_run` (pipeline/tracking.py).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+OFFLINE_ENV = {
+    "DO_NOT_TRACK": "true",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DVC_NO_ANALYTICS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+
+
+def set_offline_env() -> None:
+    """Telemetry off and no hub downloads, unless the user already chose otherwise."""
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def stage_args(description: str | None, argv: list[str] | None = None, **extra: dict[str, Any]):
+    """Parse `--params PATH` plus any `--name` given as `name={argparse kwargs}`."""
+    parser = argparse.ArgumentParser(description=(description or "").strip().splitlines()[0] if description else None)
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    for name, kwargs in extra.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, **kwargs)
+    return parser.parse_args(argv)
+
+
+def setup_torch(params) -> "torch.device":
+    """Seeded, threads set from `resources.num_threads`, device from `resources.device`."""
+    import torch
+
+    from flexvar.device import pick_device
+    from flexvar.seeding import seed_everything
+
+    if params.resources.num_threads:
+        torch.set_num_threads(params.resources.num_threads)
+    seed_everything(params.seed)
+    return pick_device(params.resources.device)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write `obj` as indented JSON (atomically: tmp file + rename), creating parent folders."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+    return path
+
+
+set_offline_env()
