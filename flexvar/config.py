@@ -86,23 +86,34 @@ class TransformerConfig(Section):
 class ScheduleConfig(Section):
     """Training step sampler (paper §4.1); what the Ray Tune sweep searches.
 
-    A sampled schedule is `head` + `count` scales drawn from each `[count, low, high]` group +
-    the full latent size, then up to `max_drops` intermediate steps dropped, the i-th with
-    probability `drop_probs[i]`. With probability `canonical_prob` the canonical schedule is used.
+    A sampled schedule is `head` + `count` scales drawn without replacement from each
+    `[count, low, high]` group + the full latent size n; with probability `canonical_prob` the
+    canonical schedule is used instead. Then one uniform draw u drops k random intermediate
+    steps (never the head) where k = #{i : u < drop_probs[i]} capped at `max_drops`
+    (drop_probs is non-increasing: P(at least i+1 drops)). While the schedule holds more than
+    `max_tokens` tokens a random step among the last `overflow_window` is dropped (the full
+    scale too unless `overflow_keeps_full`), then at most `max_steps` are kept.
+
+    Left null, `canonical`, `groups` and `max_tokens` follow the full latent size n: at n=16
+    they are exactly the official sampler's (1,2,3,4,5,6,8,10,13,16 / 5 of 3..10 + 2 of 11..15 /
+    680 tokens); see `resolved(n)`.
     """
-    canonical: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 5, 6, 8])
+    canonical: list[int] | None = None
     canonical_prob: float = Field(0.05, ge=0.0, le=1.0)
     head: list[int] = Field(default_factory=lambda: [1, 2])
-    groups: list[tuple[int, int, int]] = Field(default_factory=lambda: [(2, 3, 5), (1, 6, 7)])
+    groups: list[tuple[int, int, int]] | None = None
     drop_probs: list[float] = Field(default_factory=lambda: [0.10, 0.05, 0.02, 0.01])
     max_drops: int = Field(4, ge=0)
-    max_steps: int = Field(10, ge=1)
-    max_tokens: int = Field(680, ge=1)
+    max_steps: int = Field(10, ge=2)
+    max_tokens: int | None = Field(None, ge=1)
+    overflow_window: int = Field(4, ge=1)
+    overflow_keeps_full: bool = False
 
     @field_validator("canonical", "head")
     @classmethod
-    def _increasing(cls, v: list[int]) -> list[int]:
-        check_increasing(v)
+    def _increasing(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None:
+            check_increasing(v)
         return v
 
     @field_validator("drop_probs")
@@ -111,16 +122,61 @@ class ScheduleConfig(Section):
         for p in v:
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"probability {p} is outside [0, 1]")
+        if any(b > a for a, b in zip(v, v[1:])):
+            raise ValueError("must be non-increasing: drop_probs[i] is the probability of at least i+1 drops")
         return v
 
     @field_validator("groups")
     @classmethod
-    def _groups(cls, v: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
-        for count, low, high in v:
+    def _groups(cls, v: list[tuple[int, int, int]] | None) -> list[tuple[int, int, int]] | None:
+        for count, low, high in v or []:
             if count < 0 or low < 1 or high < low or count > high - low + 1:
                 raise ValueError(f"group [{count}, {low}, {high}] must have 1 <= low <= high and "
                                  f"0 <= count <= high - low + 1")
         return v
+
+    def resolved(self, full: int) -> "ScheduleConfig":
+        """A copy with canonical/groups/max_tokens filled in for a full latent side `full`.
+
+        Official sampler at n=16: intermediate scales 3..15 split at 10 = 0.625 n; it draws 5 of
+        the 8 lower ones and 2 of the 5 upper ones. The same split and the same fractions
+        (5/8, 2/5, rounded) at any n: at n=8 that is 2 of 3..5 and 1 of 6..7. Canonical: VAR's
+        scales below n, then n. max_tokens: the canonical schedule's token count.
+        """
+        canonical = self.canonical or [s for s in _VAR_SCALES if s < full] + [full]
+        groups = self.groups
+        if groups is None:
+            low, split = (self.head[-1] + 1 if self.head else 1), round(0.625 * full)
+            groups = []
+            for lo, hi, frac in ((low, split, 5 / 8), (max(low, split + 1), full - 1, 2 / 5)):
+                if hi >= lo:
+                    groups.append((min(hi - lo + 1, max(1, round(frac * (hi - lo + 1)))), lo, hi))
+        max_tokens = self.max_tokens or sum(s * s for s in canonical)
+        return self.model_copy(update={"canonical": canonical, "groups": groups, "max_tokens": max_tokens})
+
+    def problems(self, full: int) -> list[tuple[tuple, Any, str]]:
+        """(key path, value, message) for each setting that cannot work with full latent side `full`."""
+        out: list[tuple[tuple, Any, str]] = []
+        r = self.resolved(full)
+        if self.canonical is not None and self.canonical[-1] != full:
+            out.append((("canonical",), self.canonical, f"must end at the full latent size {full}"))
+        if self.head and self.head[-1] >= full:
+            out.append((("head",), self.head, f"must stay below the full latent size {full}"))
+        for i, (count, low, high) in enumerate(self.groups or []):
+            if high >= full or (self.head and low <= self.head[-1]):
+                out.append((("groups", i), [count, low, high],
+                            f"must lie strictly between the head's last scale and the full latent size {full}"))
+        if len(self.head) + 1 > self.max_steps:
+            out.append((("max_steps",), self.max_steps, f"must allow the head {self.head} plus the full scale"))
+        floor = sum(s * s for s in self.head) + full * full
+        if r.max_tokens < floor and self.overflow_keeps_full:
+            out.append((("max_tokens",), self.max_tokens, f"must be at least {floor}, the head plus the full scale"))
+        if r.max_tokens < full * full:
+            out.append((("max_tokens",), self.max_tokens, f"must be at least {full * full}, the full scale's tokens"))
+        return out
+
+
+_VAR_SCALES = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)   # VAR / FlexVAR 256 px canonical schedule
 
 
 # --------------------------------------------------------------------------- training
@@ -271,15 +327,8 @@ class Params(Section):
             raise _at(("data", "resolution"), res, f"must be divisible by the tokenizer's downsampling "
                       f"factor {f} (= 2**(len(tokenizer.ch_mult)-1))")
         full = res // f
-        sched = self.schedule
-        if sched.canonical[-1] != full:
-            raise _at(("schedule", "canonical"), sched.canonical,
-                      f"must end at the full latent size {full} (= data.resolution / {f})")
-        if sched.head and sched.head[-1] >= full:
-            raise _at(("schedule", "head"), sched.head, f"must stay below the full latent size {full}")
-        for i, (_, low, high) in enumerate(sched.groups):
-            if high >= full:
-                raise _at(("schedule", "groups", i), [_, low, high], f"high must be below the full latent size {full}")
+        for key, value, msg in self.schedule.problems(full):
+            raise _at(("schedule", *key), value, f"{msg} (= data.resolution / {f})")
         for name, spec in self.sample.schedules.items():
             if spec.size is not None and (spec.size[0] % f or spec.size[1] % f):
                 raise _at(("sample", "schedules", name, "size"), list(spec.size),

@@ -122,6 +122,15 @@ def _check_imagefolder(root: Path) -> list[str]:
     return classes
 
 
+def _split_off_val(ds, fraction: float, seed: int, stratify: str):
+    """Seeded train/val split of a source without a val split; stratified by class when possible."""
+    try:
+        parts = ds.train_test_split(test_size=fraction, seed=seed, stratify_by_column=stratify)
+    except ValueError:  # too few images per class to stratify, or a non-ClassLabel column
+        parts = ds.train_test_split(test_size=fraction, seed=seed)
+    return {"train": parts["train"], "val": parts["test"]}
+
+
 def _imagefolder(path: str, cfg: DataConfig, seed: int, cache_dir: str) -> Prepared:
     import datasets
 
@@ -137,8 +146,7 @@ def _imagefolder(path: str, cfg: DataConfig, seed: int, cache_dir: str) -> Prepa
     if val_key:
         splits["val"] = ds[val_key]
     else:
-        parts = ds["train"].train_test_split(test_size=cfg.val_fraction, seed=seed, stratify_by_column="label")
-        splits = {"train": parts["train"], "val": parts["test"]}
+        splits = _split_off_val(ds["train"], cfg.val_fraction, seed, stratify="label")
     out = Prepared(classes)
     for split, d in splits.items():
         items = ((r["image"]["path"] or f"{split}[{i}]", r["image"]["bytes"] or r["image"]["path"], r["label"])
@@ -162,8 +170,7 @@ def _hf(spec: str, cfg: DataConfig, seed: int, cache_dir: str) -> Prepared:
     if cfg.hf_split_val in ds:
         splits["val"] = ds[cfg.hf_split_val]
     else:
-        parts = ds[cfg.hf_split_train].train_test_split(test_size=cfg.val_fraction, seed=seed)
-        splits = {"train": parts["train"], "val": parts["test"]}
+        splits = _split_off_val(ds[cfg.hf_split_train], cfg.val_fraction, seed, stratify=cfg.label_column)
     names = getattr(feat, "names", None) or [str(i) for i in range(max(max(s[cfg.label_column]) for s in splits.values()) + 1)]
     out = Prepared(list(names))
     for split, d in splits.items():
@@ -206,6 +213,17 @@ def content_hash(prepared: Prepared) -> str:
     return h.hexdigest()
 
 
+def preview_grid(images: list[Image.Image], labels: list[int], class_names: list[str], per_class: int = 8):
+    """A per-class grid of the first train images: what the dataset looks like, at a glance."""
+    import torch
+
+    from flexvar.grid import class_grid
+
+    first = [i for c in range(len(class_names)) for i in [j for j, lab in enumerate(labels) if lab == c][:per_class]]
+    images_NCHW = torch.from_numpy(np.stack([np.asarray(images[i]) for i in first])).permute(0, 3, 1, 2)
+    return class_grid(images_NCHW, torch.tensor([labels[i] for i in first]), class_names, per_class)
+
+
 def write_prepared(prepared: Prepared, out_dir: Path, cfg: DataConfig) -> dict:
     """save_to_disk train/val + stats.json, atomically (temp folder renamed into place)."""
     import datasets
@@ -236,6 +254,8 @@ def write_prepared(prepared: Prepared, out_dir: Path, cfg: DataConfig) -> dict:
     try:
         datasets.DatasetDict(dd).save_to_disk(str(tmp), num_proc=None)
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+        train_images, train_labels = prepared.splits["train"]
+        preview_grid(train_images, train_labels, prepared.class_names).save(tmp / "preview.png")
         tmp.chmod(0o755)
         if out_dir.exists():
             shutil.rmtree(out_dir)
