@@ -11,22 +11,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-OFFLINE_ENV = {
-    "DO_NOT_TRACK": "true",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DVC_NO_ANALYTICS": "1",
-    "HF_HUB_OFFLINE": "1",
-    "HF_HUB_DISABLE_TELEMETRY": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "RAY_USAGE_STATS_ENABLED": "0",
-}
-
 
 def set_offline_env() -> None:
-    """Telemetry off and no hub downloads, unless the user already chose otherwise."""
-    for key, value in OFFLINE_ENV.items():
-        os.environ.setdefault(key, value)
+    """Telemetry off, no hub downloads and tool state inside the project (pipeline/env.py)."""
+    from pipeline import env
+
+    env.setup()
 
 
 def stage_args(description: str | None, argv: list[str] | None = None, **extra: dict[str, Any]):

@@ -213,8 +213,9 @@ def schedule_steps(params: Params, schedule: str) -> int | None:
         return spec.steps
     if spec.scales is not None:
         return len(spec.scales)
-    tail = (spec.preset or "").rsplit("-", 1)[-1]   # presets are named "<res>-<steps>", e.g. "256-10"
-    return int(tail) if tail.isdigit() else None
+    from flexvar.schedules import PRESETS
+
+    return len(PRESETS[spec.preset]) if spec.preset in PRESETS else None
 
 
 def schedule_size(params: Params, schedule: str) -> tuple[int, int] | None:
