@@ -1,33 +1,38 @@
-"""DVC stage `prepare`: data.source -> data/prepared (train/val Arrow + stats.json).
+"""DVC stage `prepare`: data.source -> data/prepared (train/val Arrow, stats.json, preview.png).
 
     python -m pipeline.prepare --params params.yaml --out data/prepared
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
+from pathlib import Path
 
-from pipeline import env
+from pipeline.common import set_offline_env, stage_args
 
-env.setup()
+set_offline_env()
 
 from flexvar.config import ConfigError, load_params  # noqa: E402
 from flexvar.prepare import DataError, prepare  # noqa: E402
 from flexvar.seeding import seed_everything  # noqa: E402
+from pipeline.tracking import TrackingError, stage_run  # noqa: E402
+
+PARAM_KEYS = ["seed", "data"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    ap.add_argument("--out", default="data/prepared", help="output folder (default: data/prepared)")
-    args = ap.parse_args(argv)
+    args = stage_args(__doc__, argv, out={"default": "data/prepared", "help": "output folder"})
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         params = load_params(args.params)
         seed_everything(params.seed)
-        stats = prepare(params.data, params.seed, args.out)
-    except (ConfigError, DataError) as e:
+        with stage_run("prepare", params, PARAM_KEYS) as log:
+            stats = prepare(params.data, params.seed, args.out)
+            log.log_metrics({f"num_{split}": n for split, n in stats["totals"].items()} |
+                            {"num_skipped": stats["num_skipped"]})
+            for name in ("stats.json", "preview.png"):
+                log.log_artifact(Path(args.out) / name)
+    except (ConfigError, DataError, TrackingError) as e:
         print(f"prepare: error: {e}", file=sys.stderr)
         return 2
     print(f"prepare: wrote {args.out}: " + ", ".join(f"{k}={v}" for k, v in stats["totals"].items())
