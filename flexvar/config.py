@@ -282,6 +282,7 @@ class ResourcesConfig(Section):
     device: str = "auto"                  # auto | cpu | cuda | cuda:N
     num_threads: int = Field(0, ge=0)     # torch CPU threads; 0 = torch default
     ray_address: str = ""                 # empty = start Ray locally
+    ray_num_cpus: int = Field(0, ge=0)    # local Ray only: CPUs it may use; 0 = all
     train_workers: int = Field(1, ge=1)
     retries: int = Field(1, ge=0)
     retry_delay_s: float = Field(5.0, ge=0.0)
