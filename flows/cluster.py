@@ -1,0 +1,79 @@
+"""Where flows run: the Ray cluster (embedded or remote) and the Prefect API its workers talk to.
+
+Embedded (`resources.ray_address: ""`): Ray starts in this process with `resources.ray_num_cpus`
+CPUs (0 = all). Remote (`ray_address: "ray://head:10001"` or `"auto"`): the driver connects and
+ships the project's code to the workers through `runtime_env.working_dir` (so `flows`,
+`pipeline` and `flexvar` import there); the workers must ALSO see the project's working tree at
+the same absolute path through a shared filesystem (NFS, Lustre, a synced volume), because stage
+commands read and write the DVC workspace (data/, models/, ...) in place and the driver
+commits their outputs from there.
+
+Ray workers run Prefect task runs, which report to a Prefect API. Without PREFECT_API_URL every
+worker would start its own temporary server (tens of seconds each), so `ensure_prefect_api()`
+starts one temporary server in the driver and the URL is passed to the workers.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from flexvar.config import ResourcesConfig
+
+# Not shipped to remote workers: DVC outputs and caches (workers read them from the shared filesystem).
+SHIP_EXCLUDES = [".git", ".venv", ".cache", ".dvc/cache", ".dvc/tmp", "data", "models", "samples", "metrics",
+                 "plots", "reports", "mlruns", "mlartifacts", "mlflow.db", "ray_results", ".flexvar"]
+
+
+def ensure_prefect_api() -> str:
+    """PREFECT_API_URL, starting a temporary local Prefect server when none is configured."""
+    from prefect.settings import PREFECT_API_URL
+
+    url = os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value()
+    if not url:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        server = SubprocessASGIServer()
+        server.start(timeout=180)   # slow on a busy 2-core machine
+        url = server.api_url
+    os.environ["PREFECT_API_URL"] = url
+    return url
+
+
+def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment every Ray worker gets: the Prefect API, offline switches, the driver's interpreter on PATH."""
+    from pipeline.env import TELEMETRY_OFF
+
+    env = {k: os.environ[k] for k in TELEMETRY_OFF if k in os.environ}
+    if os.environ.get("PREFECT_API_URL"):
+        env["PREFECT_API_URL"] = os.environ["PREFECT_API_URL"]
+    return {**env, **(extra or {})}
+
+
+def ray_init_kwargs(res: ResourcesConfig, root: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Keyword arguments of `ray.init` for `resources` (address handled by the caller)."""
+    env = worker_env(env)
+    if not res.ray_address:
+        # Local workers import flows/pipeline/flexvar from the project on PYTHONPATH.
+        path = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH", "")]))
+        return {"num_cpus": res.ray_num_cpus or os.cpu_count(), "include_dashboard": False,
+                "runtime_env": {"env_vars": {**env, "PYTHONPATH": path}}}
+    return {"runtime_env": {"working_dir": str(root), "excludes": SHIP_EXCLUDES, "env_vars": env}}
+
+
+def init_ray(res: ResourcesConfig, root: Path, env: dict[str, str] | None = None) -> bool:
+    """Start or connect to Ray unless it is already up; True if this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kwargs = ray_init_kwargs(res, root, env)
+    ray.init(res.ray_address or None, **kwargs)
+    return True
+
+
+def python_path_env(root: Path) -> dict[str, str]:
+    """PATH/PYTHONPATH so `python -m pipeline.X` in a stage command resolves to this interpreter and project."""
+    return {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH", "")]))}
