@@ -52,6 +52,10 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "check": ("validate params.yaml and print a summary", _add_check, _run_check),
 }
 
+from flexvar.cli_generate import COMMANDS as _GENERATION_COMMANDS  # noqa: E402  generate/refine/inpaint/outpaint/extend
+
+COMMANDS.update(_GENERATION_COMMANDS)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flexvar", description="FlexVAR pipeline tools.")
@@ -72,4 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m flexvar.cli`: run the imported module's main so UsageError raised by
+    # subcommand modules (which import flexvar.cli) is the class caught there
+    from flexvar.cli import main as _main
+    sys.exit(_main())

@@ -1,0 +1,222 @@
+"""Class-conditional generation: any schedule, size and aspect ratio, with a KV cache.
+
+One step per scale (h_k, w_k), coarse to fine. Step k feeds the transformer the previous
+scale's code vectors brought to (h_k, w_k) (bicubic, ground-truth mode; or the running residual
+canvas in VAR mode, flexvar/teacher_forcing.py), reads logits for every position of scale k,
+guides them (flexvar/sampling.py) and samples scale k's token map. The last map is decoded by
+the tokenizer at its own (h, w), so the image is (f h_K, f w_K) pixels — 2x the training size
+or non-square just by choosing the scales.
+
+With `use_kv_cache` each step attends to cached keys/values of earlier steps; without it every
+step reruns the whole block-causal prefix (slow, for checking). `forced` teacher-forces given
+tokens at chosen positions of chosen steps: that is all image-to-image needs (flexvar/editing.py).
+
+Schedules (`resolve_schedule`): a named Tab. 7 preset, an explicit list of scales (int sides or
+(h, w) pairs), or n steps to an output size H x W.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from flexvar.device import autocast_ctx
+from flexvar.sampling import guidance_scale, guide, sample_tokens
+from flexvar.schedules import PRESETS, _aspect, make_schedule
+from flexvar.teacher_forcing import ResidualCanvas, gt_next_input
+
+Scales = list[tuple[int, int]]
+Forced = list[tuple[torch.Tensor, torch.Tensor] | None]   # per step: (ids_Bhw, force_Bhw bool) or None
+
+
+class ScheduleError(ValueError):
+    """A schedule or size that cannot be generated; the message names what is wrong."""
+
+
+# --------------------------------------------------------------------------- schedules
+def latent_size(size_hw: tuple[int, int], downsample: int) -> tuple[int, int]:
+    """Output pixels (H, W) -> latent (H/f, W/f); both sides must be positive multiples of f."""
+    H, W = size_hw
+    if H <= 0 or W <= 0 or H % downsample or W % downsample:
+        raise ScheduleError(f"size {H}x{W} must be positive multiples of the tokenizer's downsampling {downsample}")
+    return H // downsample, W // downsample
+
+
+def check_scales(scales: Scales) -> Scales:
+    """Scales must be positive and grow: each (h, w) >= the previous in both sides, and not equal."""
+    if not scales:
+        raise ScheduleError("a schedule needs at least one scale")
+    for h, w in scales:
+        if h < 1 or w < 1:
+            raise ScheduleError(f"scale {h}x{w} must have positive sides")
+    for (h0, w0), (h1, w1) in zip(scales, scales[1:]):
+        if h1 < h0 or w1 < w0 or (h1, w1) == (h0, w0):
+            raise ScheduleError(f"scales must grow step by step; {h0}x{w0} is followed by {h1}x{w1}")
+    return [(int(h), int(w)) for h, w in scales]
+
+
+def resolve_schedule(*, steps: int | None = None, scales: list | None = None, preset: str | None = None,
+                     size_hw: tuple[int, int] | None = None, train_latent_hw: tuple[int, int],
+                     downsample: int) -> Scales:
+    """The (h, w) of every step from one of `steps`, `scales`, `preset` (exactly one).
+
+    `size_hw` is the output in pixels (default: the training resolution). Int scales and preset
+    sides are long sides: they end at the long latent side of the size, and the short side
+    follows the aspect ratio. Without a size, int scales / a preset also set the size (square).
+    """
+    given = [k for k, v in (("steps", steps), ("scales", scales), ("preset", preset)) if v is not None]
+    if len(given) != 1:
+        raise ScheduleError(f"give exactly one of steps, scales, preset (got {', '.join(given) or 'none'})")
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ScheduleError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+        scales = list(PRESETS[preset])
+    if scales is not None and all(isinstance(s, (tuple, list)) for s in scales):
+        out = check_scales([tuple(s) for s in scales])
+        if size_hw is not None and out[-1] != latent_size(size_hw, downsample):
+            H, W = latent_size(size_hw, downsample)
+            raise ScheduleError(f"last scale {out[-1][0]}x{out[-1][1]} must equal the latent {H}x{W} of the size")
+        return out
+    if scales is not None:
+        if not all(isinstance(s, int) for s in scales):
+            raise ScheduleError("scales must all be ints or all (h, w) pairs")
+        if size_hw is None:
+            return check_scales([(s, s) for s in scales])
+        H, W = latent_size(size_hw, downsample)
+        n = max(H, W)
+        if scales[-1] != n:
+            raise ScheduleError(f"last scale {scales[-1]} must equal the long latent side {n} of size "
+                                f"{size_hw[0]}x{size_hw[1]}")
+        return check_scales([_aspect(s, n, H, W) for s in scales])
+    H, W = latent_size(size_hw, downsample) if size_hw is not None else tuple(train_latent_hw)
+    if not 1 <= steps <= max(H, W):
+        raise ScheduleError(f"steps={steps} must be between 1 and the long latent side {max(H, W)} "
+                            f"(size {H * downsample}x{W * downsample})")
+    return make_schedule(steps, (H, W))
+
+
+# --------------------------------------------------------------------------- generation
+@dataclass
+class Generation:
+    """What one generation returns (CPU tensors)."""
+    scales: Scales
+    labels: torch.Tensor               # (N,) int64
+    tokens: list[torch.Tensor]         # per step (N, h, w) int64
+    images: torch.Tensor | None        # (N, 3, f H, f W) float in [-1, 1], None without decode
+
+
+def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """An explicit generator for sampling (never the global RNG): same seed -> same images."""
+    return torch.Generator(device=device).manual_seed(int(seed))
+
+
+def _next_input(prediction: str, zq_BChw: torch.Tensor, next_hw, canvas: ResidualCanvas | None) -> torch.Tensor:
+    if prediction == "residual":
+        canvas.add(zq_BChw)
+        return canvas.next_input(next_hw)
+    return gt_next_input(zq_BChw, next_hw)
+
+
+@torch.no_grad()
+def generate_batch(model, vqvae, labels_B: torch.Tensor, scales: Scales, *, cfg: float = 1.5,
+                   cfg_schedule: str = "ramp", top_k: int = 0, top_p: float = 0.0, train_side: int | None = None,
+                   greedy_outside: bool = False, generator: torch.Generator | None = None,
+                   use_kv_cache: bool = True, forced: Forced | None = None, decode: bool = True,
+                   precision: str = "fp32", progress: bool = False) -> Generation:
+    """Generate one batch (see the module docstring).
+
+    cfg > 0 runs a conditional and an unconditional (null-class) half; t per step from
+    `guidance_scale`. Scales with a long side above `train_side` (outside the trained range)
+    get the full cfg and, with `greedy_outside`, greedy tokens (official rule). `forced[k]`,
+    when given, replaces step k's sampled ids by its ids where its mask is True.
+    """
+    device = next(model.parameters()).device
+    prediction = model.cfg.prediction
+    B, n = len(labels_B), len(scales)
+    labels_B = labels_B.to(device)
+    guided = cfg > 0
+    lab = torch.cat([labels_B, torch.full_like(labels_B, model.num_classes)]) if guided else labels_B
+    reps = 2 if guided else 1
+    quant = vqvae.quantize
+    canvas = ResidualCanvas(B, quant.codebook_dim, scales[-1], device) if prediction == "residual" else None
+    tokens, inputs = [], []          # inputs: per step >= 1 its (2B, h*w, Cvae) input (no-cache path)
+    x_in = None
+    model.enable_kv_cache(use_kv_cache)
+    try:
+        with autocast_ctx(device, precision):
+            cond_BD = model.class_cond(lab)
+        for k, hw in enumerate(tqdm(scales, desc="scales", leave=False, disable=not progress)):
+            with autocast_ctx(device, precision):
+                if use_kv_cache:
+                    logits = model.step_logits(model.step_input(cond_BD, hw, x_in), cond_BD)
+                else:
+                    x_BLCv = torch.cat(inputs, 1) if inputs else torch.zeros(B * reps, 0, quant.codebook_dim,
+                                                                            device=device)
+                    logits = model(lab, x_BLCv, scales[:k + 1])[:, -hw[0] * hw[1]:]
+            outside = train_side is not None and max(hw) > train_side
+            t = cfg if outside else guidance_scale(cfg, k, n, cfg_schedule)
+            logits_BlV = guide(logits.float(), t) if guided else logits.float()
+            idx_Bl = sample_tokens(logits_BlV, 1 if (outside and greedy_outside) else top_k, top_p, generator)
+            idx_Bhw = idx_Bl.view(B, *hw)
+            if forced is not None and forced[k] is not None:
+                ids, mask = forced[k]
+                idx_Bhw = torch.where(mask.to(device), ids.to(device), idx_Bhw)
+            tokens.append(idx_Bhw)
+            if k + 1 < n:
+                x_in = _next_input(prediction, quant.lookup(idx_Bhw), scales[k + 1], canvas).repeat(reps, 1, 1)
+                inputs.append(x_in)
+    finally:
+        model.enable_kv_cache(False)
+    images = decode_tokens(vqvae, tokens[-1], canvas, precision) if decode else None
+    return Generation(scales, labels_B.cpu(), [t.cpu() for t in tokens], images)
+
+
+@torch.no_grad()
+def decode_tokens(vqvae, idx_Bhw: torch.Tensor, canvas: ResidualCanvas | None = None,
+                  precision: str = "fp32") -> torch.Tensor:
+    """Final token map (or the residual canvas f_hat) -> images (B, 3, f h, f w) in [-1, 1], CPU fp32."""
+    z_BChw = canvas.f_hat if canvas is not None else vqvae.quantize.lookup(idx_Bhw)
+    with autocast_ctx(z_BChw.device, precision):
+        img = vqvae.decode(z_BChw)
+    return img.float().clamp(-1, 1).cpu()
+
+
+def generate(model, vqvae, labels_N: torch.Tensor, scales: Scales, *, batch_size: int = 32, seed: int = 0,
+             progress: bool = False, **kwargs) -> Generation:
+    """Generate len(labels_N) images in batches of `batch_size` with one seeded generator.
+
+    Keyword arguments go to `generate_batch` (cfg, top_k, forced ... ; `forced` ids/masks are
+    indexed per batch, so pass them with a leading N dimension).
+    """
+    device = next(model.parameters()).device
+    gen = make_generator(seed, device)
+    forced = kwargs.pop("forced", None)
+    parts = []
+    starts = range(0, len(labels_N), batch_size)
+    for s in tqdm(starts, desc="batches", disable=not progress or len(starts) == 1):
+        sl = slice(s, s + batch_size)
+        f = None if forced is None else [None if x is None else (x[0][sl], x[1][sl]) for x in forced]
+        parts.append(generate_batch(model, vqvae, labels_N[sl], scales, generator=gen, forced=f,
+                                    progress=progress and len(starts) == 1, **kwargs))
+    return Generation(
+        scales=check_scales(scales),
+        labels=torch.cat([p.labels for p in parts]),
+        tokens=[torch.cat([p.tokens[k] for p in parts]) for k in range(len(scales))],
+        images=None if parts[0].images is None else torch.cat([p.images for p in parts]),
+    )
+
+
+def class_labels(num_classes: int, per_class: int) -> torch.Tensor:
+    """[0]*per_class + [1]*per_class + ... (N = num_classes * per_class), int64."""
+    return torch.arange(num_classes).repeat_interleave(per_class)
+
+
+def grid_columns(n: int) -> int:
+    """A near-square number of grid columns for n images."""
+    return max(1, math.ceil(math.sqrt(n)))
+
+
+__all__ = ["Generation", "ScheduleError", "resolve_schedule", "latent_size", "check_scales", "generate",
+           "generate_batch", "decode_tokens", "make_generator", "class_labels"]
