@@ -14,10 +14,11 @@ starts one temporary server in the driver and the URL is passed to the workers.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from flexvar.config import ResourcesConfig
 
@@ -27,7 +28,10 @@ SHIP_EXCLUDES = [".git", ".venv", ".cache", ".dvc/cache", ".dvc/tmp", "data", "m
 
 
 def ensure_prefect_api() -> str:
-    """PREFECT_API_URL, starting a temporary local Prefect server when none is configured."""
+    """PREFECT_API_URL, starting a temporary local Prefect server when none is configured.
+
+    The URL is also put in os.environ, which Ray workers started afterwards inherit.
+    """
     from prefect.settings import PREFECT_API_URL
 
     url = os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value()
@@ -39,6 +43,16 @@ def ensure_prefect_api() -> str:
         url = server.api_url
     os.environ["PREFECT_API_URL"] = url
     return url
+
+
+@contextlib.contextmanager
+def prefect_api() -> Iterator[str]:
+    """Run the body against `ensure_prefect_api()`'s server (Prefect reads its settings once, at import)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    url = ensure_prefect_api()
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        yield url
 
 
 def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:

@@ -49,7 +49,7 @@ from prefect_ray.context import remote_options  # noqa: E402
 from prefect_ray.task_runners import RayTaskRunner  # noqa: E402
 
 from flexvar.config import ConfigError, Params, StageResources, load_params  # noqa: E402
-from flows.cluster import ensure_prefect_api, init_ray, python_path_env  # noqa: E402
+from flows.cluster import init_ray, prefect_api, python_path_env  # noqa: E402
 from flows.stage_graph import StageGraph, StageSpec, commit, load_graph, stale  # noqa: E402
 
 OUTPUT_TAIL = 40   # lines of a failed command's output kept in the error
@@ -175,13 +175,13 @@ def run_pipeline(root: str | Path = ".", targets: list[str] | None = None, param
 
     root = Path(root).resolve()
     params = load_params(root / params_file)
-    ensure_prefect_api()
-    started = init_ray(params.resources, root)
-    try:
-        return pipeline_flow(str(root), targets or [], params_file, force)
-    finally:
-        if started:
-            ray.shutdown()
+    with prefect_api():
+        started = init_ray(params.resources, root)
+        try:
+            return pipeline_flow(str(root), targets or [], params_file, force)
+        finally:
+            if started:
+                ray.shutdown()
 
 
 def plan(root: Path, targets: list[str]) -> list[tuple[str, bool, list[str]]]:

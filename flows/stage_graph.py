@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,17 +73,24 @@ class StageGraph:
                           {n: set(u) & keep for n, u in self.upstream.items() if n in keep})
 
 
-def _open_repo(root: Path):
+@contextlib.contextmanager
+def _repo(root: Path):
+    """DVC's Repo for `root`, with the working directory there (DVC resolves stage names and paths from it)."""
     from dvc.repo import Repo
 
-    return Repo(str(root))
+    old = os.getcwd()
+    os.chdir(root)
+    repo = Repo(str(root))
+    try:
+        yield repo
+    finally:
+        repo.close()
+        os.chdir(old)
 
 
 def load_graph(root: str | Path) -> StageGraph:
     """Every pipeline stage of the DVC project at `root` and the edges between them."""
-    root = Path(root).resolve()
-    repo = _open_repo(root)
-    try:
+    with _repo(Path(root).resolve()) as repo:
         index = repo.index
         stages = [s for s in index.stages if getattr(s, "cmd", None)]   # pipeline stages, not .dvc files
         specs: dict[str, StageSpec] = {}
@@ -97,8 +105,6 @@ def load_graph(root: str | Path) -> StageGraph:
             if down.addressing in specs and up.addressing in specs:
                 upstream[down.addressing].add(up.addressing)
         return StageGraph(specs, upstream)
-    finally:
-        repo.close()
 
 
 def stale(root: str | Path, names: list[str]) -> dict[str, bool]:
@@ -107,13 +113,10 @@ def stale(root: str | Path, names: list[str]) -> dict[str, bool]:
     Read afresh from disk each call, so stages committed a moment ago count as up to date.
     Frozen stages are never stale (as in `dvc repro`).
     """
-    repo = _open_repo(Path(root).resolve())
-    try:
+    with _repo(Path(root).resolve()) as repo:
         by_name = {s.addressing: s for s in repo.index.stages}
         with repo.lock:
             return {n: (not by_name[n].frozen) and bool(by_name[n].changed()) for n in names}
-    finally:
-        repo.close()
 
 
 @contextlib.contextmanager
@@ -132,9 +135,5 @@ def _driver_lock(root: Path):
 def commit(root: str | Path, name: str) -> None:
     """Record a finished stage in dvc.lock and its outs in the DVC cache (`dvc commit -f NAME`)."""
     root = Path(root).resolve()
-    with _driver_lock(root):
-        repo = _open_repo(root)
-        try:
-            repo.commit(name, force=True)
-        finally:
-            repo.close()
+    with _driver_lock(root), _repo(root) as repo:
+        repo.commit(name, force=True)

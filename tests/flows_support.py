@@ -1,0 +1,76 @@
+"""Shared real services for the flows tests: one Prefect API server and one local Ray per pytest process.
+
+Started lazily by the first test that needs them and stopped at exit, so test_flows, test_sweep
+and test_ray_train pay each startup once. Order matters: the Prefect server first, so Ray's
+workers inherit PREFECT_API_URL and never start a temporary server of their own.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+_server: subprocess.Popen | None = None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def prefect_api(timeout_s: float = 180) -> str:
+    """A `prefect server start` process on a free localhost port (PREFECT_HOME from conftest: a tmp dir)."""
+    global _server
+    if _server is None:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}/api"
+        env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_UI_ENABLED": "false"}
+        env.pop("PREFECT_API_URL", None)
+        log = open(Path(os.environ["PREFECT_HOME"]).parent / "prefect-server.log", "w")
+        _server = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host",
+                                    "127.0.0.1", "--port", str(port), "--no-services", "--no-ui"],
+                                   stdout=log, stderr=subprocess.STDOUT, env=env)
+        atexit.register(_stop_server)
+        deadline = time.monotonic() + timeout_s
+        while not _healthy(url):
+            assert _server.poll() is None, f"prefect server exited; see {log.name}"
+            assert time.monotonic() < deadline, f"prefect server not healthy in {timeout_s}s; see {log.name}"
+            time.sleep(0.5)
+        os.environ["PREFECT_API_URL"] = url
+    return os.environ["PREFECT_API_URL"]
+
+
+def _stop_server() -> None:
+    if _server is not None and _server.poll() is None:
+        _server.terminate()
+        try:
+            _server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            _server.kill()
+
+
+def local_ray(num_cpus: int = 2) -> None:
+    """ray.init(num_cpus=2) through flows.cluster (workers get the project on PYTHONPATH and the Prefect URL)."""
+    prefect_api()
+    from flexvar.config import ResourcesConfig
+    from flows.cluster import init_ray
+
+    if init_ray(ResourcesConfig(ray_num_cpus=num_cpus), ROOT):
+        import ray
+
+        atexit.register(ray.shutdown)

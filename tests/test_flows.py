@@ -1,0 +1,138 @@
+"""The Prefect pipeline flow on a real local Ray and a real Prefect server.
+
+1. A small synthetic DVC project pins down the mechanics: a matrix stage's entries run at the same
+   time (each waits for the other to start), dependencies are respected, a failing stage is retried,
+   every stage lands in dvc.lock, `dvc status` is clean, `dvc repro` and a second flow run do nothing.
+2. The real project (a temp git copy on a tiny config): the flow completes, `dvc status` is clean,
+   `dvc repro` is a no-op, and MLflow holds one parent run with every stage run under it.
+"""
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows_support import ROOT, local_ray
+from test_dvc_repro import copy_project, run
+
+DVC = [sys.executable, "-m", "dvc"]
+
+
+@pytest.fixture(scope="module")
+def ray_and_prefect():
+    local_ray(2)
+
+
+def git_dvc_repo(path: Path, files: dict[str, str]) -> Path:
+    path.mkdir(parents=True)
+    for name, text in files.items():
+        (path / name).write_text(textwrap.dedent(text))
+    run(["git", "init", "-q"], path)
+    run(DVC + ["init", "-q"], path)
+    run(DVC + ["config", "core.analytics", "false"], path)
+    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A"], path)
+    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "fixture"], path)
+    return path
+
+
+# b@2 and b@4 each announce their start and wait for the other's: they only finish if they run at once.
+# c fails on its first attempt (a counter outside its outs) and succeeds on the retry.
+WAIT_FOR_OTHER = """\
+    import pathlib, sys, time
+    me, other = sys.argv[1], {"2": "4", "4": "2"}[sys.argv[1]]
+    marks = pathlib.Path("marks")
+    marks.mkdir(exist_ok=True)
+    (marks / f"start{me}").touch()
+    deadline = time.time() + 120
+    while not (marks / f"start{other}").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    sys.exit(0 if (marks / f"start{other}").exists() else 3)
+"""
+FAIL_ONCE = """\
+    import pathlib, sys
+    counter = pathlib.Path("marks/c_attempts")
+    n = int(counter.read_text()) + 1 if counter.exists() else 1
+    counter.write_text(str(n))
+    sys.exit(0 if n > 1 else 5)
+"""
+SYNTHETIC_DVC = """\
+    stages:
+      a:
+        cmd: mkdir -p out marks && echo a > out/a.txt
+        outs: [out/a.txt]
+      b:
+        matrix:
+          depth: [2, 4]
+        cmd: python wait_for_other.py ${item.depth} && echo ${item.depth} > out/b${item.depth}.txt
+        deps: [out/a.txt]
+        outs: ["out/b${item.depth}.txt"]
+      c:
+        cmd: python fail_once.py && cat out/b2.txt out/b4.txt > out/c.txt
+        deps: [out/b2.txt, out/b4.txt]
+        outs: [out/c.txt]
+"""
+SYNTHETIC_PARAMS = """\
+    resources:
+      retries: 2
+      retry_delay_s: 0.2
+      stages:
+        b: {num_cpus: 1}
+"""
+
+
+def test_flow_mechanics(ray_and_prefect, tmp_path):
+    from flows.pipeline import run_pipeline
+
+    repo = git_dvc_repo(tmp_path / "syn", {"dvc.yaml": SYNTHETIC_DVC, "params.yaml": SYNTHETIC_PARAMS,
+                                           "wait_for_other.py": WAIT_FOR_OTHER, "fail_once.py": FAIL_ONCE,
+                                           ".gitignore": "marks/\n"})
+    result = run_pipeline(repo)
+    assert result == {"a": "ran", "b@2": "ran", "b@4": "ran", "c": "ran"}
+    assert (repo / "out/c.txt").read_text() == "2\n4\n"
+    assert (repo / "marks/c_attempts").read_text() == "2"          # failed once, retried once
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    assert set(lock) == {"a", "b@2", "b@4", "c"}
+    assert "up to date" in run(DVC + ["status"], repo).stdout
+    repro = run(DVC + ["repro"], repo).stdout
+    assert "Running stage" not in repro and "is cached" not in repro
+    assert run_pipeline(repo) == {"a": "skipped", "b@2": "skipped", "b@4": "skipped", "c": "skipped"}
+
+
+def tiny_project(dst: Path) -> Path:
+    """A git copy of the project on the smoke preset, shrunk further."""
+    repo = copy_project(ROOT, dst)
+    run([sys.executable, "-m", "flexvar.cli", "preset", "smoke"], repo)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["data"].update(num_train=64, num_val=32)
+    params["resources"].update(retries=0, ray_num_cpus=2)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qam", "tiny"], repo)
+    return repo
+
+
+def test_flow_on_project(ray_and_prefect, tmp_path):
+    from flows.pipeline import run_pipeline
+    from flows.stage_graph import load_graph
+
+    repo = tiny_project(tmp_path / "repo")
+    stages = list(load_graph(repo).stages)
+    result = run_pipeline(repo)
+    assert result == {name: "ran" for name in stages}
+    assert "up to date" in run(DVC + ["status"], repo).stdout
+    repro = run(DVC + ["repro"], repo).stdout
+    assert "Running stage" not in repro and "is cached" not in repro
+    # MLflow (embedded store of the copy): one parent run, every stage run a child of it
+    with sqlite3.connect(repo / "mlflow.db") as db:
+        tags = db.execute("select run_uuid, key, value from tags").fetchall()
+    by_run: dict[str, dict[str, str]] = {}
+    for run_id, key, value in tags:
+        by_run.setdefault(run_id, {})[key] = value
+    parents = [r for r, t in by_run.items() if t.get("flexvar_role") == "pipeline"]
+    children = [t for t in by_run.values() if "stage" in t]
+    assert len(parents) == 1 and by_run[parents[0]]["pipeline_run_id"].startswith("prefect-")
+    assert len(children) == len(stages) and all(t["mlflow.parentRunId"] == parents[0] for t in children)
