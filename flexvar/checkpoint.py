@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import struct
 import tempfile
 import zipfile
 from pathlib import Path
@@ -50,7 +51,7 @@ def load_checkpoint(path: str | os.PathLike, kind: str | None = None,
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, struct.error) as e:
         raise CheckpointError(f"checkpoint {path} is corrupt or not a torch checkpoint "
                               f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); delete it to start over") from e
     if not isinstance(ckpt, dict):
