@@ -246,9 +246,10 @@ class SampleConfig(Section):
     top_k: int = Field(0, ge=0)           # 0 = off
     top_p: float = Field(0.0, ge=0.0, le=1.0)  # 0 = off
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    greedy_outside: bool = True           # scales above the training latent: greedy tokens, full cfg (official)
     schedules: dict[str, ScheduleSpec] = Field(default_factory=lambda: {
         "short": ScheduleSpec(steps=4), "canonical": ScheduleSpec(scales=[1, 2, 3, 4, 5, 6, 8]),
-        "long": ScheduleSpec(steps=10), "large": ScheduleSpec(steps=8, size=(96, 96))})
+        "long": ScheduleSpec(steps=8), "large": ScheduleSpec(steps=8, size=(96, 96))})
 
 
 class EvaluateConfig(Section):
@@ -334,6 +335,10 @@ class Params(Section):
             if spec.size is not None and (spec.size[0] % f or spec.size[1] % f):
                 raise _at(("sample", "schedules", name, "size"), list(spec.size),
                           f"must be divisible by the tokenizer's downsampling factor {f}")
+            long_side = max(spec.size) // f if spec.size is not None else full
+            if spec.steps is not None and spec.steps > long_side:
+                raise _at(("sample", "schedules", name, "steps"), spec.steps,
+                          f"must be at most the long latent side {long_side} (scales grow by at least 1 per step)")
             if spec.scales is not None and spec.size is None and spec.scales[-1] != full:
                 raise _at(("sample", "schedules", name, "scales"), spec.scales,
                           f"must end at the full latent size {full}, or give a size")
