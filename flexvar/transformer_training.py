@@ -1,0 +1,226 @@
+"""Training loop of the FlexVAR transformer on cached latents.
+
+Each optimiser step: for each of `grad_accum` micro-batches, draw a schedule (ScheduleSampler),
+take a batch of cached full-scale latents (image or its flip), quantise them at the schedule's
+scales into teacher-forcing inputs and targets (no encoder pass), run the teacher-forced
+forward under the configured precision, label-smoothed cross-entropy averaged over tokens.
+Then clip, AdamW (no weight decay on gains, biases and embeddings of positions), warmup + cosine
+learning rate.
+
+Reproducible and resumable: batches are a pure function of (seed, micro-step); schedules come
+from the sampler's own generator; class dropout / drop-path use the global torch RNG. The resume
+file holds model, optimiser, sampler generator and global RNG states plus the step, written
+atomically, so a killed run resumes bit-identically on CPU.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from flexvar import distributed
+from flexvar.checkpoint import capture_rng, load_checkpoint, restore_rng, save_atomic
+from flexvar.config import ScheduleConfig, TrainTransformerConfig
+from flexvar.device import autocast_ctx
+from flexvar.latents import LatentSplit
+from flexvar.quantizer import MultiScaleQuantizer
+from flexvar.run_logger import RunLogger
+from flexvar.schedules import ScheduleSampler, num_tokens
+from flexvar.teacher_forcing import inputs_targets
+from flexvar.transformer import FlexVAR
+
+RESUME_FILE = "resume.pt"
+RESUME_KIND = "flexvar_train_state"
+
+
+# --------------------------------------------------------------------------- pieces
+def lr_at(step: int, cfg: TrainTransformerConfig) -> float:
+    """Linear warmup to cfg.lr over warmup_steps, then cosine down to lr * min_lr_ratio at cfg.steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def make_optimizer(model: FlexVAR, cfg: TrainTransformerConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay only on matrices (not gains, biases, position maps or the start vector)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "pos_" in name or "log_scale" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+
+
+def batch_indices(micro_step: int, batch_size: int, n_items: int, seed: int) -> torch.Tensor:
+    """Items of micro-batch `micro_step`: a fresh seeded permutation of all (image, flip) pairs per
+    epoch, cut into full batches. A pure function of its arguments, so resuming needs only the step."""
+    per_epoch = max(1, n_items // batch_size)
+    epoch, pos = divmod(micro_step, per_epoch)
+    perm = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    take = perm[pos * batch_size:(pos + 1) * batch_size]
+    if len(take) < batch_size:   # fewer items than one batch: wrap around
+        take = perm[torch.arange(pos * batch_size, (pos + 1) * batch_size) % n_items]
+    return take
+
+
+def get_batch(data: LatentSplit, items: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latents (B, C, H, W) and labels (B,) of (image, flip) items i -> (i // 2, i % 2)."""
+    z = data.latents_N2CHW[items // 2, items % 2]
+    return z.to(device), data.labels_N[items // 2].to(device)
+
+
+def token_loss(logits_BLV: torch.Tensor, target_BL: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    return F.cross_entropy(logits_BLV.float().flatten(0, 1), target_BL.flatten(), label_smoothing=label_smoothing)
+
+
+# --------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(model: FlexVAR, quantizer: MultiScaleQuantizer, data: LatentSplit, scales, prediction: str,
+             batch_size: int, batches: int, device, precision: str) -> dict[str, float]:
+    """Val loss and top-1 token accuracy, overall and per scale, on un-flipped latents in order."""
+    was_training = model.training
+    model.eval()
+    sizes = [h * w for h, w in scales]
+    loss_K, correct_K, count = torch.zeros(len(scales)), torch.zeros(len(scales)), 0
+    for b in range(min(batches, math.ceil(len(data) / batch_size))):
+        sl = slice(b * batch_size, (b + 1) * batch_size)
+        z, labels = data.latents_N2CHW[sl, 0].to(device), data.labels_N[sl].to(device)
+        x, tgt = inputs_targets(prediction, quantizer, z, scales)
+        with autocast_ctx(device, precision):
+            logits = model(labels, x, scales)
+        nll_BL = F.cross_entropy(logits.float().transpose(1, 2), tgt, reduction="none").cpu()
+        hit_BL = (logits.argmax(-1) == tgt).float().cpu()
+        for k, part in enumerate(zip(nll_BL.split(sizes, 1), hit_BL.split(sizes, 1))):
+            loss_K[k] += part[0].mean(1).sum()
+            correct_K[k] += part[1].mean(1).sum()
+        count += len(labels)
+    model.train(was_training)
+    total = sum(sizes)
+    w_K = torch.tensor(sizes, dtype=torch.float32) / total
+    out = {"val_loss": float((loss_K / count * w_K).sum()), "val_acc": float((correct_K / count * w_K).sum())}
+    for k, (h, w) in enumerate(scales):
+        out[f"val_loss_{h}x{w}"] = float(loss_K[k] / count)
+        out[f"val_acc_{h}x{w}"] = float(correct_K[k] / count)
+    return out
+
+
+# --------------------------------------------------------------------------- loop
+@dataclass
+class TrainResult:
+    step: int
+    metrics: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def resume_state(out_dir: Path, fingerprint: dict) -> dict | None:
+    """The saved train state when it belongs to this exact run (same fingerprint), else None."""
+    path = out_dir / RESUME_FILE
+    if not path.exists():
+        return None
+    state = load_checkpoint(path, kind=RESUME_KIND)
+    if state.get("fingerprint") != fingerprint:
+        print(f"train_transformer: {path} is from different settings; starting over")
+        return None
+    return state
+
+
+def train_transformer(model: FlexVAR, quantizer: MultiScaleQuantizer, train: LatentSplit, val: LatentSplit,
+                      cfg: TrainTransformerConfig, schedule: ScheduleConfig, *, prediction: str, seed: int,
+                      device: torch.device, out_dir: str | os.PathLike, logger: RunLogger | None = None,
+                      val_logger: RunLogger | None = None,
+                      fingerprint: dict | None = None, stop_after: int | None = None,
+                      on_step: Callable[[int], None] | None = None) -> TrainResult:
+    """Train in place for cfg.steps optimiser steps (resuming from out_dir/resume.pt when it matches).
+
+    Logs `loss`, `lr`, `grad_norm`, `tokens_per_s`, `images_per_s` every log_every steps to
+    `logger`, and the val metrics (canonical schedule) every eval_every steps and at the end to
+    `val_logger` (default: `logger`). `stop_after` ends
+    early after that many steps (tests / benchmarks).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    logger = logger or RunLogger()
+    val_logger = val_logger or logger
+    fingerprint = fingerprint or {}
+    model.to(device).train()
+    distributed.broadcast_params(model)   # multi-worker: every worker starts from rank 0's weights
+    quantizer.to(device)
+    opt = make_optimizer(model, cfg)
+    latent_hw = train.latent_hw
+    sampler = ScheduleSampler(schedule, latent_hw, seed)
+    canonical = sampler.to_hw(sampler.cfg.canonical)
+    fwd = torch.compile(model) if cfg.compile else model
+    step, history = 0, []
+    state = distributed.from_main(resume_state(out_dir, fingerprint))   # rank 0's resume state on all workers
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sampler.load_state_dict(state["sampler"])
+        restore_rng(state["rng"])
+        step, history = state["step"], list(state.get("history", []))
+        print(f"train_transformer: resumed at step {step} from {out_dir / RESUME_FILE}")
+
+    def save_state() -> None:
+        save_atomic({"kind": RESUME_KIND, "fingerprint": fingerprint, "step": step,
+                     "model": model.state_dict(), "optimizer": opt.state_dict(),
+                     "sampler": sampler.state_dict(), "rng": capture_rng(), "history": history},
+                    out_dir / RESUME_FILE)
+
+    n_items = 2 * len(train)
+    t0, toks, imgs, last_metrics = time.perf_counter(), 0, 0, {}
+    end = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)
+    while step < end:
+        lr = lr_at(step, cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss_sum = 0.0
+        for micro in range(cfg.grad_accum):
+            scales = sampler.sample()
+            items = distributed.local_part(batch_indices(step * cfg.grad_accum + micro, cfg.batch_size, n_items, seed))
+            z, labels = get_batch(train, items, device)
+            x, tgt = inputs_targets(prediction, quantizer, z, scales)
+            with autocast_ctx(device, cfg.precision):
+                logits = fwd(labels, x, scales)
+            loss = token_loss(logits, tgt, cfg.label_smoothing) / cfg.grad_accum
+            loss.backward()
+            loss_sum += float(loss.detach())
+            toks += num_tokens(scales) * len(labels)
+            imgs += len(labels)
+        distributed.average_gradients(model.parameters())   # no-op in one process
+        loss_sum = distributed.mean_across(loss_sum)
+        grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0
+                     else torch.zeros(()))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        if step % cfg.log_every == 0 or step == end:
+            dt = time.perf_counter() - t0
+            row = {"loss": loss_sum, "lr": lr, "grad_norm": float(grad_norm),
+                   "tokens_per_s": toks / dt, "images_per_s": imgs / dt}
+            logger.log_metrics(row, step)
+            history.append({"step": step, "loss": loss_sum})
+            t0, toks, imgs = time.perf_counter(), 0, 0
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            last_metrics = evaluate(model, quantizer, val, canonical, prediction, cfg.batch_size, cfg.val_batches,
+                                    device, cfg.precision)
+            val_logger.log_metrics(last_metrics, step)
+        if step % cfg.checkpoint_every == 0 or step == end:
+            save_state()
+        if on_step is not None:
+            on_step(step)
+    return TrainResult(step=step, metrics=last_metrics, history=history)
+
+
+def build_fingerprint(**parts: Any) -> dict:
+    """What a resume file must match: the settings and data identity of this run."""
+    return {k: (v.model_dump(mode="json") if hasattr(v, "model_dump") else v) for k, v in parts.items()}

@@ -1,0 +1,97 @@
+"""train_transformer stage: SIGKILL mid-run, rerun, and the final weights equal an uninterrupted run's bit for bit."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from flexvar.config import TokenizerConfig
+from flexvar.data import ImageSplit
+from flexvar.latents import file_sha256, save_latents
+from flexvar.tokenizer import VQVAE, save_tokenizer
+from flexvar.transformer_checkpoint import load_flexvar
+
+ROOT = Path(__file__).resolve().parents[1]
+TOK = dict(ch=8, ch_mult=[1, 2, 2], num_res_blocks=1, z_channels=8, codebook_dim=8, codebook_size=64)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """A project folder with params.yaml, a random tokenizer and structured cached latents (8x8)."""
+    d = tmp_path_factory.mktemp("resume")
+    tcfg = TokenizerConfig(**TOK)
+    torch.manual_seed(0)
+    save_tokenizer(VQVAE(tcfg), tcfg, d / "tok")
+    sha = file_sha256(d / "tok" / "tokenizer.pt")
+    g = torch.Generator().manual_seed(0)
+    protos = torch.randn(4, 8, 2, 2, generator=g)
+    for split, n in (("train", 96), ("val", 16)):
+        labels = torch.randint(0, 4, (n,), generator=g)
+        z = torch.nn.functional.interpolate(protos[labels], size=(8, 8), mode="bilinear")
+        z = z + 0.3 * torch.randn(z.shape, generator=g)
+        images = ImageSplit(torch.zeros(n, 3, 1, 1, dtype=torch.uint8), labels, ["a", "b", "c", "d"])
+        save_latents(d / "lat" / f"{split}.pt", torch.stack([z, z.flip(-1)], 1), images, sha)
+    params = {
+        "data": {"resolution": 32},
+        "tokenizer": TOK,
+        "transformer": {"depth": 1, "width": 32, "heads": 2, "drop_path_rate": 0.1},
+        "train_transformer": {"steps": 30, "batch_size": 8, "warmup_steps": 3, "checkpoint_every": 4,
+                              "eval_every": 15, "log_every": 5, "val_batches": 1, "precision": "fp32"},
+        "tracking": {"uri": "http://127.0.0.1:9", "required": False},
+        "resources": {"num_threads": 1},
+        "variants": {"depths": [1], "schedules": ["canonical"]},
+        "sample": {"schedules": {"canonical": {"scales": [1, 2, 3, 4, 5, 6, 8]}}},
+    }
+    (d / "params.yaml").write_text(yaml.safe_dump(params))
+    return d
+
+
+def stage_cmd(out: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline.train_transformer", "--depth", "1", "--params", "params.yaml",
+            "--latents", "lat", "--tokenizer", "tok", "--out", f"{out}/model", "--metrics", f"{out}/m.json",
+            "--plots", f"{out}/plots"]
+
+
+def env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def test_kill_and_resume_is_bit_identical(workdir):
+    done = subprocess.run(stage_cmd("a"), cwd=workdir, env=env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    metrics = json.loads((workdir / "a" / "m.json").read_text())
+    assert metrics["steps"] == 30 and "val_acc_8x8" in metrics
+
+    proc = subprocess.Popen(stage_cmd("b"), cwd=workdir, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    resume = workdir / "b" / "model" / "resume.pt"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if resume.exists() and torch.load(resume, weights_only=True)["step"] >= 8:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (workdir / "b" / "model" / "flexvar.pt").exists()
+
+    again = subprocess.run(stage_cmd("b"), cwd=workdir, env=env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "resumed at step" in again.stdout
+    a, _ = load_flexvar(workdir / "a" / "model")
+    b, meta = load_flexvar(workdir / "b" / "model")
+    for (name, ta), tb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(ta, tb), name
+    assert meta["tokenizer_dir"] == "tok" and meta["num_classes"] == 4 and meta["latent_hw"] == [8, 8]
+    rows = (workdir / "b" / "plots" / "train.csv").read_text().splitlines()
+    assert rows == (workdir / "a" / "plots" / "train.csv").read_text().splitlines()[:1] + rows[1:]
+    steps = [int(r.split(",")[0]) for r in rows[1:]]
+    assert steps == sorted(set(steps)) == [5, 10, 15, 20, 25, 30]
+    assert not (workdir / "b" / "model" / "resume.pt").exists()
