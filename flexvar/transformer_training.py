@@ -171,6 +171,8 @@ def train_transformer(model: FlexVAR, quantizer: MultiScaleQuantizer, train: Lat
         print(f"train_transformer: resumed at step {step} from {out_dir / RESUME_FILE}")
 
     def save_state() -> None:
+        if not distributed.is_main():   # one writer; every worker holds the same state
+            return
         save_atomic({"kind": RESUME_KIND, "fingerprint": fingerprint, "step": step,
                      "model": model.state_dict(), "optimizer": opt.state_dict(),
                      "sampler": sampler.state_dict(), "rng": capture_rng(), "history": history},
@@ -203,14 +205,14 @@ def train_transformer(model: FlexVAR, quantizer: MultiScaleQuantizer, train: Lat
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        if step % cfg.log_every == 0 or step == end:
+        if (step % cfg.log_every == 0 or step == end) and distributed.is_main():
             dt = time.perf_counter() - t0
             row = {"loss": loss_sum, "lr": lr, "grad_norm": float(grad_norm),
                    "tokens_per_s": toks / dt, "images_per_s": imgs / dt}
             logger.log_metrics(row, step)
             history.append({"step": step, "loss": loss_sum})
             t0, toks, imgs = time.perf_counter(), 0, 0
-        if step % cfg.eval_every == 0 or step == cfg.steps:
+        if (step % cfg.eval_every == 0 or step == cfg.steps) and distributed.is_main():
             last_metrics = evaluate(model, quantizer, val, canonical, prediction, cfg.batch_size, cfg.val_batches,
                                     device, cfg.precision)
             val_logger.log_metrics(last_metrics, step)
