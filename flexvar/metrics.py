@@ -1,0 +1,226 @@
+"""Sample quality with torch-fidelity: FID, IS, KID, precision/recall in a named feature space.
+
+Two feature spaces, and every metric key names the one it was computed in (`fid_domain`,
+`fid_inception`, ...; never plain `fid`):
+
+- `inception`: torch-fidelity's `inception-v3-compat`, the paper's protocol. Its weights are
+  loaded only from `evaluate.inception_weights` (a local file); nothing is downloaded.
+- `domain`: the pipeline's own classifier (flexvar/feature_net.py), registered with
+  torch-fidelity as the feature extractor `flexvar-domain`; needs no download.
+
+Reference features are computed once (`compute_reference`, the `reference_stats` stage) into
+torch-fidelity's file cache under a name that includes a hash of the feature weights and the
+split, so a changed feature net can never be scored against stale statistics; `compute_metrics`
+only reads that cache for the reference side.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch_fidelity
+from torch.utils.data import Dataset
+from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+
+from flexvar.config import EvaluateConfig
+from flexvar.feature_net import load_feature_net
+
+DOMAIN_EXTRACTOR = "flexvar-domain"
+INCEPTION_EXTRACTOR = "inception-v3-compat"
+INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS_FILE}"
+REFERENCE_INFO = "reference.json"
+
+# torch-fidelity's result keys -> our names (the feature space is appended: fid_domain, ...)
+_RENAME = {
+    "frechet_inception_distance": "fid",
+    "inception_score_mean": "isc",
+    "inception_score_std": "isc_std",
+    "kernel_inception_distance_mean": "kid",
+    "kernel_inception_distance_std": "kid_std",
+    "precision": "precision",
+    "recall": "recall",
+    "f_score": "f_score",
+}
+
+
+class MetricsError(RuntimeError):
+    """Metrics cannot be computed as configured (missing weights, missing reference cache, too few images)."""
+
+
+# --------------------------------------------------------------------------- domain extractor
+class DomainFeatureExtractor(FeatureExtractorBase):
+    """torch-fidelity adapter for FeatureNet: uint8 (B, 3, H, W) -> ('features' (B, D), 'logits' (B, K))."""
+
+    def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
+        super().__init__(name, features_list)
+        if not feature_extractor_weights_path:
+            raise MetricsError("the domain feature extractor needs the trained feature net checkpoint "
+                               "(run the train_feature_net stage)")
+        self.net = load_feature_net(feature_extractor_weights_path)
+
+    @staticmethod
+    def get_provided_features_list():
+        return "features", "logits"
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric):
+        return {"isc": "logits", "fid": "features", "kid": "features", "prc": "features"}[metric]
+
+    @staticmethod
+    def can_be_compiled():
+        return False
+
+    @staticmethod
+    def get_dummy_input_for_compile():
+        return torch.zeros(1, 3, 64, 64, dtype=torch.uint8)
+
+    def forward(self, images_BCHW: torch.Tensor):
+        features_BD, logits_BK = self.net(self.net.to_input(images_BCHW))
+        out = {"features": features_BD.double(), "logits": logits_BK.double()}
+        return tuple(out[name] for name in self.features_list)
+
+
+if DOMAIN_EXTRACTOR not in torch_fidelity.registry.FEATURE_EXTRACTORS_REGISTRY:
+    torch_fidelity.register_feature_extractor(DOMAIN_EXTRACTOR, DomainFeatureExtractor)
+
+
+# --------------------------------------------------------------------------- inputs
+class UInt8Images(Dataset):
+    """uint8 (N, 3, H, W) tensor as the Dataset torch-fidelity reads (one CHW image per item)."""
+
+    def __init__(self, images_NCHW: torch.Tensor):
+        if images_NCHW.dtype != torch.uint8 or images_NCHW.dim() != 4 or images_NCHW.shape[1] != 3:
+            raise MetricsError(f"expected uint8 images of shape (N, 3, H, W), got {images_NCHW.dtype} "
+                               f"{tuple(images_NCHW.shape)}")
+        self.images_NCHW = images_NCHW
+
+    def __len__(self) -> int:
+        return len(self.images_NCHW)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.images_NCHW[i]
+
+
+class _CachedOnly(Dataset):
+    """Stands in for the reference images when their features must come from the cache."""
+
+    def __init__(self, n: int, where: Path):
+        self.n, self.where = n, where
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        raise MetricsError(f"reference features are missing from {self.where}; run the reference_stats stage "
+                           f"(dvc repro reference_stats) with the same evaluate settings")
+
+
+def load_samples(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
+    """samples.npz (OpenAI ADM evaluator layout: arr_0 uint8 (N, H, W, 3), labels (N,)) -> NCHW uint8, labels."""
+    with np.load(path) as npz:
+        images_NHWC = npz["arr_0"]
+        labels_N = npz["labels"] if "labels" in npz.files else np.full(len(images_NHWC), -1)
+    if images_NHWC.dtype != np.uint8 or images_NHWC.ndim != 4 or images_NHWC.shape[-1] != 3:
+        raise MetricsError(f"{path}: arr_0 must be uint8 (N, H, W, 3), got {images_NHWC.dtype} {images_NHWC.shape}")
+    images_NCHW = torch.from_numpy(np.ascontiguousarray(images_NHWC.transpose(0, 3, 1, 2)))
+    return images_NCHW, torch.from_numpy(labels_N.astype(np.int64))
+
+
+# --------------------------------------------------------------------------- feature spaces
+def feature_weights(cfg: EvaluateConfig, feature_net_path: str | os.PathLike | None) -> tuple[str, Path]:
+    """(torch-fidelity extractor name, local weights file) for `cfg.feature_space`; never downloads."""
+    if cfg.feature_space == "inception":
+        path = Path(cfg.inception_weights) if cfg.inception_weights else None
+        if path is None or not path.is_file():
+            where = f"'{cfg.inception_weights}' does not exist" if cfg.inception_weights else "is empty"
+            raise MetricsError(
+                f"evaluate.feature_space is 'inception' but evaluate.inception_weights {where}. Set "
+                f"evaluate.inception_weights in params.yaml to a local copy of torch-fidelity's "
+                f"{INCEPTION_WEIGHTS_FILE} (download it once from {INCEPTION_WEIGHTS_URL}), or use "
+                f"evaluate.feature_space: domain, which needs no download.")
+        return INCEPTION_EXTRACTOR, path
+    if feature_net_path is None or not Path(feature_net_path).is_file():
+        raise MetricsError(f"evaluate.feature_space is 'domain' but the feature net checkpoint {feature_net_path} "
+                           f"does not exist; run the train_feature_net stage (dvc repro train_feature_net)")
+    return DOMAIN_EXTRACTOR, Path(feature_net_path)
+
+
+def _sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:12]
+
+
+def reference_name(cfg: EvaluateConfig, weights: Path) -> str:
+    """torch-fidelity cache name of the reference: split + feature-weights hash."""
+    return f"reference-{cfg.reference_split}-{cfg.feature_space}-{_sha(weights)}"
+
+
+def _fidelity_kwargs(cfg: EvaluateConfig, extractor: str, weights: Path, n1: int, n2: int,
+                     device: torch.device, seed: int) -> dict:
+    want = set(cfg.metrics)
+    if "kid" in want and min(n1, n2) < 2:
+        raise MetricsError(f"KID needs at least 2 images on each side (got {n1} samples, {n2} reference)")
+    return dict(
+        feature_extractor=extractor, feature_extractor_weights_path=str(weights),
+        fid="fid" in want, isc="isc" in want, kid="kid" in want, prc="prc" in want,
+        kid_subset_size=min(cfg.kid_subset_size, n1, n2), isc_splits=max(1, min(10, n1 // 2)),
+        cuda=device.type == "cuda" and torch.cuda.is_available(), batch_size=64,
+        save_cpu_ram=True,   # no DataLoader workers: images are already in memory
+        rng_seed=seed, verbose=False,
+    )
+
+
+def name_metrics(raw: dict[str, float], feature_space: str) -> dict[str, float]:
+    """torch-fidelity keys -> '<metric>_<feature space>' (fid_domain, isc_inception, ...)."""
+    return {f"{_RENAME[k]}_{feature_space}": float(v) for k, v in raw.items() if k in _RENAME}
+
+
+def compute_reference(reference_NCHW: torch.Tensor, out_dir: str | os.PathLike, cfg: EvaluateConfig,
+                      feature_net_path: str | os.PathLike | None, device: torch.device, seed: int) -> dict:
+    """Extract and cache the reference split's features (and FID statistics) in `out_dir`.
+
+    Returns the reference scored against itself: IS of real data (an upper bound for samples),
+    FID ~ 0 and precision/recall ~ 1 as a sanity check.
+    """
+    extractor, weights = feature_weights(cfg, feature_net_path)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = reference_name(cfg, weights)
+    ref = UInt8Images(reference_NCHW)
+    raw = torch_fidelity.calculate_metrics(
+        input1=ref, input2=ref, input1_cache_name=name, input2_cache_name=name, cache_root=str(out_dir),
+        **_fidelity_kwargs(cfg, extractor, weights, len(ref), len(ref), device, seed))
+    info = {"cache_name": name, "num_images": len(ref), "feature_space": cfg.feature_space,
+            "metrics": sorted(cfg.metrics), "self_metrics": name_metrics(raw, cfg.feature_space)}
+    (out_dir / REFERENCE_INFO).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    return info
+
+
+def compute_metrics(samples_NCHW: torch.Tensor, reference_dir: str | os.PathLike, cfg: EvaluateConfig,
+                    feature_net_path: str | os.PathLike | None, device: torch.device, seed: int) -> dict[str, float]:
+    """FID/IS/KID/precision/recall of samples against the cached reference, keys named by feature space."""
+    extractor, weights = feature_weights(cfg, feature_net_path)
+    reference_dir = Path(reference_dir)
+    info_path = reference_dir / REFERENCE_INFO
+    if not info_path.is_file():
+        raise MetricsError(f"{info_path} not found; run the reference_stats stage first")
+    info = json.loads(info_path.read_text())
+    name = reference_name(cfg, weights)
+    if info["cache_name"] != name or info["metrics"] != sorted(cfg.metrics):
+        raise MetricsError(f"reference statistics in {reference_dir} were made with other settings "
+                           f"({info['cache_name']}, metrics {info['metrics']}; now {name}, {sorted(cfg.metrics)}); "
+                           f"rerun the reference_stats stage")
+    samples = UInt8Images(samples_NCHW)
+    raw = torch_fidelity.calculate_metrics(
+        input1=samples, input2=_CachedOnly(info["num_images"], reference_dir), input2_cache_name=name,
+        cache_root=str(reference_dir),
+        **_fidelity_kwargs(cfg, extractor, weights, len(samples), info["num_images"], device, seed))
+    return name_metrics(raw, cfg.feature_space)

@@ -1,0 +1,55 @@
+"""DVC stage `evaluate` (matrix over depths x schedules): sample quality of one variant.
+
+    python -m pipeline.evaluate --params params.yaml --depth 2 --schedule short
+
+Reads samples/d{depth}/{schedule}/samples.npz, scores it against the cached reference
+(reference_stats) in `evaluate.feature_space`, writes metrics/eval/d{depth}/{schedule}.json
+(DVC metrics; keys name the feature space: fid_domain, isc_domain, kid_domain, ...).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from pipeline.common import set_offline_env, setup_torch, stage_args, write_json
+
+set_offline_env()
+
+from flexvar.config import load_params  # noqa: E402
+from flexvar.metrics import MetricsError, compute_metrics, load_samples  # noqa: E402
+from pipeline.tracking import schedule_steps, stage_run  # noqa: E402
+
+PARAM_KEYS = ["seed", "evaluate.feature_space", "evaluate.inception_weights", "evaluate.metrics",
+              "evaluate.reference_split", "evaluate.kid_subset_size", "resources.device"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = stage_args(__doc__, argv, depth={"type": int, "required": True}, schedule={"required": True},
+                      samples={"default": None}, reference={"default": "data/reference"},
+                      feature_net={"default": "models/feature_net/model.pt"}, out={"default": None})
+    params = load_params(args.params)
+    device = setup_torch(params)
+    cfg = params.evaluate
+    variant = f"d{args.depth}/{args.schedule}"
+    samples_path = Path(args.samples or f"samples/{variant}/samples.npz")
+    out = Path(args.out or f"metrics/eval/{variant}.json")
+    keys = PARAM_KEYS + [f"sample.schedules.{args.schedule}"]
+    try:
+        with stage_run("evaluate", params, keys, variant=variant, tags={"feature_space": cfg.feature_space}) as tracker:
+            images_NCHW, _ = load_samples(samples_path)
+            metrics = compute_metrics(images_NCHW, Path(args.reference) / cfg.feature_space, cfg, args.feature_net,
+                                      device, params.seed)
+            metrics["num_samples"] = len(images_NCHW)
+            metrics["steps"] = schedule_steps(params, args.schedule)
+            write_json(out, metrics)
+            tracker.log_metrics(metrics)
+            tracker.log_artifact(out)
+    except MetricsError as e:
+        print(f"evaluate {variant}: error: {e}", file=sys.stderr)
+        return 2
+    print(f"evaluate {variant}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()) + f" -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""DVC stage `reference_stats`: features and FID statistics of the reference split, computed once.
+
+    python -m pipeline.reference_stats --params params.yaml --prepared data/prepared \
+        --feature-net models/feature_net/model.pt --out data/reference
+
+Writes torch-fidelity's cache for `evaluate.reference_split` in `evaluate.feature_space` to
+<out>/<feature_space>/, which every `evaluate` variant then only reads.
+"""
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+from pipeline.common import set_offline_env, setup_torch, stage_args
+
+set_offline_env()
+
+from flexvar.config import load_params  # noqa: E402
+from flexvar.data import load_split  # noqa: E402
+from flexvar.metrics import MetricsError, compute_reference  # noqa: E402
+from pipeline.tracking import stage_run  # noqa: E402
+
+PARAM_KEYS = ["seed", "evaluate.feature_space", "evaluate.inception_weights", "evaluate.metrics",
+              "evaluate.reference_split", "evaluate.kid_subset_size", "resources.device"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = stage_args(__doc__, argv, prepared={"default": "data/prepared"},
+                      feature_net={"default": "models/feature_net/model.pt"}, out={"default": "data/reference"})
+    params = load_params(args.params)
+    device = setup_torch(params)
+    cfg = params.evaluate
+    out_dir = Path(args.out) / cfg.feature_space
+    try:
+        with stage_run("reference_stats", params, PARAM_KEYS, tags={"feature_space": cfg.feature_space}) as tracker:
+            shutil.rmtree(args.out, ignore_errors=True)
+            reference = load_split(args.prepared, cfg.reference_split)
+            info = compute_reference(reference.images_NCHW, out_dir, cfg, args.feature_net, device, params.seed)
+            tracker.log_metrics({f"reference_{k}": v for k, v in info["self_metrics"].items()})
+            tracker.log_metrics({"reference_images": info["num_images"]})
+            tracker.log_artifact(out_dir / "reference.json")
+    except MetricsError as e:
+        print(f"reference_stats: error: {e}", file=sys.stderr)
+        return 2
+    print(f"reference_stats: {info['num_images']} {cfg.reference_split} images in the {cfg.feature_space} space -> "
+          f"{out_dir}; reference vs itself: " + ", ".join(f"{k}={v:.4g}" for k, v in info["self_metrics"].items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

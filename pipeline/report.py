@@ -1,0 +1,62 @@
+"""DVC stage `report`: the table across depths x schedules x sizes and the FID-vs-steps plot.
+
+    python -m pipeline.report --params params.yaml --metrics-dir metrics/eval --out reports
+
+Writes reports/fid_table.md, reports/fid_table.json, reports/fid_vs_steps.png and
+reports/fid_vs_steps/<line>.csv (DVC plots: x = steps, one file per depth).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from pipeline.common import set_offline_env, stage_args, write_json
+
+set_offline_env()
+
+from flexvar.config import load_params  # noqa: E402
+from flexvar.report import markdown_table, plot_fid_vs_steps, sort_rows, write_plot_data  # noqa: E402
+from pipeline.tracking import schedule_size, schedule_steps, stage_run  # noqa: E402
+
+PARAM_KEYS = ["variants", "sample.schedules", "data.resolution", "evaluate.feature_space"]
+
+
+def collect(params, metrics_dir: Path) -> list[dict]:
+    """One row per variant in params (variants.depths x variants.schedules) from its metrics JSON."""
+    res = params.data.resolution
+    rows = []
+    for depth in params.variants.depths:
+        for sched in params.variants.schedules:
+            path = metrics_dir / f"d{depth}" / f"{sched}.json"
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} is missing; run the evaluate stage for d{depth}/{sched}")
+            h, w = schedule_size(params, sched)
+            rows.append({"depth": depth, "schedule": sched, "steps": schedule_steps(params, sched),
+                         "size": f"{h}x{w}", "train_size": f"{res}x{res}", **json.loads(path.read_text())})
+    return sort_rows(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = stage_args(__doc__, argv, metrics_dir={"default": "metrics/eval"}, out={"default": "reports"})
+    params = load_params(args.params)
+    space = params.evaluate.feature_space
+    out = Path(args.out)
+    with stage_run("report", params, PARAM_KEYS, tags={"feature_space": space}) as tracker:
+        rows = collect(params, Path(args.metrics_dir))
+        table = markdown_table(rows, space)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "fid_table.md").write_text(f"# FID across depths x schedules x sizes\n\n{table}")
+        write_json(out / "fid_table.json", {"feature_space": space, "rows": rows})
+        write_plot_data(rows, space, out / "fid_vs_steps")
+        plot_fid_vs_steps(rows, space, out / "fid_vs_steps.png")
+        for r in rows:
+            tracker.log_metrics({f"fid_{space}_d{r['depth']}_{r['schedule']}": r[f"fid_{space}"]})
+        for name in ("fid_table.md", "fid_table.json", "fid_vs_steps.png"):
+            tracker.log_artifact(out / name)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""DVC stage `train_feature_net`: the classifier whose features are the offline 'domain' space.
+
+    python -m pipeline.train_feature_net --params params.yaml --prepared data/prepared \
+        --out models/feature_net/model.pt --metrics metrics/feature_net.json --plot plots/feature_net.csv
+
+Reports val accuracy (a feature space is only as meaningful as the classifier is accurate).
+"""
+from __future__ import annotations
+
+import sys
+
+from pipeline.common import set_offline_env, setup_torch, stage_args, write_json
+
+set_offline_env()
+
+from flexvar.config import load_params  # noqa: E402
+from flexvar.data import load_split  # noqa: E402
+from flexvar.feature_net import save_feature_net, train_feature_net  # noqa: E402
+from flexvar.run_logger import CsvLogger, MultiLogger  # noqa: E402
+from pipeline.tracking import stage_run  # noqa: E402
+
+PARAM_KEYS = ["seed", "evaluate.feature_net_steps", "evaluate.feature_net_batch_size", "evaluate.feature_net_lr",
+              "resources.device"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = stage_args(__doc__, argv, prepared={"default": "data/prepared"},
+                      out={"default": "models/feature_net/model.pt"},
+                      metrics={"default": "metrics/feature_net.json"}, plot={"default": "plots/feature_net.csv"})
+    params = load_params(args.params)
+    device = setup_torch(params)
+    cfg = params.evaluate
+    with stage_run("train_feature_net", params, PARAM_KEYS) as tracker:
+        train, val = load_split(args.prepared, "train"), load_split(args.prepared, "val")
+        logger = MultiLogger([tracker, CsvLogger(args.plot)])
+        model, metrics = train_feature_net(train, val, cfg.feature_net_steps, cfg.feature_net_batch_size,
+                                           cfg.feature_net_lr, device, params.seed, logger=logger)
+        save_feature_net(model, args.out, metrics)
+        write_json(args.metrics, metrics)
+        tracker.log_artifact(args.metrics)
+        tracker.log_artifact(args.plot)
+    print(f"train_feature_net: val accuracy {metrics['val_accuracy']:.3f} ({len(val)} images, "
+          f"{val.num_classes} classes) -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

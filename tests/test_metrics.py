@@ -1,0 +1,148 @@
+"""flexvar.metrics on tiny real data (a prepared split, a feature net trained a few steps), and the
+train_feature_net -> reference_stats -> evaluate -> report stages end to end on the embedded MLflow store."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from flexvar.config import EvaluateConfig
+from flexvar.data import load_split
+from flexvar.feature_net import load_feature_net, save_feature_net, train_feature_net
+from flexvar.metrics import MetricsError, compute_metrics, compute_reference, load_samples
+
+CPU = torch.device("cpu")
+DOMAIN_KEYS = {"fid_domain", "isc_domain", "isc_std_domain", "kid_domain", "kid_std_domain",
+               "precision_domain", "recall_domain", "f_score_domain"}
+
+
+def _cfg(**kw) -> EvaluateConfig:
+    return EvaluateConfig(kid_subset_size=20, **kw)
+
+
+@pytest.fixture(scope="session")
+def feature_net(tiny_prepared, tmp_path_factory):
+    """A feature net trained for a few steps on the tiny prepared split, saved as a checkpoint."""
+    train, val = load_split(tiny_prepared, "train"), load_split(tiny_prepared, "val")
+    model, metrics = train_feature_net(train, val, steps=30, batch_size=32, lr=2e-3, device=CPU, seed=0)
+    path = tmp_path_factory.mktemp("feature_net") / "model.pt"
+    save_feature_net(model, path, metrics)
+    return path
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_prepared, feature_net, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference") / "domain"
+    info = compute_reference(load_split(tiny_prepared, "val").images_NCHW, out, _cfg(), feature_net, CPU, seed=0)
+    return out, info
+
+
+def test_feature_net_roundtrip_and_any_input_size(feature_net):
+    net = load_feature_net(feature_net)
+    images = torch.randint(0, 256, (3, 3, 48, 40), dtype=torch.uint8)
+    features_BD, logits_BK = net(net.to_input(images))
+    assert features_BD.shape == (3, net.config["feature_dim"]) and logits_BK.shape == (3, 8)
+    assert torch.load(feature_net, weights_only=True)["metrics"]["val_accuracy"] >= 0.0
+
+
+def test_reference_cached_once_and_self_consistent(reference):
+    out, info = reference
+    assert set(info["self_metrics"]) == DOMAIN_KEYS
+    assert abs(info["self_metrics"]["fid_domain"]) < 1e-4          # reference against itself
+    assert info["self_metrics"]["precision_domain"] == 1.0 and info["self_metrics"]["recall_domain"] == 1.0
+    cached = sorted(p.name for p in out.glob("*.pt"))
+    assert any("features-features" in n for n in cached) and any("stat-fid" in n for n in cached)
+
+
+def test_metrics_named_by_space_and_real_beats_noise(tiny_prepared, feature_net, reference):
+    out, _ = reference
+    real = load_split(tiny_prepared, "train").images_NCHW[:64]
+    noise = torch.randint(0, 256, (64, 3, 48, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    m_real = compute_metrics(real, out, _cfg(), feature_net, CPU, seed=0)
+    m_noise = compute_metrics(noise, out, _cfg(), feature_net, CPU, seed=0)   # 48 px: resized to 32
+    assert set(m_real) == set(m_noise) == DOMAIN_KEYS
+    assert "fid" not in m_real and all(k.endswith("_domain") for k in m_real)
+    assert m_real["fid_domain"] < m_noise["fid_domain"]
+    assert m_real["kid_domain"] < m_noise["kid_domain"]
+    assert m_real == compute_metrics(real, out, _cfg(), feature_net, CPU, seed=0)   # deterministic
+
+
+def test_missing_reference_cache_is_a_clear_error(feature_net, tmp_path):
+    with pytest.raises(MetricsError, match="reference_stats"):
+        compute_metrics(torch.zeros(4, 3, 32, 32, dtype=torch.uint8), tmp_path, _cfg(), feature_net, CPU, seed=0)
+
+
+@pytest.mark.parametrize("weights", ["", "/nonexistent/weights-inception.pth"])
+def test_inception_weights_missing_names_the_param(weights, tmp_path):
+    cfg = _cfg(feature_space="inception", inception_weights=weights)
+    images = torch.zeros(4, 3, 32, 32, dtype=torch.uint8)
+    with pytest.raises(MetricsError, match=r"evaluate\.inception_weights") as err:
+        compute_reference(images, tmp_path, cfg, None, CPU, seed=0)
+    assert "feature_space: domain" in str(err.value)
+    assert not list(tmp_path.iterdir())   # failed before anything was written or downloaded
+
+
+def test_load_samples_adm_layout(tmp_path):
+    images_NHWC = np.random.default_rng(0).integers(0, 256, (5, 12, 10, 3), dtype=np.uint8)
+    np.savez(tmp_path / "samples.npz", images_NHWC, labels=np.arange(5))
+    images_NCHW, labels = load_samples(tmp_path / "samples.npz")
+    assert images_NCHW.shape == (5, 3, 12, 10) and images_NCHW.dtype == torch.uint8
+    assert torch.equal(images_NCHW[2].permute(1, 2, 0), torch.from_numpy(images_NHWC[2]))
+    assert labels.tolist() == [0, 1, 2, 3, 4]
+
+
+# --------------------------------------------------------------------------- stages, end to end
+PARAMS = {
+    "data": {"resolution": 32},
+    "schedule": {"canonical": [1, 2, 3, 4], "head": [1, 2], "groups": [[1, 3, 3]]},
+    "sample": {"schedules": {"short": {"steps": 2}, "mid": {"steps": 3}, "large": {"steps": 3, "size": [48, 48]}}},
+    "variants": {"depths": [2], "schedules": ["short", "mid", "large"]},
+    "evaluate": {"feature_net_steps": 20, "feature_net_batch_size": 32, "kid_subset_size": 20},
+    "tracking": {"experiment": "stages"},
+}
+
+
+def test_stages_end_to_end(tiny_prepared, tmp_path, monkeypatch):
+    from pipeline import evaluate, reference_stats, report, train_feature_net
+
+    monkeypatch.chdir(tmp_path)
+    for key in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "FLEXVAR_PARENT_RUN_ID"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("FLEXVAR_PIPELINE_RUN_ID", "metrics-e2e")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(PARAMS))
+    prep = ["--prepared", str(tiny_prepared)]
+    assert train_feature_net.main(prep) == 0
+    assert json.loads((tmp_path / "metrics/feature_net.json").read_text())["val_accuracy"] > 0
+    assert reference_stats.main(prep) == 0
+    real = load_split(tiny_prepared, "val")
+    rng = np.random.default_rng(0)
+    for sched, images_NHWC in {"short": rng.integers(0, 256, (32, 32, 32, 3), dtype=np.uint8),
+                               "mid": real.images_NCHW[:32].permute(0, 2, 3, 1).numpy(),
+                               "large": rng.integers(0, 256, (32, 48, 48, 3), dtype=np.uint8)}.items():
+        (tmp_path / f"samples/d2/{sched}").mkdir(parents=True)
+        np.savez(tmp_path / f"samples/d2/{sched}/samples.npz", images_NHWC, labels=np.zeros(32, np.int64))
+        assert evaluate.main(["--depth", "2", "--schedule", sched]) == 0
+    assert report.main([]) == 0
+
+    table = json.loads((tmp_path / "reports/fid_table.json").read_text())
+    assert [(r["schedule"], r["steps"], r["size"]) for r in table["rows"]] == [
+        ("short", 2, "32x32"), ("mid", 3, "32x32"), ("large", 3, "48x48")]
+    by = {r["schedule"]: r for r in table["rows"]}
+    assert by["mid"]["fid_domain"] < by["short"]["fid_domain"]      # real images beat noise
+    md = (tmp_path / "reports/fid_table.md").read_text()
+    assert "fid_domain" in md and "| d2 | large | 3 | 48x48 |" in md
+    assert (tmp_path / "reports/fid_vs_steps.png").stat().st_size > 1000
+    assert (tmp_path / "reports/fid_vs_steps/d2.csv").read_text().splitlines()[0] == "steps,schedule,size,fid_domain"
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("stages")
+    runs = client.search_runs([exp.experiment_id], "tags.stage = 'evaluate'")
+    assert sorted(r.data.tags["variant"] for r in runs) == ["d2/large", "d2/mid", "d2/short"]
+    assert all(r.data.tags["feature_space"] == "domain" and "fid_domain" in r.data.metrics for r in runs)
+    parents = {r.data.tags["mlflow.parentRunId"] for r in client.search_runs([exp.experiment_id], "tags.stage != ''")}
+    assert len(parents) == 1
