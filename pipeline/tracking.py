@@ -331,6 +331,10 @@ def open_run(stage: str, params: Params, param_keys: list[str], tags: dict | Non
              variant: str | None = None) -> RunLogger:
     """Start the stage's child run (see `stage_run`); caller closes it."""
     set_offline_env()
+    from flexvar.distributed import is_main
+
+    if not is_main():   # multi-worker training (flows/ray_train.py): rank 0 alone tracks
+        return UntrackedLogger()
     root = project_root()
     uri, embedded = resolve_uri(params, root)
     try:

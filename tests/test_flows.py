@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows_support import ROOT, local_ray
-from test_dvc_repro import copy_project, run
+from tests.flows_support import ROOT, local_ray
+from tests.project_copy import copy_project, run
 
 DVC = [sys.executable, "-m", "dvc"]
 
