@@ -50,6 +50,7 @@ from prefect_ray.task_runners import RayTaskRunner  # noqa: E402
 
 from flexvar.config import ConfigError, Params, StageResources, load_params  # noqa: E402
 from flows.cluster import init_ray, prefect_api, python_path_env  # noqa: E402
+from flows.ray_train import parse_stage_command, run_stage_distributed  # noqa: E402
 from flows.stage_graph import StageGraph, StageSpec, commit, load_graph, stale  # noqa: E402
 
 OUTPUT_TAIL = 40   # lines of a failed command's output kept in the error
@@ -83,8 +84,12 @@ def run_command(cmd: str, cwd: str, env: dict[str, str], log) -> None:
 
 
 @task(cache_policy=NO_CACHE)
-def run_stage(spec: StageSpec, env: dict[str, str]) -> dict:
-    """Run a stage's commands in its working directory (a fresh attempt clears its outs first)."""
+def run_stage(spec: StageSpec, env: dict[str, str], train_params: Params | None = None) -> dict:
+    """Run a stage's commands in its working directory (a fresh attempt clears its outs first).
+
+    With `train_params` (resources.train_workers > 1), a training command runs data-parallel on
+    Ray Train workers (flows/ray_train.py) instead of as a subprocess.
+    """
     log = get_run_logger()
     attempt = task_run.run_count or 1
     if attempt <= 1:
@@ -92,7 +97,12 @@ def run_stage(spec: StageSpec, env: dict[str, str]) -> dict:
     log.info(f"stage {spec.name} (attempt {attempt}) on {os.uname().nodename}")
     t0 = time.perf_counter()
     for cmd in spec.cmds:
-        run_command(cmd, spec.wdir, {**env, "DVC_STAGE": spec.name}, log)
+        parsed = parse_stage_command(cmd) if train_params is not None else None
+        if parsed:
+            log.info(f"{cmd} on {train_params.resources.train_workers} Ray Train workers")
+            run_stage_distributed(*parsed, spec.wdir, train_params, {**env, "DVC_STAGE": spec.name}, spec.group)
+        else:
+            run_command(cmd, spec.wdir, {**env, "DVC_STAGE": spec.name}, log)
     return {"stage": spec.name, "seconds": time.perf_counter() - t0, "attempts": attempt}
 
 
@@ -102,13 +112,20 @@ def stage_resources(params: Params, spec: StageSpec) -> StageResources:
     return stages.get(spec.name) or stages.get(spec.group) or StageResources()
 
 
+def is_multi_worker(spec: StageSpec, params: Params) -> bool:
+    return params.resources.train_workers > 1 and any(parse_stage_command(c) for c in spec.cmds)
+
+
 def submit(spec: StageSpec, params: Params, env: dict[str, str]):
     res = stage_resources(params, spec)
+    multi = is_multi_worker(spec, params)
+    if multi:   # the task only waits; its Ray Train workers hold the stage's resources, each
+        res = StageResources(num_cpus=0, num_gpus=0)
     task_ = run_stage.with_options(
         name=f"stage {spec.group}", task_run_name=spec.name, retries=params.resources.retries,
         retry_delay_seconds=exponential_backoff(params.resources.retry_delay_s) if params.resources.retries else 0)
     with remote_options(num_cpus=res.num_cpus, num_gpus=res.num_gpus):
-        return task_.submit(spec, env)
+        return task_.submit(spec, env, params if multi else None)
 
 
 def execute(graph: StageGraph, params: Params, root: Path, env: dict[str, str], force: bool, log) -> dict:
