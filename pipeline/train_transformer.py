@@ -1,4 +1,4 @@
-"""DVC stage `train_transformer@d{depth}`: FlexVAR transformer of one depth on cached latents.
+"""DVC stage `train_transformer@{depth}`: FlexVAR transformer of one depth on cached latents.
 
     python -m pipeline.train_transformer --depth 2 --params params.yaml --latents data/latents \
         --tokenizer models/tokenizer --out models/d2 --metrics metrics/train/d2.json --plots plots/train/d2
