@@ -50,21 +50,21 @@ def _series(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     return {k: sorted(v, key=lambda r: r["steps"]) for k, v in lines.items()}
 
 
-def write_plot_data(rows: list[dict[str, Any]], feature_space: str, out_dir: str | os.PathLike) -> list[Path]:
-    """One CSV per line (DVC plots, x=steps; FID is the last column so it is DVC's default y)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+def write_plot_data(rows: list[dict[str, Any]], feature_space: str, path: str | os.PathLike) -> Path:
+    """Long-format CSV for DVC plots: line (plot series), depth, schedule, steps, size, fid_<space>.
+
+    FID is the last column, so it is DVC's default y; pipeline/fid_vs_steps.vega.json colours by `line`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     key = f"fid_{feature_space}"
-    paths = []
-    for label, series in _series(rows).items():
-        path = out_dir / (label.replace(" ", "_") + ".csv")
-        with open(path, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["steps", "schedule", "size", key])
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["line", "depth", "schedule", "steps", "size", key])
+        for label, series in _series(rows).items():
             for r in series:
-                w.writerow([r["steps"], r["schedule"], r["size"], r.get(key)])
-        paths.append(path)
-    return paths
+                w.writerow([label, r["depth"], r["schedule"], r["steps"], r["size"], r.get(key)])
+    return path
 
 
 def plot_fid_vs_steps(rows: list[dict[str, Any]], feature_space: str, path: str | os.PathLike) -> Path:

@@ -20,7 +20,7 @@ from flexvar.metrics import MetricsError, compute_metrics, load_samples  # noqa:
 from pipeline.tracking import schedule_steps, stage_run  # noqa: E402
 
 PARAM_KEYS = ["seed", "evaluate.feature_space", "evaluate.inception_weights", "evaluate.metrics",
-              "evaluate.reference_split", "evaluate.kid_subset_size", "resources.device"]
+              "evaluate.reference_split", "evaluate.kid_subset_size"]
 
 
 def main(argv: list[str] | None = None) -> int:

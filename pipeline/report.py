@@ -3,7 +3,7 @@
     python -m pipeline.report --params params.yaml --metrics-dir metrics/eval --out reports
 
 Writes reports/fid_table.md, reports/fid_table.json, reports/fid_vs_steps.png and
-reports/fid_vs_steps/<line>.csv (DVC plots: x = steps, one file per depth).
+reports/fid_vs_steps.csv (DVC plot with pipeline/fid_vs_steps.vega.json: x = steps, one line per depth).
 """
 from __future__ import annotations
 
@@ -48,11 +48,11 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         (out / "fid_table.md").write_text(f"# FID across depths x schedules x sizes\n\n{table}")
         write_json(out / "fid_table.json", {"feature_space": space, "rows": rows})
-        write_plot_data(rows, space, out / "fid_vs_steps")
+        write_plot_data(rows, space, out / "fid_vs_steps.csv")
         plot_fid_vs_steps(rows, space, out / "fid_vs_steps.png")
         for r in rows:
             tracker.log_metrics({f"fid_{space}_d{r['depth']}_{r['schedule']}": r[f"fid_{space}"]})
-        for name in ("fid_table.md", "fid_table.json", "fid_vs_steps.png"):
+        for name in ("fid_table.md", "fid_table.json", "fid_vs_steps.png", "fid_vs_steps.csv"):
             tracker.log_artifact(out / name)
     print(table)
     return 0

@@ -19,8 +19,7 @@ from flexvar.feature_net import save_feature_net, train_feature_net  # noqa: E40
 from flexvar.run_logger import CsvLogger, MultiLogger  # noqa: E402
 from pipeline.tracking import stage_run  # noqa: E402
 
-PARAM_KEYS = ["seed", "evaluate.feature_net_steps", "evaluate.feature_net_batch_size", "evaluate.feature_net_lr",
-              "resources.device"]
+PARAM_KEYS = ["seed", "evaluate.feature_net_steps", "evaluate.feature_net_batch_size", "evaluate.feature_net_lr"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -135,7 +135,8 @@ def test_stages_end_to_end(tiny_prepared, tmp_path, monkeypatch):
     md = (tmp_path / "reports/fid_table.md").read_text()
     assert "fid_domain" in md and "| d2 | large | 3 | 48x48 |" in md
     assert (tmp_path / "reports/fid_vs_steps.png").stat().st_size > 1000
-    assert (tmp_path / "reports/fid_vs_steps/d2.csv").read_text().splitlines()[0] == "steps,schedule,size,fid_domain"
+    assert (tmp_path / "reports/fid_vs_steps.csv").read_text().splitlines()[:2] == [
+        "line,depth,schedule,steps,size,fid_domain", f"d2,2,short,2,32x32,{by['short']['fid_domain']}"]
 
     from mlflow import MlflowClient
 
