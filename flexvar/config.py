@@ -294,6 +294,7 @@ class SweepConfig(Section):
     num_samples: int = Field(4, ge=1)
     steps: int = Field(60, ge=1)
     grace_steps: int = Field(20, ge=1)
+    report_every: int = Field(10, ge=1)       # steps between a trial's val evaluations (ASHA decides there)
     metric: str = "val_loss"
     cpus_per_trial: float = Field(1.0, gt=0.0)
     gpus_per_trial: float = Field(0.0, ge=0.0)
