@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
             metrics = compute_metrics(images_NCHW, Path(args.reference) / cfg.feature_space, cfg, args.feature_net,
                                       device, params.seed)
             metrics["num_samples"] = len(images_NCHW)
-            metrics["steps"] = schedule_steps(params, args.schedule)
+            metrics["steps"] = schedule_steps(params, args.schedule)   # numbers too, for MLflow's compare plots
+            metrics["depth"] = args.depth
             write_json(out, metrics)
             tracker.log_metrics(metrics)
             tracker.log_artifact(out)
