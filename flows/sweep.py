@@ -1,0 +1,339 @@
+"""Ray Tune sweep of the training step-sampling probabilities (params.yaml `sweep:`).
+
+    python -m flows.sweep                          # sweep `sweep.search_space`, write the best config
+    python -m flows.sweep --name s1 --resume       # continue an interrupted sweep (Tuner.restore)
+    flexvar preset ray_results/s1/best_params.yaml # apply the winner ... or: dvc exp run -S ... (printed)
+
+Each trial trains the transformer (depth: --depth, default the smallest of variants.depths) for
+`sweep.steps` steps on the cached latents (data/latents from extract_latents, codebook from
+models/tokenizer) with the library loop (flexvar/transformer_training.py), the sampled values
+applied to params.yaml's settings (dotted keys, e.g. `schedule.canonical_prob: [low, high]`;
+integer settings are sampled as integers). Every `sweep.report_every` steps it reports the val
+loss; ASHA stops the weak trials after `sweep.grace_steps`. Trial resources: `sweep.cpus_per_trial`,
+`sweep.gpus_per_trial` (fractions allowed: 0.25 = four trials per GPU).
+
+Fault tolerance: a trial whose worker dies is restarted up to `sweep.max_failures` times and
+continues from its own last checkpoint (the library's resume file in the trial's work folder);
+an interrupted sweep (Ctrl-C, driver killed) continues with `--resume` (Tuner.restore).
+Tracking: one MLflow run for the sweep, each trial a child run of it (a restarted trial keeps its run).
+Storage: ray_results/<name>/ in the project (git- and dvc-ignored); on a cluster it must be on the
+shared filesystem, like the project (docs/orchestration.md).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.env import setup as _env_setup
+
+_env_setup()
+
+import yaml  # noqa: E402
+from prefect import flow, get_run_logger  # noqa: E402
+
+from flexvar.config import ConfigError, Params, load_params, load_params_dict  # noqa: E402
+from flexvar.run_logger import RunLogger  # noqa: E402
+
+RESULTS_DIR = "ray_results"
+
+
+class SweepInterrupted(RuntimeError):
+    """Tune stopped before every trial ended (Ctrl-C); `--resume` continues it."""
+
+
+# --------------------------------------------------------------------------- the search space
+def _walk(d: Any, key: str) -> tuple[Any, str | int]:
+    """(container, last key) of a dotted key; list items by index (`schedule.drop_probs.0`)."""
+    parts = key.split(".")
+    for p in parts[:-1]:
+        d = d[int(p)] if isinstance(d, list) else d[p]
+    last = parts[-1]
+    return d, (int(last) if isinstance(d, list) else last)
+
+
+def get_dotted(d: dict, key: str) -> Any:
+    try:
+        box, k = _walk(d, key)
+        return box[k]
+    except (KeyError, IndexError, ValueError, TypeError):
+        raise ConfigError(f"params.yaml: sweep.search_space.{key}: no such setting") from None
+
+
+def with_overrides(base: dict, overrides: dict[str, Any]) -> Params:
+    """params.yaml's settings with dotted `overrides` applied, validated (bad values name the key)."""
+    data = copy.deepcopy(base)
+    for key, value in overrides.items():
+        get_dotted(data, key)
+        box, k = _walk(data, key)
+        box[k] = value
+    return load_params_dict(data, origin="sweep trial")
+
+
+def search_space(params: Params) -> dict[str, Any]:
+    """Tune domains: uniform(low, high), randint(low, high + 1) where the setting is an integer."""
+    from ray import tune
+
+    base = params.model_dump(mode="json")
+    space = {}
+    for key, (low, high) in params.sweep.search_space.items():
+        current = get_dotted(base, key)
+        if isinstance(current, int) and not isinstance(current, bool):
+            space[key] = tune.randint(int(low), int(high) + 1)
+        else:
+            space[key] = tune.uniform(float(low), float(high))
+    return space
+
+
+# --------------------------------------------------------------------------- tracking (MLflow)
+def _store(params: Params, root: Path):
+    from pipeline.tracking import _experiment_id, probe, resolve_uri
+
+    uri, embedded = resolve_uri(params, root)
+    client = probe(uri)
+    return client, _experiment_id(client, params.tracking.experiment, embedded, root)
+
+
+def sweep_run(params: Params, root: Path, exp_dir: Path, name: str) -> str:
+    """The sweep's parent MLflow run: created once, its id kept in the experiment folder for --resume."""
+    from pipeline.tracking import git_commit
+
+    marker = exp_dir / "mlflow_parent_run"
+    if marker.is_file():
+        return marker.read_text().strip()
+    client, exp_id = _store(params, root)
+    run = client.create_run(exp_id, run_name=f"sweep {name}", tags={
+        "flexvar_role": "sweep", "sweep_name": name, "git_commit": git_commit(root)})
+    from pipeline.tracking import MlflowLogger
+
+    MlflowLogger(client, run.info.run_id, run.info.run_id, "", exp_id).log_params(
+        {f"sweep.{k}": v for k, v in params.sweep.model_dump(mode="json").items()})
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(run.info.run_id)
+    return run.info.run_id
+
+
+def trial_run(ctx: dict, params: Params, work: Path, trial_id: str, overrides: dict):
+    """(client, run id) of this trial's child run; a restarted trial reuses the run it started."""
+    client, exp_id = _store(params, Path(ctx["root"]))
+    marker = work / "mlflow_run"
+    if marker.is_file():
+        run_id = marker.read_text().strip()
+        client.update_run(run_id, status="RUNNING")
+        return client, run_id
+    run = client.create_run(exp_id, run_name=f"trial {trial_id}", tags={
+        "mlflow.parentRunId": ctx["parent_run_id"], "flexvar_role": "sweep_trial", "trial_id": trial_id,
+        "sweep_name": ctx["name"], "depth": str(ctx["depth"])})
+    from pipeline.tracking import MlflowLogger
+
+    MlflowLogger(client, run.info.run_id, ctx["parent_run_id"], "", exp_id).log_params(
+        {**overrides, "steps": params.sweep.steps, "depth": ctx["depth"]})
+    marker.write_text(run.info.run_id)
+    return client, run.info.run_id
+
+
+class TuneReporter(RunLogger):
+    """Val metrics of the library loop -> Tune (ASHA decides on them) and the trial's MLflow run."""
+
+    def __init__(self, tracker: RunLogger):
+        self.tracker = tracker
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        from ray import tune
+
+        self.tracker.log_metrics(metrics, step)
+        tune.report({**metrics, "step": int(step or 0)})
+
+
+# --------------------------------------------------------------------------- one trial (a Tune worker)
+def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
+    """Short transformer training with the sampled settings; reports val metrics every report_every steps."""
+    import torch
+    from ray import tune
+
+    from flexvar.device import pick_device
+    from flexvar.latents import load_latents
+    from flexvar.seeding import seed_everything
+    from flexvar.tokenizer import load_tokenizer
+    from flexvar.transformer import FlexVAR
+    from flexvar.transformer_training import build_fingerprint, train_transformer
+    from pipeline.tracking import MlflowLogger
+
+    root = Path(ctx["root"])
+    os.chdir(root)
+    os.environ["DVC_ROOT"] = str(root)
+    params = with_overrides(ctx["base"], config)
+    trial_id = tune.get_context().get_trial_id()
+    work = Path(ctx["work_dir"]) / trial_id
+    work.mkdir(parents=True, exist_ok=True)
+    with open(work / "pids", "a") as f:   # one line per (re)start of this trial
+        f.write(f"{os.getpid()}\n")
+    torch.set_num_threads(max(1, int(params.sweep.cpus_per_trial)))
+    seed_everything(params.seed)
+    device = pick_device(params.resources.device)
+    train, val = load_latents(ctx["latents"], "train"), load_latents(ctx["latents"], "val")
+    quantizer = load_tokenizer(ctx["tokenizer"], "cpu").quantize
+    tcfg = params.transformer_for_depth(ctx["depth"])
+    model = FlexVAR(tcfg, quantizer.codebook_size, quantizer.codebook_dim, train.num_classes,
+                    pe_size=max(train.latent_hw))
+    sw = params.sweep
+    cfg = params.train_transformer.model_copy(update={
+        "steps": sw.steps, "eval_every": sw.report_every, "checkpoint_every": sw.report_every,
+        "log_every": min(params.train_transformer.log_every, sw.report_every)})
+    client, run_id = trial_run(ctx, params, work, trial_id, config)
+    tracker = MlflowLogger(client, run_id, ctx["parent_run_id"], "", "")
+    train_transformer(model, quantizer, train, val, cfg, params.schedule, prediction=tcfg.prediction,
+                      seed=params.seed, device=device, out_dir=work, logger=tracker,
+                      val_logger=TuneReporter(tracker),
+                      fingerprint=build_fingerprint(transformer=tcfg, train=cfg, schedule=params.schedule,
+                                                    seed=params.seed))
+    client.set_terminated(run_id, "FINISHED")
+
+
+# --------------------------------------------------------------------------- the sweep (driver)
+def make_tuner(params: Params, ctx: dict, exp_dir: Path, resume: bool):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    sw = params.sweep
+    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),
+                                    {"cpu": sw.cpus_per_trial, "gpu": sw.gpus_per_trial})
+    if resume:
+        if not tune.Tuner.can_restore(str(exp_dir)):
+            raise ConfigError(f"nothing to resume at {exp_dir}")
+        return tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=True)
+    scheduler = ASHAScheduler(time_attr="step", max_t=sw.steps, grace_period=min(sw.grace_steps, sw.steps),
+                              reduction_factor=2)
+    return tune.Tuner(
+        trainable, param_space=search_space(params),
+        tune_config=tune.TuneConfig(metric=sw.metric, mode="min", num_samples=sw.num_samples, scheduler=scheduler,
+                                    search_alg=BasicVariantGenerator(random_state=params.seed)),
+        run_config=tune.RunConfig(name=exp_dir.name, storage_path=str(exp_dir.parent),
+                                  failure_config=tune.FailureConfig(max_failures=sw.max_failures), verbose=1))
+
+
+def unfinished_trials(exp_dir: Path) -> int:
+    """Trials the saved experiment state has not ended (an interrupted Tune saves them as PENDING)."""
+    from ray.tune import ExperimentAnalysis
+
+    return sum(t.status not in ("TERMINATED", "ERROR") for t in ExperimentAnalysis(str(exp_dir)).trials)
+
+
+def best_config_yaml(overrides: dict[str, Any], metric: str, value: float) -> str:
+    """The winner as a partial params file (nested keys) for `flexvar preset FILE`."""
+    nested: dict[str, Any] = {}
+    for key, v in overrides.items():
+        d = nested
+        parts = key.split(".")
+        for p in parts[:-1]:
+            d = d.setdefault(p, {})
+        d[parts[-1]] = round(v, 6) if isinstance(v, float) else v
+    head = f"# best sweep trial: {metric} = {value:.5f}\n# apply: flexvar preset <this file>   or   dvc exp run {dvc_set_args(overrides)}\n"
+    return head + yaml.safe_dump(nested, sort_keys=False)
+
+
+def dvc_set_args(overrides: dict[str, Any]) -> str:
+    return " ".join(f"-S '{k}={round(v, 6) if isinstance(v, float) else v}'" for k, v in overrides.items())
+
+
+def finish(grid, params: Params, root: Path, exp_dir: Path, parent_run_id: str) -> dict[str, Any]:
+    """Close the trials' MLflow runs, write best_params.yaml, log the winner on the sweep run."""
+    from pipeline.tracking import MlflowLogger
+
+    client, exp_id = _store(params, root)
+    trials = []
+    for r in grid:
+        work = exp_dir / "work" / r.metrics.get("trial_id", "") if r.metrics else None
+        if work and (work / "mlflow_run").is_file():   # ASHA-stopped trials end here
+            client.set_terminated((work / "mlflow_run").read_text().strip(), "FINISHED")
+        trials.append({"config": r.config, "metrics": {k: r.metrics.get(k) for k in (params.sweep.metric, "step")}
+                       if r.metrics else {}, "error": str(r.error) if r.error else None})
+    best = grid.get_best_result(metric=params.sweep.metric, mode="min", scope="last")
+    value = best.metrics[params.sweep.metric]
+    (exp_dir / "best_params.yaml").write_text(best_config_yaml(best.config, params.sweep.metric, value))
+    tracker = MlflowLogger(client, parent_run_id, parent_run_id, "", exp_id)
+    tracker.log_metrics({f"best_{params.sweep.metric}": value})
+    tracker.log_params({f"best.{k}": v for k, v in best.config.items()})
+    tracker.log_artifact(exp_dir / "best_params.yaml")
+    client.set_terminated(parent_run_id, "FINISHED")
+    return {"best_config": best.config, "best_value": value, "trials": trials,
+            "best_file": str(exp_dir / "best_params.yaml"), "dvc_args": dvc_set_args(best.config)}
+
+
+@flow(name="flexvar-sweep")
+def sweep_flow(root: str = ".", name: str = "sweep", params_file: str = "params.yaml", resume: bool = False,
+               latents: str = "data/latents", tokenizer: str = "models/tokenizer", depth: int | None = None) -> dict:
+    """Ray Tune over sweep.search_space; returns the best config and every trial's last metrics."""
+    log = get_run_logger()
+    root_p = Path(root).resolve()
+    params = load_params(root_p / params_file)
+    exp_dir = root_p / RESULTS_DIR / name
+    parent = sweep_run(params, root_p, exp_dir, name)
+    ctx = {"root": str(root_p), "name": name, "base": params.model_dump(mode="json"), "parent_run_id": parent,
+           "latents": str((root_p / latents).resolve()), "tokenizer": str((root_p / tokenizer).resolve()),
+           "depth": depth or min(params.variants.depths), "work_dir": str(exp_dir / "work")}
+    log.info(f"sweep {name}: {params.sweep.num_samples} trials over {list(params.sweep.search_space)}, "
+             f"MLflow parent run {parent}")
+    grid = make_tuner(params, ctx, exp_dir, resume).fit()
+    left = unfinished_trials(exp_dir)
+    if left:
+        raise SweepInterrupted(f"sweep {name} interrupted with {left} unfinished trials; "
+                               f"continue with: python -m flows.sweep --name {name} --resume")
+    out = finish(grid, params, root_p, exp_dir, parent)
+    log.info(f"best {params.sweep.metric} {out['best_value']:.4f} with {out['best_config']}")
+    return out
+
+
+def run_sweep(root: str | Path = ".", name: str = "sweep", params_file: str = "params.yaml", resume: bool = False,
+              **kwargs) -> dict:
+    """Start (or join) Ray and a Prefect API, then run the sweep flow."""
+    import ray
+
+    from flows.cluster import init_ray, prefect_api
+
+    root = Path(root).resolve()
+    params = load_params(root / params_file)
+    with prefect_api():
+        started = init_ray(params.resources, root)
+        try:
+            return sweep_flow(str(root), name, params_file, resume, **kwargs)
+        finally:
+            if started:
+                ray.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m flows.sweep", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--root", default=".", help="project root (default: .)")
+    ap.add_argument("--params", default="params.yaml", help="params file, relative to the root")
+    ap.add_argument("--name", default=None, help="sweep name (folder under ray_results/; default: sweep-<time>)")
+    ap.add_argument("--resume", action="store_true", help="continue the interrupted sweep --name (Tuner.restore)")
+    ap.add_argument("--latents", default="data/latents", help="cached latents (extract_latents output)")
+    ap.add_argument("--tokenizer", default="models/tokenizer", help="tokenizer folder (train_tokenizer output)")
+    ap.add_argument("--depth", type=int, default=None, help="transformer depth (default: min of variants.depths)")
+    args = ap.parse_args(argv)
+    if args.resume and not args.name:
+        ap.error("--resume needs --name")
+    name = args.name or time.strftime("sweep-%Y%m%d-%H%M%S")
+    try:
+        out = run_sweep(args.root, name, args.params, args.resume, latents=args.latents, tokenizer=args.tokenizer,
+                        depth=args.depth)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"flows.sweep: error: {e}", file=sys.stderr)
+        return 2
+    except SweepInterrupted as e:
+        print(f"flows.sweep: {e}", file=sys.stderr)
+        return 130
+    print(json.dumps({k: out[k] for k in ("best_config", "best_value", "best_file")}, indent=2))
+    print(f"apply with:  flexvar preset {out['best_file']}\n        or:  dvc exp run {out['dvc_args']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
