@@ -55,6 +55,9 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
 from flexvar.cli_generate import COMMANDS as _GENERATION_COMMANDS  # noqa: E402  generate/refine/inpaint/outpaint/extend
 
 COMMANDS.update(_GENERATION_COMMANDS)
+from flexvar.cli_official import COMMANDS as _OFFICIAL_COMMANDS  # noqa: E402  import-official
+
+COMMANDS.update(_OFFICIAL_COMMANDS)
 
 
 def build_parser() -> argparse.ArgumentParser:

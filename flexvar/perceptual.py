@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models import vgg16
+from torchvision.models.vgg import cfgs, make_layers
 
 PARAM = "train_tokenizer.perceptual_weights_path"
 TAPS = (3, 8, 15, 22, 29)                 # indices of relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 in vgg16.features
@@ -34,7 +34,7 @@ class PerceptualLoss(nn.Module):
     def __init__(self, weights_path: str | os.PathLike):
         super().__init__()
         state = read_weights(weights_path)
-        self.features = vgg16(weights=None).features[: TAPS[-1] + 1]
+        self.features = make_layers(cfgs["D"])[: TAPS[-1] + 1]     # VGG16 conv trunk, no classifier
         feats = {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
         try:
             self.features.load_state_dict(feats, strict=True)

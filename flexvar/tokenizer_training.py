@@ -1,0 +1,348 @@
+"""Multi-scale VQVAE training loop (paper §3.3): one latent, K scales per batch, one codebook.
+
+Each step encodes the batch once, draws K scales between 1 and the full latent size (always
+including the full size), and at each scale area-downsamples the latent, quantises it
+(straight-through), decodes it and compares the result with the input resized to that scale's
+resolution. The loss is the mean over scales of: L1/L2 reconstruction, codebook + commitment
+(+ entropy) terms, and optionally an LPIPS-style perceptual term and a hinge PatchGAN term
+(from `gan_start_step`).
+
+Resume without loss: `TokenizerTrainer.save(path)` captures model, optimiser, LR schedule,
+EMA, discriminator, every RNG (global ones and the explicit generator that orders the data and
+draws the scales) and the data position; `resume(path)` restores them, so a killed run that
+is restarted ends with bit-identical weights on CPU.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flexvar import distributed
+from flexvar.checkpoint import capture_rng, load_checkpoint, restore_rng, save_atomic
+from flexvar.config import TokenizerConfig, TrainTokenizerConfig
+from flexvar.data import to_unit_range
+from flexvar.device import autocast_ctx, resolve_precision
+from flexvar.discriminator import PatchDiscriminator, hinge_d_loss, hinge_g_loss
+from flexvar.quantizer import downsample
+from flexvar.run_logger import RunLogger
+from flexvar.tokenizer import VQVAE
+
+TRAIN_CKPT_KIND = "tokenizer_train_state"
+
+
+# --------------------------------------------------------------------------- small pieces
+def sample_scales(full: int, k: int, gen: torch.Generator) -> list[int]:
+    """K distinct scales in [1, full], increasing, always ending with `full` (fewer if full < K)."""
+    others = torch.randperm(full - 1, generator=gen)[: max(k - 1, 0)] + 1 if full > 1 else torch.zeros(0, dtype=torch.long)
+    return sorted(int(s) for s in others) + [full]
+
+
+def scale_hw(scale: int, full_hw: tuple[int, int]) -> tuple[int, int]:
+    """Latent (h, w) of `scale` along the longer side, keeping the full latent's aspect ratio."""
+    H, W = full_hw
+    longer = max(H, W)
+    return max(1, round(scale * H / longer)), max(1, round(scale * W / longer))
+
+
+def resize_images(x_BCHW: torch.Tensor, hw_px: tuple[int, int]) -> torch.Tensor:
+    """The input as seen at a coarser scale: area (box-filter) resize to (H, W) pixels."""
+    return downsample(x_BCHW, hw_px)
+
+
+def recon_loss(rec_BCHW: torch.Tensor, target_BCHW: torch.Tensor, kind: str) -> torch.Tensor:
+    """'l1', 'l2' or 'l1+l2' between a decoded image and its target."""
+    loss = rec_BCHW.new_zeros(())
+    if "l1" in kind:
+        loss = loss + F.l1_loss(rec_BCHW, target_BCHW)
+    if "l2" in kind:
+        loss = loss + F.mse_loss(rec_BCHW, target_BCHW)
+    return loss
+
+
+def lr_factor(step: int, cfg: TrainTokenizerConfig) -> float:
+    """Linear warmup to 1, then cosine decay to `min_lr_ratio` at `steps`."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def psnr(rec_BCHW: torch.Tensor, target_BCHW: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR (dB) of images in [-1, 1] (peak-to-peak 2), after clamping the reconstruction."""
+    mse_B = (rec_BCHW.clamp(-1, 1) - target_BCHW).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(4.0 / mse_B.clamp_min(1e-10))
+
+
+def data_fingerprint(images_NCHW: torch.Tensor) -> str:
+    """Short hash of the training images: a checkpoint never resumes on different data."""
+    return hashlib.sha1(images_NCHW.contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- evaluation
+@dataclass
+class ScaleEval:
+    psnr: float
+    l1: float
+
+
+@torch.no_grad()
+def evaluate_scales(model: VQVAE, images_NCHW: torch.Tensor, scales: list[int], device: torch.device,
+                    precision: str = "fp32", batch_size: int = 64) -> dict:
+    """Val reconstruction quality at each scale and codebook statistics.
+
+    Returns {"per_scale": {s: ScaleEval}, "usage": fraction of codes used over all scales,
+    "perplexity": exp entropy of that code histogram, "usage_full"/"perplexity_full" at the full scale}.
+    """
+    was_training = model.training
+    model.eval()
+    f = model.downsample
+    sums = {s: [0.0, 0.0] for s in scales}
+    counts_all = torch.zeros(model.cfg.codebook_size, dtype=torch.long)
+    counts_full = torch.zeros_like(counts_all)
+    for i in range(0, len(images_NCHW), batch_size):
+        x = to_unit_range(images_NCHW[i:i + batch_size]).to(device)
+        with autocast_ctx(device, precision):
+            z = model.encode(x)
+        full_hw = tuple(z.shape[-2:])
+        for s in scales:
+            hw = scale_hw(s, full_hw)
+            idx, zq = model.quantize_at(z.float(), hw)
+            with autocast_ctx(device, precision):
+                rec = model.decode(zq).float()
+            target = resize_images(x, (hw[0] * f, hw[1] * f))
+            sums[s][0] += psnr(rec, target).sum().item()
+            sums[s][1] += (rec.clamp(-1, 1) - target).abs().flatten(1).mean(1).sum().item()
+            binc = torch.bincount(idx.flatten().cpu(), minlength=model.cfg.codebook_size)
+            counts_all += binc
+            if s == max(scales):
+                counts_full += binc
+    model.train(was_training)
+    n = len(images_NCHW)
+    return {"per_scale": {s: ScaleEval(psnr=v[0] / n, l1=v[1] / n) for s, v in sums.items()},
+            **codebook_stats(counts_all, ""), **codebook_stats(counts_full, "_full")}
+
+
+def codebook_stats(counts_V: torch.Tensor, suffix: str) -> dict[str, float]:
+    probs_V = counts_V.double() / counts_V.sum().clamp_min(1)
+    entropy = -(probs_V[probs_V > 0] * probs_V[probs_V > 0].log()).sum()
+    return {f"usage{suffix}": (counts_V > 0).double().mean().item(), f"perplexity{suffix}": entropy.exp().item()}
+
+
+# --------------------------------------------------------------------------- the trainer
+class TokenizerTrainer:
+    """Owns everything a tokenizer training run mutates, so it can be saved and resumed exactly."""
+
+    def __init__(self, model_cfg: TokenizerConfig, cfg: TrainTokenizerConfig, seed: int,
+                 train_images_NCHW: torch.Tensor, device: torch.device):
+        self.model_cfg, self.cfg, self.seed, self.device = model_cfg, cfg, seed, device
+        self.images = train_images_NCHW                       # uint8 (N, 3, H, W), stays on CPU
+        if len(self.images) < cfg.batch_size:
+            raise ValueError(f"train_tokenizer.batch_size = {cfg.batch_size} exceeds the {len(self.images)} "
+                             f"training images")
+        self.precision = resolve_precision(device, cfg.precision)
+        torch.manual_seed(seed)
+        self.model = VQVAE(model_cfg).to(device).train()
+        self.opt = make_adamw(self.model, cfg)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, cfg))
+        self.ema = ({k: v.detach().clone().float() for k, v in self.model.state_dict().items()}
+                    if cfg.ema_decay > 0 else None)
+        self.perceptual = None
+        if cfg.perceptual_weight > 0:
+            from flexvar.perceptual import PerceptualLoss   # torchvision import only when used
+            self.perceptual = PerceptualLoss(cfg.perceptual_weights_path).to(device)
+        self.disc = self.disc_opt = None
+        if cfg.gan_weight > 0:
+            self.disc = PatchDiscriminator().to(device).train()
+            self.disc_opt = make_adamw(self.disc, cfg)
+        self.gen = torch.Generator().manual_seed(seed)        # data order + scale draws
+        self.perm = torch.randperm(len(self.images), generator=self.gen)
+        self.pos = 0
+        self.step = 0
+        self.identity = {"tokenizer": model_cfg.model_dump(mode="json"), "train": cfg.model_dump(mode="json"),
+                         "seed": seed, "data": data_fingerprint(self.images)}
+
+    # ------------------------------------------------------------------ data
+    def next_batch(self) -> torch.Tensor:
+        """The next `batch_size` training images (uint8); a fresh permutation each epoch, last partial batch dropped."""
+        B = self.cfg.batch_size
+        if self.pos + B > len(self.perm):
+            self.perm, self.pos = torch.randperm(len(self.images), generator=self.gen), 0
+        idx = self.perm[self.pos:self.pos + B]
+        self.pos += B
+        return self.images[idx]
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self) -> dict[str, float]:
+        """One optimiser step on one batch at K random scales; returns scalar logs."""
+        cfg, f = self.cfg, self.model.downsample
+        x = to_unit_range(distributed.local_part(self.next_batch())).to(self.device)   # this worker's share
+        gan_on = self.disc is not None and self.step >= cfg.gan_start_step
+        with autocast_ctx(self.device, self.precision):
+            z = self.model.encode(x)
+        full_hw = tuple(z.shape[-2:])
+        scales = sample_scales(max(full_hw), cfg.num_scales, self.gen)
+        logs: dict[str, float] = {}
+        total = x.new_zeros(())
+        pairs = []
+        for s in scales:
+            hw = scale_hw(s, full_hw)
+            with autocast_ctx(self.device, self.precision):
+                rec, _, q = self.model.forward_scale(z, hw)
+            rec = rec.float()
+            target = resize_images(x, (hw[0] * f, hw[1] * f))
+            terms = {"recon": recon_loss(rec, target, cfg.recon_loss), "codebook": q["codebook"],
+                     "commit": q["commit"]}
+            if "entropy" in q:
+                terms["entropy"] = q["entropy"]
+            if self.perceptual is not None:
+                with autocast_ctx(self.device, self.precision):
+                    terms["perceptual"] = cfg.perceptual_weight * self.perceptual(rec, target).float().mean()
+            if gan_on:
+                with autocast_ctx(self.device, self.precision):
+                    terms["g_adv"] = cfg.gan_weight * hinge_g_loss(self.disc(rec).float())
+                pairs.append((target, rec.detach()))
+            total = total + sum(terms.values()) / len(scales)
+            for k, v in {**terms, "perplexity": q["perplexity"], "usage": q["usage"]}.items():
+                logs[k] = logs.get(k, 0.0) + float(v.detach()) / len(scales)
+            logs[f"recon_s{s}"] = float(terms["recon"].detach())
+        self.opt.zero_grad(set_to_none=True)
+        total.backward()
+        distributed.average_gradients(self.model.parameters())   # no-op in one process
+        if cfg.grad_clip > 0:
+            logs["grad_norm"] = float(nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+        self.opt.step()
+        if gan_on:
+            logs["d_loss"] = self.disc_step(pairs)
+        logs["lr"] = self.opt.param_groups[0]["lr"]
+        self.sched.step()
+        self.update_ema()
+        self.step += 1
+        logs["loss"] = distributed.mean_across(float(total.detach()))
+        return logs
+
+    def disc_step(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        """One discriminator update on (real, reconstructed) images of every scale of this step."""
+        loss = 0.0
+        for real, fake in pairs:
+            with autocast_ctx(self.device, self.precision):
+                loss = loss + hinge_d_loss(self.disc(real).float(), self.disc(fake).float()) / len(pairs)
+        self.disc_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        distributed.average_gradients(self.disc.parameters())
+        if self.cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.disc.parameters(), self.cfg.grad_clip)
+        self.disc_opt.step()
+        return float(loss.detach())
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        if self.ema is None:
+            return
+        d = self.cfg.ema_decay
+        for k, v in self.model.state_dict().items():
+            self.ema[k].mul_(d).add_(v.float(), alpha=1 - d)
+
+    def final_weights(self) -> dict[str, torch.Tensor]:
+        """The weights to ship: EMA when enabled, else the trained ones."""
+        return self.ema if self.ema is not None else self.model.state_dict()
+
+    # ------------------------------------------------------------------ save / resume
+    def state(self) -> dict:
+        state = {"kind": TRAIN_CKPT_KIND, "config": self.identity, "step": self.step,
+                 "model": self.model.state_dict(), "optim": self.opt.state_dict(),
+                 "sched": self.sched.state_dict(), "gen": self.gen.get_state(),
+                 "perm": self.perm, "pos": self.pos, "rng": capture_rng()}
+        if self.ema is not None:
+            state["ema"] = self.ema
+        if self.disc is not None:
+            state["disc"], state["disc_optim"] = self.disc.state_dict(), self.disc_opt.state_dict()
+        return state
+
+    def save(self, path: str | os.PathLike) -> None:
+        save_atomic(self.state(), path)
+
+    def resume(self, path: str | os.PathLike) -> bool:
+        """Restore from `path` if it exists; a corrupt or mismatched file raises CheckpointError naming it."""
+        if not Path(path).is_file():
+            return False
+        ckpt = load_checkpoint(path, kind=TRAIN_CKPT_KIND, expect={"config": self.identity},
+                               map_location=self.device)
+        self.load_state(ckpt)
+        return True
+
+    def load_state(self, ckpt: dict) -> None:
+        """Restore everything `state()` captured."""
+        self.model.load_state_dict(ckpt["model"])
+        self.opt.load_state_dict(ckpt["optim"])
+        self.sched.load_state_dict(ckpt["sched"])
+        if self.ema is not None:
+            self.ema = {k: v.float() for k, v in ckpt["ema"].items()}
+        if self.disc is not None:
+            self.disc.load_state_dict(ckpt["disc"])
+            self.disc_opt.load_state_dict(ckpt["disc_optim"])
+        self.gen.set_state(ckpt["gen"].cpu())
+        self.perm, self.pos, self.step = ckpt["perm"].cpu(), int(ckpt["pos"]), int(ckpt["step"])
+        restore_rng({**ckpt["rng"], "torch": ckpt["rng"]["torch"].cpu()})
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, logger: RunLogger | None = None, val_images_NCHW: torch.Tensor | None = None,
+            ckpt_path: str | os.PathLike | None = None, val_logger: RunLogger | None = None,
+            progress=None) -> None:
+        """Train until `cfg.steps`, logging every `log_every`, evaluating every `eval_every` and
+        checkpointing every `checkpoint_every` steps (and at the end)."""
+        cfg, logger, val_logger = self.cfg, logger or RunLogger(), val_logger or logger or RunLogger()
+        full = None
+        if distributed.active():   # multi-worker: all workers continue from rank 0's (possibly resumed) state
+            self.load_state(distributed.from_main(self.state()))
+        while self.step < cfg.steps:
+            logs = self.train_step()
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                logger.log_metrics(logs, step=self.step)
+                if progress:
+                    progress(self.step, logs)
+            if val_images_NCHW is not None and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
+                full = full or self.images.shape[-1] // self.model.downsample
+                ev = evaluate_scales(self.model, val_images_NCHW, list(range(1, full + 1)), self.device,
+                                     self.precision)
+                val_logger.log_metrics({**{f"val_psnr_s{s}": e.psnr for s, e in ev["per_scale"].items()},
+                                        "val_usage": ev["usage"]}, step=self.step)
+            if ckpt_path is not None and (self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps):
+                self.save(ckpt_path)
+
+
+def make_adamw(module: nn.Module, cfg: TrainTokenizerConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on conv/linear weights only (not on norms, biases or the codebook)."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        (decay if p.ndim >= 2 and "embedding" not in name else no_decay).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=cfg.lr, betas=tuple(cfg.betas))
+
+
+@torch.no_grad()
+def recon_grid(model: VQVAE, images_NCHW: torch.Tensor, scales: list[int], device: torch.device) -> torch.Tensor:
+    """The paper's Fig. 3 view: one row per image, columns = input then its reconstruction at each
+    scale, each shown at the input's size (nearest upsampling). Returns uint8 (3, rows*H, cols*W)."""
+    from einops import rearrange
+
+    from flexvar.data import to_uint8
+
+    was_training = model.training
+    model.eval()
+    x = to_unit_range(images_NCHW).to(device)
+    z = model.encode(x)
+    cols = [x]
+    for s in scales:
+        rec = model.reconstruct(x, scale_hw(s, tuple(z.shape[-2:])))
+        cols.append(F.interpolate(rec.clamp(-1, 1), size=x.shape[-2:], mode="nearest"))
+    model.train(was_training)
+    grid_RCchw = torch.stack(cols, dim=1)
+    return to_uint8(rearrange(grid_RCchw, "r c ch h w -> ch (r h) (c w)").cpu())

@@ -1,0 +1,121 @@
+"""DVC stage `train_tokenizer`: prepared images -> multi-scale VQVAE + metrics, loss curves, recon grid.
+
+    python -m pipeline.train_tokenizer --params params.yaml --data data/prepared --out models/tokenizer \
+        --metrics metrics/tokenizer.json --plots plots/tokenizer
+
+Resumable: a training checkpoint is written every `train_tokenizer.checkpoint_every` steps to
+--ckpt-dir (outside the DVC output, which DVC clears before a run); re-running after a crash
+or kill continues from it and ends with the same weights. It is deleted once the stage succeeds.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from pipeline import env
+
+env.setup()
+
+from flexvar.checkpoint import CheckpointError  # noqa: E402
+from flexvar.config import ConfigError, load_params  # noqa: E402
+from flexvar.run_logger import CsvLogger, MultiLogger  # noqa: E402
+
+PARAM_KEYS = ["tokenizer", "train_tokenizer", "seed", "resources.device"]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    ap.add_argument("--data", default="data/prepared", help="prepared dataset (default: data/prepared)")
+    ap.add_argument("--out", default="models/tokenizer", help="output folder for tokenizer.pt (default: models/tokenizer)")
+    ap.add_argument("--metrics", default="metrics/tokenizer.json", help="metrics JSON (default: metrics/tokenizer.json)")
+    ap.add_argument("--plots", default="plots/tokenizer", help="folder for loss CSVs and the recon grid (default: plots/tokenizer)")
+    ap.add_argument("--ckpt-dir", default=".cache/train_tokenizer",
+                    help="where the resumable training checkpoint lives (default: .cache/train_tokenizer)")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        params = load_params(args.params)
+        run(params, args)
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"train_tokenizer: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run(params, args: argparse.Namespace) -> None:
+    import torch
+    from torchvision.utils import save_image  # noqa: F401  (fail early if missing)
+
+    from flexvar.data import load_split
+    from flexvar.tokenizer_training import TokenizerTrainer
+    from pipeline.common import setup_torch
+    from pipeline.tracking import stage_run
+
+    device = setup_torch(params)
+    cfg = params.train_tokenizer
+    train = load_split(args.data, "train")
+    val_images = load_split(args.data, "val").images_NCHW[: cfg.val_images]
+    trainer = TokenizerTrainer(params.tokenizer, cfg, params.seed, train.images_NCHW, device)
+    ckpt = Path(args.ckpt_dir) / "train_state.pt"
+    resumed = trainer.resume(ckpt)
+    if resumed:
+        print(f"train_tokenizer: resuming from {ckpt} at step {trainer.step}/{cfg.steps}", flush=True)
+    plots = Path(args.plots)
+    keep = trainer.step + 1 if resumed else None
+    with stage_run("train_tokenizer", params, PARAM_KEYS, tags={"resumed_from_step": trainer.step}) as tracker:
+        logger = MultiLogger([tracker, CsvLogger(plots / "loss.csv", resume_from_step=keep)])
+        val_logger = MultiLogger([tracker, CsvLogger(plots / "val_psnr.csv", resume_from_step=keep)])
+        t0 = time.time()
+        trainer.fit(logger, val_images, ckpt, val_logger, progress=lambda s, logs: print(
+            f"step {s}/{cfg.steps} loss {logs['loss']:.4f} recon {logs['recon']:.4f} "
+            f"perplexity {logs['perplexity']:.1f} ({time.time() - t0:.0f}s)", flush=True))
+        write_outputs(params, trainer, val_images, args, tracker, device)
+    ckpt.unlink(missing_ok=True)
+
+
+def write_outputs(params, trainer, val_images, args, tracker, device) -> None:
+    """tokenizer.pt, metrics JSON, per-scale CSV and the recon grid, from the shipped weights."""
+    from torchvision.utils import save_image
+
+    from flexvar.tokenizer import load_tokenizer, save_tokenizer
+    from flexvar.tokenizer_training import evaluate_scales, recon_grid
+    from pipeline.common import write_json
+
+    path = save_tokenizer(trainer.model, params.tokenizer, args.out, state_dict=trainer.final_weights(),
+                          extra={"trained_steps": trainer.step})
+    model = load_tokenizer(path, device, expect_config=params.tokenizer)
+    full = params.latent_size
+    scales = list(range(1, full + 1))
+    ev = evaluate_scales(model, val_images, scales, device, trainer.precision)
+    metrics = {
+        "psnr": {str(s): round(e.psnr, 4) for s, e in ev["per_scale"].items()},
+        "l1": {str(s): round(e.l1, 5) for s, e in ev["per_scale"].items()},
+        "psnr_full": round(ev["per_scale"][full].psnr, 4),
+        "psnr_mean": round(sum(e.psnr for e in ev["per_scale"].values()) / len(scales), 4),
+        "codebook_usage": round(ev["usage"], 5), "codebook_perplexity": round(ev["perplexity"], 3),
+        "codebook_usage_full": round(ev["usage_full"], 5), "codebook_perplexity_full": round(ev["perplexity_full"], 3),
+        "steps": trainer.step, "val_images": len(val_images),
+    }
+    write_json(args.metrics, metrics)
+    plots = Path(args.plots)
+    per_scale = CsvLogger(plots / "psnr_per_scale.csv")
+    for s, e in ev["per_scale"].items():
+        per_scale.log_metrics({"scale": s, "psnr": e.psnr, "l1": e.l1}, step=s)
+    grid = recon_grid(model, val_images[:8], scales, device)
+    save_image(grid.float() / 255, plots / "recon_scales.png")
+    tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=trainer.step)
+    tracker.log_metrics({f"psnr_s{s}": e.psnr for s, e in ev["per_scale"].items()}, step=trainer.step)
+    for artifact in (path, args.metrics, plots / "recon_scales.png", plots / "psnr_per_scale.csv"):
+        tracker.log_artifact(artifact)
+    print(f"train_tokenizer: wrote {path}; val PSNR per scale "
+          + " ".join(f"{s}:{e.psnr:.2f}" for s, e in ev["per_scale"].items()), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""The scalable VQVAE: any-scale shapes, quantise/decode round trip, save/load and its errors,
+official-checkpoint import against an independent reference forward, training-loop pieces."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import pytest
+
+from flexvar.checkpoint import CheckpointError, save_atomic
+from flexvar.config import TokenizerConfig, TrainTokenizerConfig
+from flexvar.tokenizer import VQVAE, load_tokenizer, save_tokenizer
+from flexvar.tokenizer_training import TokenizerTrainer, evaluate_scales, sample_scales
+
+SMALL = TokenizerConfig(ch=32, ch_mult=[1, 2], num_res_blocks=1, z_channels=32, codebook_dim=8, codebook_size=64)
+
+
+@pytest.fixture(scope="module")
+def vq() -> VQVAE:
+    torch.manual_seed(0)
+    return VQVAE(SMALL).eval()
+
+
+# --------------------------------------------------------------------------- shapes and round trips
+@pytest.mark.parametrize("hw", [(1, 1), (3, 5), (8, 12), (16, 24), (7, 2)])
+def test_any_scale_shapes(vq, hw):
+    """Non-square input; scales from 1x1 to 2x larger than the input's latent, square or not."""
+    x = torch.rand(2, 3, 16, 24) * 2 - 1
+    with torch.no_grad():
+        z = vq.encode(x)
+        assert z.shape == (2, 8, 8, 12)
+        idx, zq = vq.quantize_at(z, hw)
+        assert idx.shape == (2, *hw) and zq.shape == (2, 8, *hw)
+        img = vq.decode(zq)
+        assert img.shape == (2, 3, 2 * hw[0], 2 * hw[1])
+        assert torch.equal(vq.decode_indices(idx), img)
+
+
+def test_quantize_decode_round_trip(vq):
+    """Code vectors are their own nearest codes; decoding ids equals decoding their vectors."""
+    idx = torch.randint(0, SMALL.codebook_size, (3, 4, 5))
+    zq = vq.quantize.lookup(idx)
+    idx2, zq2 = vq.quantize_at(zq, (4, 5))
+    assert torch.equal(idx2, idx) and torch.allclose(zq2, zq)
+    with torch.no_grad():
+        assert torch.allclose(vq.decode_indices(idx), vq.decode(zq))
+
+
+def test_full_scale_quantisation_uses_unscaled_latent(vq):
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        z = vq.encode(x)
+        idx, _ = vq.quantize_at(z, (8, 8))
+        assert torch.equal(idx, vq.quantize.nearest(z))
+
+
+# --------------------------------------------------------------------------- save / load and errors
+def test_save_load_round_trip(vq, tmp_path):
+    path = save_tokenizer(vq, SMALL, tmp_path / "tok")
+    loaded = load_tokenizer(tmp_path / "tok", expect_config=SMALL)
+    x = torch.rand(1, 3, 8, 8) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(loaded.encode(x), vq.encode(x))
+    assert path.name == "tokenizer.pt"
+
+
+def test_corrupt_checkpoint_names_file(tmp_path):
+    bad = tmp_path / "tokenizer.pt"
+    bad.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match=str(bad)) as e:
+        load_tokenizer(tmp_path)
+    assert "corrupt" in str(e.value)
+
+
+def test_wrong_kind_names_file(vq, tmp_path):
+    path = tmp_path / "tokenizer.pt"
+    save_atomic({"kind": "transformer", "config": {}, "model": {}}, path)
+    with pytest.raises(CheckpointError, match=f"{path}.*kind='transformer'.*expected 'tokenizer'"):
+        load_tokenizer(path)
+
+
+def test_config_mismatch_names_file_and_key(vq, tmp_path):
+    path = save_tokenizer(vq, SMALL, tmp_path)
+    other = SMALL.model_copy(update={"codebook_size": 128})
+    with pytest.raises(CheckpointError, match=f"{path}.*codebook_size: checkpoint has 64, settings say 128"):
+        load_tokenizer(path, expect_config=other)
+
+
+def test_weights_not_fitting_config_names_file(vq, tmp_path):
+    path = tmp_path / "tokenizer.pt"
+    sd = {k: v for k, v in vq.state_dict().items() if not k.startswith("decoder.conv_out")}
+    save_atomic({"kind": "tokenizer", "config": SMALL.model_dump(mode="json"), "model": sd}, path)
+    with pytest.raises(CheckpointError, match=f"{path}.*do not fit"):
+        load_tokenizer(path)
+
+
+# --------------------------------------------------------------------------- official checkpoints
+OFFICIAL_SMALL = TokenizerConfig(ch=32, ch_mult=[1, 1, 2, 2, 4], num_res_blocks=2, z_channels=64,
+                                 codebook_dim=32, codebook_size=256)
+
+
+def _ref_forward(sd: dict, x: torch.Tensor, scales: list[int]):
+    """Independent functional LlamaGen/FlexVAR VQ-16 forward from a raw state dict: encoder
+    latent, per-scale ids (area-downsample the encoder features, then quant_conv, l2-normalised
+    nearest code) and the images decoded from those ids."""
+    def conv(h, p, **kw):
+        return F.conv2d(h, sd[p + ".weight"], sd[p + ".bias"], **kw)
+
+    def gn(h, p):
+        return F.group_norm(h, 32, sd[p + ".weight"], sd[p + ".bias"], eps=1e-6)
+
+    def res(h, p):
+        out = conv(F.silu(gn(h, p + ".norm1")), p + ".conv1", padding=1)
+        out = conv(F.silu(gn(out, p + ".norm2")), p + ".conv2", padding=1)
+        return (conv(h, p + ".nin_shortcut") if p + ".nin_shortcut.weight" in sd else h) + out
+
+    def attn(h, p):
+        n = gn(h, p + ".norm")
+        q, k, v = conv(n, p + ".q"), conv(n, p + ".k"), conv(n, p + ".v")
+        b, c, H, W = q.shape
+        w = torch.softmax(torch.bmm(q.reshape(b, c, -1).permute(0, 2, 1), k.reshape(b, c, -1)) * c ** -0.5, dim=2)
+        return h + conv(torch.bmm(v.reshape(b, c, -1), w.permute(0, 2, 1)).reshape(b, c, H, W), p + ".proj_out")
+
+    def stages(h, prefix, n_blocks, resample):
+        i = 0
+        while f"{prefix}.{i}.res.0.conv1.weight" in sd:
+            for j in range(n_blocks):
+                h = res(h, f"{prefix}.{i}.res.{j}")
+                if f"{prefix}.{i}.attn.{j}.q.weight" in sd:
+                    h = attn(h, f"{prefix}.{i}.attn.{j}")
+            h = resample(h, f"{prefix}.{i}")
+            i += 1
+        return h
+
+    def mid(h, p):
+        return res(attn(res(h, p + ".0"), p + ".1"), p + ".2")
+
+    def down(h, p):
+        key = p + ".downsample.conv"
+        return conv(F.pad(h, (0, 1, 0, 1)), key, stride=2) if key + ".weight" in sd else h
+
+    def up(h, p):
+        key = p + ".upsample.conv"
+        return conv(F.interpolate(h, scale_factor=2.0, mode="nearest"), key, padding=1) if key + ".weight" in sd else h
+
+    h = conv(x, "encoder.conv_in", padding=1)
+    h = mid(stages(h, "encoder.conv_blocks", 2, down), "encoder.mid")
+    h = conv(F.silu(gn(h, "encoder.norm_out")), "encoder.conv_out", padding=1)
+    z = conv(h, "quant_conv")
+    emb = F.normalize(sd["quantize.embedding.weight"], dim=-1)
+    ids, imgs = [], []
+    for s in scales:
+        zs = F.normalize(conv(F.interpolate(h, size=(s, s), mode="area"), "quant_conv"), dim=1)
+        flat = zs.permute(0, 2, 3, 1).reshape(-1, zs.shape[1])
+        d = flat.pow(2).sum(1, keepdim=True) + emb.pow(2).sum(1) - 2 * flat @ emb.t()
+        idx = d.argmin(1).view(x.shape[0], s, s)
+        g = conv(emb[idx].permute(0, 3, 1, 2), "post_quant_conv")
+        g = stages(mid(conv(g, "decoder.conv_in", padding=1), "decoder.mid"), "decoder.conv_blocks", 3, up)
+        imgs.append(conv(F.silu(gn(g, "decoder.norm_out")), "decoder.conv_out", padding=1))
+        ids.append(idx)
+    return z, ids, imgs
+
+
+def test_import_official_matches_reference(tmp_path):
+    from flexvar.cli import main
+
+    torch.manual_seed(1)
+    sd = VQVAE(OFFICIAL_SMALL).state_dict()
+    for k, v in sd.items():                 # non-trivial norms and biases
+        if k.endswith("bias") or "norm" in k:
+            sd[k] = v + 0.1 * torch.randn_like(v)
+    sd["quantize.codebook_used"] = torch.zeros(65536)   # LlamaGen usage buffer, not a weight
+    torch.save({"model": sd}, tmp_path / "FlexVAE.pth")
+    assert main(["import-official", "--tokenizer", str(tmp_path / "FlexVAE.pth"), "--out", str(tmp_path / "out")]) == 0
+    vq = load_tokenizer(tmp_path / "out")
+    assert vq.cfg.model_dump() == OFFICIAL_SMALL.model_dump()
+
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    scales = [1, 2, 3, 4]
+    with torch.no_grad():
+        z_ref, ids_ref, imgs_ref = _ref_forward(sd, x, scales)
+        z = vq.encode(x)
+        assert torch.allclose(z, z_ref, atol=1e-5, rtol=1e-4)
+        for s, idx_ref, img_ref in zip(scales, ids_ref, imgs_ref):
+            idx, _ = vq.quantize_at(z, (s, s))
+            assert torch.equal(idx, idx_ref), f"ids differ at scale {s}"
+            assert torch.allclose(vq.decode_indices(idx), img_ref, atol=1e-4, rtol=1e-4)
+
+
+def test_import_official_rejects_other_files(tmp_path):
+    from flexvar.official import import_official_tokenizer
+
+    torch.save({"model": {"foo.weight": torch.zeros(2)}}, tmp_path / "x.pth")
+    with pytest.raises(CheckpointError, match="x.pth.*not a LlamaGen/FlexVAR VQ tokenizer"):
+        import_official_tokenizer(tmp_path / "x.pth", tmp_path / "out")
+
+
+# --------------------------------------------------------------------------- training pieces
+def test_sample_scales_always_include_full():
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        s = sample_scales(8, 5, gen)
+        assert len(s) == 5 and s[-1] == 8 and s == sorted(set(s)) and s[0] >= 1
+    assert sample_scales(2, 5, gen) == [1, 2] and sample_scales(8, 1, gen) == [8]
+
+
+def test_perceptual_needs_local_weights(tmp_path):
+    from flexvar.perceptual import PerceptualLoss
+
+    with pytest.raises(FileNotFoundError, match="train_tokenizer.perceptual_weights_path is empty"):
+        PerceptualLoss("")
+    with pytest.raises(FileNotFoundError, match="train_tokenizer.perceptual_weights_path = .*no such file"):
+        PerceptualLoss(tmp_path / "missing.pth")
+
+
+def _trainer(tmp_path, steps: int, perceptual: bool = False) -> TokenizerTrainer:
+    """A tiny trainer with GAN, EMA and dropout on (and the perceptual loss when asked)."""
+    extra = {}
+    if perceptual:
+        from torchvision.models.vgg import cfgs, make_layers
+
+        vgg = tmp_path / "vgg16.pth"
+        torch.manual_seed(0)
+        features = make_layers(cfgs["D"]).state_dict()       # random VGG16 weights in a local file
+        torch.save({f"features.{k}": v for k, v in features.items()}, vgg)
+        extra = {"perceptual_weight": 0.1, "perceptual_weights_path": str(vgg)}
+    cfg = TrainTokenizerConfig(steps=steps, batch_size=2, warmup_steps=2, precision="fp32", ema_decay=0.9,
+                               gan_weight=0.1, gan_start_step=1, num_scales=3, **extra)
+    images = torch.randint(0, 256, (6, 3, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    return TokenizerTrainer(SMALL.model_copy(update={"dropout": 0.1}), cfg, seed=3, train_images_NCHW=images,
+                            device=torch.device("cpu"))
+
+
+def test_training_with_perceptual_and_gan_losses(tmp_path):
+    t = _trainer(tmp_path, steps=2, perceptual=True)
+    logs = [t.train_step() for _ in range(2)]
+    assert all(torch.isfinite(torch.tensor(list(lg.values()))).all() for lg in logs)
+    assert "perceptual" in logs[0] and "g_adv" not in logs[0] and "d_loss" in logs[1] and "g_adv" in logs[1]
+
+
+def test_training_exact_resume(tmp_path):
+    """GAN + EMA + dropout + several epochs: stop after 3 steps, resume, and end bit-identical."""
+    full = _trainer(tmp_path, steps=5)
+    full.fit()
+    part = _trainer(tmp_path, steps=5)
+    for _ in range(3):
+        part.train_step()
+    part.save(tmp_path / "state.pt")
+    torch.manual_seed(12345)                 # clobber the global RNG: resume must restore it
+    resumed = _trainer(tmp_path, steps=5)
+    assert resumed.resume(tmp_path / "state.pt") and resumed.step == 3
+    resumed.fit()
+    for name, a, b in [("model", full.model.state_dict(), resumed.model.state_dict()), ("ema", full.ema, resumed.ema),
+                       ("disc", full.disc.state_dict(), resumed.disc.state_dict())]:
+        for k, v in a.items():
+            assert torch.equal(v, b[k]), f"{name}.{k}"
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    t = _trainer(tmp_path, steps=5)
+    t.save(tmp_path / "state.pt")
+    other = _trainer(tmp_path, steps=6)
+    with pytest.raises(CheckpointError, match=f"{tmp_path / 'state.pt'}.*train.steps: checkpoint has 5, settings say 6"):
+        other.resume(tmp_path / "state.pt")
+
+
+def test_evaluate_scales_reports_every_scale(vq):
+    images = torch.randint(0, 256, (5, 3, 16, 16), dtype=torch.uint8)
+    ev = evaluate_scales(vq, images, [1, 2, 8], torch.device("cpu"), batch_size=2)
+    assert set(ev["per_scale"]) == {1, 2, 8}
+    assert 0 < ev["usage"] <= 1 and ev["perplexity"] >= 1
