@@ -5,7 +5,7 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
-from tiny_checkpoint import save_tiny_checkpoint
+from tests.tiny_checkpoint import save_tiny_checkpoint
 
 from flexvar.cli import main
 

@@ -1,7 +1,7 @@
 """Generation: teacher forcing, KV cache == no cache, seed (in)dependence, any size / aspect, edits."""
 import pytest
 import torch
-from tiny_checkpoint import LATENT, tiny_models
+from tests.tiny_checkpoint import LATENT, tiny_models
 
 from flexvar.editing import box_mask, extend, forced_tokens, inpaint, latent_known, outpaint, refine
 from flexvar.generate import ScheduleError, generate, make_generator, resolve_schedule

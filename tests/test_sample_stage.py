@@ -1,7 +1,7 @@
 """`sample` stage on a tiny checkpoint: ADM-format npz, PNGs, per-class grid, MLflow run; bad schedule = exit 2."""
 import numpy as np
 import yaml
-from tiny_checkpoint import CLASSES, save_tiny_checkpoint
+from tests.tiny_checkpoint import CLASSES, save_tiny_checkpoint
 
 from pipeline import sample
 
