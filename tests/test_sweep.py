@@ -3,8 +3,8 @@
 1. A 4-trial sweep in which one trial's worker process is SIGKILLed after its first report: Tune
    restarts it (FailureConfig) and it resumes from its checkpoint; all 4 trials end without error;
    MLflow holds one sweep run with exactly 4 trial children; best_params.yaml applies as a preset.
-2. A sweep driver (`python -m flows.sweep`) interrupted with Ctrl-C mid-sweep is continued by
-   `--resume` (Tuner.restore): all 4 trials complete and the interrupted ones resume from their step.
+2. A sweep driver (`python -m flows.sweep`, 2 trials) interrupted with Ctrl-C mid-sweep is continued
+   by `--resume` (Tuner.restore): all trials complete and an interrupted one resumes from its checkpoint.
 """
 from __future__ import annotations
 
@@ -88,8 +88,11 @@ def test_sweep_restore_after_interrupt(sweep_dir):
     from flows.sweep import run_sweep
 
     work = sweep_dir / "ray_results" / "s2" / "work"
-    cmd = [sys.executable, "-m", "flows.sweep", "--root", str(sweep_dir), "--name", "s2", "--latents", "lat",
-           "--tokenizer", "tok"]
+    params = yaml.safe_load((sweep_dir / "params.yaml").read_text())
+    params["sweep"]["num_samples"] = 2                              # enough to interrupt and resume
+    (sweep_dir / "params_s2.yaml").write_text(yaml.safe_dump(params))
+    cmd = [sys.executable, "-m", "flows.sweep", "--root", str(sweep_dir), "--params", "params_s2.yaml",
+           "--name", "s2", "--latents", "lat", "--tokenizer", "tok"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     driver = subprocess.Popen(cmd, cwd=sweep_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               start_new_session=True)
@@ -100,6 +103,6 @@ def test_sweep_restore_after_interrupt(sweep_dir):
     driver.send_signal(signal.SIGINT)                               # Ctrl-C: Tune saves its state and stops
     log = driver.communicate(timeout=120)[0].decode()
     assert not (sweep_dir / "ray_results" / "s2" / "best_params.yaml").exists(), log[-3000:]
-    out = run_sweep(sweep_dir, "s2", resume=True, latents="lat", tokenizer="tok")
-    assert len(out["trials"]) == 4 and all(t["error"] is None for t in out["trials"])
+    out = run_sweep(sweep_dir, "s2", "params_s2.yaml", resume=True, latents="lat", tokenizer="tok")
+    assert len(out["trials"]) == 2 and all(t["error"] is None for t in out["trials"])
     assert any(len((t / "pids").read_text().split()) == 2 for t in work.iterdir())   # resumed after the interrupt
