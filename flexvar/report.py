@@ -74,14 +74,20 @@ def plot_fid_vs_steps(rows: list[dict[str, Any]], feature_space: str, path: str 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import MaxNLocator
+
     key = f"fid_{feature_space}"
+    depths = sorted({r["depth"] for r in rows})
+    colours = {d: f"C{i}" for i, d in enumerate(depths)}
     fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
     for label, series in _series(rows).items():
         pts = [(r["steps"], r[key]) for r in series if r.get(key) is not None]
         if pts:
             xs, ys = zip(*pts)
-            ax.plot(xs, ys, marker="o" if " " not in label else "s", linestyle="-" if " " not in label else "--",
-                    label=label)
+            other_size = " " in label          # 'd2 96x96': same colour as d2, dashed, square markers
+            ax.plot(xs, ys, color=colours[series[0]["depth"]], marker="s" if other_size else "o",
+                    linestyle="--" if other_size else "-", label=label)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("number of generation steps")
     ax.set_ylabel(f"FID ({feature_space} features)")
     ax.set_title("FID vs steps per model depth")
