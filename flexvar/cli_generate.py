@@ -248,6 +248,9 @@ def _edit_inputs(args):
     if not Path(args.image).is_file():
         raise _usage("--image", f"{args.image} does not exist")
     model, vqvae, meta, _ = _load(args)
+    if model.cfg.prediction != "gt":
+        raise _usage("--checkpoint", "image-to-image needs a ground-truth (FlexVAR) model; this one predicts "
+                                     "VAR residuals")
     train_px = tuple(meta["resolution"])
     try:
         image = load_image(args.image, train_px)

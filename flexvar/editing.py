@@ -106,6 +106,16 @@ def encode(vqvae, images_B3HW: torch.Tensor) -> torch.Tensor:
     return vqvae.encode(images_B3HW.to(device).float())
 
 
+class EditError(ValueError):
+    """An edit this model or these inputs cannot do (e.g. a residual-prediction model)."""
+
+
+def _check_ground_truth(model) -> None:
+    """Forcing ground-truth tokens only makes sense when the model predicts them (not VAR residuals)."""
+    if model.cfg.prediction != "gt":
+        raise EditError("image-to-image needs a ground-truth (FlexVAR) model; this one predicts VAR residuals")
+
+
 def _batch_mask(mask_HW: torch.Tensor, B: int) -> torch.Tensor:
     return mask_HW.expand(B, *mask_HW.shape[-2:]) if mask_HW.dim() == 2 else mask_HW
 
@@ -113,6 +123,7 @@ def _batch_mask(mask_HW: torch.Tensor, B: int) -> torch.Tensor:
 # --------------------------------------------------------------------------- the four edits
 def refine(model, vqvae, images_B3HW: torch.Tensor, labels_B: torch.Tensor, scales: Scales, **kw) -> Generation:
     """Force the image's tokens at every scale it covers, sample the larger ones (final scale > image)."""
+    _check_ground_truth(model)
     z = encode(vqvae, images_B3HW)
     if not any(hw[0] > z.shape[-2] or hw[1] > z.shape[-1] for hw in scales):
         raise ValueError(f"refine needs a final scale larger than the image's latent {tuple(z.shape[-2:])}; "
@@ -123,6 +134,7 @@ def refine(model, vqvae, images_B3HW: torch.Tensor, labels_B: torch.Tensor, scal
 def inpaint(model, vqvae, images_B3HW: torch.Tensor, generate_HW: torch.Tensor, labels_B: torch.Tensor,
             scales: Scales, **kw) -> Generation:
     """Regenerate the masked region (True = generate), keep the rest; final scale = the image's latent."""
+    _check_ground_truth(model)
     z = encode(vqvae, images_B3HW)
     if tuple(scales[-1]) != tuple(z.shape[-2:]):
         raise ValueError(f"the final scale {scales[-1]} must equal the image's latent size {tuple(z.shape[-2:])}")
@@ -141,6 +153,7 @@ def outpaint(model, vqvae, images_B3HW: torch.Tensor, keep_HW: torch.Tensor, lab
 
 def extend(model, vqvae, images_B3HW: torch.Tensor, labels_B: torch.Tensor, scales: Scales, **kw) -> Generation:
     """A larger canvas (the final scale) with the image's latent in its centre; the rest is generated."""
+    _check_ground_truth(model)
     z = encode(vqvae, images_B3HW)
     B, C, h, w = z.shape
     Hc, Wc = scales[-1]
@@ -181,5 +194,5 @@ def pad_center(images_uint8_N3HW: torch.Tensor, size_hw: tuple[int, int], value:
     return F.pad(images_uint8_N3HW, (left, W - w - left, top, H - h - top), value=value)
 
 
-__all__ = ["MaskError", "box_mask", "load_mask", "check_mask", "forced_tokens", "latent_known", "refine",
+__all__ = ["MaskError", "EditError", "box_mask", "load_mask", "check_mask", "forced_tokens", "latent_known", "refine",
            "inpaint", "outpaint", "extend", "load_image", "mask_overlay", "pad_center"]

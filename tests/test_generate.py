@@ -3,7 +3,7 @@ import pytest
 import torch
 from tests.tiny_checkpoint import LATENT, tiny_models
 
-from flexvar.editing import box_mask, extend, forced_tokens, inpaint, latent_known, outpaint, refine
+from flexvar.editing import EditError, box_mask, extend, forced_tokens, inpaint, latent_known, outpaint, refine
 from flexvar.generate import ScheduleError, generate, make_generator, resolve_schedule
 from flexvar.sampling import filter_top_k_top_p, guidance_scale, sample_tokens
 
@@ -133,3 +133,9 @@ def test_resolve_schedule_forms_and_errors():
                 dict(scales=[(1, 1), (2, 1), (1, 2)])):
         with pytest.raises(ScheduleError):
             resolve_schedule(**bad, **kw)
+
+
+def test_edits_refuse_residual_models():
+    model, vq = tiny_models("residual")
+    with pytest.raises(EditError):
+        refine(model, vq, torch.zeros(1, 3, 16, 16), torch.tensor([0]), [(1, 1), (8, 8), (16, 16)])
