@@ -38,6 +38,9 @@ def ensure_prefect_api() -> str:
     if not url:
         from prefect.server.api.server import SubprocessASGIServer
 
+        if os.environ.get("PREFECT_HOME"):   # its SQLite database lives there; a fresh clone has no .cache/
+            Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
+
         server = SubprocessASGIServer()
         server.start(timeout=180)   # slow on a busy 2-core machine
         url = server.api_url

@@ -96,6 +96,7 @@ def run_stage(spec: StageSpec, env: dict[str, str], train_params: Params | None 
         clear_outs(spec)
     log.info(f"stage {spec.name} (attempt {attempt}) on {os.uname().nodename}")
     t0 = time.perf_counter()
+    env = {**env, **python_path_env(Path(env["DVC_ROOT"]))}   # this worker's interpreter runs `python`
     for cmd in spec.cmds:
         parsed = parse_stage_command(cmd) if train_params is not None else None
         if parsed:
@@ -177,7 +178,7 @@ def pipeline_flow(root: str = ".", targets: list[str] | None = None, params_file
     params = load_params(root_p / params_file)
     graph = load_graph(root_p).restrict(targets or [])
     run_id = os.environ.get("FLEXVAR_PIPELINE_RUN_ID") or f"prefect-{flow_run.id}"
-    env = {"FLEXVAR_PIPELINE_RUN_ID": run_id, "DVC_ROOT": str(root_p), **python_path_env(root_p)}
+    env = {"FLEXVAR_PIPELINE_RUN_ID": run_id, "DVC_ROOT": str(root_p)}
     log.info(f"{len(graph.stages)} stages; pipeline run id {run_id}")
     result = execute(graph, params, root_p, env, force, log)
     if result.get("_errors"):
