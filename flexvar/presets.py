@@ -38,10 +38,12 @@ def deep_merge(base: Any, patch: Any) -> Any:
 
 
 def resolve(name_or_path: str, presets_dir: Path = PRESETS_DIR) -> Path:
+    """A .yaml path as given, else presets/NAME.yaml of the project in the working directory, else ours."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") and path.is_file():
         return path
-    path = presets_dir / f"{name_or_path}.yaml"
+    local = Path.cwd() / "presets" / f"{name_or_path}.yaml"
+    path = local if local.is_file() else presets_dir / f"{name_or_path}.yaml"
     if not path.is_file():
         raise ConfigError(f"preset {name_or_path!r} not found; available: {', '.join(available(presets_dir))} "
                           f"(or give a path to a .yaml file)")
