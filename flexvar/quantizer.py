@@ -39,6 +39,9 @@ class MultiScaleQuantizer(nn.Module):
         self.beta, self.entropy_weight, self.entropy_temperature = beta, entropy_weight, entropy_temperature
         self.embedding = nn.Embedding(codebook_size, codebook_dim)
         self.embedding.weight.data.uniform_(-1.0 / codebook_size, 1.0 / codebook_size)
+        # unit-norm raw weights (as LlamaGen does for l2-normalised codebooks): with the tiny uniform
+        # init alone, each optimiser step would swing the codes' directions at random
+        self.embedding.weight.data = l2norm(self.embedding.weight.data, dim=-1)
 
     def codebook(self) -> torch.Tensor:
         """The l2-normalised codebook, (V, C)."""
