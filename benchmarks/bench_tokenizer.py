@@ -39,6 +39,11 @@ def fixed_scales(full: int, k: int = 5) -> list[int]:
     return sorted({max(1, round(full * (i + 1) / k)) for i in range(k)})
 
 
+def sig(x: float, digits: int = 3) -> float:
+    """Round to `digits` significant digits (throughputs span 0.01 to 1000 img/s)."""
+    return float(f"{x:.{digits}g}")
+
+
 def timed(fn, iters: int, device: torch.device, warmup: int = 1) -> tuple[float, float]:
     """(wall seconds, process CPU seconds) per call, after `warmup` untimed calls."""
     for _ in range(warmup):
@@ -64,8 +69,8 @@ def bench_train(cfg: TokenizerConfig, res: int, batch: int, iters: int, precisio
         wall, cpu = timed(trainer.train_step, iters, device, warmup)
     finally:
         tt.sample_scales = original
-    return {"scales": scales, "s_per_step": round(wall, 4), "img_per_s": round(batch / wall, 2),
-            "img_per_cpu_s": round(batch / cpu, 2)}
+    return {"scales": scales, "s_per_step": round(wall, 4), "img_per_s": sig(batch / wall),
+            "img_per_cpu_s": sig(batch / cpu)}
 
 
 def bench_infer(cfg: TokenizerConfig, res: int, batch: int, iters: int, precision: str, device, warmup: int) -> dict:
@@ -84,8 +89,8 @@ def bench_infer(cfg: TokenizerConfig, res: int, batch: int, iters: int, precisio
                 model.decode(zq)
 
     wall, cpu = timed(run, iters, device, warmup)
-    return {"scales": f"1..{full}", "s_per_batch": round(wall, 4), "img_per_s": round(batch / wall, 2),
-            "img_per_cpu_s": round(batch / cpu, 2)}
+    return {"scales": f"1..{full}", "s_per_batch": round(wall, 4), "img_per_s": sig(batch / wall),
+            "img_per_cpu_s": sig(batch / cpu)}
 
 
 def bench_config(name: str, cfg: TokenizerConfig, res: int, batch: int, iters: int, device, warmup: int) -> dict:
@@ -94,7 +99,7 @@ def bench_config(name: str, cfg: TokenizerConfig, res: int, batch: int, iters: i
         for precision in ("fp32", "bf16"):
             out[f"{kind}_{precision}"] = fn(cfg, res, batch, iters, precision, device, warmup)
             print(f"[bench_tokenizer] {name} {kind} {precision}: {out[f'{kind}_{precision}']}", file=sys.stderr, flush=True)
-        out[f"{kind}_bf16_speedup"] = round(out[f"{kind}_bf16"]["img_per_cpu_s"] / out[f"{kind}_fp32"]["img_per_cpu_s"], 2)
+        out[f"{kind}_bf16_speedup"] = sig(out[f"{kind}_bf16"]["img_per_cpu_s"] / out[f"{kind}_fp32"]["img_per_cpu_s"])
     return out
 
 

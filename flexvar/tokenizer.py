@@ -38,9 +38,15 @@ TOKENIZER_KIND = "tokenizer"
 
 
 # --------------------------------------------------------------------------- building blocks
+def num_groups(channels: int) -> int:
+    """32 groups (LlamaGen) once a layer has >= 128 channels; narrower layers keep >= 4 channels per
+    group (a 1-channel group is instance norm, which erases each image's per-channel mean — its
+    colour — so a narrow decoder cannot reconstruct it)."""
+    return math.gcd(32, max(1, channels // 4))
+
+
 def group_norm(channels: int) -> nn.GroupNorm:
-    """GroupNorm with 32 groups (LlamaGen) — or the largest divisor of 32 for narrow test models."""
-    return nn.GroupNorm(num_groups=math.gcd(32, channels), num_channels=channels, eps=1e-6, affine=True)
+    return nn.GroupNorm(num_groups=num_groups(channels), num_channels=channels, eps=1e-6, affine=True)
 
 
 class ResnetBlock(nn.Module):

@@ -8,7 +8,7 @@ import pytest
 
 from flexvar.checkpoint import CheckpointError, save_atomic
 from flexvar.config import TokenizerConfig, TrainTokenizerConfig
-from flexvar.tokenizer import VQVAE, load_tokenizer, save_tokenizer
+from flexvar.tokenizer import VQVAE, load_tokenizer, num_groups, save_tokenizer
 from flexvar.tokenizer_training import TokenizerTrainer, evaluate_scales, sample_scales
 
 SMALL = TokenizerConfig(ch=32, ch_mult=[1, 2], num_res_blocks=1, z_channels=32, codebook_dim=8, codebook_size=64)
@@ -106,7 +106,7 @@ def _ref_forward(sd: dict, x: torch.Tensor, scales: list[int]):
         return F.conv2d(h, sd[p + ".weight"], sd[p + ".bias"], **kw)
 
     def gn(h, p):
-        return F.group_norm(h, 32, sd[p + ".weight"], sd[p + ".bias"], eps=1e-6)
+        return F.group_norm(h, num_groups(h.shape[1]), sd[p + ".weight"], sd[p + ".bias"], eps=1e-6)
 
     def res(h, p):
         out = conv(F.silu(gn(h, p + ".norm1")), p + ".conv1", padding=1)
@@ -158,6 +158,11 @@ def _ref_forward(sd: dict, x: torch.Tensor, scales: list[int]):
         imgs.append(conv(F.silu(gn(g, "decoder.norm_out")), "decoder.conv_out", padding=1))
         ids.append(idx)
     return z, ids, imgs
+
+
+def test_group_norm_matches_llamagen_at_official_widths():
+    assert [num_groups(c) for c in (128, 256, 512)] == [32, 32, 32]   # VQ-16: ch 128, mult 1,1,2,2,4
+    assert [num_groups(c) for c in (16, 32, 64)] == [4, 8, 16]
 
 
 def test_import_official_matches_reference(tmp_path):

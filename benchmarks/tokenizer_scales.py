@@ -1,0 +1,69 @@
+"""Paper Fig. 3 at our scale: val PSNR per scale of a multi-scale tokenizer (K=5) vs one trained
+only at the full scale (K=1), same steps. Reads two `train_tokenizer` stage outputs and writes a
+markdown table and an image grid.
+
+    python benchmarks/tokenizer_scales.py --multi RUN_K5 --single RUN_K1 --data data/prepared \
+        --out-md docs/tokenizer_scales.md --out-png docs/tokenizer_scales.png
+
+RUN_* are folders holding the stage's outputs (models/tokenizer, metrics/tokenizer.json).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from flexvar.data import load_split  # noqa: E402
+from flexvar.tokenizer import load_tokenizer  # noqa: E402
+from flexvar.tokenizer_training import recon_grid  # noqa: E402
+
+
+def table(multi: dict, single: dict) -> str:
+    scales = sorted(multi["psnr"], key=int)
+    head = "| scale (latent) | " + " | ".join(f"{s}x{s}" for s in scales) + " | mean |"
+    sep = "|" + "---|" * (len(scales) + 2)
+    rows = []
+    for name, m in (("K=5 (multi-scale)", multi), ("K=1 (full scale only)", single)):
+        rows.append(f"| {name} | " + " | ".join(f"{m['psnr'][s]:.2f}" for s in scales) + f" | {m['psnr_mean']:.2f} |")
+    diff = " | ".join(f"{multi['psnr'][s] - single['psnr'][s]:+.2f}" for s in scales)
+    rows.append(f"| K=5 minus K=1 | {diff} | {multi['psnr_mean'] - single['psnr_mean']:+.2f} |")
+    return "\n".join([head, sep, *rows])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--multi", required=True, type=Path)
+    ap.add_argument("--single", required=True, type=Path)
+    ap.add_argument("--data", default="data/prepared")
+    ap.add_argument("--images", type=int, default=4)
+    ap.add_argument("--out-md", default="docs/tokenizer_scales.md")
+    ap.add_argument("--out-png", default="docs/tokenizer_scales.png")
+    args = ap.parse_args(argv)
+    from torchvision.utils import save_image
+
+    metrics = {k: json.loads((d / "metrics/tokenizer.json").read_text()) for k, d in
+               (("multi", args.multi), ("single", args.single))}
+    val = load_split(args.data, "val").images_NCHW[: args.images]
+    grids = []
+    for run in (args.multi, args.single):
+        model = load_tokenizer(run / "models/tokenizer")
+        full = val.shape[-1] // model.downsample
+        grids.append(recon_grid(model, val, list(range(1, full + 1)), torch.device("cpu")))
+    H = val.shape[-2]
+    rows = []          # interleave: image i with K=5, then image i with K=1
+    for i in range(args.images):
+        rows += [grids[0][:, i * H:(i + 1) * H], grids[1][:, i * H:(i + 1) * H]]
+    Path(args.out_png).parent.mkdir(parents=True, exist_ok=True)
+    save_image(torch.cat(rows, dim=1).float() / 255, args.out_png)
+    Path(args.out_md).write_text(table(metrics["multi"], metrics["single"]) + "\n")
+    print(table(metrics["multi"], metrics["single"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
