@@ -14,6 +14,7 @@ atomically, so a killed run resumes bit-identically on CPU.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -80,6 +81,30 @@ def get_batch(data: LatentSplit, items: torch.Tensor, device) -> tuple[torch.Ten
 
 def token_loss(logits_BLV: torch.Tensor, target_BL: torch.Tensor, label_smoothing: float) -> torch.Tensor:
     return F.cross_entropy(logits_BLV.float().flatten(0, 1), target_BL.flatten(), label_smoothing=label_smoothing)
+
+
+class EmaWeights:
+    """Exponential moving average of the model's floating-point state (train_transformer.ema_decay)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for k, v in model.state_dict().items():
+            if v.is_floating_point():
+                self.shadow[k].lerp_(v, 1.0 - self.decay)
+
+    @contextlib.contextmanager
+    def swapped_in(self, model: torch.nn.Module):
+        """Run a block (evaluation) with the averaged weights, then restore the live ones."""
+        live = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(self.shadow)
+        try:
+            yield
+        finally:
+            model.load_state_dict(live)
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -161,6 +186,7 @@ def train_transformer(model: FlexVAR, quantizer: MultiScaleQuantizer, train: Lat
     canonical = sampler.to_hw(sampler.cfg.canonical)
     fwd = torch.compile(model) if cfg.compile else model
     step, history = 0, []
+    ema = EmaWeights(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     state = distributed.from_main(resume_state(out_dir, fingerprint))   # rank 0's resume state on all workers
     if state is not None:
         model.load_state_dict(state["model"])
@@ -168,6 +194,8 @@ def train_transformer(model: FlexVAR, quantizer: MultiScaleQuantizer, train: Lat
         sampler.load_state_dict(state["sampler"])
         restore_rng(state["rng"])
         step, history = state["step"], list(state.get("history", []))
+        if ema is not None:
+            ema.shadow = state["ema"]
         print(f"train_transformer: resumed at step {step} from {out_dir / RESUME_FILE}")
 
     def save_state() -> None:
@@ -175,7 +203,8 @@ def train_transformer(model: FlexVAR, quantizer: MultiScaleQuantizer, train: Lat
             return
         save_atomic({"kind": RESUME_KIND, "fingerprint": fingerprint, "step": step,
                      "model": model.state_dict(), "optimizer": opt.state_dict(),
-                     "sampler": sampler.state_dict(), "rng": capture_rng(), "history": history},
+                     "sampler": sampler.state_dict(), "rng": capture_rng(), "history": history,
+                     "ema": ema.shadow if ema is not None else None},
                     out_dir / RESUME_FILE)
 
     n_items = 2 * len(train)
@@ -204,6 +233,8 @@ def train_transformer(model: FlexVAR, quantizer: MultiScaleQuantizer, train: Lat
                      else torch.zeros(()))
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(model)
         step += 1
         if (step % cfg.log_every == 0 or step == end) and distributed.is_main():
             dt = time.perf_counter() - t0
@@ -213,13 +244,16 @@ def train_transformer(model: FlexVAR, quantizer: MultiScaleQuantizer, train: Lat
             history.append({"step": step, "loss": loss_sum})
             t0, toks, imgs = time.perf_counter(), 0, 0
         if (step % cfg.eval_every == 0 or step == cfg.steps) and distributed.is_main():
-            last_metrics = evaluate(model, quantizer, val, canonical, prediction, cfg.batch_size, cfg.val_batches,
-                                    device, cfg.precision)
+            with (ema.swapped_in(model) if ema is not None else contextlib.nullcontext()):
+                last_metrics = evaluate(model, quantizer, val, canonical, prediction, cfg.batch_size,
+                                        cfg.val_batches, device, cfg.precision)
             val_logger.log_metrics(last_metrics, step)
         if step % cfg.checkpoint_every == 0 or step == end:
             save_state()
         if on_step is not None:
             on_step(step)
+    if ema is not None and step == cfg.steps:
+        model.load_state_dict(ema.shadow)   # the caller saves / samples from the averaged weights
     return TrainResult(step=step, metrics=last_metrics, history=history)
 
 
