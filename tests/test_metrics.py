@@ -20,7 +20,7 @@ DOMAIN_KEYS = {"fid_domain", "isc_domain", "isc_std_domain", "kid_domain", "kid_
 
 
 def _cfg(**kw) -> EvaluateConfig:
-    return EvaluateConfig(kid_subset_size=20, **kw)
+    return EvaluateConfig(**{"kid_subset_size": 20, **kw})
 
 
 @pytest.fixture(scope="session")
@@ -83,6 +83,35 @@ def test_inception_weights_missing_names_the_param(weights, tmp_path):
         compute_reference(images, tmp_path, cfg, None, CPU, seed=0)
     assert "feature_space: domain" in str(err.value)
     assert not list(tmp_path.iterdir())   # failed before anything was written or downloaded
+
+
+def test_metric_subset_fid_only(tiny_prepared, feature_net, tmp_path):
+    cfg = _cfg(metrics=["fid"])
+    val = load_split(tiny_prepared, "val").images_NCHW
+    compute_reference(val, tmp_path, cfg, feature_net, CPU, seed=0)
+    assert set(compute_metrics(val[:16], tmp_path, cfg, feature_net, CPU, seed=0)) == {"fid_domain"}
+
+
+def test_inception_space_from_local_weights_only(tmp_path, monkeypatch):
+    """inception-v3-compat with weights read from evaluate.inception_weights (random weights here: the
+    real file is a download); keys end in _inception."""
+    import torch_fidelity.feature_extractor_inceptionv3 as tfi
+
+    torch.save({}, tmp_path / "empty.pth")
+    with monkeypatch.context() as m:   # build the module without its weights, to save random ones
+        m.setattr(tfi.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, *a, **k: None)
+        m.setattr(tfi, "load_state_dict_from_url", lambda *a, **k: pytest.fail("tried to download"))
+        torch.manual_seed(0)
+        net = tfi.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+                                              feature_extractor_weights_path=str(tmp_path / "empty.pth"))
+    torch.save(net.state_dict(), tmp_path / "weights.pth")
+    monkeypatch.setattr(tfi, "load_state_dict_from_url", lambda *a, **k: pytest.fail("tried to download"))
+    cfg = _cfg(feature_space="inception", inception_weights=str(tmp_path / "weights.pth"), kid_subset_size=4)
+    gen = torch.Generator().manual_seed(0)
+    ref = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8, generator=gen)   # 299 px inside: keep tiny
+    compute_reference(ref, tmp_path / "ref", cfg, None, CPU, seed=0)
+    metrics = compute_metrics(ref.flip(-1), tmp_path / "ref", cfg, None, CPU, seed=0)
+    assert set(metrics) == {k.replace("_domain", "_inception") for k in DOMAIN_KEYS}
 
 
 def test_load_samples_adm_layout(tmp_path):
