@@ -371,9 +371,9 @@ def stage_run(stage: str, params: Params, param_keys: list[str], tags: dict | No
     logger = open_run(stage, params, param_keys, tags=tags, variant=variant)
     try:
         yield logger
-    except BaseException:
+    except BaseException as e:
         if isinstance(logger, MlflowLogger):
-            logger.status = "FAILED"
+            logger.status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
         raise
     finally:
         logger.close()
