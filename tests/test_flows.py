@@ -113,6 +113,8 @@ def tiny_project(dst: Path) -> Path:
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["data"].update(num_train=64, num_val=32)
     params["variants"]["depths"] = [1, 2]
+    for section in ("train_tokenizer", "train_transformer"):
+        params[section].update(steps=4, warmup_steps=1, checkpoint_every=2, eval_every=4, log_every=2)
     params["resources"].update(retries=0, ray_num_cpus=2)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qam", "tiny"], repo)
