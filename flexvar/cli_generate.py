@@ -106,6 +106,8 @@ def parse_classes(text: str | None, num: int, meta: dict) -> "torch.Tensor":
 def _add_common(p: argparse.ArgumentParser, image: bool) -> None:
     one_line_errors(p)
     p.add_argument("--checkpoint", required=True, help="model folder (models/d{depth}) or its flexvar.pt")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer folder (default: the one the checkpoint was trained with, found next to it)")
     p.add_argument("--class", dest="classes", default=None,
                    help="class id(s) or name(s), comma-separated (default: every class)")
     p.add_argument("--num", type=int, default=None, help="images per class (default: 8 for generate, 1 for edits)")
@@ -161,9 +163,9 @@ def _load(args):
     except RuntimeError as e:
         raise _usage("--device", str(e)) from None
     try:
-        model, vqvae, meta = load_flexvar_with_tokenizer(args.checkpoint, device)
+        model, vqvae, meta = load_flexvar_with_tokenizer(args.checkpoint, device, args.tokenizer)
     except CheckpointError as e:
-        raise _usage("--checkpoint", str(e)) from None
+        raise _usage("--tokenizer" if args.tokenizer and "tokenizer" in str(e) else "--checkpoint", str(e)) from None
     return model, vqvae, meta, device
 
 

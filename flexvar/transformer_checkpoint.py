@@ -66,20 +66,25 @@ def resolve_tokenizer_dir(path: str | os.PathLike, meta: dict[str, Any] | None =
     file = flexvar_path(path)
     meta = meta if meta is not None else {k: v for k, v in load_checkpoint(file, kind=FLEXVAR_KIND).items() if k != "model"}
     stored = Path(meta["tokenizer_dir"])
-    for cand in (stored, file.parent / stored, file.parent / stored.name):
+    for cand in (stored, file.parent / stored, file.parent / stored.name, file.parent.parent / stored.name):
         if cand.exists():
             return cand
     raise CheckpointError(f"checkpoint {file} refers to tokenizer {stored}, which does not exist; "
                           f"pass the tokenizer folder explicitly")
 
 
-def load_flexvar_with_tokenizer(path: str | os.PathLike, device: str | torch.device = "cpu"):
-    """(transformer, tokenizer VQVAE, metadata); the tokenizer's sha256 must match the one trained with."""
+def load_flexvar_with_tokenizer(path: str | os.PathLike, device: str | torch.device = "cpu",
+                                tokenizer_dir: str | os.PathLike | None = None):
+    """(transformer, tokenizer VQVAE, metadata); the tokenizer's sha256 must match the one trained with.
+
+    `tokenizer_dir` overrides the folder stored in the checkpoint (e.g. a copied project)."""
     from flexvar.latents import file_sha256
     from flexvar.tokenizer import load_tokenizer, tokenizer_path
 
     model, meta = load_flexvar(path, device)
-    tok_dir = resolve_tokenizer_dir(path, meta)
+    tok_dir = Path(tokenizer_dir) if tokenizer_dir is not None else resolve_tokenizer_dir(path, meta)
+    if not tokenizer_path(tok_dir).is_file():
+        raise CheckpointError(f"tokenizer checkpoint {tokenizer_path(tok_dir)} does not exist")
     want = meta.get("tokenizer_sha256")
     if want and file_sha256(tokenizer_path(tok_dir)) != want:
         raise CheckpointError(f"tokenizer {tok_dir} is not the one {flexvar_path(path)} was trained with "

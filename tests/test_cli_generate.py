@@ -93,6 +93,7 @@ BAD = [
     (["refine", "--image", "JUNK"], "--image"),
     (["refine", "--image", "IMG", "--size", "16x16"], "--size"),
     (["extend", "--image", "IMG", "--size", "8x32"], "--size"),
+    (["generate", "--tokenizer", "MISSING"], "--tokenizer"),
 ]
 
 
