@@ -86,13 +86,15 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precisions", default="fp32,bf16")
+    ap.add_argument("--schedules", default="all", help=f"'all' or a ';'-separated subset of {list(SCHEDULES)}")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     model, vq = build(device)
     results = {}
-    for name, sides in SCHEDULES.items():
+    for name in SCHEDULES if args.schedules == "all" else args.schedules.split(";"):
+        sides = SCHEDULES[name]
         for precision in args.precisions.split(","):
             results[f"{name} {precision}"] = bench(model, vq, sides, precision, args.repeats, device)
     ours = results[f"{OFFICIAL['schedule']} {'bf16' if 'bf16' in args.precisions else 'fp32'}"]
