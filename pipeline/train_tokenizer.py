@@ -49,7 +49,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(params, args: argparse.Namespace) -> None:
-    import torch
     from torchvision.utils import save_image  # noqa: F401  (fail early if missing)
 
     from flexvar.data import load_split

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -146,10 +145,10 @@ def test_flow_on_project(ray_and_prefect, tmp_path):
 
     repo = tiny_project(tmp_path / "repo")
     graph = load_graph(repo)
-    targets = [TARGET] if any(s.group == TARGET for s in graph.stages.values()) else []
+    assert any(s.group == TARGET for s in graph.stages.values()), f"dvc.yaml has no {TARGET} stage"
+    targets = [TARGET]
     stages = list(graph.restrict(targets).stages)
-    if missing := missing_producers(repo, stages):
-        pytest.skip(f"dvc.yaml is incomplete (no stage produces {missing})")
+    assert not (missing := missing_producers(repo, stages)), f"dvc.yaml is incomplete: no stage produces {missing}"
     result = run_pipeline(repo, targets)
     assert result == {name: "ran" for name in stages}
     assert "up to date" in run(DVC + ["status", "--with-deps", *targets], repo).stdout

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from tests.flows_support import ROOT, local_ray, stage_workdir
 

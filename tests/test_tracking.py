@@ -3,7 +3,6 @@ and a real `dvc repro` whose stages must share one parent run."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -160,7 +159,6 @@ def test_embedded_store_two_variants_share_parent(tmp_path):
     assert list((project / "mlartifacts").rglob("d2_short.json"))
 
 
-@pytest.mark.skipif(shutil.which("git") is None, reason="dvc repro needs git here")
 def test_dvc_repro_stages_share_one_parent_per_execution(tmp_path):
     """Two stages of one real `dvc repro` hang under one parent; the next `dvc repro` gets a new one."""
     project = _project(tmp_path)
