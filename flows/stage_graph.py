@@ -12,10 +12,11 @@ DVC objects.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from pipeline.common import file_lock
 
 
 @dataclass(frozen=True)
@@ -119,17 +120,9 @@ def stale(root: str | Path, names: list[str]) -> dict[str, bool]:
             return {n: (not by_name[n].frozen) and bool(by_name[n].changed()) for n in names}
 
 
-@contextlib.contextmanager
 def _driver_lock(root: Path):
     """Serialises lockfile writes of concurrent flows on one project (DVC's own lock fails fast)."""
-    path = root / ".dvc" / "tmp" / "flexvar-commit.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    return file_lock(root / ".dvc" / "tmp" / "flexvar-commit.lock")
 
 
 def commit(root: str | Path, name: str) -> None:

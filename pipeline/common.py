@@ -6,6 +6,8 @@ Kept tiny on purpose: a stage is `args = stage_args(__doc__)`, `params = load_pa
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 from pathlib import Path
@@ -52,3 +54,15 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 
 set_offline_env()
+
+
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """An exclusive advisory lock on `path` (created with its folder): one process at a time."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

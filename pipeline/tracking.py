@@ -29,7 +29,6 @@ The parent is marked finished after each stage ends, so its end time is the last
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import os
 import re
@@ -41,7 +40,7 @@ from typing import Any, Iterator
 from flexvar.config import Params, select
 from flexvar.run_logger import RunLogger
 
-from pipeline.common import set_offline_env
+from pipeline.common import file_lock, set_offline_env
 
 PROBE_TIMEOUT_S = 3
 PARAM_CHUNK = 100     # MLflow's log_batch limit on params per call
@@ -247,23 +246,13 @@ def variant_tags(params: Params, variant: str | None) -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------- parent run
-@contextlib.contextmanager
-def _file_lock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
 
 def parent_run(client, experiment_id: str, run_key: str, root: Path, base_tags: dict[str, str]) -> str:
     """Id of the parent run for this pipeline execution: from the env, found by tag, or created."""
     if os.environ.get("FLEXVAR_PARENT_RUN_ID"):
         return os.environ["FLEXVAR_PARENT_RUN_ID"]
     query = f"tags.pipeline_run_id = '{run_key}' and tags.flexvar_role = 'pipeline'"
-    with _file_lock(root / ".flexvar" / "pipeline_run.lock"):
+    with file_lock(root / ".flexvar" / "pipeline_run.lock"):
         found = client.search_runs([experiment_id], filter_string=query, max_results=1)
         if found:
             return found[0].info.run_id

@@ -79,26 +79,12 @@ def local_ray(num_cpus: int = 2) -> None:
 def stage_workdir(d: Path, extra: dict | None = None) -> Path:
     """A project folder for the train_transformer stage: params (sections of `extra` merged in), a random
     tiny tokenizer (tok/), cached structured latents (lat/)."""
-    import torch
     import yaml
 
-    from flexvar.config import TokenizerConfig
-    from flexvar.data import ImageSplit
-    from flexvar.latents import file_sha256, save_latents
-    from flexvar.tokenizer import VQVAE, save_tokenizer
+    from tests.tiny_latents import TINY_TOKENIZER as tok
+    from tests.tiny_latents import write_tokenizer_and_latents
 
-    tok = dict(ch=8, ch_mult=[1, 2, 2], num_res_blocks=1, z_channels=8, codebook_dim=8, codebook_size=64)
-    torch.manual_seed(0)
-    save_tokenizer(VQVAE(TokenizerConfig(**tok)), TokenizerConfig(**tok), d / "tok")
-    sha = file_sha256(d / "tok" / "tokenizer.pt")
-    g = torch.Generator().manual_seed(0)
-    protos = torch.randn(4, 8, 2, 2, generator=g)
-    for split, n in (("train", 64), ("val", 16)):
-        labels = torch.randint(0, 4, (n,), generator=g)
-        z = torch.nn.functional.interpolate(protos[labels], size=(8, 8), mode="bilinear")
-        z = z + 0.3 * torch.randn(z.shape, generator=g)
-        images = ImageSplit(torch.zeros(n, 3, 1, 1, dtype=torch.uint8), labels, ["a", "b", "c", "d"])
-        save_latents(d / "lat" / f"{split}.pt", torch.stack([z, z.flip(-1)], 1), images, sha)
+    write_tokenizer_and_latents(d, num_train=64)
     params = {
         "data": {"resolution": 32}, "tokenizer": tok,
         "transformer": {"depth": 1, "width": 32, "heads": 2, "drop_path_rate": 0.0, "class_dropout": 0.0},

@@ -13,32 +13,18 @@ import pytest
 import torch
 import yaml
 
-from flexvar.config import TokenizerConfig
-from flexvar.data import ImageSplit
-from flexvar.latents import file_sha256, save_latents
-from flexvar.tokenizer import VQVAE, save_tokenizer
 from flexvar.transformer_checkpoint import load_flexvar
+from tests.tiny_latents import TINY_TOKENIZER as TOK
+from tests.tiny_latents import write_tokenizer_and_latents
 
 ROOT = Path(__file__).resolve().parents[1]
-TOK = dict(ch=8, ch_mult=[1, 2, 2], num_res_blocks=1, z_channels=8, codebook_dim=8, codebook_size=64)
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     """A project folder with params.yaml, a random tokenizer and structured cached latents (8x8)."""
     d = tmp_path_factory.mktemp("resume")
-    tcfg = TokenizerConfig(**TOK)
-    torch.manual_seed(0)
-    save_tokenizer(VQVAE(tcfg), tcfg, d / "tok")
-    sha = file_sha256(d / "tok" / "tokenizer.pt")
-    g = torch.Generator().manual_seed(0)
-    protos = torch.randn(4, 8, 2, 2, generator=g)
-    for split, n in (("train", 96), ("val", 16)):
-        labels = torch.randint(0, 4, (n,), generator=g)
-        z = torch.nn.functional.interpolate(protos[labels], size=(8, 8), mode="bilinear")
-        z = z + 0.3 * torch.randn(z.shape, generator=g)
-        images = ImageSplit(torch.zeros(n, 3, 1, 1, dtype=torch.uint8), labels, ["a", "b", "c", "d"])
-        save_latents(d / "lat" / f"{split}.pt", torch.stack([z, z.flip(-1)], 1), images, sha)
+    write_tokenizer_and_latents(d, num_train=96)
     params = {
         "data": {"resolution": 32},
         "tokenizer": TOK,
