@@ -73,6 +73,21 @@ def block_causal_mask(scales: tuple[tuple[int, int], ...], device: str = "cpu") 
     return (level_L[:, None] >= level_L[None, :]).to(device)
 
 
+def attention(q_BHLc: torch.Tensor, k_BHSc: torch.Tensor, v_BHSc: torch.Tensor, mask_LS: torch.Tensor | None,
+              dropout_p: float) -> torch.Tensor:
+    """softmax(q k^T + mask) v with q pre-scaled. CUDA: `scaled_dot_product_attention` (fused kernels).
+    CPU: explicit matmuls with an fp32 softmax — for FlexVAR's short sequences (<= a few thousand
+    tokens) 2-3x faster than the CPU flash kernel in forward+backward (benchmarks/bench_transformer.py)."""
+    if q_BHLc.device.type != "cpu":
+        return F.scaled_dot_product_attention(q_BHLc, k_BHSc, v_BHSc, attn_mask=mask_LS, scale=1.0, dropout_p=dropout_p)
+    logits_BHLS = q_BHLc @ k_BHSc.transpose(-2, -1)
+    logits_BHLS = logits_BHLS.to(torch.promote_types(logits_BHLS.dtype, torch.float32))   # bf16 -> fp32 softmax
+    if mask_LS is not None:
+        logits_BHLS = logits_BHLS.masked_fill(~mask_LS, float("-inf"))
+    probs_BHLS = F.dropout(logits_BHLS.softmax(dim=-1), dropout_p).to(v_BHSc.dtype)
+    return probs_BHLS @ v_BHSc
+
+
 class SelfAttention(nn.Module):
     """Multi-head attention with l2-normalised q/k and a learnt per-head temperature; optional KV cache."""
 
@@ -99,8 +114,7 @@ class SelfAttention(nn.Module):
                 k = torch.cat([self.kv_cache[0], k], dim=2)
                 v = torch.cat([self.kv_cache[1], v], dim=2)
             self.kv_cache[:] = [k, v]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_LL, scale=1.0,
-                                             dropout_p=self.attn_drop if self.training else 0.0)
+        out = attention(q, k, v, mask_LL, self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(rearrange(out, "b h l c -> b l (h c)")))
 
 
