@@ -221,6 +221,22 @@ class VQVAE(nn.Module):
         self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.codebook_dim, 1)
         self.post_quant_conv = nn.Conv2d(cfg.codebook_dim, cfg.z_channels, 1)
         self.quantize = MultiScaleQuantizer(cfg.codebook_size, cfg.codebook_dim, cfg.beta, cfg.entropy_weight)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """He (fan-in) normal init, zero biases, for the encoder's, decoder's and post_quant_conv's convs.
+
+        PyTorch's default conv init shrinks activations ~3x per layer; through these deep stacks
+        the latent barely depends on the input at the start and training sits at the data mean
+        for hundreds of steps. He init: 19.2 dB val PSNR after 600 embedded-default steps where
+        the default init gave ~15 dB (docs/tokenizer_scales.md). Loaded checkpoints overwrite it.
+        """
+        for module in (self.encoder, self.decoder, self.post_quant_conv):
+            for m in module.modules():
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                    nn.init.zeros_(m.bias)
 
     def encode(self, img_BCHW: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] (H, W divisible by f) -> continuous full-scale latent (B, Cvae, H/f, W/f)."""
