@@ -229,8 +229,8 @@ class VQVAE(nn.Module):
 
         PyTorch's default conv init shrinks activations ~3x per layer; through these deep stacks
         the latent barely depends on the input at the start and training sits at the data mean
-        for hundreds of steps. He init: 19.2 dB val PSNR after 600 embedded-default steps where
-        the default init gave ~15 dB (docs/tokenizer_scales.md). Loaded checkpoints overwrite it.
+        for hundreds of steps. Measured at the embedded size (plain reconstruction, 100 steps): 16.0 dB
+        with He init vs 13.1 dB with the default. Loaded checkpoints overwrite it.
         """
         for module in (self.encoder, self.decoder, self.post_quant_conv):
             for m in module.modules():
