@@ -289,7 +289,7 @@ class TokenizerTrainer:
             self.disc_opt.load_state_dict(ckpt["disc_optim"])
         self.gen.set_state(ckpt["gen"].cpu())
         self.perm, self.pos, self.step = ckpt["perm"].cpu(), int(ckpt["pos"]), int(ckpt["step"])
-        restore_rng({**ckpt["rng"], "torch": ckpt["rng"]["torch"].cpu()})
+        restore_rng(ckpt["rng"])
 
     # ------------------------------------------------------------------ the loop
     def fit(self, logger: RunLogger | None = None, val_images_NCHW: torch.Tensor | None = None,
