@@ -30,7 +30,8 @@ from flexvar.latents import LatentSplit  # noqa: E402
 from flexvar.quantizer import MultiScaleQuantizer  # noqa: E402
 from flexvar.teacher_forcing import gt_inputs_targets  # noqa: E402
 from flexvar.transformer import FlexVAR  # noqa: E402
-from flexvar.transformer_training import batch_indices, get_batch, make_optimizer, token_loss  # noqa: E402
+from flexvar.transformer_training import (batch_indices, forward_backward, get_batch, make_optimizer,  # noqa: E402
+                                          token_loss)
 
 OFFICIAL = {"transformer_only_s_per_step_b8": 0.64, "full_step_s_per_step_b8": 1.58}
 SCALES = [(s, s) for s in (1, 2, 3, 4, 5, 6, 8)]
@@ -62,16 +63,17 @@ def time_steps(batch: int, precision: str, steps: int, full: bool) -> list[float
     data = cache(max(4 * batch, 64))
     z, labels = get_batch(data, batch_indices(0, batch, 2 * len(data), 0), DEVICE)
     x, tgt = gt_inputs_targets(q, z, SCALES)
+    cfg = TrainTransformerConfig(precision=precision)
     times = []
     for i in range(steps + 2):                          # 2 warm-up steps
         t = time.perf_counter()
-        if full:
-            z, labels = get_batch(data, batch_indices(i, batch, 2 * len(data), 0), DEVICE)
-            x, tgt = gt_inputs_targets(q, z, SCALES)
-        with autocast_ctx(DEVICE, precision):
-            logits = model(labels, x, SCALES)
-        loss = token_loss(logits, tgt, 0.1)
-        loss.backward()
+        if full:                                        # exactly train_transformer's micro-step
+            forward_backward(model, q, data, batch_indices(i, batch, 2 * len(data), 0), SCALES, cfg,
+                             prediction="gt", device=DEVICE)
+        else:                                           # the same on inputs prepared once
+            with autocast_ctx(DEVICE, precision):
+                logits = model(labels, x, SCALES)
+            token_loss(logits, tgt, cfg.label_smoothing).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -26,14 +26,12 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flexvar.config import TokenizerConfig, TrainTransformerConfig, TransformerConfig  # noqa: E402
-from flexvar.device import autocast_ctx  # noqa: E402
 from flexvar.generate import generate_batch, make_generator  # noqa: E402
 from flexvar.latents import LatentSplit  # noqa: E402
 from flexvar.quantizer import MultiScaleQuantizer  # noqa: E402
-from flexvar.teacher_forcing import gt_inputs_targets  # noqa: E402
 from flexvar.tokenizer import VQVAE  # noqa: E402
 from flexvar.transformer import FlexVAR  # noqa: E402
-from flexvar.transformer_training import batch_indices, get_batch, make_optimizer, token_loss  # noqa: E402
+from flexvar.transformer_training import batch_indices, forward_backward, make_optimizer  # noqa: E402
 
 SIDES = [1, 2, 3, 4, 5, 6, 8, 10, 13, 16]
 SCALES = [(s, s) for s in SIDES]
@@ -75,12 +73,10 @@ def latent_cache(n: int = 1024) -> LatentSplit:
 
 
 def train_step(model, fwd, opt, quant, data, i: int, batch: int) -> None:
-    z, labels = get_batch(data, batch_indices(i, batch, 2 * len(data.labels_N), 0), DEV)
-    x, tgt = gt_inputs_targets(quant, z, SCALES)
-    with autocast_ctx(DEV, "bf16"):
-        logits = fwd(labels, x, SCALES)
-    loss = token_loss(logits, tgt, 0.1)
-    loss.backward()
+    """What train_transformer does per step (one micro-batch): forward_backward, clip, AdamW."""
+    items = batch_indices(i, batch, 2 * len(data), 0)
+    forward_backward(fwd, quant, data, items, SCALES, TrainTransformerConfig(precision="bf16"), prediction="gt",
+                     device=DEV)
     torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
     opt.step()
     opt.zero_grad(set_to_none=True)

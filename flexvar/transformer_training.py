@@ -83,6 +83,20 @@ def token_loss(logits_BLV: torch.Tensor, target_BL: torch.Tensor, label_smoothin
     return F.cross_entropy(logits_BLV.float().flatten(0, 1), target_BL.flatten(), label_smoothing=label_smoothing)
 
 
+def forward_backward(fwd, quantizer: MultiScaleQuantizer, data: LatentSplit, items: torch.Tensor, scales,
+                     cfg: TrainTransformerConfig, *, prediction: str, device) -> tuple[float, int]:
+    """One micro-batch of training: the cached latents of `items` quantised at `scales` into inputs and
+    targets, forward in cfg.precision, label-smoothed loss / grad_accum, backward.
+    Returns (that loss, number of images); the optimiser step is the caller's."""
+    z, labels = get_batch(data, items, device)
+    x, tgt = inputs_targets(prediction, quantizer, z, scales)
+    with autocast_ctx(device, cfg.precision):
+        logits = fwd(labels, x, scales)
+    loss = token_loss(logits, tgt, cfg.label_smoothing) / cfg.grad_accum
+    loss.backward()
+    return float(loss.detach()), len(labels)
+
+
 class EmaWeights:
     """Exponential moving average of the model's floating-point state (train_transformer.ema_decay)."""
 
@@ -218,15 +232,11 @@ def train_transformer(model: FlexVAR, quantizer: MultiScaleQuantizer, train: Lat
         for micro in range(cfg.grad_accum):
             scales = sampler.sample()
             items = distributed.local_part(batch_indices(step * cfg.grad_accum + micro, cfg.batch_size, n_items, seed))
-            z, labels = get_batch(train, items, device)
-            x, tgt = inputs_targets(prediction, quantizer, z, scales)
-            with autocast_ctx(device, cfg.precision):
-                logits = fwd(labels, x, scales)
-            loss = token_loss(logits, tgt, cfg.label_smoothing) / cfg.grad_accum
-            loss.backward()
-            loss_sum += float(loss.detach())
-            toks += num_tokens(scales) * len(labels)
-            imgs += len(labels)
+            loss, n_images = forward_backward(fwd, quantizer, train, items, scales, cfg, prediction=prediction,
+                                              device=device)
+            loss_sum += loss
+            toks += num_tokens(scales) * n_images
+            imgs += n_images
         distributed.average_gradients(model.parameters())   # no-op in one process
         loss_sum = distributed.mean_across(loss_sum)
         grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0
