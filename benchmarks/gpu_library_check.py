@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flexvar.config import ScheduleConfig, TokenizerConfig, TrainTokenizerConfig, TrainTransformerConfig, TransformerConfig  # noqa: E402
-from flexvar.data import ImageSplit  # noqa: E402
+from flexvar.data import ImageSplit, to_unit_range  # noqa: E402
 from flexvar.editing import box_mask, extend, inpaint, outpaint, refine  # noqa: E402
 from flexvar.generate import generate, resolve_schedule  # noqa: E402
 from flexvar.latents import LatentSplit, encode_split  # noqa: E402
@@ -40,6 +40,7 @@ def check(ok: bool, what: str) -> None:
 
 
 def shapes_split(n: int, seed: int) -> ImageSplit:
+    """Builtin shapes in memory (the prepare stage's `datasets` is not on the device image)."""
     images, labels = render_shapes(n, 64, seed)
     arr = np.stack([np.asarray(im.convert("RGB")) for im in images])
     return ImageSplit(torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels), list(SHAPES_CLASSES))
@@ -111,7 +112,7 @@ def generation_part(models: dict, vq, val, device, report: dict) -> None:
             check(tuple(g.images.shape) == (8, 3, 8 * h, 8 * w) and torch.isfinite(g.images).all(),
                   f"{prediction} {name} images {tuple(g.images.shape)}")
             report.setdefault("generate", {})[f"{prediction} {name}"] = list(g.images.shape)
-    images = val.images_NCHW[:8].float() / 127.5 - 1
+    images = to_unit_range(val.images_NCHW[:8])
     edits = {
         "refine": lambda: refine(gt, vq, images, labels, sched(steps=9, size_hw=(128, 128)), **kw),
         "inpaint": lambda: inpaint(gt, vq, images, box_mask((16, 16, 48, 48), (64, 64)), labels,
