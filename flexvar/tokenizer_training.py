@@ -188,7 +188,7 @@ class TokenizerTrainer:
             z = self.model.encode(x)
         full_hw = tuple(z.shape[-2:])
         scales = sample_scales(max(full_hw), cfg.num_scales, self.gen)
-        logs: dict[str, float] = {}
+        logs: dict[str, float | torch.Tensor] = {}   # tensors until the end: one device->host copy per step
         total = x.new_zeros(())
         pairs = []
         for s in scales:
@@ -210,13 +210,14 @@ class TokenizerTrainer:
                 pairs.append((target, rec.detach()))
             total = total + sum(terms.values()) / len(scales)
             for k, v in {**terms, "perplexity": q["perplexity"], "usage": q["usage"]}.items():
-                logs[k] = logs.get(k, 0.0) + float(v.detach()) / len(scales)
-            logs[f"recon_s{s}"] = float(terms["recon"].detach())
+                part = v.detach().double() / len(scales)
+                logs[k] = logs[k] + part if k in logs else part
+            logs[f"recon_s{s}"] = terms["recon"].detach()
         self.opt.zero_grad(set_to_none=True)
         total.backward()
         distributed.average_gradients(self.model.parameters())   # no-op in one process
         if cfg.grad_clip > 0:
-            logs["grad_norm"] = float(nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+            logs["grad_norm"] = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.opt.step()
         if gan_on:
             logs["d_loss"] = self.disc_step(pairs)
@@ -224,7 +225,10 @@ class TokenizerTrainer:
         self.sched.step()
         self.update_ema()
         self.step += 1
-        logs["loss"] = distributed.mean_across(float(total.detach()))
+        logs["loss"] = total.detach()
+        on_device = [k for k, v in logs.items() if torch.is_tensor(v)]
+        logs.update(zip(on_device, torch.stack([logs[k].double().reshape(()) for k in on_device]).tolist()))
+        logs["loss"] = distributed.mean_across(logs["loss"])
         return logs
 
     def disc_step(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
