@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flexvar.config import TokenizerConfig, TransformerConfig  # noqa: E402
 from flexvar.device import pick_device, resolve_precision  # noqa: E402
-from flexvar.generate import decode_tokens, generate_batch, make_generator  # noqa: E402
-from flexvar.tokenizer import VQVAE  # noqa: E402
-from flexvar.transformer import FlexVAR  # noqa: E402
+from flexvar.generation.generate import decode_tokens, generate_batch, make_generator  # noqa: E402
+from flexvar.tokenizer.vqvae import VQVAE  # noqa: E402
+from flexvar.transformer.model import FlexVAR  # noqa: E402
 
 BATCH, CFG, TOP_K = 16, 1.5, 100
 SCHEDULES = {"1,2,3,4,5,6,8": [1, 2, 3, 4, 5, 6, 8], "1..8": list(range(1, 9))}

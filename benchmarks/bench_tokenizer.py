@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flexvar.config import TokenizerConfig, TrainTokenizerConfig, load_params  # noqa: E402
 from flexvar.device import autocast_ctx, cpu_has_fast_bf16, pick_device  # noqa: E402
-import flexvar.tokenizer_training as tt  # noqa: E402
+import flexvar.tokenizer.training as tt  # noqa: E402
 
 PAPER = TokenizerConfig(ch=128, ch_mult=[1, 1, 2, 2, 4], num_res_blocks=2, z_channels=256, codebook_dim=32,
                         codebook_size=4096)

@@ -26,11 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flexvar.config import TrainTransformerConfig, TransformerConfig  # noqa: E402
 from flexvar.device import autocast_ctx, cpu_has_fast_bf16  # noqa: E402
-from flexvar.latents import LatentSplit  # noqa: E402
-from flexvar.quantizer import MultiScaleQuantizer  # noqa: E402
-from flexvar.teacher_forcing import gt_inputs_targets  # noqa: E402
-from flexvar.transformer import FlexVAR  # noqa: E402
-from flexvar.transformer_training import (batch_indices, forward_backward, get_batch, make_optimizer,  # noqa: E402
+from flexvar.data.latent_cache import LatentSplit  # noqa: E402
+from flexvar.tokenizer.quantizer import MultiScaleQuantizer  # noqa: E402
+from flexvar.transformer.teacher_forcing import gt_inputs_targets  # noqa: E402
+from flexvar.transformer.model import FlexVAR  # noqa: E402
+from flexvar.transformer.training import (batch_indices, forward_backward, get_batch, make_optimizer,  # noqa: E402
                                           token_loss)
 
 OFFICIAL = {"transformer_only_s_per_step_b8": 0.64, "full_step_s_per_step_b8": 1.58}

@@ -26,12 +26,12 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flexvar.config import TokenizerConfig, TrainTransformerConfig, TransformerConfig  # noqa: E402
-from flexvar.generate import generate_batch, make_generator  # noqa: E402
-from flexvar.latents import LatentSplit  # noqa: E402
-from flexvar.quantizer import MultiScaleQuantizer  # noqa: E402
-from flexvar.tokenizer import VQVAE  # noqa: E402
-from flexvar.transformer import FlexVAR  # noqa: E402
-from flexvar.transformer_training import batch_indices, forward_backward, make_optimizer  # noqa: E402
+from flexvar.generation.generate import generate_batch, make_generator  # noqa: E402
+from flexvar.data.latent_cache import LatentSplit  # noqa: E402
+from flexvar.tokenizer.quantizer import MultiScaleQuantizer  # noqa: E402
+from flexvar.tokenizer.vqvae import VQVAE  # noqa: E402
+from flexvar.transformer.model import FlexVAR  # noqa: E402
+from flexvar.transformer.training import batch_indices, forward_backward, make_optimizer  # noqa: E402
 
 SIDES = [1, 2, 3, 4, 5, 6, 8, 10, 13, 16]
 SCALES = [(s, s) for s in SIDES]

@@ -24,14 +24,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flexvar.config import ScheduleConfig, TokenizerConfig, TrainTokenizerConfig, TrainTransformerConfig, TransformerConfig  # noqa: E402
-from flexvar.data import ImageSplit, to_unit_range  # noqa: E402
-from flexvar.editing import box_mask, extend, inpaint, outpaint, refine  # noqa: E402
-from flexvar.generate import generate, resolve_schedule  # noqa: E402
-from flexvar.latents import LatentSplit, encode_split  # noqa: E402
-from flexvar.synthetic import SHAPES_CLASSES, render_shapes  # noqa: E402
-from flexvar.tokenizer_training import TokenizerTrainer, evaluate_scales  # noqa: E402
-from flexvar.transformer import FlexVAR  # noqa: E402
-from flexvar.transformer_training import train_transformer  # noqa: E402
+from flexvar.data.splits import ImageSplit, to_unit_range  # noqa: E402
+from flexvar.generation.editing import box_mask, extend, inpaint, outpaint, refine  # noqa: E402
+from flexvar.generation.generate import generate, resolve_schedule  # noqa: E402
+from flexvar.data.latent_cache import LatentSplit, encode_split  # noqa: E402
+from flexvar.data.synthetic import SHAPES_CLASSES, render_shapes  # noqa: E402
+from flexvar.tokenizer.training import TokenizerTrainer, evaluate_scales  # noqa: E402
+from flexvar.transformer.model import FlexVAR  # noqa: E402
+from flexvar.transformer.training import train_transformer  # noqa: E402
 
 
 def check(ok: bool, what: str) -> None:

@@ -21,12 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flexvar.config import load_params  # noqa: E402
 from flexvar.device import pick_device  # noqa: E402
-from flexvar.latents import load_latents  # noqa: E402
+from flexvar.data.latent_cache import load_latents  # noqa: E402
 from flexvar.run_logger import RunLogger  # noqa: E402
 from flexvar.seeding import seed_everything  # noqa: E402
-from flexvar.tokenizer import load_tokenizer  # noqa: E402
-from flexvar.transformer import FlexVAR  # noqa: E402
-from flexvar.transformer_training import train_transformer  # noqa: E402
+from flexvar.tokenizer.vqvae import load_tokenizer  # noqa: E402
+from flexvar.transformer.model import FlexVAR  # noqa: E402
+from flexvar.transformer.training import train_transformer  # noqa: E402
 
 
 class Recorder(RunLogger):

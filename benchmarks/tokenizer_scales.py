@@ -18,9 +18,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flexvar.data import load_split  # noqa: E402
-from flexvar.tokenizer import load_tokenizer  # noqa: E402
-from flexvar.tokenizer_training import recon_grid  # noqa: E402
+from flexvar.data.splits import load_split  # noqa: E402
+from flexvar.tokenizer.vqvae import load_tokenizer  # noqa: E402
+from flexvar.tokenizer.training import recon_grid  # noqa: E402
 
 
 def table(multi: dict, single: dict) -> str:

@@ -19,12 +19,12 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flexvar.config import load_params  # noqa: E402
-from flexvar.data import load_split, to_uint8, to_unit_range  # noqa: E402
+from flexvar.data.splits import load_split, to_uint8, to_unit_range  # noqa: E402
 from flexvar.device import pick_device  # noqa: E402
-from flexvar.editing import box_mask, extend, inpaint, mask_overlay, outpaint, pad_center, refine  # noqa: E402
-from flexvar.generate import generate, resolve_schedule  # noqa: E402
+from flexvar.generation.editing import box_mask, extend, inpaint, mask_overlay, outpaint, pad_center, refine  # noqa: E402
+from flexvar.generation.generate import generate, resolve_schedule  # noqa: E402
 from flexvar.grid import image_grid  # noqa: E402
-from flexvar.transformer_checkpoint import load_flexvar_with_tokenizer  # noqa: E402
+from flexvar.transformer.checkpoint import load_flexvar_with_tokenizer  # noqa: E402
 
 LABEL_W, PAD = 150, 4
 

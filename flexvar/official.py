@@ -58,7 +58,7 @@ def infer_tokenizer_config(sd: dict[str, torch.Tensor], origin: str = "state dic
 
 def import_official_tokenizer(path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """FlexVAE.pth -> `out_dir/tokenizer.pt` loadable with `load_tokenizer`. Returns the written file."""
-    from flexvar.tokenizer import VQVAE, save_tokenizer
+    from flexvar.tokenizer.vqvae import VQVAE, save_tokenizer
 
     sd = {k: v for k, v in read_official(path).items() if k not in TOKENIZER_NOT_WEIGHTS}
     cfg = infer_tokenizer_config(sd, origin=str(path))
@@ -72,7 +72,7 @@ def import_official_tokenizer(path: str | os.PathLike, out_dir: str | os.PathLik
 
 
 # --------------------------------------------------------------------------- transformer
-# Official FlexVAR transformer keys -> ours (flexvar/transformer.py). `attn_bias_for_masking` is
+# Official FlexVAR transformer keys -> ours (flexvar/transformer/model.py). `attn_bias_for_masking` is
 # the training mask of one fixed schedule and `zero_k_bias` a constant: neither is a weight.
 TRANSFORMER_NOT_WEIGHTS = re.compile(r"^(attn_bias_for_masking|blocks\.\d+\.attn\.zero_k_bias)$")
 TRANSFORMER_RENAMES = [
@@ -134,10 +134,10 @@ def import_official_transformer(path: str | os.PathLike, out_dir: str | os.PathL
     Depth, width, heads, MLP ratio, vocabulary, classes and the position-map size come from the
     tensor shapes; `latent_hw` is the training latent (256 px / 16 for the released models).
     """
-    from flexvar.latents import file_sha256
-    from flexvar.tokenizer import load_tokenizer, tokenizer_path
-    from flexvar.transformer import FlexVAR
-    from flexvar.transformer_checkpoint import save_flexvar
+    from flexvar.data.latent_cache import file_sha256
+    from flexvar.tokenizer.vqvae import load_tokenizer, tokenizer_path
+    from flexvar.transformer.model import FlexVAR
+    from flexvar.transformer.checkpoint import save_flexvar
 
     cfg, vocab, cdim, classes, pe, sd = convert_official_transformer(read_official_transformer(path), str(path))
     model = FlexVAR(cfg, vocab, cdim, classes, pe)

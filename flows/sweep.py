@@ -6,7 +6,7 @@
 
 Each trial trains the transformer (depth: --depth, default the smallest of variants.depths) for
 `sweep.steps` steps on the cached latents (data/latents from extract_latents, codebook from
-models/tokenizer) with the library loop (flexvar/transformer_training.py), the sampled values
+models/tokenizer) with the library loop (flexvar/transformer/training.py), the sampled values
 applied to params.yaml's settings (dotted keys, e.g. `schedule.canonical_prob: [low, high]`;
 integer settings are sampled as integers). Every `sweep.report_every` steps it reports the val
 loss; ASHA stops the weak trials after `sweep.grace_steps`. Trial resources: `sweep.cpus_per_trial`,
@@ -157,11 +157,11 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     from ray import tune
 
     from flexvar.device import pick_device
-    from flexvar.latents import load_latents
+    from flexvar.data.latent_cache import load_latents
     from flexvar.seeding import seed_everything
-    from flexvar.tokenizer import load_tokenizer
-    from flexvar.transformer import FlexVAR
-    from flexvar.transformer_training import build_fingerprint, train_transformer
+    from flexvar.tokenizer.vqvae import load_tokenizer
+    from flexvar.transformer.model import FlexVAR
+    from flexvar.transformer.training import build_fingerprint, train_transformer
     from pipeline.tracking import MlflowLogger
 
     root = Path(ctx["root"])

@@ -16,7 +16,7 @@ from pipeline.common import set_offline_env, setup_torch, stage_args, write_json
 set_offline_env()
 
 from flexvar.config import load_params  # noqa: E402
-from flexvar.metrics import MetricsError, compute_metrics, load_samples  # noqa: E402
+from flexvar.evaluation.metrics import MetricsError, compute_metrics, load_samples  # noqa: E402
 from pipeline.tracking import schedule_steps, stage_run  # noqa: E402
 
 PARAM_KEYS = ["seed", "evaluate.feature_space", "evaluate.inception_weights", "evaluate.metrics",

@@ -13,7 +13,7 @@ from pipeline.common import set_offline_env, stage_args
 set_offline_env()
 
 from flexvar.config import ConfigError, load_params  # noqa: E402
-from flexvar.prepare import DataError, prepare  # noqa: E402
+from flexvar.data.prepare import DataError, prepare  # noqa: E402
 from flexvar.seeding import seed_everything  # noqa: E402
 from pipeline.tracking import TrackingError, stage_run  # noqa: E402
 

@@ -17,8 +17,8 @@ from pipeline.common import set_offline_env, setup_torch, stage_args
 set_offline_env()
 
 from flexvar.config import load_params  # noqa: E402
-from flexvar.data import load_split  # noqa: E402
-from flexvar.metrics import MetricsError, compute_reference  # noqa: E402
+from flexvar.data.splits import load_split  # noqa: E402
+from flexvar.evaluation.metrics import MetricsError, compute_reference  # noqa: E402
 from pipeline.tracking import stage_run  # noqa: E402
 
 PARAM_KEYS = ["seed", "evaluate.feature_space", "evaluate.inception_weights", "evaluate.metrics",

@@ -24,10 +24,10 @@ set_offline_env()
 
 from flexvar.checkpoint import CheckpointError  # noqa: E402
 from flexvar.config import ConfigError, load_params  # noqa: E402
-from flexvar.data import to_uint8  # noqa: E402
-from flexvar.generate import ScheduleError, class_labels, generate, resolve_schedule  # noqa: E402
+from flexvar.data.splits import to_uint8  # noqa: E402
+from flexvar.generation.generate import ScheduleError, class_labels, generate, resolve_schedule  # noqa: E402
 from flexvar.grid import class_grid  # noqa: E402
-from flexvar.transformer_checkpoint import load_flexvar_with_tokenizer  # noqa: E402
+from flexvar.transformer.checkpoint import load_flexvar_with_tokenizer  # noqa: E402
 from pipeline.tracking import TrackingError, stage_run  # noqa: E402
 
 PARAM_KEYS = ["seed", "sample"]

@@ -212,7 +212,7 @@ def schedule_steps(params: Params, schedule: str) -> int | None:
         return spec.steps
     if spec.scales is not None:
         return len(spec.scales)
-    from flexvar.schedules import PRESETS
+    from flexvar.transformer.schedules import PRESETS
 
     return len(PRESETS[spec.preset]) if spec.preset in PRESETS else None
 

@@ -14,8 +14,8 @@ from pipeline.common import set_offline_env, setup_torch, stage_args, write_json
 set_offline_env()
 
 from flexvar.config import load_params  # noqa: E402
-from flexvar.data import load_split  # noqa: E402
-from flexvar.feature_net import save_feature_net, train_feature_net  # noqa: E402
+from flexvar.data.splits import load_split  # noqa: E402
+from flexvar.evaluation.feature_net import save_feature_net, train_feature_net  # noqa: E402
 from flexvar.run_logger import CsvLogger, MultiLogger  # noqa: E402
 from pipeline.tracking import stage_run  # noqa: E402
 

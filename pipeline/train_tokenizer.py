@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
 def run(params, args: argparse.Namespace) -> None:
     from torchvision.utils import save_image  # noqa: F401  (fail early if missing)
 
-    from flexvar.data import load_split
-    from flexvar.tokenizer_training import TokenizerTrainer
+    from flexvar.data.splits import load_split
+    from flexvar.tokenizer.training import TokenizerTrainer
     from pipeline.common import setup_torch
     from pipeline.tracking import stage_run
 
@@ -82,8 +82,8 @@ def write_outputs(params, trainer, val_images, args, tracker, device) -> None:
     """tokenizer.pt, metrics JSON, per-scale CSV and the recon grid, from the shipped weights."""
     from torchvision.utils import save_image
 
-    from flexvar.tokenizer import load_tokenizer, save_tokenizer
-    from flexvar.tokenizer_training import evaluate_scales, recon_grid
+    from flexvar.tokenizer.vqvae import load_tokenizer, save_tokenizer
+    from flexvar.tokenizer.training import evaluate_scales, recon_grid
     from pipeline.common import write_json
 
     path = save_tokenizer(trainer.model, params.tokenizer, args.out, state_dict=trainer.final_weights(),

@@ -3,7 +3,7 @@
     python -m pipeline.train_transformer --depth 2 --params params.yaml --latents data/latents \
         --tokenizer models/tokenizer --out models/d2 --metrics metrics/train/d2.json --plots plots/train/d2
 
-Writes OUT/flexvar.pt (what generation loads: flexvar.transformer_checkpoint.load_flexvar), the
+Writes OUT/flexvar.pt (what generation loads: flexvar.transformer.checkpoint.load_flexvar), the
 metrics JSON (final val loss / token accuracy overall and per scale, speed) and PLOTS/train.csv,
 PLOTS/val.csv. A killed run resumes from OUT/resume.pt when rerun with the same settings.
 """
@@ -19,13 +19,13 @@ set_offline_env()
 
 from flexvar.checkpoint import CheckpointError  # noqa: E402
 from flexvar.config import ConfigError, load_params  # noqa: E402
-from flexvar.latents import file_sha256, load_latents  # noqa: E402
+from flexvar.data.latent_cache import file_sha256, load_latents  # noqa: E402
 from flexvar.run_logger import CsvLogger, MultiLogger  # noqa: E402
-from flexvar.schedules import ScheduleSampler  # noqa: E402
-from flexvar.tokenizer import load_tokenizer, tokenizer_path  # noqa: E402
-from flexvar.transformer import FlexVAR  # noqa: E402
-from flexvar.transformer_checkpoint import save_flexvar  # noqa: E402
-from flexvar.transformer_training import (RESUME_FILE, build_fingerprint, evaluate,  # noqa: E402
+from flexvar.transformer.schedules import ScheduleSampler  # noqa: E402
+from flexvar.tokenizer.vqvae import load_tokenizer, tokenizer_path  # noqa: E402
+from flexvar.transformer.model import FlexVAR  # noqa: E402
+from flexvar.transformer.checkpoint import save_flexvar  # noqa: E402
+from flexvar.transformer.training import (RESUME_FILE, build_fingerprint, evaluate,  # noqa: E402
                                           resume_state, train_transformer)
 from pipeline.tracking import TrackingError, stage_run  # noqa: E402
 

@@ -32,7 +32,7 @@ def project_root() -> Path:
 def tiny_prepared(tmp_path_factory) -> Path:
     """A small builtin-shapes prepared dataset (32 px, 8 classes), made once per test session."""
     from flexvar.config import DataConfig
-    from flexvar.prepare import prepare
+    from flexvar.data.prepare import prepare
 
     out = tmp_path_factory.mktemp("prepared") / "prepared"
     prepare(DataConfig(resolution=32, num_train=256, num_val=64), seed=0, out_dir=out)

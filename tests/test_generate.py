@@ -3,9 +3,9 @@ import pytest
 import torch
 from tests.tiny_checkpoint import LATENT, tiny_models
 
-from flexvar.editing import EditError, box_mask, extend, forced_tokens, inpaint, latent_known, outpaint, refine
-from flexvar.generate import ScheduleError, generate, make_generator, resolve_schedule
-from flexvar.sampling import filter_top_k_top_p, guidance_scale, sample_tokens
+from flexvar.generation.editing import EditError, box_mask, extend, forced_tokens, inpaint, latent_known, outpaint, refine
+from flexvar.generation.generate import ScheduleError, generate, make_generator, resolve_schedule
+from flexvar.generation.sampling import filter_top_k_top_p, guidance_scale, sample_tokens
 
 KW = dict(cfg=1.5, top_k=12, top_p=0.95, precision="fp32")
 

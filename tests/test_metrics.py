@@ -1,4 +1,4 @@
-"""flexvar.metrics on tiny real data (a prepared split, a feature net trained a few steps), and the
+"""flexvar.evaluation.metrics on tiny real data (a prepared split, a feature net trained a few steps), and the
 train_feature_net -> reference_stats -> evaluate -> report stages end to end on the embedded MLflow store."""
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import torch
 import yaml
 
 from flexvar.config import EvaluateConfig
-from flexvar.data import load_split
-from flexvar.feature_net import load_feature_net, save_feature_net, train_feature_net
-from flexvar.metrics import MetricsError, compute_metrics, compute_reference, load_samples
+from flexvar.data.splits import load_split
+from flexvar.evaluation.feature_net import load_feature_net, save_feature_net, train_feature_net
+from flexvar.evaluation.metrics import MetricsError, compute_metrics, compute_reference, load_samples
 
 CPU = torch.device("cpu")
 DOMAIN_KEYS = {"fid_domain", "isc_domain", "isc_std_domain", "kid_domain", "kid_std_domain",

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from flexvar.checkpoint import CheckpointError
 from flexvar.official import import_official_transformer
-from flexvar.transformer_checkpoint import load_flexvar
+from flexvar.transformer.checkpoint import load_flexvar
 
 DEPTH, C, HEADS, V, CV, NCLS, P = 2, 32, 2, 40, 8, 6, 8
 

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from flexvar.config import DataConfig
-from flexvar.data import load_split
-from flexvar.prepare import DataError, prepare
+from flexvar.data.splits import load_split
+from flexvar.data.prepare import DataError, prepare
 
 RES = 32
 

@@ -28,11 +28,11 @@ def tiny_training(out_dir: str, steps: int = STEPS) -> list[dict]:
     """A tiny FlexVAR on structured random latents (4 classes, 8x8) with the library loop; history on rank 0."""
     from flexvar.config import ScheduleConfig, TrainTransformerConfig, TransformerConfig
     from flexvar.distributed import rank_world
-    from flexvar.latents import LatentSplit
-    from flexvar.quantizer import MultiScaleQuantizer
+    from flexvar.data.latent_cache import LatentSplit
+    from flexvar.tokenizer.quantizer import MultiScaleQuantizer
     from flexvar.seeding import seed_everything
-    from flexvar.transformer import FlexVAR
-    from flexvar.transformer_training import train_transformer
+    from flexvar.transformer.model import FlexVAR
+    from flexvar.transformer.training import train_transformer
 
     torch.set_num_threads(1)
     seed_everything(0)

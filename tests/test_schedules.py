@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 from flexvar.config import ConfigError, ScheduleConfig, load_params_dict
-from flexvar.schedules import PRESETS, ScheduleSampler, make_schedule, num_tokens, preset
+from flexvar.transformer.schedules import PRESETS, ScheduleSampler, make_schedule, num_tokens, preset
 
 
 def official_sampler(rng: random.Random) -> list[int]:

@@ -8,8 +8,8 @@ import pytest
 
 from flexvar.checkpoint import CheckpointError, save_atomic
 from flexvar.config import TokenizerConfig, TrainTokenizerConfig
-from flexvar.tokenizer import VQVAE, load_tokenizer, num_groups, save_tokenizer
-from flexvar.tokenizer_training import TokenizerTrainer, evaluate_scales, sample_scales
+from flexvar.tokenizer.vqvae import VQVAE, load_tokenizer, num_groups, save_tokenizer
+from flexvar.tokenizer.training import TokenizerTrainer, evaluate_scales, sample_scales
 
 SMALL = TokenizerConfig(ch=32, ch_mult=[1, 2], num_res_blocks=1, z_channels=32, codebook_dim=8, codebook_size=64)
 
@@ -209,7 +209,7 @@ def test_sample_scales_always_include_full():
 
 
 def test_perceptual_needs_local_weights(tmp_path):
-    from flexvar.perceptual import PerceptualLoss
+    from flexvar.tokenizer.perceptual import PerceptualLoss
 
     with pytest.raises(FileNotFoundError, match="train_tokenizer.perceptual_weights_path is empty"):
         PerceptualLoss("")

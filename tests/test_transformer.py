@@ -3,10 +3,10 @@ import pytest
 import torch
 
 from flexvar.config import TransformerConfig
-from flexvar.quantizer import MultiScaleQuantizer
-from flexvar.teacher_forcing import (ResidualCanvas, gt_inputs_targets, gt_next_input, inputs_targets,
+from flexvar.tokenizer.quantizer import MultiScaleQuantizer
+from flexvar.transformer.teacher_forcing import (ResidualCanvas, gt_inputs_targets, gt_next_input, inputs_targets,
                                      residual_inputs_targets)
-from flexvar.transformer import FlexVAR, attention, block_causal_mask, build_flexvar
+from flexvar.transformer.model import FlexVAR, attention, block_causal_mask, build_flexvar
 
 
 @pytest.mark.parametrize("depth, paper", [(16, 310e6), (20, 600e6), (24, 1.03e9)])

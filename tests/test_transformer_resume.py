@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from flexvar.transformer_checkpoint import load_flexvar
+from flexvar.transformer.checkpoint import load_flexvar
 from tests.tiny_latents import TINY_TOKENIZER as TOK
 from tests.tiny_latents import write_tokenizer_and_latents
 

@@ -6,10 +6,10 @@ from pathlib import Path
 import torch
 
 from flexvar.config import TokenizerConfig, TransformerConfig
-from flexvar.latents import file_sha256
-from flexvar.tokenizer import VQVAE, save_tokenizer, tokenizer_path
-from flexvar.transformer import FlexVAR
-from flexvar.transformer_checkpoint import save_flexvar
+from flexvar.data.latent_cache import file_sha256
+from flexvar.tokenizer.vqvae import VQVAE, save_tokenizer, tokenizer_path
+from flexvar.transformer.model import FlexVAR
+from flexvar.transformer.checkpoint import save_flexvar
 
 RES, LATENT, CLASSES = 16, 8, ["red", "green", "blue", "gray"]   # downsample 2: 16 px <-> 8x8 latent
 

@@ -15,7 +15,7 @@ import torch
 
 from flexvar.checkpoint import CheckpointError, load_checkpoint, save_atomic
 from flexvar.config import TransformerConfig
-from flexvar.transformer import FlexVAR
+from flexvar.transformer.model import FlexVAR
 
 FLEXVAR_FILE = "flexvar.pt"
 FLEXVAR_KIND = "flexvar"
@@ -78,8 +78,8 @@ def load_flexvar_with_tokenizer(path: str | os.PathLike, device: str | torch.dev
     """(transformer, tokenizer VQVAE, metadata); the tokenizer's sha256 must match the one trained with.
 
     `tokenizer_dir` overrides the folder stored in the checkpoint (e.g. a copied project)."""
-    from flexvar.latents import file_sha256
-    from flexvar.tokenizer import load_tokenizer, tokenizer_path
+    from flexvar.data.latent_cache import file_sha256
+    from flexvar.tokenizer.vqvae import load_tokenizer, tokenizer_path
 
     model, meta = load_flexvar(path, device)
     tok_dir = Path(tokenizer_dir) if tokenizer_dir is not None else resolve_tokenizer_dir(path, meta)

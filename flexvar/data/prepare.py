@@ -1,7 +1,7 @@
 """Turn a data source into the prepared dataset every later stage reads.
 
 Sources (`data.source`):
-  builtin:<name>        generated here from the seed (flexvar/synthetic.py), no download
+  builtin:<name>        generated here from the seed (flexvar/data/synthetic.py), no download
   hf:<id>[:<config>]    `datasets.load_dataset` (needs network, or a local dataset folder as id)
   imagefolder:<path>    `<path>/train/<class>/*.png|jpg|...`, optional `<path>/val/...`,
                         read with the `datasets` imagefolder builder
@@ -30,7 +30,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from flexvar.config import DataConfig
-from flexvar.synthetic import BUILTIN, render_shapes
+from flexvar.data.synthetic import BUILTIN, render_shapes
 
 log = logging.getLogger(__name__)
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}

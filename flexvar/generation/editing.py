@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from flexvar.generate import Forced, Generation, Scales, generate
-from flexvar.quantizer import downsample
+from flexvar.generation.generate import Forced, Generation, Scales, generate
+from flexvar.tokenizer.quantizer import downsample
 
 
 class MaskError(ValueError):

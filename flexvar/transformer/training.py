@@ -29,12 +29,12 @@ from flexvar import distributed
 from flexvar.checkpoint import capture_rng, load_checkpoint, restore_rng, save_atomic
 from flexvar.config import ScheduleConfig, TrainTransformerConfig
 from flexvar.device import autocast_ctx
-from flexvar.latents import LatentSplit
-from flexvar.quantizer import MultiScaleQuantizer
+from flexvar.data.latent_cache import LatentSplit
+from flexvar.tokenizer.quantizer import MultiScaleQuantizer
 from flexvar.run_logger import RunLogger
-from flexvar.schedules import ScheduleSampler, num_tokens
-from flexvar.teacher_forcing import inputs_targets
-from flexvar.transformer import FlexVAR
+from flexvar.transformer.schedules import ScheduleSampler, num_tokens
+from flexvar.transformer.teacher_forcing import inputs_targets
+from flexvar.transformer.model import FlexVAR
 
 RESUME_FILE = "resume.pt"
 RESUME_KIND = "flexvar_train_state"

@@ -31,7 +31,7 @@ from torch import nn
 
 from flexvar.checkpoint import CheckpointError, load_checkpoint, save_atomic
 from flexvar.config import TokenizerConfig
-from flexvar.quantizer import MultiScaleQuantizer, downsample
+from flexvar.tokenizer.quantizer import MultiScaleQuantizer, downsample
 
 TOKENIZER_FILE = "tokenizer.pt"
 TOKENIZER_KIND = "tokenizer"

@@ -1,7 +1,7 @@
 """Cached tokenizer latents: run the frozen encoder once per image (and its mirror image).
 
 Transformer training only needs the full-scale continuous latent of each image: the token maps
-of any schedule are area-downsampled and quantised from it (flexvar/teacher_forcing.py), which
+of any schedule are area-downsampled and quantised from it (flexvar/transformer/teacher_forcing.py), which
 costs a tiny fraction of an encoder pass. So `extract_latents` stage encodes every image and its
 horizontal flip once, and training reads `data/latents/{split}.pt`.
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from flexvar.checkpoint import load_checkpoint, save_atomic
-from flexvar.data import ImageSplit, to_unit_range
+from flexvar.data.splits import ImageSplit, to_unit_range
 from flexvar.device import autocast_ctx
 
 LATENTS_KIND = "latents"

@@ -2,7 +2,7 @@
 
 A sequence is the concatenation of token maps of increasing scale (h_1, w_1) ... (h_K, w_K).
 Step k's input tokens are scale k-1's quantised map brought to scale k (see
-flexvar/teacher_forcing.py); its output logits predict scale k's token map. The first step's
+flexvar/transformer/teacher_forcing.py); its output logits predict scale k's token map. The first step's
 input is the class embedding plus a learnt start vector. A token attends to its own scale and
 every coarser one (block-causal), so one teacher-forced pass trains all steps, and generation
 runs one scale at a time with a KV cache.

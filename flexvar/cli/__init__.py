@@ -52,10 +52,10 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "check": ("validate params.yaml and print a summary", _add_check, _run_check),
 }
 
-from flexvar.cli_generate import COMMANDS as _GENERATION_COMMANDS  # noqa: E402  generate/refine/inpaint/outpaint/extend
+from flexvar.cli.generate import COMMANDS as _GENERATION_COMMANDS  # noqa: E402  generate/refine/inpaint/outpaint/extend
 
 COMMANDS.update(_GENERATION_COMMANDS)
-from flexvar.cli_official import COMMANDS as _OFFICIAL_COMMANDS  # noqa: E402  import-official
+from flexvar.cli.official import COMMANDS as _OFFICIAL_COMMANDS  # noqa: E402  import-official
 
 COMMANDS.update(_OFFICIAL_COMMANDS)
 
@@ -77,9 +77,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"flexvar {args.command}: error: {e}", file=sys.stderr)
         return 2
 
-
-if __name__ == "__main__":
-    # `python -m flexvar.cli`: run the imported module's main so UsageError raised by
-    # subcommand modules (which import flexvar.cli) is the class caught there
-    from flexvar.cli import main as _main
-    sys.exit(_main())

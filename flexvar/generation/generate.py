@@ -2,14 +2,14 @@
 
 One step per scale (h_k, w_k), coarse to fine. Step k feeds the transformer the previous
 scale's code vectors brought to (h_k, w_k) (bicubic, ground-truth mode; or the running residual
-canvas in VAR mode, flexvar/teacher_forcing.py), reads logits for every position of scale k,
-guides them (flexvar/sampling.py) and samples scale k's token map. The last map is decoded by
+canvas in VAR mode, flexvar/transformer/teacher_forcing.py), reads logits for every position of scale k,
+guides them (flexvar/generation/sampling.py) and samples scale k's token map. The last map is decoded by
 the tokenizer at its own (h, w), so the image is (f h_K, f w_K) pixels — 2x the training size
 or non-square just by choosing the scales.
 
 With `use_kv_cache` each step attends to cached keys/values of earlier steps; without it every
 step reruns the whole block-causal prefix (slow, for checking). `forced` teacher-forces given
-tokens at chosen positions of chosen steps: that is all image-to-image needs (flexvar/editing.py).
+tokens at chosen positions of chosen steps: that is all image-to-image needs (flexvar/generation/editing.py).
 
 Schedules (`resolve_schedule`): a named Tab. 7 preset, an explicit list of scales (int sides or
 (h, w) pairs), or n steps to an output size H x W.
@@ -26,9 +26,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from flexvar.device import autocast_ctx, resolve_precision
-from flexvar.sampling import guidance_scale, guide, sample_tokens
-from flexvar.schedules import PRESETS, _aspect, make_schedule
-from flexvar.teacher_forcing import ResidualCanvas, gt_next_input
+from flexvar.generation.sampling import guidance_scale, guide, sample_tokens
+from flexvar.transformer.schedules import PRESETS, _aspect, make_schedule
+from flexvar.transformer.teacher_forcing import ResidualCanvas, gt_next_input
 
 Scales = list[tuple[int, int]]
 Forced = list[tuple[torch.Tensor, torch.Tensor] | None]   # per step: (ids_Bhw, force_Bhw bool) or None

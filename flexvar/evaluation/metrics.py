@@ -5,7 +5,7 @@ Two feature spaces, and every metric key names the one it was computed in (`fid_
 
 - `inception`: torch-fidelity's `inception-v3-compat`, the paper's protocol. Its weights are
   loaded only from `evaluate.inception_weights` (a local file); nothing is downloaded.
-- `domain`: the pipeline's own classifier (flexvar/feature_net.py), registered with
+- `domain`: the pipeline's own classifier (flexvar/evaluation/feature_net.py), registered with
   torch-fidelity as the feature extractor `flexvar-domain`; needs no download.
 
 Reference features are computed once (`compute_reference`, the `reference_stats` stage) into
@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
 from flexvar.config import EvaluateConfig
-from flexvar.feature_net import load_feature_net
+from flexvar.evaluation.feature_net import load_feature_net
 
 DOMAIN_EXTRACTOR = "flexvar-domain"
 INCEPTION_EXTRACTOR = "inception-v3-compat"

@@ -153,7 +153,7 @@ def _load(args):
     """(model, vqvae, meta, device); missing or unusable checkpoints are --checkpoint errors."""
     from flexvar.checkpoint import CheckpointError
     from flexvar.device import pick_device
-    from flexvar.transformer_checkpoint import flexvar_path, load_flexvar_with_tokenizer
+    from flexvar.transformer.checkpoint import flexvar_path, load_flexvar_with_tokenizer
 
     if not flexvar_path(args.checkpoint).is_file():
         raise _usage("--checkpoint", f"{args.checkpoint} has no flexvar.pt (train one: dvc repro train_transformer, "
@@ -170,7 +170,7 @@ def _load(args):
 
 
 def _schedule(args, meta, size_hw=None, default_steps=None):
-    from flexvar.generate import ScheduleError, resolve_schedule
+    from flexvar.generation.generate import ScheduleError, resolve_schedule
 
     size_hw = size_hw if size_hw is not None else parse_size(args.size)
     scales = parse_schedule(args.schedule)
@@ -199,8 +199,8 @@ def _write(args, result, default_name: str, extra_rows=None) -> Path:
     """Grid PNG (optional input rows first) and, with --save-tokens, the token maps as .npz."""
     import torch
 
-    from flexvar.data import to_uint8
-    from flexvar.generate import grid_columns
+    from flexvar.data.splits import to_uint8
+    from flexvar.generation.generate import grid_columns
     from flexvar.grid import image_grid
 
     out = Path(args.out or default_name)
@@ -226,7 +226,7 @@ def add_generate(p: argparse.ArgumentParser) -> None:
 
 
 def run_generate(args) -> int:
-    from flexvar.generate import generate
+    from flexvar.generation.generate import generate
 
     _check_numbers(args)
     parse_size(args.size)
@@ -242,7 +242,7 @@ def run_generate(args) -> int:
 # --------------------------------------------------------------------------- edits
 def _edit_inputs(args):
     """Checks, model, input image at the training resolution, labels."""
-    from flexvar.editing import load_image
+    from flexvar.generation.editing import load_image
 
     _check_numbers(args)
     parse_size(args.size)
@@ -267,8 +267,8 @@ def add_refine(p: argparse.ArgumentParser) -> None:
 
 
 def run_refine(args) -> int:
-    from flexvar.data import to_uint8
-    from flexvar.editing import refine
+    from flexvar.data.splits import to_uint8
+    from flexvar.generation.editing import refine
 
     model, vqvae, meta, image, labels, train_px = _edit_inputs(args)
     size = parse_size(args.size) or (2 * train_px[0], 2 * train_px[1])
@@ -290,7 +290,7 @@ def _add_mask_args(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def _mask(args, size_hw):
-    from flexvar.editing import MaskError, box_mask, check_mask, load_mask
+    from flexvar.generation.editing import MaskError, box_mask, check_mask, load_mask
 
     arg = "--mask" if args.mask is not None else "--box"
     try:
@@ -316,8 +316,8 @@ def add_outpaint(p: argparse.ArgumentParser) -> None:
 
 
 def _run_paint(args, keep: bool) -> int:
-    from flexvar.data import to_uint8
-    from flexvar.editing import MaskError, inpaint, mask_overlay
+    from flexvar.data.splits import to_uint8
+    from flexvar.generation.editing import MaskError, inpaint, mask_overlay
 
     if args.size is not None:
         raise _usage("--size", f"{args.cmd_name} works at the image's (training) size; use extend or refine to grow it")
@@ -349,8 +349,8 @@ def add_extend(p: argparse.ArgumentParser) -> None:
 
 
 def run_extend(args) -> int:
-    from flexvar.data import to_uint8
-    from flexvar.editing import extend, pad_center
+    from flexvar.data.splits import to_uint8
+    from flexvar.generation.editing import extend, pad_center
 
     model, vqvae, meta, image, labels, train_px = _edit_inputs(args)
     size = parse_size(args.size) or (train_px[0], 2 * train_px[1])

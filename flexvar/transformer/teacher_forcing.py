@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from flexvar.quantizer import MultiScaleQuantizer, downsample, l2norm
+from flexvar.tokenizer.quantizer import MultiScaleQuantizer, downsample, l2norm
 
 Scales = list[tuple[int, int]]
 

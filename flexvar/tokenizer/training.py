@@ -27,12 +27,12 @@ from torch import nn
 from flexvar import distributed
 from flexvar.checkpoint import capture_rng, load_checkpoint, restore_rng, save_atomic
 from flexvar.config import TokenizerConfig, TrainTokenizerConfig
-from flexvar.data import to_unit_range
+from flexvar.data.splits import to_unit_range
 from flexvar.device import autocast_ctx, resolve_precision
-from flexvar.discriminator import PatchDiscriminator, hinge_d_loss, hinge_g_loss
-from flexvar.quantizer import downsample
+from flexvar.tokenizer.discriminator import PatchDiscriminator, hinge_d_loss, hinge_g_loss
+from flexvar.tokenizer.quantizer import downsample
 from flexvar.run_logger import RunLogger
-from flexvar.tokenizer import VQVAE
+from flexvar.tokenizer.vqvae import VQVAE
 
 TRAIN_CKPT_KIND = "tokenizer_train_state"
 
@@ -155,7 +155,7 @@ class TokenizerTrainer:
                     if cfg.ema_decay > 0 else None)
         self.perceptual = None
         if cfg.perceptual_weight > 0:
-            from flexvar.perceptual import PerceptualLoss   # torchvision import only when used
+            from flexvar.tokenizer.perceptual import PerceptualLoss   # torchvision import only when used
             self.perceptual = PerceptualLoss(cfg.perceptual_weights_path).to(device)
         self.disc = self.disc_opt = None
         if cfg.gan_weight > 0:
@@ -337,7 +337,7 @@ def recon_grid(model: VQVAE, images_NCHW: torch.Tensor, scales: list[int], devic
     scale, each shown at the input's size (nearest upsampling). Returns uint8 (3, rows*H, cols*W)."""
     from einops import rearrange
 
-    from flexvar.data import to_uint8
+    from flexvar.data.splits import to_uint8
 
     was_training = model.training
     model.eval()

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from flexvar.checkpoint import load_checkpoint, save_atomic
-from flexvar.data import ImageSplit, to_unit_range
+from flexvar.data.splits import ImageSplit, to_unit_range
 from flexvar.device import autocast_ctx
 from flexvar.run_logger import RunLogger
 
