@@ -6,6 +6,7 @@ and survives code refactors. `kind` names what it holds ("tokenizer", "transform
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import random
@@ -21,6 +22,12 @@ import torch
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: missing, corrupt, or not matching what the caller expects."""
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read in chunks (hashlib.file_digest): identifies a checkpoint."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def save_atomic(obj: dict[str, Any], path: str | os.PathLike) -> None:

@@ -289,6 +289,11 @@ class ResourcesConfig(Section):
     retry_delay_s: float = Field(5.0, ge=0.0)
     stages: dict[str, StageResources] = Field(default_factory=dict)
 
+    def for_stage(self, stage: str) -> StageResources:
+        """Resources of a dvc.yaml stage: its own entry ("train_transformer@d2"), else its matrix
+        group's ("train_transformer"), else the default (1 CPU, no GPU)."""
+        return self.stages.get(stage) or self.stages.get(stage.split("@")[0]) or StageResources()
+
 
 class SweepConfig(Section):
     num_samples: int = Field(4, ge=1)

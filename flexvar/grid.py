@@ -4,16 +4,18 @@ from __future__ import annotations
 import torch
 from einops import rearrange
 from PIL import Image, ImageDraw
+from torchvision.utils import make_grid
 
 
 def image_grid(images_NCHW: torch.Tensor, ncol: int, pad: int = 2) -> Image.Image:
-    """uint8 (N, 3, H, W) -> one PIL image, row-major with `ncol` columns and white padding."""
-    n, _, h, w = images_NCHW.shape
-    nrow = -(-n // ncol)
-    canvas = torch.full((nrow * ncol, 3, h + pad, w + pad), 255, dtype=torch.uint8)
-    canvas[:n, :, :h, :w] = images_NCHW
-    grid = rearrange(canvas, "(r c) ch h w -> (r h) (c w) ch", r=nrow, c=ncol)
-    return Image.fromarray(grid[:-pad or None, :-pad or None].numpy())
+    """uint8 (N, 3, H, W) -> one PIL image, row-major with `ncol` columns, `pad` white pixels between
+    images (torchvision's make_grid, without its outer border)."""
+    if len(images_NCHW) < ncol:   # keep `ncol` columns even for fewer images (make_grid would shrink)
+        blank = images_NCHW.new_full((ncol - len(images_NCHW), *images_NCHW.shape[1:]), 255)
+        images_NCHW = torch.cat([images_NCHW, blank])
+    grid_CHW = make_grid(images_NCHW, nrow=ncol, padding=pad, pad_value=255)
+    grid_CHW = grid_CHW[:, pad:grid_CHW.shape[1] - pad, pad:grid_CHW.shape[2] - pad]
+    return Image.fromarray(rearrange(grid_CHW, "c h w -> h w c").numpy())
 
 
 def class_grid(images_NCHW: torch.Tensor, labels_N: torch.Tensor, class_names: list[str], per_class: int,

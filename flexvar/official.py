@@ -134,7 +134,7 @@ def import_official_transformer(path: str | os.PathLike, out_dir: str | os.PathL
     Depth, width, heads, MLP ratio, vocabulary, classes and the position-map size come from the
     tensor shapes; `latent_hw` is the training latent (256 px / 16 for the released models).
     """
-    from flexvar.data.latent_cache import file_sha256
+    from flexvar.checkpoint import file_sha256
     from flexvar.tokenizer.vqvae import load_tokenizer, tokenizer_path
     from flexvar.transformer.model import FlexVAR
     from flexvar.transformer.checkpoint import save_flexvar

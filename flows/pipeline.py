@@ -101,24 +101,19 @@ def run_stage(spec: StageSpec, env: dict[str, str], train_params: Params | None 
         parsed = parse_stage_command(cmd) if train_params is not None else None
         if parsed:
             log.info(f"{cmd} on {train_params.resources.train_workers} Ray Train workers")
-            run_stage_distributed(*parsed, spec.wdir, train_params, {**env, "DVC_STAGE": spec.name}, spec.group)
+            run_stage_distributed(*parsed, spec.wdir, train_params, {**env, "DVC_STAGE": spec.name}, spec.name)
         else:
             run_command(cmd, spec.wdir, {**env, "DVC_STAGE": spec.name}, log)
     return {"stage": spec.name, "seconds": time.perf_counter() - t0, "attempts": attempt}
 
 
 # --------------------------------------------------------------------------- the graph (on the driver)
-def stage_resources(params: Params, spec: StageSpec) -> StageResources:
-    stages = params.resources.stages
-    return stages.get(spec.name) or stages.get(spec.group) or StageResources()
-
-
 def is_multi_worker(spec: StageSpec, params: Params) -> bool:
     return params.resources.train_workers > 1 and any(parse_stage_command(c) for c in spec.cmds)
 
 
 def submit(spec: StageSpec, params: Params, env: dict[str, str]):
-    res = stage_resources(params, spec)
+    res = params.resources.for_stage(spec.name)
     multi = is_multi_worker(spec, params)
     if multi:   # the task only waits; its Ray Train workers hold the stage's resources, each
         res = StageResources(num_cpus=0, num_gpus=0)

@@ -110,19 +110,15 @@ def run_on_workers(fn: Callable[..., Any], kwargs: dict[str, Any], workers: int,
     trainer.fit()
 
 
-def stage_resources(params: Params, stage: str) -> StageResources:
-    return params.resources.stages.get(stage) or StageResources()
-
-
 def run_stage_distributed(module: str, argv: list[str], root: str | Path, params: Params,
                           env: dict[str, str] | None = None, stage: str | None = None) -> None:
     """The training stage `module` with `argv` on `resources.train_workers` workers (Ray must be up)."""
     root = Path(root).resolve()
-    stage = stage or module.rsplit(".", 1)[-1]
+    stage = stage or os.environ.get("DVC_STAGE") or module.rsplit(".", 1)[-1]   # dvc.yaml stage name
     name = f"{stage}-{os.getpid()}"
     config = {"module": module, "argv": argv, "root": str(root), "env": dict(env or {})}
     run_on_workers(_stage_on_worker, {"config": config}, params.resources.train_workers,
-                   stage_resources(params, stage), root / SCRATCH, name, params.resources.retries)
+                   params.resources.for_stage(stage), root / SCRATCH, name, params.resources.retries)
 
 
 def main(argv: list[str] | None = None) -> int:

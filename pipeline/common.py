@@ -6,12 +6,12 @@ Kept tiny on purpose: a stage is `args = stage_args(__doc__)`, `params = load_pa
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import json
 import os
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock
 
 
 def set_offline_env() -> None:
@@ -56,13 +56,7 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 set_offline_env()
 
 
-@contextlib.contextmanager
-def file_lock(path: Path):
-    """An exclusive advisory lock on `path` (created with its folder): one process at a time."""
+def file_lock(path: Path) -> FileLock:
+    """An exclusive lock on `path` (its folder created), across processes: `with file_lock(p): ...`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    return FileLock(path)

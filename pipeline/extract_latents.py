@@ -16,7 +16,8 @@ set_offline_env()
 from flexvar.checkpoint import CheckpointError  # noqa: E402
 from flexvar.config import ConfigError, load_params  # noqa: E402
 from flexvar.data.splits import load_split  # noqa: E402
-from flexvar.data.latent_cache import encode_split, file_sha256, save_latents  # noqa: E402
+from flexvar.checkpoint import file_sha256
+from flexvar.data.latent_cache import encode_split, save_latents  # noqa: E402
 from flexvar.tokenizer.vqvae import load_tokenizer, tokenizer_path  # noqa: E402
 from pipeline.tracking import TrackingError, stage_run  # noqa: E402
 

@@ -19,7 +19,8 @@ set_offline_env()
 
 from flexvar.checkpoint import CheckpointError  # noqa: E402
 from flexvar.config import ConfigError, load_params  # noqa: E402
-from flexvar.data.latent_cache import file_sha256, load_latents  # noqa: E402
+from flexvar.checkpoint import file_sha256
+from flexvar.data.latent_cache import load_latents  # noqa: E402
 from flexvar.run_logger import CsvLogger, MultiLogger  # noqa: E402
 from flexvar.transformer.schedules import ScheduleSampler  # noqa: E402
 from flexvar.tokenizer.vqvae import load_tokenizer, tokenizer_path  # noqa: E402

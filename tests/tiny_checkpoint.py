@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from flexvar.config import TokenizerConfig, TransformerConfig
-from flexvar.data.latent_cache import file_sha256
+from flexvar.checkpoint import file_sha256
 from flexvar.tokenizer.vqvae import VQVAE, save_tokenizer, tokenizer_path
 from flexvar.transformer.model import FlexVAR
 from flexvar.transformer.checkpoint import save_flexvar

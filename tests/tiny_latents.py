@@ -8,7 +8,8 @@ import torch
 
 from flexvar.config import TokenizerConfig
 from flexvar.data.splits import ImageSplit
-from flexvar.data.latent_cache import file_sha256, save_latents
+from flexvar.checkpoint import file_sha256
+from flexvar.data.latent_cache import save_latents
 from flexvar.tokenizer.vqvae import VQVAE, save_tokenizer
 
 TINY_TOKENIZER = dict(ch=8, ch_mult=[1, 2, 2], num_res_blocks=1, z_channels=8, codebook_dim=8, codebook_size=64)

@@ -11,7 +11,6 @@ File layout (a plain dict, loaded with weights_only=True):
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,14 +45,6 @@ class LatentSplit:
     @property
     def codebook_dim(self) -> int:
         return self.latents_N2CHW.shape[2]
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @torch.no_grad()

@@ -9,7 +9,6 @@ plain FID. Inputs of any size are resized to the training resolution, so 96 px s
 """
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 from flexvar.checkpoint import load_checkpoint, save_atomic
 from flexvar.data.splits import ImageSplit, to_unit_range
 from flexvar.device import autocast_ctx
+from flexvar.optim import warmup_cosine_factor
 from flexvar.run_logger import RunLogger
 
 KIND = "feature_net"
@@ -87,14 +87,6 @@ def evaluate_feature_net(model: FeatureNet, split: ImageSplit, device: torch.dev
     return {"accuracy": correct / n, "loss": loss_sum / n}
 
 
-def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
-    """Linear warmup, then cosine decay to 10% of lr."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    t = (step - warmup) / max(steps - warmup, 1)
-    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
-
-
 def train_feature_net(train: ImageSplit, val: ImageSplit, steps: int, batch_size: int, lr: float,
                       device: torch.device, seed: int, logger: RunLogger | None = None,
                       precision: str | None = None, log_every: int = 25) -> tuple[FeatureNet, dict[str, float]]:
@@ -108,7 +100,8 @@ def train_feature_net(train: ImageSplit, val: ImageSplit, steps: int, batch_size
     torch.manual_seed(seed)
     model = FeatureNet(train.num_classes, int(train.images_NCHW.shape[-1])).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    warmup = min(20, steps // 10)
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(   # warmup, then cosine to 10% of lr
+        opt, lambda s: warmup_cosine_factor(s, min(20, steps // 10), steps, 0.1))
     for step in range(steps):
         model.train()
         idx_B = torch.randint(len(train), (batch_size,), generator=gen)
@@ -116,14 +109,13 @@ def train_feature_net(train: ImageSplit, val: ImageSplit, steps: int, batch_size
         images_BCHW = train.images_NCHW[idx_B]
         images_BCHW = torch.where(flip_B[:, None, None, None], images_BCHW.flip(-1), images_BCHW)
         x_BCHW, y_B = model.to_input(images_BCHW.to(device)), train.labels_N[idx_B].to(device)
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, steps, lr, warmup)
         with autocast_ctx(device, precision):
             _, logits_BK = model(x_BCHW)
         loss = F.cross_entropy(logits_BK.float(), y_B)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        lr_sched.step()
         if step % log_every == 0 or step == steps - 1:
             acc = (logits_BK.argmax(-1) == y_B).float().mean().item()
             logger.log_metrics({"train_loss": loss.item(), "train_accuracy": acc}, step=step)

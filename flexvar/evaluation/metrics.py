@@ -15,7 +15,6 @@ only reads that cache for the reference side.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch_fidelity
 from torch.utils.data import Dataset
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
+from flexvar.checkpoint import file_sha256
 from flexvar.config import EvaluateConfig
 from flexvar.evaluation.feature_net import load_feature_net
 
@@ -150,17 +150,9 @@ def feature_weights(cfg: EvaluateConfig, feature_net_path: str | os.PathLike | N
     return DOMAIN_EXTRACTOR, Path(feature_net_path)
 
 
-def _sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:12]
-
-
 def reference_name(cfg: EvaluateConfig, weights: Path) -> str:
     """torch-fidelity cache name of the reference: split + feature-weights hash."""
-    return f"reference-{cfg.reference_split}-{cfg.feature_space}-{_sha(weights)}"
+    return f"reference-{cfg.reference_split}-{cfg.feature_space}-{file_sha256(weights)[:12]}"
 
 
 def _fidelity_kwargs(cfg: EvaluateConfig, extractor: str, weights: Path, n1: int, n2: int,

@@ -15,7 +15,6 @@ is restarted ends with bit-identical weights on CPU.
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from flexvar.data.splits import to_unit_range
 from flexvar.device import autocast_ctx, resolve_precision
 from flexvar.tokenizer.discriminator import PatchDiscriminator, hinge_d_loss, hinge_g_loss
 from flexvar.tokenizer.quantizer import downsample
+from flexvar.optim import ema_of, make_adamw, warmup_cosine
 from flexvar.run_logger import RunLogger
 from flexvar.tokenizer.vqvae import VQVAE
 
@@ -64,14 +64,6 @@ def recon_loss(rec_BCHW: torch.Tensor, target_BCHW: torch.Tensor, kind: str) -> 
     if "l2" in kind:
         loss = loss + F.mse_loss(rec_BCHW, target_BCHW)
     return loss
-
-
-def lr_factor(step: int, cfg: TrainTokenizerConfig) -> float:
-    """Linear warmup to 1, then cosine decay to `min_lr_ratio` at `steps`."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def psnr(rec_BCHW: torch.Tensor, target_BCHW: torch.Tensor) -> torch.Tensor:
@@ -150,9 +142,8 @@ class TokenizerTrainer:
         torch.manual_seed(seed)
         self.model = VQVAE(model_cfg).to(device).train()
         self.opt = make_adamw(self.model, cfg)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, cfg))
-        self.ema = ({k: v.detach().clone().float() for k, v in self.model.state_dict().items()}
-                    if cfg.ema_decay > 0 else None)
+        self.sched = warmup_cosine(self.opt, cfg)
+        self.ema = ema_of(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.perceptual = None
         if cfg.perceptual_weight > 0:
             from flexvar.tokenizer.perceptual import PerceptualLoss   # torchvision import only when used
@@ -245,17 +236,13 @@ class TokenizerTrainer:
         self.disc_opt.step()
         return float(loss.detach())
 
-    @torch.no_grad()
     def update_ema(self) -> None:
-        if self.ema is None:
-            return
-        d = self.cfg.ema_decay
-        for k, v in self.model.state_dict().items():
-            self.ema[k].mul_(d).add_(v.float(), alpha=1 - d)
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
 
     def final_weights(self) -> dict[str, torch.Tensor]:
         """The weights to ship: EMA when enabled, else the trained ones."""
-        return self.ema if self.ema is not None else self.model.state_dict()
+        return self.ema.module.state_dict() if self.ema is not None else self.model.state_dict()
 
     # ------------------------------------------------------------------ save / resume
     def state(self) -> dict:
@@ -264,7 +251,7 @@ class TokenizerTrainer:
                  "sched": self.sched.state_dict(), "gen": self.gen.get_state(),
                  "perm": self.perm, "pos": self.pos, "rng": capture_rng()}
         if self.ema is not None:
-            state["ema"] = self.ema
+            state["ema"] = self.ema.state_dict()
         if self.disc is not None:
             state["disc"], state["disc_optim"] = self.disc.state_dict(), self.disc_opt.state_dict()
         return state
@@ -287,7 +274,7 @@ class TokenizerTrainer:
         self.opt.load_state_dict(ckpt["optim"])
         self.sched.load_state_dict(ckpt["sched"])
         if self.ema is not None:
-            self.ema = {k: v.float() for k, v in ckpt["ema"].items()}
+            self.ema.load_state_dict(ckpt["ema"])
         if self.disc is not None:
             self.disc.load_state_dict(ckpt["disc"])
             self.disc_opt.load_state_dict(ckpt["disc_optim"])
@@ -319,16 +306,6 @@ class TokenizerTrainer:
                                         "val_usage": ev["usage"]}, step=self.step)
             if ckpt_path is not None and (self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps):
                 self.save(ckpt_path)
-
-
-def make_adamw(module: nn.Module, cfg: TrainTokenizerConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on conv/linear weights only (not on norms, biases or the codebook)."""
-    decay, no_decay = [], []
-    for name, p in module.named_parameters():
-        (decay if p.ndim >= 2 and "embedding" not in name else no_decay).append(p)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}],
-                             lr=cfg.lr, betas=tuple(cfg.betas))
 
 
 @torch.no_grad()

@@ -78,7 +78,7 @@ def load_flexvar_with_tokenizer(path: str | os.PathLike, device: str | torch.dev
     """(transformer, tokenizer VQVAE, metadata); the tokenizer's sha256 must match the one trained with.
 
     `tokenizer_dir` overrides the folder stored in the checkpoint (e.g. a copied project)."""
-    from flexvar.data.latent_cache import file_sha256
+    from flexvar.checkpoint import file_sha256
     from flexvar.tokenizer.vqvae import load_tokenizer, tokenizer_path
 
     model, meta = load_flexvar(path, device)

@@ -4,17 +4,16 @@ Each optimiser step: for each of `grad_accum` micro-batches, draw a schedule (Sc
 take a batch of cached full-scale latents (image or its flip), quantise them at the schedule's
 scales into teacher-forcing inputs and targets (no encoder pass), run the teacher-forced
 forward under the configured precision, label-smoothed cross-entropy averaged over tokens.
-Then clip, AdamW (no weight decay on gains, biases and embeddings of positions), warmup + cosine
-learning rate.
+Then clip, AdamW and warmup + cosine learning rate (flexvar.optim, shared with the tokenizer),
+and optionally an EMA of the weights that is evaluated and shipped.
 
 Reproducible and resumable: batches are a pure function of (seed, micro-step); schedules come
 from the sampler's own generator; class dropout / drop-path use the global torch RNG. The resume
-file holds model, optimiser, sampler generator and global RNG states plus the step, written
+file holds model, optimiser, LR schedule, EMA, sampler generator and global RNG states plus the step, written
 atomically, so a killed run resumes bit-identically on CPU.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import time
@@ -31,6 +30,7 @@ from flexvar.config import ScheduleConfig, TrainTransformerConfig
 from flexvar.device import autocast_ctx
 from flexvar.data.latent_cache import LatentSplit
 from flexvar.tokenizer.quantizer import MultiScaleQuantizer
+from flexvar.optim import ema_of, make_adamw, warmup_cosine
 from flexvar.run_logger import RunLogger
 from flexvar.transformer.schedules import ScheduleSampler, num_tokens
 from flexvar.transformer.teacher_forcing import inputs_targets
@@ -41,26 +41,6 @@ RESUME_KIND = "flexvar_train_state"
 
 
 # --------------------------------------------------------------------------- pieces
-def lr_at(step: int, cfg: TrainTransformerConfig) -> float:
-    """Linear warmup to cfg.lr over warmup_steps, then cosine down to lr * min_lr_ratio at cfg.steps."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    floor = cfg.lr * cfg.min_lr_ratio
-    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
-
-
-def make_optimizer(model: FlexVAR, cfg: TrainTransformerConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay only on matrices (not gains, biases, position maps or the start vector)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 or "pos_" in name or "log_scale" in name else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
-
-
 def batch_indices(micro_step: int, batch_size: int, n_items: int, seed: int) -> torch.Tensor:
     """Items of micro-batch `micro_step`: a fresh seeded permutation of all (image, flip) pairs per
     epoch, cut into full batches. A pure function of its arguments, so resuming needs only the step."""
@@ -95,30 +75,6 @@ def forward_backward(fwd, quantizer: MultiScaleQuantizer, data: LatentSplit, ite
     loss = token_loss(logits, tgt, cfg.label_smoothing) / cfg.grad_accum
     loss.backward()
     return float(loss.detach()), len(labels)
-
-
-class EmaWeights:
-    """Exponential moving average of the model's floating-point state (train_transformer.ema_decay)."""
-
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay = decay
-        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        for k, v in model.state_dict().items():
-            if v.is_floating_point():
-                self.shadow[k].lerp_(v, 1.0 - self.decay)
-
-    @contextlib.contextmanager
-    def swapped_in(self, model: torch.nn.Module):
-        """Run a block (evaluation) with the averaged weights, then restore the live ones."""
-        live = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        model.load_state_dict(self.shadow)
-        try:
-            yield
-        finally:
-            model.load_state_dict(live)
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -194,40 +150,40 @@ def train_transformer(model: FlexVAR, quantizer: MultiScaleQuantizer, train: Lat
     model.to(device).train()
     distributed.broadcast_params(model)   # multi-worker: every worker starts from rank 0's weights
     quantizer.to(device)
-    opt = make_optimizer(model, cfg)
+    opt = make_adamw(model, cfg)
+    lr_sched = warmup_cosine(opt, cfg)
     latent_hw = train.latent_hw
     sampler = ScheduleSampler(schedule, latent_hw, seed)
     canonical = sampler.to_hw(sampler.cfg.canonical)
     fwd = torch.compile(model) if cfg.compile else model
     step, history = 0, []
-    ema = EmaWeights(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    ema = ema_of(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     state = distributed.from_main(resume_state(out_dir, fingerprint))   # rank 0's resume state on all workers
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
+        lr_sched.load_state_dict(state["lr_schedule"])
         sampler.load_state_dict(state["sampler"])
         restore_rng(state["rng"])
         step, history = state["step"], list(state.get("history", []))
         if ema is not None:
-            ema.shadow = state["ema"]
+            ema.load_state_dict(state["ema"])
         print(f"train_transformer: resumed at step {step} from {out_dir / RESUME_FILE}")
 
     def save_state() -> None:
         if not distributed.is_main():   # one writer; every worker holds the same state
             return
         save_atomic({"kind": RESUME_KIND, "fingerprint": fingerprint, "step": step,
-                     "model": model.state_dict(), "optimizer": opt.state_dict(),
+                     "model": model.state_dict(), "optimizer": opt.state_dict(), "lr_schedule": lr_sched.state_dict(),
                      "sampler": sampler.state_dict(), "rng": capture_rng(), "history": history,
-                     "ema": ema.shadow if ema is not None else None},
+                     "ema": ema.state_dict() if ema is not None else None},
                     out_dir / RESUME_FILE)
 
     n_items = 2 * len(train)
     t0, toks, imgs, last_metrics = time.perf_counter(), 0, 0, {}
     end = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)
     while step < end:
-        lr = lr_at(step, cfg)
-        for g in opt.param_groups:
-            g["lr"] = lr
+        lr = opt.param_groups[0]["lr"]
         loss_sum = 0.0
         for micro in range(cfg.grad_accum):
             scales = sampler.sample()
@@ -243,8 +199,9 @@ def train_transformer(model: FlexVAR, quantizer: MultiScaleQuantizer, train: Lat
                      else torch.zeros(()))
         opt.step()
         opt.zero_grad(set_to_none=True)
+        lr_sched.step()
         if ema is not None:
-            ema.update(model)
+            ema.update_parameters(model)
         step += 1
         if (step % cfg.log_every == 0 or step == end) and distributed.is_main():
             dt = time.perf_counter() - t0
@@ -254,16 +211,15 @@ def train_transformer(model: FlexVAR, quantizer: MultiScaleQuantizer, train: Lat
             history.append({"step": step, "loss": loss_sum})
             t0, toks, imgs = time.perf_counter(), 0, 0
         if (step % cfg.eval_every == 0 or step == cfg.steps) and distributed.is_main():
-            with (ema.swapped_in(model) if ema is not None else contextlib.nullcontext()):
-                last_metrics = evaluate(model, quantizer, val, canonical, prediction, cfg.batch_size,
-                                        cfg.val_batches, device, cfg.precision)
+            last_metrics = evaluate(ema.module if ema is not None else model, quantizer, val, canonical,
+                                    prediction, cfg.batch_size, cfg.val_batches, device, cfg.precision)
             val_logger.log_metrics(last_metrics, step)
         if step % cfg.checkpoint_every == 0 or step == end:
             save_state()
         if on_step is not None:
             on_step(step)
     if ema is not None and step == cfg.steps:
-        model.load_state_dict(ema.shadow)   # the caller saves / samples from the averaged weights
+        model.load_state_dict(ema.module.state_dict())   # the caller saves / samples from the averaged weights
     return TrainResult(step=step, metrics=last_metrics, history=history)
 
 
