@@ -9,7 +9,7 @@
     flexvar extend   --checkpoint models/d4 --image in.png --size 64x128 --class 2
 
 Sizes are H x W pixels. Every bad input (size, schedule, class, mask, box, path) is a one-line
-error naming the argument and exit code 2 (flexvar.cli.UsageError); argparse errors too.
+error naming the argument and exit code 2 (flexvar.errors.UsageError); argparse errors too.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ USAGE_EXIT = 2
 
 # --------------------------------------------------------------------------- parsing helpers
 def _usage(arg: str, msg: str):
-    from flexvar.cli import UsageError
+    from flexvar.errors import UsageError
 
     return UsageError(f"{arg}: {msg}")
 

@@ -16,7 +16,7 @@ def _add_import_official(p: argparse.ArgumentParser) -> None:
 
 def _run_import_official(args: argparse.Namespace) -> int:
     from flexvar.checkpoint import CheckpointError
-    from flexvar.cli import UsageError
+    from flexvar.errors import UsageError
     from flexvar.official import import_official_tokenizer
 
     from flexvar.official import import_official_transformer
