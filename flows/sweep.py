@@ -92,11 +92,9 @@ def search_space(params: Params) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- tracking (MLflow)
 def _store(params: Params, root: Path):
-    from pipeline.tracking import _experiment_id, probe, resolve_uri
+    from pipeline.tracking import open_experiment
 
-    uri, embedded = resolve_uri(params, root)
-    client = probe(uri)
-    return client, _experiment_id(client, params.tracking.experiment, embedded, root)
+    return open_experiment(params, root)
 
 
 def sweep_run(params: Params, root: Path, exp_dir: Path, name: str) -> str:

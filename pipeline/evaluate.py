@@ -17,7 +17,8 @@ set_offline_env()
 
 from flexvar.config import load_params  # noqa: E402
 from flexvar.evaluation.metrics import MetricsError, compute_metrics, load_samples  # noqa: E402
-from pipeline.tracking import schedule_steps, stage_run  # noqa: E402
+from flexvar.transformer.schedules import schedule_steps  # noqa: E402
+from pipeline.tracking import stage_run  # noqa: E402
 
 PARAM_KEYS = ["seed", "evaluate.feature_space", "evaluate.inception_weights", "evaluate.metrics",
               "evaluate.reference_split", "evaluate.kid_subset_size"]

@@ -17,7 +17,8 @@ set_offline_env()
 
 from flexvar.config import load_params  # noqa: E402
 from flexvar.evaluation.report import markdown_table, plot_fid_vs_steps, sort_rows, write_plot_data  # noqa: E402
-from pipeline.tracking import schedule_size, schedule_steps, stage_run  # noqa: E402
+from flexvar.transformer.schedules import schedule_size, schedule_steps  # noqa: E402
+from pipeline.tracking import stage_run  # noqa: E402
 
 PARAM_KEYS = ["variants", "sample.schedules", "data.resolution", "evaluate.feature_space"]
 

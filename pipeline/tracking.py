@@ -39,6 +39,7 @@ from typing import Any, Iterator
 
 from flexvar.config import Params, select
 from flexvar.run_logger import RunLogger
+from flexvar.transformer.schedules import schedule_size, schedule_steps
 
 from pipeline.common import file_lock, set_offline_env
 
@@ -129,6 +130,15 @@ def _experiment_id(client, name: str, embedded: bool, root: Path) -> str:
 
 
 # --------------------------------------------------------------------------- pipeline run id
+def open_experiment(params: Params, root: Path) -> tuple[Any, str]:
+    """(MlflowClient, experiment id) of params.tracking.experiment in the store params name (embedded
+    SQLite under `root` by default): probed, the experiment created or restored. Raises TrackingError
+    when the store does not answer. The public way into the store for flows (the sweep)."""
+    uri, embedded = resolve_uri(params, root)
+    client = probe(uri)
+    return client, _experiment_id(client, params.tracking.experiment, embedded, root)
+
+
 def _proc_start(pid: int) -> str | None:
     """Start time (clock ticks since boot) of a process, from /proc/<pid>/stat; None off Linux."""
     try:
@@ -201,28 +211,6 @@ def dvc_lock_hash(root: Path) -> str:
     """sha256 (first 16 hex) of dvc.lock as the stage starts; 'none' before the first repro."""
     lock = root / "dvc.lock"
     return hashlib.sha256(lock.read_bytes()).hexdigest()[:16] if lock.is_file() else "none"
-
-
-def schedule_steps(params: Params, schedule: str) -> int | None:
-    """Number of generation steps of a named schedule in sample.schedules."""
-    spec = params.sample.schedules.get(schedule)
-    if spec is None:
-        return None
-    if spec.steps is not None:
-        return spec.steps
-    if spec.scales is not None:
-        return len(spec.scales)
-    from flexvar.transformer.schedules import PRESETS
-
-    return len(PRESETS[spec.preset]) if spec.preset in PRESETS else None
-
-
-def schedule_size(params: Params, schedule: str) -> tuple[int, int] | None:
-    """Output (H, W) of a named schedule; the training resolution unless it sets `size`."""
-    spec = params.sample.schedules.get(schedule)
-    if spec is None:
-        return None
-    return tuple(spec.size) if spec.size else (params.data.resolution, params.data.resolution)
 
 
 def variant_tags(params: Params, variant: str | None) -> dict[str, str]:
@@ -325,10 +313,8 @@ def open_run(stage: str, params: Params, param_keys: list[str], tags: dict | Non
     if not is_main():   # multi-worker training (flows/ray_train.py): rank 0 alone tracks
         return UntrackedLogger()
     root = project_root()
-    uri, embedded = resolve_uri(params, root)
     try:
-        client = probe(uri)
-        exp_id = _experiment_id(client, params.tracking.experiment, embedded, root)
+        client, exp_id = open_experiment(params, root)
     except TrackingError as e:
         if params.tracking.required:
             raise

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from flexvar.config import ScheduleConfig
+from flexvar.config import Params, ScheduleConfig
 
 Scales = list[tuple[int, int]]
 
@@ -161,4 +161,25 @@ def sides_of(scales: Scales) -> list[int]:
 
 
 __all__ = ["PRESETS", "preset", "make_schedule", "num_tokens", "ScheduleSampler", "expected_tokens",
-           "sides_of", "Scales"]
+           "sides_of", "Scales", "schedule_steps", "schedule_size"]
+
+
+# --------------------------------------------------------------------------- named sample schedules
+def schedule_steps(params: Params, schedule: str) -> int | None:
+    """Number of generation steps of a named schedule in sample.schedules."""
+    spec = params.sample.schedules.get(schedule)
+    if spec is None:
+        return None
+    if spec.steps is not None:
+        return spec.steps
+    if spec.scales is not None:
+        return len(spec.scales)
+    return len(PRESETS[spec.preset]) if spec.preset in PRESETS else None
+
+
+def schedule_size(params: Params, schedule: str) -> tuple[int, int] | None:
+    """Output (H, W) of a named schedule; the training resolution unless it sets `size`."""
+    spec = params.sample.schedules.get(schedule)
+    if spec is None:
+        return None
+    return tuple(spec.size) if spec.size else (params.data.resolution, params.data.resolution)
