@@ -49,15 +49,54 @@ def test_generate_writes_grid_and_tokens(ckpt, tmp_path, capsys):
     assert tok["step03"].shape == (4, 8, 16) and tok["scales"].tolist()[-1] == [8, 16]
 
 
+# PIL (width, height) of each edit's grid: the input row over the result row, 2 px apart (16 px input, 8x8 latent)
+EDIT_GRID_SIZE = {"refine": (32, 66), "inpaint": (16, 34), "outpaint": (16, 34), "extend": (32, 34)}
+
+
 @pytest.mark.parametrize("cmd", [["refine", "--size", "32x32"], ["inpaint", "--box", "4,4,12,12"],
                                  ["outpaint", "--mask", "MASK"], ["extend", "--size", "16x32"]])
 def test_edits_write_grids(ckpt, files, tmp_path, capsys, cmd):
+    import torch
+
+    from flexvar.generation.editing import load_image
+    from flexvar.transformer.checkpoint import load_flexvar_with_tokenizer
+
+    name = cmd[0]
     cmd = [str(files / "mask.png") if c == "MASK" else c for c in cmd]
     out = tmp_path / "e.png"
     rc, _, err = run([*cmd, "--checkpoint", str(ckpt), "--image", str(files / "img.png"), "--class", "0",
-                      "--steps", "4", "--out", str(out), "--precision", "fp32"], capsys)
+                      "--steps", "4", "--out", str(out), "--precision", "fp32", "--save-tokens"], capsys)
     assert rc == 0, err
-    assert out.is_file()
+    assert Image.open(out).size == EDIT_GRID_SIZE[name]
+    top_row = np.asarray(Image.open(out).convert("RGB"))[:16]
+    tokens = np.load(out.with_suffix(".tokens.npz"))
+    scales = [tuple(s) for s in tokens["scales"].tolist()]
+    _, vq, _ = load_flexvar_with_tokenizer(ckpt, torch.device("cpu"))
+    with torch.no_grad():   # the input image's own tokens at its 8x8 latent
+        z = vq.encode(load_image(files / "img.png", (16, 16)))
+        gt_hw = vq.quantize.nearest(z)[0].numpy()
+    keep = np.ones((8, 8), bool)          # latent cells outside the 4..12 px box / mask
+    keep[2:6, 2:6] = False
+    if name == "inpaint":                 # the box is regenerated, everything else is the input's
+        final = tokens[f"step{len(scales) - 1:02d}"][0]
+        assert (final[keep] == gt_hw[keep]).all()
+        assert (top_row[np.kron(keep, np.ones((2, 2), bool))] == 120).all()   # input shown outside the box
+    elif name == "outpaint":              # the mask is kept, the rest regenerated
+        final = tokens[f"step{len(scales) - 1:02d}"][0]
+        assert (final[~keep] == gt_hw[~keep]).all()
+        assert (top_row[np.kron(~keep, np.ones((2, 2), bool))] == 120).all()
+    elif name == "extend":                # the input sits in the centre of the 16x32 canvas
+        final = tokens[f"step{len(scales) - 1:02d}"][0]
+        assert final.shape == (8, 16) and (final[:, 4:12] == gt_hw).all()
+        assert (top_row[:, 8:24] == 120).all() and (top_row[:, :8] == 255).all() and (top_row[:, 24:] == 255).all()
+    else:                                 # refine: scales up to the image's 8x8 are the input's, then it grows
+        assert scales[-1] == (16, 16)
+        for k, hw in enumerate(scales):
+            if max(hw) <= 8:
+                with torch.no_grad():
+                    gt_k = vq.quantize.quantize(z, hw)[0][0].numpy()
+                assert (tokens[f"step{k:02d}"][0] == gt_k).all(), hw
+        assert (top_row == 120).all()
 
 
 BAD = [

@@ -3,9 +3,13 @@ from __future__ import annotations
 
 import sys
 
+import pytest
+
 import yaml
 
 from tests.project_copy import copy_project, run
+
+pytestmark = pytest.mark.slow   # real dvc repro
 
 
 def test_repro_prepare_then_noop(project_root, tmp_path):

@@ -22,6 +22,8 @@ import yaml
 from tests.flows_support import ROOT, local_ray
 from tests.project_copy import copy_project, run
 
+pytestmark = pytest.mark.slow   # real Ray + Prefect server
+
 DVC = [sys.executable, "-m", "dvc"]
 
 

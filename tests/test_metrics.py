@@ -45,7 +45,7 @@ def test_feature_net_roundtrip_and_any_input_size(feature_net):
     images = torch.randint(0, 256, (3, 3, 48, 40), dtype=torch.uint8)
     features_BD, logits_BK = net(net.to_input(images))
     assert features_BD.shape == (3, net.config["feature_dim"]) and logits_BK.shape == (3, 8)
-    assert torch.load(feature_net, weights_only=True)["metrics"]["val_accuracy"] >= 0.0
+    assert torch.load(feature_net, weights_only=True)["metrics"]["val_accuracy"] > 2 / 8   # chance is 1/8
 
 
 def test_reference_cached_once_and_self_consistent(reference):
@@ -134,6 +134,7 @@ PARAMS = {
 }
 
 
+@pytest.mark.slow   # four pipeline stages end to end
 def test_stages_end_to_end(tiny_prepared, tmp_path, monkeypatch):
     from pipeline import evaluate, reference_stats, report, train_feature_net
 

@@ -8,7 +8,11 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
+
 from tests.project_copy import copy_project, run
+
+pytestmark = pytest.mark.slow   # real dvc repro of the whole chain
 
 
 def test_smoke_pipeline_end_to_end(project_root, tmp_path):
@@ -17,8 +21,20 @@ def test_smoke_pipeline_end_to_end(project_root, tmp_path):
     first = run([sys.executable, "-m", "dvc", "repro"], repo)
     for stage in ("prepare", "train_tokenizer", "extract_latents", "report"):
         assert f"Running stage '{stage}" in first.stdout, first.stdout[-2000:]
+    import math
+
+    import yaml
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
     table = json.loads((repo / "reports" / "fid_table.json").read_text())
-    assert table, "empty FID table"
+    space = params["evaluate"]["feature_space"]
+    assert table["feature_space"] == space
+    assert sorted((r["depth"], r["schedule"]) for r in table["rows"]) == sorted(
+        (d, s) for d in params["variants"]["depths"] for s in params["variants"]["schedules"])   # one row per variant
+    for r in table["rows"]:
+        assert math.isfinite(r[f"fid_{space}"]) and r[f"fid_{space}"] >= 0, r
+        assert r == {**json.loads((repo / "metrics" / "eval" / f"d{r['depth']}" / f"{r['schedule']}.json").read_text()),
+                     **{k: r[k] for k in ("depth", "schedule", "steps", "size", "train_size")}}
     assert (repo / "reports" / "fid_vs_steps.png").is_file()
     second = run([sys.executable, "-m", "dvc", "repro"], repo)
     assert "Running stage" not in second.stdout

@@ -5,6 +5,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -70,7 +71,7 @@ def make_folder(root: Path, with_bad: bool = True, with_val: bool = False) -> di
     """
     for c in ("cats", "dogs"):
         for i in range(6):
-            _save(root / "train" / c / f"{c}{i}.png", _rgb(hash((c, i)) % 1000))
+            _save(root / "train" / c / f"{c}{i}.png", _rgb(zlib.crc32(f"{c}{i}".encode()) % 1000))
         if with_val:
             for i in range(2):
                 _save(root / "val" / c / f"v{c}{i}.jpg", _rgb(500 + i), quality=95)

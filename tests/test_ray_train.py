@@ -20,6 +20,8 @@ import torch
 
 from tests.flows_support import ROOT, local_ray, stage_workdir
 
+pytestmark = pytest.mark.slow   # real Ray Train workers
+
 TOL = 1e-3
 STEPS = 12
 

@@ -23,6 +23,8 @@ import yaml
 
 from tests.flows_support import ROOT, local_ray, stage_workdir
 
+pytestmark = pytest.mark.slow   # real Ray Tune + Prefect + MLflow
+
 SWEEP = {"num_samples": 4, "steps": 8, "grace_steps": 4, "report_every": 4, "cpus_per_trial": 1.0,
          "max_failures": 2, "search_space": {"schedule.canonical_prob": [0.0, 0.5], "schedule.max_drops": [0, 4]}}
 

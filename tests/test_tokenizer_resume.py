@@ -15,6 +15,8 @@ import yaml
 
 from flexvar.config import Params
 
+pytestmark = pytest.mark.slow   # kill-and-resume of a stage process
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, EVERY = 24, 4
 

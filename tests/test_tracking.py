@@ -139,6 +139,7 @@ def _check_pipeline(uri: str, pipeline_id: str) -> dict[str, object]:
     return children
 
 
+@pytest.mark.slow   # a real mlflow server process
 def test_server_two_variants_share_parent(mlflow_server, tmp_path):
     project = _project(tmp_path)
     env = _env(MLFLOW_TRACKING_URI=mlflow_server, FLEXVAR_PIPELINE_RUN_ID="server-pipeline-1")
@@ -147,6 +148,7 @@ def test_server_two_variants_share_parent(mlflow_server, tmp_path):
     _check_pipeline(mlflow_server, "server-pipeline-1")
 
 
+@pytest.mark.slow   # stage subprocesses
 def test_embedded_store_two_variants_share_parent(tmp_path):
     project = _project(tmp_path)
     env = _env(FLEXVAR_PIPELINE_RUN_ID="embedded-pipeline-1")
@@ -159,6 +161,7 @@ def test_embedded_store_two_variants_share_parent(tmp_path):
     assert list((project / "mlartifacts").rglob("d2_short.json"))
 
 
+@pytest.mark.slow   # real dvc repro
 def test_dvc_repro_stages_share_one_parent_per_execution(tmp_path):
     """Two stages of one real `dvc repro` hang under one parent; the next `dvc repro` gets a new one."""
     project = _project(tmp_path)
