@@ -94,7 +94,8 @@ def search_space(params: Params) -> dict[str, Any]:
 def _store(params: Params, root: Path):
     from pipeline.tracking import open_experiment
 
-    return open_experiment(params, root)
+    exp = open_experiment(params, root)
+    return exp.client, exp.experiment_id
 
 
 def sweep_run(params: Params, root: Path, exp_dir: Path, name: str) -> str:

@@ -35,7 +35,7 @@ import re
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 from flexvar.config import Params, select
 from flexvar.run_logger import RunLogger
@@ -130,13 +130,19 @@ def _experiment_id(client, name: str, embedded: bool, root: Path) -> str:
 
 
 # --------------------------------------------------------------------------- pipeline run id
-def open_experiment(params: Params, root: Path) -> tuple[Any, str]:
-    """(MlflowClient, experiment id) of params.tracking.experiment in the store params name (embedded
-    SQLite under `root` by default): probed, the experiment created or restored. Raises TrackingError
-    when the store does not answer. The public way into the store for flows (the sweep)."""
+class Experiment(NamedTuple):
+    client: Any            # mlflow.MlflowClient
+    experiment_id: str
+    uri: str               # the tracking URI it talks to
+
+
+def open_experiment(params: Params, root: Path) -> Experiment:
+    """params.tracking.experiment in the store params name (embedded SQLite under `root` by default):
+    probed, the experiment created or restored. Raises TrackingError when the store does not answer.
+    The public way into the store for stages and flows (the sweep)."""
     uri, embedded = resolve_uri(params, root)
     client = probe(uri)
-    return client, _experiment_id(client, params.tracking.experiment, embedded, root)
+    return Experiment(client, _experiment_id(client, params.tracking.experiment, embedded, root), uri)
 
 
 def _proc_start(pid: int) -> str | None:
@@ -314,7 +320,7 @@ def open_run(stage: str, params: Params, param_keys: list[str], tags: dict | Non
         return UntrackedLogger()
     root = project_root()
     try:
-        client, exp_id = open_experiment(params, root)
+        client, exp_id, uri = open_experiment(params, root)
     except TrackingError as e:
         if params.tracking.required:
             raise
