@@ -1,0 +1,1 @@
+"""Generation: sampling filters, generate at any schedule / size / aspect, image-to-image editing."""

@@ -1,0 +1,1 @@
+"""Transformer: the FlexVAR model, teacher forcing, step schedules, training loop and checkpoint."""
