@@ -254,7 +254,8 @@ def test_training_exact_resume(tmp_path):
     resumed = _trainer(tmp_path, steps=5)
     assert resumed.resume(tmp_path / "state.pt") and resumed.step == 3
     resumed.fit()
-    for name, a, b in [("model", full.model.state_dict(), resumed.model.state_dict()), ("ema", full.ema.state_dict(), resumed.ema.state_dict()),
+    for name, a, b in [("model", full.model.state_dict(), resumed.model.state_dict()),
+                       ("ema", full.ema.state_dict(), resumed.ema.state_dict()),
                        ("disc", full.disc.state_dict(), resumed.disc.state_dict())]:
         for k, v in a.items():
             assert torch.equal(v, b[k]), f"{name}.{k}"
