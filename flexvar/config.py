@@ -261,6 +261,7 @@ class EvaluateConfig(Section):
     feature_net_steps: int = Field(300, ge=1)
     feature_net_batch_size: int = Field(64, ge=1)
     feature_net_lr: float = Field(1e-3, gt=0.0)
+    bootstrap_samples: int = Field(1000, ge=0)    # replicates for the 95% intervals of FID / class accuracy; 0 = none
 
 
 class VariantsConfig(Section):

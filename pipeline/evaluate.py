@@ -4,7 +4,10 @@
 
 Reads samples/d{depth}/{schedule}/samples.npz, scores it against the cached reference
 (reference_stats) in `evaluate.feature_space`, writes metrics/eval/d{depth}/{schedule}.json
-(DVC metrics; keys name the feature space: fid_domain, isc_domain, kid_domain, ...).
+(DVC metrics; keys name the feature space: fid_domain, isc_domain, kid_domain, ...), plus the class
+accuracy of the samples (class_acc_domain), 95% bootstrap intervals (fid_domain_ci_low/_ci_high,
+class_acc_domain_ci_low/_ci_high) and the classifier's accuracy on real val images (class_acc_domain_real,
+the ceiling for class_acc_domain).
 """
 from __future__ import annotations
 
@@ -16,12 +19,14 @@ from pipeline.common import set_offline_env, setup_torch, stage_args, write_json
 set_offline_env()
 
 from flexvar.config import load_params  # noqa: E402
+from flexvar.evaluation.feature_net import feature_net_metrics  # noqa: E402
+from flexvar.evaluation.intervals import sample_intervals  # noqa: E402
 from flexvar.evaluation.metrics import MetricsError, compute_metrics, load_samples  # noqa: E402
 from flexvar.transformer.schedules import schedule_steps  # noqa: E402
 from pipeline.tracking import stage_run  # noqa: E402
 
 PARAM_KEYS = ["seed", "evaluate.feature_space", "evaluate.inception_weights", "evaluate.metrics",
-              "evaluate.reference_split", "evaluate.kid_subset_size"]
+              "evaluate.reference_split", "evaluate.kid_subset_size", "evaluate.bootstrap_samples"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,9 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     keys = PARAM_KEYS + [f"sample.schedules.{args.schedule}"]
     try:
         with stage_run("evaluate", params, keys, variant=variant, tags={"feature_space": cfg.feature_space}) as tracker:
-            images_NCHW, _ = load_samples(samples_path)
-            metrics = compute_metrics(images_NCHW, Path(args.reference) / cfg.feature_space, cfg, args.feature_net,
-                                      device, params.seed)
+            images_NCHW, labels_N = load_samples(samples_path)
+            reference = Path(args.reference) / cfg.feature_space
+            metrics = compute_metrics(images_NCHW, reference, cfg, args.feature_net, device, params.seed)
+            metrics.update(sample_intervals(images_NCHW, labels_N, metrics, reference, cfg, args.feature_net,
+                                            device, params.seed))
+            if cfg.feature_space == "domain":   # the ceiling: the same classifier on real val images
+                metrics["class_acc_domain_real"] = feature_net_metrics(args.feature_net)["val_accuracy"]
             metrics["num_samples"] = len(images_NCHW)
             metrics["steps"] = schedule_steps(params, args.schedule)   # numbers too, for MLflow's compare plots
             metrics["depth"] = args.depth

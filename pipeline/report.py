@@ -2,8 +2,10 @@
 
     python -m pipeline.report --params params.yaml --metrics-dir metrics/eval --out reports
 
-Writes reports/fid_table.md, reports/fid_table.json, reports/fid_vs_steps.png and
+Writes reports/fid_table.md, reports/fid_table.json, reports/fid_vs_steps.png,
+reports/class_acc_vs_steps.png (its companion: class accuracy of samples, real-image ceiling) and
 reports/fid_vs_steps.csv (DVC plot with pipeline/fid_vs_steps.vega.json: x = steps, one line per depth).
+Both PNGs draw the 95% bootstrap intervals as error bars.
 """
 from __future__ import annotations
 
@@ -16,11 +18,18 @@ from pipeline.common import set_offline_env, stage_args, write_json
 set_offline_env()
 
 from flexvar.config import load_params  # noqa: E402
-from flexvar.evaluation.report import markdown_table, plot_fid_vs_steps, sort_rows, write_plot_data  # noqa: E402
+from flexvar.evaluation.report import (  # noqa: E402
+    markdown_table, plot_class_acc_vs_steps, plot_fid_vs_steps, sort_rows, write_plot_data,
+)
 from flexvar.transformer.schedules import schedule_size, schedule_steps  # noqa: E402
 from pipeline.tracking import stage_run  # noqa: E402
 
 PARAM_KEYS = ["variants", "sample.schedules", "data.resolution", "evaluate.feature_space"]
+
+
+def reported_keys(space: str) -> list[str]:
+    """Per-variant keys the report run logs to MLflow: FID and class accuracy with their intervals."""
+    return [f"{m}_{space}{ci}" for m in ("fid", "class_acc") for ci in ("", "_ci_low", "_ci_high")]
 
 
 def collect(params, metrics_dir: Path) -> list[dict]:
@@ -51,9 +60,12 @@ def main(argv: list[str] | None = None) -> int:
         write_json(out / "fid_table.json", {"feature_space": space, "rows": rows})
         write_plot_data(rows, space, out / "fid_vs_steps.csv")
         plot_fid_vs_steps(rows, space, out / "fid_vs_steps.png")
+        plot_class_acc_vs_steps(rows, space, out / "class_acc_vs_steps.png")
         for r in rows:
-            tracker.log_metrics({f"fid_{space}_d{r['depth']}_{r['schedule']}": r[f"fid_{space}"]})
-        for name in ("fid_table.md", "fid_table.json", "fid_vs_steps.png", "fid_vs_steps.csv"):
+            tracker.log_metrics({f"{key}_d{r['depth']}_{r['schedule']}": r[key]
+                                 for key in reported_keys(space) if key in r})
+        for name in ("fid_table.md", "fid_table.json", "fid_vs_steps.png", "class_acc_vs_steps.png",
+                     "fid_vs_steps.csv"):
             tracker.log_artifact(out / name)
     print(table)
     return 0

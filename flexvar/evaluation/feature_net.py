@@ -71,6 +71,11 @@ def load_feature_net(path: str | os.PathLike, map_location: str | torch.device =
     return model.eval().requires_grad_(False)
 
 
+def feature_net_metrics(path: str | os.PathLike) -> dict[str, float]:
+    """The metrics saved with the checkpoint at training time (val_accuracy, val_loss)."""
+    return dict(load_checkpoint(path, kind=KIND)["metrics"])
+
+
 @torch.no_grad()
 def evaluate_feature_net(model: FeatureNet, split: ImageSplit, device: torch.device,
                          batch_size: int = 256) -> dict[str, float]:
