@@ -8,6 +8,7 @@ process's CPU time) are the load-independent cost.
 
     python benchmarks/tokenizer_frontier.py --params params.yaml --steps 300 --out frontier.jsonl \
         --setting base= --setting ch32=tokenizer.ch=32 --setting lr4e-3=train_tokenizer.lr=0.004
+    python benchmarks/tokenizer_frontier.py --out frontier.jsonl --table     # the markdown table
 """
 from __future__ import annotations
 
@@ -73,14 +74,33 @@ def run_setting(name: str, spec: str, raw: dict, steps: int, train, val, tmp: Pa
             "threads": torch.get_num_threads()}
 
 
+def markdown(rows: list[dict]) -> str:
+    """The frontier table: one row per setting, PSNR at every scale, wall and CPU minutes, the load seen."""
+    scales = sorted({int(s) for r in rows for s in r["psnr_per_scale"]})
+    head = (["setting", "overrides", "steps", "latent", "params (M)", "train min (wall)", "train min (CPU)", "load"]
+            + [f"PSNR {s}x{s}" for s in scales] + ["usage"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        psnr = [f"{r['psnr_per_scale'].get(str(s), r['psnr_per_scale'].get(s, ''))}" for s in scales]
+        lines.append("| " + " | ".join([r["setting"], f"`{r['overrides'] or '(params.yaml)'}`", str(r["steps"]),
+                                        f"{r['latent']}x{r['latent']}", f"{r['params_M']:.2f}", f"{r['train_minutes']:.1f}",
+                                        f"{r['train_cpu_minutes']:.1f}", f"{r['load_start']:.0f}-{r['load_end']:.0f}",
+                                        *psnr, f"{r['usage']:.3f}"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--steps", type=int, default=300, help="steps per setting unless it sets train_tokenizer.steps")
     ap.add_argument("--val", type=int, default=256, help="val images for PSNR")
-    ap.add_argument("--setting", action="append", required=True, help="NAME=key=value;key=value (may repeat)")
+    ap.add_argument("--setting", action="append", default=[], help="NAME=key=value;key=value (may repeat)")
     ap.add_argument("--out", default="tokenizer_frontier.jsonl")
+    ap.add_argument("--table", action="store_true", help="print the markdown table of --out and stop")
     args = ap.parse_args(argv)
+    if args.table:
+        print(markdown([json.loads(line) for line in Path(args.out).read_text().splitlines() if line.strip()]))
+        return 0
     raw = yaml.safe_load(Path(args.params).read_text())
     params = load_params(args.params)
     data = params.data
