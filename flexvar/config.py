@@ -17,9 +17,10 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from flexvar.errors import FlexvarError
 
 
-class ConfigError(ValueError):
+class ConfigError(FlexvarError, ValueError):
     """params.yaml (or a preset/override) is invalid; the message names the key path and value."""
 
 
@@ -247,6 +248,7 @@ class SampleConfig(Section):
     top_p: float = Field(0.0, ge=0.0, le=1.0)  # 0 = off
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     greedy_outside: bool = True           # scales above the training latent: greedy tokens, full cfg (official)
+    max_memory_gb: float = Field(16.0, gt=0.0)   # refuse a generation whose estimated peak is above this
     schedules: dict[str, ScheduleSpec] = Field(default_factory=lambda: {
         "short": ScheduleSpec(steps=4), "canonical": ScheduleSpec(scales=[1, 2, 3, 4, 5, 6, 8]),
         "long": ScheduleSpec(steps=8), "large": ScheduleSpec(steps=8, size=(96, 96))})
@@ -421,6 +423,8 @@ def load_params_dict(data: dict[str, Any] | None, origin: str = "params.yaml") -
 def load_params(path: str | os.PathLike = "params.yaml") -> Params:
     """Read and validate params.yaml."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder; give the params file (params.yaml)")
     if not path.is_file():
         raise ConfigError(f"{path}: not found; run from the project root or pass the params file path")
     try:

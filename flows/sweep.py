@@ -30,15 +30,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.env import setup as _env_setup
+import yaml
+from prefect import flow, get_run_logger
 
-_env_setup()
-
-import yaml  # noqa: E402
-from prefect import flow, get_run_logger  # noqa: E402
-
-from flexvar.config import ConfigError, Params, load_params, load_params_dict  # noqa: E402
-from flexvar.run_logger import RunLogger  # noqa: E402
+from flexvar.config import ConfigError, Params, load_params, load_params_dict
+from flexvar.run_logger import RunLogger
 
 RESULTS_DIR = "ray_results"
 

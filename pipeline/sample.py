@@ -10,7 +10,6 @@ OUT/info.json (schedule, size, timing). `sample.per_class` images per class, set
 """
 from __future__ import annotations
 
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -18,17 +17,17 @@ from pathlib import Path
 import numpy as np
 from einops import rearrange
 
-from pipeline.common import set_offline_env, setup_torch, stage_args, write_json
+from pipeline.common import setup_torch, stage_args, write_json
 
-set_offline_env()
-
-from flexvar.checkpoint import CheckpointError  # noqa: E402
-from flexvar.config import ConfigError, load_params  # noqa: E402
-from flexvar.data.splits import to_uint8  # noqa: E402
-from flexvar.generation.generate import ScheduleError, class_labels, generate, resolve_schedule  # noqa: E402
-from flexvar.grid import class_grid  # noqa: E402
-from flexvar.transformer.checkpoint import load_flexvar_with_tokenizer  # noqa: E402
-from pipeline.tracking import TrackingError, stage_run  # noqa: E402
+from flexvar.config import ConfigError, load_params
+from flexvar.data.splits import to_uint8
+from flexvar.errors import about, command
+from flexvar.generation.generate import ScheduleError, class_labels, generate, resolve_schedule
+from flexvar.generation.memory import check_generation_memory
+from flexvar.grid import class_grid
+from flexvar.outputs import check_out_dir, replace_dir
+from flexvar.transformer.checkpoint import load_flexvar_with_tokenizer
+from pipeline.tracking import stage_run
 
 PARAM_KEYS = ["seed", "sample"]
 GRID_PER_CLASS = 8
@@ -56,11 +55,9 @@ def schedule_of(params, name: str, meta: dict):
 
 
 def write_samples(out: Path, images_uint8_N3HW, labels_N, class_names: list[str]) -> None:
-    """samples.npz (ADM layout), one PNG per image, a per-class grid."""
+    """samples.npz (ADM layout), one PNG per image, a per-class grid, into the (new, empty) folder `out`."""
     from PIL import Image
 
-    if out.exists():
-        shutil.rmtree(out)
     (out / "images").mkdir(parents=True)
     arr_NHW3 = rearrange(images_uint8_N3HW, "n c h w -> n h w c").numpy()
     np.savez(out / "samples.npz", arr_0=arr_NHW3, labels=labels_N.numpy().astype(np.int64))
@@ -70,38 +67,41 @@ def write_samples(out: Path, images_uint8_N3HW, labels_N, class_names: list[str]
     class_grid(images_uint8_N3HW, labels_N, class_names, per_class=per_class).save(out / "grid.png")
 
 
+@command("sample")
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     d, name = args.depth, args.schedule
     model_dir, out = Path(args.model or f"models/d{d}"), Path(args.out or f"samples/d{d}/{name}")
-    try:
-        params = load_params(args.params)
-        device = setup_torch(params)
-        cfg = params.sample
+    params = load_params(args.params)
+    check_out_dir(out)
+    device = setup_torch(params)
+    cfg = params.sample
+    with about("--model"):
         model, vqvae, meta = load_flexvar_with_tokenizer(model_dir, device)
-        scales = schedule_of(params, name, meta)
-        class_names = list(meta.get("class_names") or [str(c) for c in range(meta["num_classes"])])
-        labels = class_labels(meta["num_classes"], cfg.per_class)
-        with stage_run("sample", params, PARAM_KEYS, variant=f"d{d}/{name}") as log:
-            t0 = time.perf_counter()
-            result = generate(model, vqvae, labels, scales, batch_size=cfg.batch_size, seed=params.seed,
-                              cfg=cfg.cfg, cfg_schedule=cfg.cfg_schedule, top_k=cfg.top_k, top_p=cfg.top_p,
-                              train_side=max(meta["latent_hw"]), greedy_outside=cfg.greedy_outside,
-                              precision=cfg.precision, progress=True)
-            seconds = time.perf_counter() - t0
-            images = to_uint8(result.images)
-            write_samples(out, images, result.labels, class_names)
-            info = {"depth": d, "schedule": name, "scales": [list(s) for s in scales], "steps": len(scales),
-                    "size": list(images.shape[-2:]), "num_images": len(images), "seconds": seconds,
-                    "images_per_s": len(images) / seconds, "device": str(device), "precision": cfg.precision}
-            write_json(out / "info.json", info)
-            log.log_metrics({"images_per_s": info["images_per_s"], "sample_seconds": seconds,
-                             "num_images": len(images), "steps": len(scales)})
-            log.log_artifact(out / "grid.png")
-            log.log_artifact(out / "info.json")
-    except (ConfigError, CheckpointError, TrackingError, FileNotFoundError) as e:
-        print(f"sample: error: {e}", file=sys.stderr)
-        return 2
+    scales = schedule_of(params, name, meta)
+    class_names = list(meta.get("class_names") or [str(c) for c in range(meta["num_classes"])])
+    labels = class_labels(meta["num_classes"], cfg.per_class)
+    check_generation_memory(model, vqvae, scales, min(cfg.batch_size, len(labels)), cfg.cfg > 0, cfg.max_memory_gb,
+                            what=f"sample.schedules.{name} with sample.batch_size {cfg.batch_size}",
+                            setting="sample.max_memory_gb", num_images=len(labels))
+    with stage_run("sample", params, PARAM_KEYS, variant=f"d{d}/{name}") as log:
+        t0 = time.perf_counter()
+        result = generate(model, vqvae, labels, scales, batch_size=cfg.batch_size, seed=params.seed,
+                          cfg=cfg.cfg, cfg_schedule=cfg.cfg_schedule, top_k=cfg.top_k, top_p=cfg.top_p,
+                          train_side=max(meta["latent_hw"]), greedy_outside=cfg.greedy_outside,
+                          precision=cfg.precision, progress=True)
+        seconds = time.perf_counter() - t0
+        images = to_uint8(result.images)
+        info = {"depth": d, "schedule": name, "scales": [list(s) for s in scales], "steps": len(scales),
+                "size": list(images.shape[-2:]), "num_images": len(images), "seconds": seconds,
+                "images_per_s": len(images) / seconds, "device": str(device), "precision": cfg.precision}
+        with replace_dir(out, "sample") as tmp:
+            write_samples(tmp, images, result.labels, class_names)
+            write_json(tmp / "info.json", info)
+        log.log_metrics({"images_per_s": info["images_per_s"], "sample_seconds": seconds,
+                         "num_images": len(images), "steps": len(scales)})
+        log.log_artifact(out / "grid.png")
+        log.log_artifact(out / "info.json")
     print(f"sample: d{d}/{name}: {len(images)} images {images.shape[-2]}x{images.shape[-1]} "
           f"({len(scales)} steps) in {seconds:.1f}s -> {out}")
     return 0

@@ -38,17 +38,18 @@ from pathlib import Path
 from typing import Any, Iterator, NamedTuple
 
 from flexvar.config import Params, select
+from flexvar.errors import FlexvarError
 from flexvar.run_logger import RunLogger
 from flexvar.transformer.schedules import schedule_size, schedule_steps
 
-from pipeline.common import file_lock, set_offline_env
+from pipeline.common import file_lock
 
 PROBE_TIMEOUT_S = 3
 PARAM_CHUNK = 100     # MLflow's log_batch limit on params per call
 METRIC_CHUNK = 1000   # ... and on metrics per call
 
 
-class TrackingError(RuntimeError):
+class TrackingError(FlexvarError, RuntimeError):
     """The tracking store cannot be used (unreachable server, bad URI)."""
 
 
@@ -313,7 +314,6 @@ class UntrackedLogger(RunLogger):
 def open_run(stage: str, params: Params, param_keys: list[str], tags: dict | None = None,
              variant: str | None = None) -> RunLogger:
     """Start the stage's child run (see `stage_run`); caller closes it."""
-    set_offline_env()
     from flexvar.distributed import is_main
 
     if not is_main():   # multi-worker training (flows/ray_train.py): rank 0 alone tracks

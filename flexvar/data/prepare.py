@@ -31,12 +31,13 @@ from tqdm import tqdm
 
 from flexvar.config import DataConfig
 from flexvar.data.synthetic import BUILTIN, render_shapes
+from flexvar.errors import FlexvarError
 
 log = logging.getLogger(__name__)
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
-class DataError(RuntimeError):
+class DataError(FlexvarError, RuntimeError):
     """The source cannot be prepared (missing path, empty class, no valid image, bad image in fail mode)."""
 
 

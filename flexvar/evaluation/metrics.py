@@ -28,6 +28,7 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from flexvar.checkpoint import file_sha256
 from flexvar.config import EvaluateConfig
 from flexvar.evaluation.feature_net import load_feature_net
+from flexvar.errors import FlexvarError
 
 DOMAIN_EXTRACTOR = "flexvar-domain"
 INCEPTION_EXTRACTOR = "inception-v3-compat"
@@ -48,7 +49,7 @@ _RENAME = {
 }
 
 
-class MetricsError(RuntimeError):
+class MetricsError(FlexvarError, RuntimeError):
     """Metrics cannot be computed as configured (missing weights, missing reference cache, too few images)."""
 
 
@@ -122,9 +123,12 @@ class _CachedOnly(Dataset):
 
 def load_samples(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
     """samples.npz (OpenAI ADM evaluator layout: arr_0 uint8 (N, H, W, 3), labels (N,)) -> NCHW uint8, labels."""
-    with np.load(path) as npz:
-        images_NHWC = npz["arr_0"]
-        labels_N = npz["labels"] if "labels" in npz.files else np.full(len(images_NHWC), -1)
+    try:
+        with np.load(path) as npz:
+            images_NHWC = npz["arr_0"]
+            labels_N = npz["labels"] if "labels" in npz.files else np.full(len(images_NHWC), -1)
+    except (OSError, ValueError, KeyError, EOFError, AttributeError) as e:
+        raise MetricsError(f"{path}: not a samples.npz with an arr_0 array ({type(e).__name__}: {e})") from None
     if images_NHWC.dtype != np.uint8 or images_NHWC.ndim != 4 or images_NHWC.shape[-1] != 3:
         raise MetricsError(f"{path}: arr_0 must be uint8 (N, H, W, 3), got {images_NHWC.dtype} {images_NHWC.shape}")
     images_NCHW = torch.from_numpy(np.ascontiguousarray(images_NHWC.transpose(0, 3, 1, 2)))

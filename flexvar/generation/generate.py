@@ -29,12 +29,13 @@ from flexvar.device import autocast_ctx, resolve_precision
 from flexvar.generation.sampling import guidance_scale, guide, sample_tokens
 from flexvar.transformer.schedules import PRESETS, _aspect, make_schedule
 from flexvar.transformer.teacher_forcing import ResidualCanvas, gt_next_input
+from flexvar.errors import FlexvarError
 
 Scales = list[tuple[int, int]]
 Forced = list[tuple[torch.Tensor, torch.Tensor] | None]   # per step: (ids_Bhw, force_Bhw bool) or None
 
 
-class ScheduleError(ValueError):
+class ScheduleError(FlexvarError, ValueError):
     """A schedule or size that cannot be generated; the message names what is wrong."""
 
 
