@@ -22,7 +22,7 @@ from pipeline.common import setup_torch, stage_args, write_json
 from flexvar.config import ConfigError, load_params
 from flexvar.data.splits import to_uint8
 from flexvar.errors import about, command
-from flexvar.generation.generate import ScheduleError, class_labels, generate, resolve_schedule
+from flexvar.generation.generate import ScheduleError, class_labels, generate, spec_scales
 from flexvar.generation.memory import check_generation_memory
 from flexvar.grid import class_grid
 from flexvar.outputs import check_out_dir, replace_dir
@@ -45,11 +45,8 @@ def schedule_of(params, name: str, meta: dict):
     """(h, w) scales of the named schedule for this checkpoint's latent and downsampling."""
     if name not in params.sample.schedules:
         raise ConfigError(f"schedule {name!r} is not in sample.schedules ({', '.join(params.sample.schedules)})")
-    spec = params.sample.schedules[name]
     try:
-        return resolve_schedule(steps=spec.steps, scales=spec.scales, preset=spec.preset,
-                                size_hw=tuple(spec.size) if spec.size else None,
-                                train_latent_hw=tuple(meta["latent_hw"]), downsample=int(meta["downsample"]))
+        return spec_scales(params.sample.schedules[name], meta["latent_hw"], int(meta["downsample"]))
     except ScheduleError as e:
         raise ConfigError(f"sample.schedules.{name}: {e}") from None
 

@@ -101,6 +101,14 @@ def resolve_schedule(*, steps: int | None = None, scales: list | None = None, pr
     return make_schedule(steps, (H, W))
 
 
+def spec_scales(spec, train_latent_hw: tuple[int, int], downsample: int) -> Scales:
+    """(h, w) scales of a named schedule from params (a `ScheduleSpec` of sample.schedules or
+    sweep.eval_panel) for a model trained at `train_latent_hw` latents."""
+    return resolve_schedule(steps=spec.steps, scales=spec.scales, preset=spec.preset,
+                            size_hw=tuple(spec.size) if spec.size else None,
+                            train_latent_hw=tuple(train_latent_hw), downsample=downsample)
+
+
 # --------------------------------------------------------------------------- generation
 @dataclass
 class Generation:
@@ -242,5 +250,5 @@ def grid_columns(n: int) -> int:
     return max(1, math.ceil(math.sqrt(n)))
 
 
-__all__ = ["Generation", "ScheduleError", "resolve_schedule", "latent_size", "check_scales", "generate",
+__all__ = ["Generation", "ScheduleError", "resolve_schedule", "spec_scales", "latent_size", "check_scales", "generate",
            "generate_batch", "decode_tokens", "make_generator", "class_labels"]
