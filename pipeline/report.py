@@ -6,6 +6,8 @@ Writes reports/fid_table.md, reports/fid_table.json, reports/fid_vs_steps.png,
 reports/class_acc_vs_steps.png (its companion: class accuracy of samples, real-image ceiling) and
 reports/fid_vs_steps.csv (DVC plot with pipeline/fid_vs_steps.vega.json: x = steps, one line per depth).
 Both PNGs draw the 95% bootstrap intervals as error bars.
+MLflow: the report run and the pipeline's parent run both get the files and the per-variant metrics
+(`fid_<space>_d{depth}_{schedule}`, ...); one top-level `FID vs steps d{depth}` run per depth holds the curve.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from flexvar.evaluation.report import (
 )
 from flexvar.outputs import check_in_dir, check_out_dir
 from flexvar.transformer.schedules import schedule_size, schedule_steps
-from pipeline.tracking import stage_run
+from pipeline.tracking import parent_logger, stage_run, summary_run
 
 PARAM_KEYS = ["variants", "sample.schedules", "data.resolution", "evaluate.feature_space"]
 
@@ -60,6 +62,19 @@ def collect(params, metrics_dir: Path) -> list[dict]:
     return sort_rows(rows)
 
 
+def log_curves(tracker, rows: list[dict], space: str) -> None:
+    """One run per depth, `FID vs steps d{depth}`, whose metric `fid_<space>_vs_steps` has the FID of
+    each schedule at step = its number of steps (other output sizes: `..._vs_steps_<HxW>`). In the
+    MLflow UI's chart view these runs draw FID against steps, one line per depth (README)."""
+    for depth in sorted({r["depth"] for r in rows}):
+        curve = summary_run(tracker, f"FID vs steps d{depth}", {"flexvar_role": "fid_curve", "depth": str(depth),
+                                                                 "feature_space": space})
+        for r in sorted((r for r in rows if r["depth"] == depth), key=lambda r: r["steps"]):
+            key = f"fid_{space}_vs_steps" + ("" if r["size"] == r["train_size"] else f"_{r['size']}")
+            curve.log_metrics({key: r[f"fid_{space}"]}, step=r["steps"])
+        curve.close()
+
+
 @command("report")
 def main(argv: list[str] | None = None) -> int:
     args = stage_args(__doc__, argv, metrics_dir={"default": "metrics/eval"}, out={"default": "reports"})
@@ -76,12 +91,14 @@ def main(argv: list[str] | None = None) -> int:
         write_plot_data(rows, space, out / "fid_vs_steps.csv")
         plot_fid_vs_steps(rows, space, out / "fid_vs_steps.png")
         plot_class_acc_vs_steps(rows, space, out / "class_acc_vs_steps.png")
-        for r in rows:
-            tracker.log_metrics({f"{key}_d{r['depth']}_{r['schedule']}": r[key]
-                                 for key in reported_keys(space) if key in r})
-        for name in ("fid_table.md", "fid_table.json", "fid_vs_steps.png", "class_acc_vs_steps.png",
-                     "fid_vs_steps.csv"):
-            tracker.log_artifact(out / name)
+        per_variant = {f"{key}_d{r['depth']}_{r['schedule']}": r[key]
+                       for r in rows for key in reported_keys(space) if key in r}
+        for log in (tracker, parent_logger(tracker)):     # the parent run carries the report too
+            log.log_metrics(per_variant)
+            for name in ("fid_table.md", "fid_table.json", "fid_vs_steps.png", "class_acc_vs_steps.png",
+                         "fid_vs_steps.csv"):
+                log.log_artifact(out / name)
+        log_curves(tracker, rows, space)
     print(table)
     return 0
 
