@@ -264,13 +264,9 @@ def _rounded(v: Any) -> Any:
 
 def best_config_yaml(settings: dict[str, Any], metric: str, value: float) -> str:
     """The winner as a partial params file (nested keys) for `flexvar preset FILE`."""
-    nested: dict[str, Any] = {}
-    for key, v in settings.items():
-        d = nested
-        parts = key.split(".")
-        for p in parts[:-1]:
-            d = d.setdefault(p, {})
-        d[parts[-1]] = v
+    from flows.transfer import apply_settings
+
+    nested = apply_settings({}, settings)
     head = f"# best sweep trial: {metric} = {value:.5f}\n# apply: flexvar preset <this file>   or   dvc exp run {dvc_set_args(settings)}\n"
     return head + yaml.safe_dump(nested, sort_keys=False, default_flow_style=None)
 

@@ -27,15 +27,20 @@ from flexvar.config import ConfigError, Params, load_params, load_params_dict
 LABELS = ("default", "best")
 
 
-def setting_params(base_yaml: dict, settings: dict[str, Any], depth: int, steps: int | None) -> dict:
-    """params.yaml's mapping with whole `settings` (dotted, no list indices) applied, one depth, maybe fewer steps."""
-    data = copy.deepcopy(base_yaml)
+def apply_settings(data: dict, settings: dict[str, Any]) -> dict:
+    """Set whole settings given by dotted keys (no list indices) in a nested params mapping, in place."""
     for key, value in settings.items():
         d = data
         parts = key.split(".")
         for p in parts[:-1]:
             d = d.setdefault(p, {})
         d[parts[-1]] = value
+    return data
+
+
+def setting_params(base_yaml: dict, settings: dict[str, Any], depth: int, steps: int | None) -> dict:
+    """params.yaml's mapping with whole `settings` (dotted, no list indices) applied, one depth, maybe fewer steps."""
+    data = apply_settings(copy.deepcopy(base_yaml), settings)
     data.setdefault("variants", {})["depths"] = [depth]
     if steps is not None:
         data.setdefault("train_transformer", {})["steps"] = steps
