@@ -82,6 +82,7 @@ class TransformerConfig(Section):
     prediction: Literal["gt", "residual"] = "gt"
     pos_embed: Literal["scalable", "fixed"] = "scalable"
     pos_embed_learnable: bool = True
+    attention: Literal["auto", "sdpa", "flex"] = "auto"   # auto: flex (block-sparse) on CUDA, dense on CPU
 
 
 class ScheduleConfig(Section):
@@ -218,6 +219,7 @@ class TrainTransformerConfig(OptimConfig):
     label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
     grad_accum: int = Field(1, ge=1)
     compile: bool = False
+    compile_bucket: int = Field(128, ge=0)   # compiled: pad sequences to a multiple of this; 0 = dynamic shapes
     val_batches: int = Field(4, ge=1)
 
 
@@ -288,6 +290,7 @@ class ResourcesConfig(Section):
     ray_address: str = ""                 # empty = start Ray locally
     ray_num_cpus: int = Field(0, ge=0)    # local Ray only: CPUs it may use; 0 = all
     train_workers: int = Field(1, ge=1)
+    parallelism: Literal["ddp", "fsdp"] = "ddp"   # multi-worker training: DDP, or FSDP2 sharding (transformer)
     retries: int = Field(1, ge=0)
     retry_delay_s: float = Field(5.0, ge=0.0)
     stages: dict[str, StageResources] = Field(default_factory=dict)

@@ -1,19 +1,35 @@
-"""Data-parallel training hooks: no-ops unless torch.distributed is initialised.
+"""Data-parallel training through PyTorch's own DDP and FSDP2: no-ops unless torch.distributed is initialised.
 
 The training loops call these so the same loop runs on one process or on N workers (Ray Train's
 TorchTrainer sets up the process group: gloo on CPU, NCCL on GPU). With N workers each one takes
-a 1/N slice of the global batch, gradients are averaged across workers before clipping (what DDP
-does), so N workers follow the single-process trajectory with the same global batch up to float
+a 1/N slice of the global batch and `wrap` hands the model to
+  * `ddp`: `DistributedDataParallel` - gradient buckets are all-reduced (averaged) while backward
+    still runs, so communication overlaps computation;
+  * `fsdp`: FSDP2 `fully_shard` per transformer block and at the root - parameters, gradients and
+    optimiser state are sharded over the workers (each holds 1/N), gathered block by block.
+Either way N workers follow the single-process trajectory with the same global batch up to float
 summation order and per-sample randomness (class dropout, drop-path draw from each worker's RNG).
+`grad_sync(model, last)` skips the gradient communication on all but the last micro-step of
+gradient accumulation. Checkpoints go through torch.distributed.checkpoint's state-dict API with
+full (consolidated) state dicts, keyed by parameter names, so a checkpoint written by N workers loads
+in one process and vice versa.
 
 Nothing here knows about Ray: any launcher that initialises torch.distributed works (torchrun too).
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+import contextlib
+from typing import Any, Iterable, Literal
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
+from torch.distributed.tensor import DTensor
+
+Parallelism = Literal["ddp", "fsdp"]
+PARALLELISMS = ("ddp", "fsdp")
 
 
 def active() -> bool:
@@ -44,22 +60,6 @@ def broadcast_params(module: torch.nn.Module) -> None:
             dist.broadcast(t.data, src=0)
 
 
-def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
-    """Mean of each gradient across workers, in place (one flat all-reduce per call)."""
-    if not active():
-        return
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
-
-
 def mean_across(value: float) -> float:
     """Mean of a scalar over workers (for logging the global loss)."""
     if not active():
@@ -78,3 +78,87 @@ def from_main(obj: Any) -> Any:
     box = [obj if is_main() else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+# --------------------------------------------------------------------------- model wrapping
+def wrap(model: nn.Module, parallelism: Parallelism, device: torch.device,
+         shard_units: Iterable[nn.Module] = ()) -> nn.Module:
+    """`model` ready for data-parallel training; `model` itself in a single process.
+
+    ddp: a DistributedDataParallel around `model` (broadcasts rank 0's weights at construction;
+    `model` stays a plain module the caller can save). fsdp: `model` sharded in place with
+    `fully_shard`, each of `shard_units` (the transformer blocks) as its own unit so only one block is
+    gathered at a time; rank 0's weights are broadcast first. The caller keeps a plain copy if it needs one.
+    """
+    if parallelism not in PARALLELISMS:
+        raise ValueError(f"resources.parallelism must be one of {', '.join(PARALLELISMS)}, got {parallelism!r}")
+    if not active():
+        return model
+    if parallelism == "ddp":
+        ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    broadcast_params(model)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for unit in shard_units:
+        fully_shard(unit, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def grad_sync(model: nn.Module, last: bool):
+    """Context for one micro-step's backward: gradients are communicated only when `last` (no_sync otherwise)."""
+    if last:
+        return contextlib.nullcontext()
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):   # FSDP2 module: reduce-scatter only on the last micro-step
+        return _fsdp_no_sync(model)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model: nn.Module):
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DDP wrapper (an FSDP2 module is its own module)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """True for an FSDP2 module: every worker must take part in its forward passes (evaluation too)."""
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def clip_grad_norm(params: Iterable[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Total gradient norm (a plain tensor, also over sharded gradients) after clipping to max_norm."""
+    norm = nn.utils.clip_grad_norm_(list(params), max_norm)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+# --------------------------------------------------------------------------- checkpoints
+FULL = StateDictOptions(full_state_dict=True)
+
+
+def full_state(model: nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Consolidated (model, optimiser) state dicts keyed by parameter names, the same on every worker and
+    in one process (collective under fsdp: call it on every worker)."""
+    return get_state_dict(unwrap(model), opt, options=FULL)
+
+
+def full_model_state(model: nn.Module) -> dict:
+    """Consolidated model state dict (collective under fsdp)."""
+    return get_model_state_dict(unwrap(model), options=FULL)
+
+
+def load_full_state(model: nn.Module, opt: torch.optim.Optimizer, model_sd: dict, optim_sd: dict) -> None:
+    """Load what `full_state` returned (from any number of workers) into a plain, DDP or FSDP model."""
+    set_state_dict(unwrap(model), opt, model_state_dict=model_sd, optim_state_dict=optim_sd, options=FULL)

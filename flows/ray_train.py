@@ -8,8 +8,9 @@ form one torch.distributed group (gloo on CPU, NCCL on GPU); with N = 1 it simpl
 process. The pipeline flow (flows/pipeline.py) uses this for the training stages automatically.
 
 How the N copies cooperate (the library side is flexvar/distributed.py, no-ops in one process):
-  * every worker takes 1/N of each global batch (`train_*.batch_size` stays the global batch) and
-    gradients are averaged before clipping, so the loss follows the 1-worker trajectory;
+  * every worker takes 1/N of each global batch (`train_*.batch_size` stays the global batch); the model
+    runs under PyTorch DDP (gradient buckets averaged during backward) or, with
+    `resources.parallelism: fsdp`, FSDP2 sharding — so the loss follows the 1-worker trajectory;
   * rank 0 reads the resume checkpoint and broadcasts it, so a resumed run continues everywhere;
   * rank 0 alone writes the stage's outputs (models/, metrics/, plots/, the resume checkpoint) and
     logs to MLflow (pipeline/tracking.py gives other ranks an untracked logger); other ranks write

@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         result = train_transformer(
             model, quantizer, train, val, cfg, params.schedule, prediction=tcfg.prediction, seed=params.seed,
             device=device, out_dir=out, logger=MultiLogger([log, train_csv]),
-            val_logger=MultiLogger([log, val_csv]), fingerprint=fingerprint, stop_after=args.stop_after)
+            val_logger=MultiLogger([log, val_csv]), fingerprint=fingerprint, stop_after=args.stop_after,
+            parallelism=params.resources.parallelism)
         if result.step < cfg.steps:
             print(f"train_transformer: stopped at step {result.step}/{cfg.steps} (--stop-after); rerun to resume")
             return 0

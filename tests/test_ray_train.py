@@ -1,15 +1,18 @@
-"""Multi-worker training through Ray Train: 2 workers follow the 1-worker loss trajectory.
+"""Multi-worker training through Ray Train (PyTorch DDP / FSDP2 on gloo): 2 workers follow the 1-worker loss trajectory.
 
 Both runs use the same global batch (8), fp32, no class dropout / drop-path (those draw per-worker
 random numbers, the one legitimate difference). Tolerance: |loss_2w - loss_1w| <= 1e-3 at every
 step (float summation order differs: two half-batch means averaged vs one full-batch mean).
-The second test runs the real train_transformer stage on 2 workers: rank 0 writes the outputs,
-rank 1 only scratch copies, and the weights equal a 1-worker run's within tolerance.
+Checked for `ddp` and for `fsdp` (with gradient accumulation, so no_sync micro-steps are covered),
+for a 2-worker run killed mid-training (one worker SIGKILLed; Ray Train restarts the group, which
+resumes from rank 0's consolidated checkpoint), and for the real train_transformer stage on 2
+workers: rank 0 writes the outputs, rank 1 only scratch copies, and the weights equal a 1-worker run's.
 """
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -26,8 +29,10 @@ TOL = 1e-3
 STEPS = 12
 
 
-def tiny_training(out_dir: str, steps: int = STEPS) -> list[dict]:
-    """A tiny FlexVAR on structured random latents (4 classes, 8x8) with the library loop; history on rank 0."""
+def tiny_training(out_dir: str, steps: int = STEPS, parallelism: str = "ddp", grad_accum: int = 1,
+                  checkpoint_every: int = STEPS, kill_rank_at: tuple[int, int] | None = None) -> list[dict]:
+    """A tiny FlexVAR on structured random latents (4 classes, 8x8) with the library loop; history on rank 0.
+    `kill_rank_at` (rank, step): that worker SIGKILLs itself after that step, once (a marker file remembers)."""
     from flexvar.config import ScheduleConfig, TrainTransformerConfig, TransformerConfig
     from flexvar.distributed import rank_world
     from flexvar.data.latent_cache import LatentSplit
@@ -51,11 +56,24 @@ def tiny_training(out_dir: str, steps: int = STEPS) -> list[dict]:
     quantizer = MultiScaleQuantizer(64, 8)
     tcfg = TransformerConfig(depth=1, width=32, heads=2, drop_path_rate=0.0, class_dropout=0.0)
     model = FlexVAR(tcfg, 64, 8, 4, pe_size=8)
-    cfg = TrainTransformerConfig(steps=steps, batch_size=8, warmup_steps=2, log_every=1, eval_every=steps,
-                                 checkpoint_every=steps, val_batches=1, precision="fp32")
+    cfg = TrainTransformerConfig(steps=steps, batch_size=8 // grad_accum, grad_accum=grad_accum, warmup_steps=2,
+                                 log_every=1, eval_every=steps, checkpoint_every=checkpoint_every, val_batches=1,
+                                 precision="fp32")
     rank, _ = rank_world()
+    marker = Path(out_dir) / "killed"
+    resume_file = Path(out_dir) / "state" / "resume.pt"
+    start = torch.load(resume_file, weights_only=True)["step"] if resume_file.exists() else 0
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    with open(Path(out_dir) / f"starts_rank{rank}", "a") as f:   # where each (re)start of this worker began
+        f.write(f"{start}\n")
+
+    def maybe_kill(step: int) -> None:
+        if kill_rank_at == (rank, step) and not marker.exists():
+            marker.write_text(str(step))
+            os.kill(os.getpid(), signal.SIGKILL)
     result = train_transformer(model, quantizer, train, val, cfg, ScheduleConfig(), prediction="gt", seed=0,
-                               device=torch.device("cpu"), out_dir=Path(out_dir) / f"rank{rank}")
+                               device=torch.device("cpu"), out_dir=Path(out_dir) / "state", on_step=maybe_kill,
+                               parallelism=parallelism)
     if rank == 0:
         (Path(out_dir) / "history.json").write_text(json.dumps({"history": result.history,
                                                                 "val_loss": result.metrics["val_loss"]}))
@@ -70,19 +88,98 @@ def ray_up():
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])   # workers do not import tests/
 
 
-def test_two_workers_follow_one_worker(ray_up, tmp_path):
+def max_loss_diff(one: list[dict], two: list[dict], steps: int = STEPS) -> float:
+    assert [h["step"] for h in two] == list(range(1, steps + 1)) == [h["step"] for h in one]
+    return max(abs(a["loss"] - b["loss"]) for a, b in zip(one, two))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallelism, grad_accum", [("ddp", 1), ("fsdp", 2)])
+def test_two_workers_follow_one_worker(ray_up, tmp_path, parallelism, grad_accum):
+    from flexvar.config import StageResources
+    from flows.ray_train import run_on_workers
+
+    one = tiny_training(str(tmp_path / "one"), grad_accum=grad_accum)
+    run_on_workers(tiny_training, {"out_dir": str(tmp_path / "two"), "parallelism": parallelism,
+                                   "grad_accum": grad_accum},
+                   workers=2, res=StageResources(num_cpus=1), storage=tmp_path / "ray_train", name="two")
+    two = json.loads((tmp_path / "two" / "history.json").read_text())
+    diff = max_loss_diff(one, two["history"])
+    assert diff <= TOL
+    assert one[-1]["loss"] < one[0]["loss"]          # it did learn
+    # the consolidated resume state written by 2 workers loads into a plain single-process model
+    state = torch.load(tmp_path / "two" / "state" / "resume.pt", weights_only=True)
+    from flexvar.config import TransformerConfig
+    from flexvar.transformer.model import FlexVAR
+    FlexVAR(TransformerConfig(depth=1, width=32, heads=2), 64, 8, 4, pe_size=8).load_state_dict(state["model"])
+    print(f"{parallelism} grad_accum={grad_accum}: max |loss_2w - loss_1w| over {STEPS} steps = {diff:.2e}")
+
+
+@pytest.mark.slow
+def test_killed_two_worker_run_resumes(ray_up, tmp_path):
+    """Rank 1 is SIGKILLed after step 7 (last checkpoint at 4): Ray Train restarts both workers, they resume
+    from step 4 and finish on the 1-worker trajectory."""
     from flexvar.config import StageResources
     from flows.ray_train import run_on_workers
 
     one = tiny_training(str(tmp_path / "one"))
-    run_on_workers(tiny_training, {"out_dir": str(tmp_path / "two")}, workers=2,
-                   res=StageResources(num_cpus=1), storage=tmp_path / "ray_train", name="two")
+    run_on_workers(tiny_training, {"out_dir": str(tmp_path / "two"), "checkpoint_every": 4, "kill_rank_at": (1, 7)},
+                   workers=2, res=StageResources(num_cpus=1), storage=tmp_path / "ray_train", name="killed",
+                   max_failures=1)
+    assert (tmp_path / "two" / "killed").read_text() == "7"          # the kill did happen
+    for rank in (0, 1):                                               # both restarted from the step-4 checkpoint
+        assert (tmp_path / "two" / f"starts_rank{rank}").read_text().split() == ["0", "4"]
     two = json.loads((tmp_path / "two" / "history.json").read_text())
-    assert [h["step"] for h in two["history"]] == list(range(1, STEPS + 1)) == [h["step"] for h in one]
-    diffs = [abs(a["loss"] - b["loss"]) for a, b in zip(one, two["history"])]
-    assert max(diffs) <= TOL, diffs
-    assert one[-1]["loss"] < one[0]["loss"]          # it did learn
-    print(f"max |loss_2w - loss_1w| over {STEPS} steps = {max(diffs):.2e}")
+    diff = max_loss_diff(one, two["history"])
+    assert diff <= TOL
+    print(f"killed at 7, resumed at 4: max |loss_2w - loss_1w| over {STEPS} steps = {diff:.2e}")
+
+
+def tiny_tokenizer_training(out_dir: str, gan_weight: float, steps: int = 6) -> list[float]:
+    """A tiny VQVAE (GAN term from step 2 when gan_weight > 0); per-step loss on rank 0, final weights per rank."""
+    from flexvar.config import TokenizerConfig, TrainTokenizerConfig
+    from flexvar.distributed import rank_world
+    from flexvar.tokenizer.training import TokenizerTrainer
+
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    images = (torch.rand(16, 3, 16, 16, generator=g) * 255).to(torch.uint8)
+    model_cfg = TokenizerConfig(ch=8, ch_mult=[1, 2], z_channels=8, codebook_dim=4, codebook_size=32)
+    cfg = TrainTokenizerConfig(steps=steps, batch_size=8, warmup_steps=1, num_scales=2, gan_weight=gan_weight,
+                               gan_start_step=2, precision="fp32")
+    trainer = TokenizerTrainer(model_cfg, cfg, 0, images, torch.device("cpu"))
+    losses = [trainer.train_step()["loss"] for _ in range(steps)]
+    rank = rank_world()[0]
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    torch.save({"model": trainer.model.state_dict(), "disc": trainer.disc.state_dict() if trainer.disc else {}},
+               Path(out_dir) / f"weights_rank{rank}.pt")
+    if rank == 0:
+        (Path(out_dir) / "losses.json").write_text(json.dumps(losses))
+    return losses
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("gan_weight", [0.0, 0.1])
+def test_tokenizer_two_workers_follow_one_worker(ray_up, tmp_path, gan_weight):
+    """Tokenizer on 2 DDP workers: the 1-worker loss trajectory (without GAN; with it, up to the GAN start,
+    after which the CPU discriminator's BatchNorm uses per-worker statistics) and identical replicas of
+    generator and discriminator on both workers (their gradients were averaged by DDP)."""
+    from flexvar.config import StageResources
+    from flows.ray_train import run_on_workers
+
+    one = tiny_tokenizer_training(str(tmp_path / "one"), gan_weight)
+    run_on_workers(tiny_tokenizer_training, {"out_dir": str(tmp_path / "two"), "gan_weight": gan_weight},
+                   workers=2, res=StageResources(num_cpus=1), storage=tmp_path / "ray_train", name="tok")
+    two = json.loads((tmp_path / "two" / "losses.json").read_text())
+    same_until = 6 if gan_weight == 0 else 2
+    diff = max(abs(a - b) for a, b in zip(one[:same_until], two[:same_until]))
+    assert len(two) == len(one) == 6 and diff <= TOL
+    w0, w1 = (torch.load(tmp_path / "two" / f"weights_rank{r}.pt", weights_only=True) for r in (0, 1))
+    for part in ("model", "disc"):   # weights; not BatchNorm running statistics (per-worker on CPU)
+        for k, v in w0[part].items():
+            assert "running_" in k or "num_batches" in k or torch.equal(v, w1[part][k]), (part, k)
+    assert len(w0["disc"]) == (0 if gan_weight == 0 else len(w1["disc"])) and (gan_weight == 0 or w0["disc"])
+    print(f"tokenizer gan_weight={gan_weight}: max |loss_2w - loss_1w| over {same_until} steps = {diff:.2e}")
 
 
 def stage_argv(out: str) -> list[str]:
@@ -90,6 +187,7 @@ def stage_argv(out: str) -> list[str]:
             "--out", f"{out}/model", "--metrics", f"{out}/m.json", "--plots", f"{out}/plots"]
 
 
+@pytest.mark.slow
 def test_stage_on_two_workers(ray_up, tmp_path):
     """The train_transformer stage itself on 2 workers, stopped after 4 of 8 steps and resumed: outputs and
     tracking from rank 0 only, and the same train/val loss as an uninterrupted 1-worker run."""

@@ -7,6 +7,13 @@ resolution. The loss is the mean over scales of: L1/L2 reconstruction, codebook 
 (+ entropy) terms, and optionally an LPIPS-style perceptual term and a hinge PatchGAN term
 (from `gan_start_step`).
 
+Multi-worker (an initialised process group): each worker takes 1/N of the batch; the VQVAE's whole step
+forward (`ScalesForward`: encode once, quantise and decode at every scale) and the discriminator's loss
+(`DiscriminatorLoss`) run as single DistributedDataParallel forwards, so their gradient buckets are
+averaged across workers while backward runs. The discriminator's BatchNorm becomes SyncBatchNorm on
+CUDA (global-batch statistics, as in one process); on CPU (gloo; SyncBatchNorm is GPU-only) each worker
+normalises with its own half-batch statistics, the one difference from the 1-worker run.
+
 Resume without loss: `TokenizerTrainer.save(path)` captures model, optimiser, LR schedule,
 EMA, discriminator, every RNG (global ones and the explicit generator that orders the data and
 draws the scales) and the data position; `resume(path)` restores them, so a killed run that
@@ -127,6 +134,41 @@ def codebook_stats(counts_V: torch.Tensor, suffix: str) -> dict[str, float]:
     return {f"usage{suffix}": (counts_V > 0).double().mean().item(), f"perplexity{suffix}": entropy.exp().item()}
 
 
+# --------------------------------------------------------------------------- DDP units
+class ScalesForward(nn.Module):
+    """One training step's generator forward as a single module call (what DDP wraps): encode the batch
+    once, then straight-through quantise and decode the latent at each of `hws`."""
+
+    def __init__(self, model: VQVAE, precision: str):
+        super().__init__()
+        self.model, self.precision = model, precision
+
+    def forward(self, x_BCHW: torch.Tensor, hws: list[tuple[int, int]]) -> list[tuple[torch.Tensor, dict]]:
+        with autocast_ctx(x_BCHW.device, self.precision):
+            z = self.model.encode(x_BCHW)
+        outs = []
+        for hw in hws:
+            with autocast_ctx(x_BCHW.device, self.precision):
+                rec, _, q = self.model.forward_scale(z, hw)
+            outs.append((rec.float(), q))
+        return outs
+
+
+class DiscriminatorLoss(nn.Module):
+    """The discriminator's hinge loss over (real, reconstructed) pairs of every scale, as one module call."""
+
+    def __init__(self, disc: PatchDiscriminator, precision: str):
+        super().__init__()
+        self.disc, self.precision = disc, precision
+
+    def forward(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        loss = 0.0
+        for real, fake in pairs:
+            with autocast_ctx(real.device, self.precision):
+                loss = loss + hinge_d_loss(self.disc(real).float(), self.disc(fake).float()) / len(pairs)
+        return loss
+
+
 # --------------------------------------------------------------------------- the trainer
 class TokenizerTrainer:
     """Owns everything a tokenizer training run mutates, so it can be saved and resumed exactly."""
@@ -148,10 +190,14 @@ class TokenizerTrainer:
         if cfg.perceptual_weight > 0:
             from flexvar.tokenizer.perceptual import PerceptualLoss   # torchvision import only when used
             self.perceptual = PerceptualLoss(cfg.perceptual_weights_path).to(device)
-        self.disc = self.disc_opt = None
+        self.disc = self.disc_opt = self.disc_loss = None
         if cfg.gan_weight > 0:
             self.disc = PatchDiscriminator().to(device).train()
+            if distributed.active() and device.type == "cuda":   # batch statistics over the global batch
+                self.disc = nn.SyncBatchNorm.convert_sync_batchnorm(self.disc)
             self.disc_opt = make_adamw(self.disc, cfg)
+            self.disc_loss = distributed.wrap(DiscriminatorLoss(self.disc, self.precision), "ddp", device)
+        self.step_forward = distributed.wrap(ScalesForward(self.model, self.precision), "ddp", device)
         self.gen = torch.Generator().manual_seed(seed)        # data order + scale draws
         self.perm = torch.randperm(len(self.images), generator=self.gen)
         self.pos = 0
@@ -175,18 +221,13 @@ class TokenizerTrainer:
         cfg, f = self.cfg, self.model.downsample
         x = to_unit_range(distributed.local_part(self.next_batch())).to(self.device)   # this worker's share
         gan_on = self.disc is not None and self.step >= cfg.gan_start_step
-        with autocast_ctx(self.device, self.precision):
-            z = self.model.encode(x)
-        full_hw = tuple(z.shape[-2:])
+        full_hw = (x.shape[-2] // f, x.shape[-1] // f)   # the encoder's latent size
         scales = sample_scales(max(full_hw), cfg.num_scales, self.gen)
+        hws = [scale_hw(s, full_hw) for s in scales]
         logs: dict[str, float | torch.Tensor] = {}   # tensors until the end: one device->host copy per step
         total = x.new_zeros(())
         pairs = []
-        for s in scales:
-            hw = scale_hw(s, full_hw)
-            with autocast_ctx(self.device, self.precision):
-                rec, _, q = self.model.forward_scale(z, hw)
-            rec = rec.float()
+        for s, hw, (rec, q) in zip(scales, hws, self.step_forward(x, hws)):   # DDP: gradients sync in backward
             target = resize_images(x, (hw[0] * f, hw[1] * f))
             terms = {"recon": recon_loss(rec, target, cfg.recon_loss), "codebook": q["codebook"],
                      "commit": q["commit"]}
@@ -206,7 +247,6 @@ class TokenizerTrainer:
             logs[f"recon_s{s}"] = terms["recon"].detach()
         self.opt.zero_grad(set_to_none=True)
         total.backward()
-        distributed.average_gradients(self.model.parameters())   # no-op in one process
         if cfg.grad_clip > 0:
             logs["grad_norm"] = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.opt.step()
@@ -224,13 +264,9 @@ class TokenizerTrainer:
 
     def disc_step(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
         """One discriminator update on (real, reconstructed) images of every scale of this step."""
-        loss = 0.0
-        for real, fake in pairs:
-            with autocast_ctx(self.device, self.precision):
-                loss = loss + hinge_d_loss(self.disc(real).float(), self.disc(fake).float()) / len(pairs)
+        loss = self.disc_loss(pairs)
         self.disc_opt.zero_grad(set_to_none=True)
         loss.backward()
-        distributed.average_gradients(self.disc.parameters())
         if self.cfg.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.disc.parameters(), self.cfg.grad_clip)
         self.disc_opt.step()

@@ -66,18 +66,54 @@ def sincos_2d(dim: int, h: int, w: int) -> torch.Tensor:
     return out.float()
 
 
-@lru_cache(maxsize=64)
-def block_causal_mask(scales: tuple[tuple[int, int], ...], device: str = "cpu") -> torch.Tensor:
-    """(L, L) bool mask, True where query token i may attend key j: scale(j) <= scale(i)."""
+def scale_levels(scales: tuple[tuple[int, int], ...], pad_to: int = 0) -> torch.Tensor:
+    """(L,) step index of every token; `pad_to` > L appends padding tokens at level K (after every scale)."""
     level_L = torch.cat([torch.full((h * w,), k) for k, (h, w) in enumerate(scales)])
+    if pad_to > len(level_L):
+        level_L = torch.cat([level_L, torch.full((pad_to - len(level_L),), len(scales))])
+    return level_L
+
+
+@lru_cache(maxsize=64)
+def block_causal_mask(scales: tuple[tuple[int, int], ...], device: str = "cpu", pad_to: int = 0) -> torch.Tensor:
+    """(L, L) bool mask, True where query token i may attend key j: scale(j) <= scale(i).
+    Padding tokens (`pad_to`) sit after the last scale: no real token sees them, they see everything."""
+    level_L = scale_levels(scales, pad_to)
     return (level_L[:, None] >= level_L[None, :]).to(device)
 
 
-def attention(q_BHLc: torch.Tensor, k_BHSc: torch.Tensor, v_BHSc: torch.Tensor, mask_LS: torch.Tensor | None,
-              dropout_p: float) -> torch.Tensor:
-    """softmax(q k^T + mask) v with q pre-scaled. CUDA: `scaled_dot_product_attention` (fused kernels).
-    CPU: explicit matmuls with an fp32 softmax — for FlexVAR's short sequences (<= a few thousand
-    tokens) 2-3x faster than the CPU flash kernel in forward+backward (benchmarks/bench_transformer.py)."""
+@lru_cache(maxsize=256)
+def flex_block_mask(scales: tuple[tuple[int, int], ...], device: str, pad_to: int = 0):
+    """The same block-causal structure as a FlexAttention BlockMask (built once per schedule and cached):
+    FlexAttention skips the fully masked 128x128 blocks instead of multiplying through them."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    level_L = scale_levels(scales, pad_to).to(device)
+
+    def causal_over_scales(b, h, q_idx, kv_idx):
+        return level_L[q_idx] >= level_L[kv_idx]
+    L = len(level_L)
+    return create_block_mask(causal_over_scales, None, None, L, L, device=device)
+
+
+@lru_cache(maxsize=1)
+def _flex_kernel():
+    """flex_attention, compiled to its fused kernel on CUDA (eager flex_attention is a slow reference)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False) if torch.cuda.is_available() else flex_attention
+
+
+def attention(q_BHLc: torch.Tensor, k_BHSc: torch.Tensor, v_BHSc: torch.Tensor, mask_LS, dropout_p: float) -> torch.Tensor:
+    """softmax(q k^T + mask) v with q pre-scaled. `mask_LS`: a FlexAttention BlockMask (block-sparse kernel,
+    `transformer.attention: flex`), a dense bool (L, S) mask, or None.
+    Dense on CUDA: `scaled_dot_product_attention` (fused kernels). Dense on CPU: explicit matmuls with an
+    fp32 softmax — for FlexVAR's short sequences (<= a few thousand tokens) 2-3x faster than the CPU flash
+    kernel in forward+backward (benchmarks/bench_transformer.py)."""
+    if mask_LS is not None and not isinstance(mask_LS, torch.Tensor):
+        if dropout_p:
+            raise ValueError("transformer.attention: flex has no attention dropout; set attn_drop_rate 0 or use sdpa")
+        return _flex_kernel()(q_BHLc, k_BHSc, v_BHSc, block_mask=mask_LS, scale=1.0)
     if q_BHLc.device.type != "cpu":
         return F.scaled_dot_product_attention(q_BHLc, k_BHSc, v_BHSc, attn_mask=mask_LS, scale=1.0, dropout_p=dropout_p)
     logits_BHLS = q_BHLc @ k_BHSc.transpose(-2, -1)
@@ -180,6 +216,8 @@ class FlexVAR(nn.Module):
             for i in range(cfg.depth)])
         self.head_ada_lin = nn.Linear(C, 2 * C)   # order: scale, shift
         self.head = nn.Linear(C, vocab_size)
+        self.seq_bucket = 0         # > 0: sequences padded to a multiple of this (compile_trunk)
+        self._compiled_trunk = None
         if not self.pos_1CPP.is_meta:
             self.init_weights()
 
@@ -272,13 +310,42 @@ class FlexVAR(nn.Module):
 
         `x_BLCv` (B, L - h_1*w_1, Cvae): inputs of steps 2..K (teacher_forcing.build_inputs).
         In training mode labels are dropped to the null class with probability class_dropout.
+        With `seq_bucket` set, the blocks run on the sequence zero-padded to a multiple of it (padding
+        attends only to itself and later, no real token attends to it; its outputs are cut before the
+        head), so a compiled trunk sees a handful of shapes however many schedules are drawn.
         """
         cond_BD = self.class_cond(self.drop_labels(label_B))
         x_BLC = self.embed_sequence(cond_BD, x_BLCv.to(cond_BD.dtype), scales)
-        mask_LL = block_causal_mask(tuple(map(tuple, scales)), str(x_BLC.device))
+        L = x_BLC.shape[1]
+        L_pad = -(-L // self.seq_bucket) * self.seq_bucket if self.seq_bucket else L
+        x_BLC = F.pad(x_BLC, (0, 0, 0, L_pad - L))
+        trunk = self._compiled_trunk or self.run_blocks
+        x_BLC = trunk(x_BLC, cond_BD, self.attn_mask(tuple(map(tuple, scales)), x_BLC.device, L_pad))
+        return self.logits(x_BLC[:, :L], cond_BD)
+
+    def run_blocks(self, x_BLC: torch.Tensor, cond_BD: torch.Tensor, mask_LL) -> torch.Tensor:
+        """The transformer blocks (the part torch.compile compiles, see compile_trunk)."""
         for blk in self.blocks:
             x_BLC = blk(x_BLC, cond_BD, mask_LL)
-        return self.logits(x_BLC, cond_BD)
+        return x_BLC
+
+    def attn_mask(self, scales: tuple[tuple[int, int], ...], device: torch.device, pad_to: int = 0):
+        """Block-causal mask for `scales` in the form `transformer.attention` picks: a FlexAttention BlockMask
+        ('flex'; 'auto' on CUDA without attention dropout) or a dense bool matrix ('sdpa'; 'auto' on CPU)."""
+        kind = self.cfg.attention
+        if kind == "auto":
+            no_dropout = not (self.training and self.cfg.attn_drop_rate > 0)
+            kind = "flex" if device.type == "cuda" and no_dropout else "sdpa"
+        if kind == "flex":
+            return flex_block_mask(scales, str(device), pad_to)
+        return block_causal_mask(scales, str(device), pad_to)
+
+    def compile_trunk(self, seq_bucket: int, backend: str = "inductor") -> None:
+        """torch.compile the blocks for training with random schedules. seq_bucket > 0: pad every sequence
+        to a multiple of it and compile static shapes (one graph per bucket); 0: one graph with a dynamic
+        sequence length. The embeddings (a different interpolation per scale) stay eager."""
+        self.seq_bucket = seq_bucket
+        self._compiled_trunk = torch.compile(self.run_blocks, dynamic=seq_bucket == 0, backend=backend)
 
     # ------------------------------------------------------------------ generation
     def enable_kv_cache(self, enabled: bool) -> None:

@@ -14,6 +14,7 @@ atomically, so a killed run resumes bit-identically on CPU.
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 import time
@@ -163,7 +164,8 @@ def train_transformer(model: FlexVAR, quantizer: MultiScaleQuantizer, train: Lat
                       val_logger: RunLogger | None = None,
                       fingerprint: dict | None = None, stop_after: int | None = None,
                       on_step: Callable[[int], None] | None = None,
-                      val_panel: dict[str, list[tuple[int, int]]] | None = None) -> TrainResult:
+                      val_panel: dict[str, list[tuple[int, int]]] | None = None,
+                      parallelism: str = "ddp") -> TrainResult:
     """Train in place for cfg.steps optimiser steps (resuming from out_dir/resume.pt when it matches).
 
     Logs `loss`, `lr`, `grad_norm`, `tokens_per_s`, `images_per_s` every log_every steps to
@@ -171,6 +173,13 @@ def train_transformer(model: FlexVAR, quantizer: MultiScaleQuantizer, train: Lat
     `val_logger` (default: `logger`), with each `val_panel` schedule's too (`evaluate_panel`:
     `val_loss/<name>`, `val_loss_panel`, ...) when one is given. `stop_after` ends
     early after that many steps (tests / benchmarks).
+
+    Multi-worker (an initialised process group): `parallelism` 'ddp' wraps `model` in
+    DistributedDataParallel; 'fsdp' shards a copy of it with FSDP2 and loads the consolidated weights
+    back into `model` at the end (with train_transformer.ema_decay > 0 the EMA is a plain full copy
+    on every worker, fed the gathered weights after each step: one extra all-gather per step).
+    Gradient accumulation communicates on the last micro-step only.
+    The resume file holds consolidated state (loadable by any number of workers).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -178,20 +187,23 @@ def train_transformer(model: FlexVAR, quantizer: MultiScaleQuantizer, train: Lat
     val_logger = val_logger or logger
     fingerprint = fingerprint or {}
     model.to(device).train()
-    distributed.broadcast_params(model)   # multi-worker: every worker starts from rank 0's weights
     quantizer.to(device)
-    opt = make_adamw(model, cfg)
+    # EMA: a plain copy, made before compiling (fsdp: fed the gathered weights)
+    ema = ema_of(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    sharded = parallelism == "fsdp" and distributed.active()
+    net = copy.deepcopy(model) if sharded else model   # fsdp shards a copy; `model` stays a plain module
+    if cfg.compile:
+        net.compile_trunk(cfg.compile_bucket)
+    train_net = distributed.wrap(net, parallelism, device, shard_units=net.blocks)   # ddp/fsdp: rank 0's weights
+    opt = make_adamw(net, cfg)
     lr_sched = warmup_cosine(opt, cfg)
     latent_hw = train.latent_hw
     sampler = ScheduleSampler(schedule, latent_hw, seed)
     canonical = sampler.to_hw(sampler.cfg.canonical)
-    fwd = torch.compile(model) if cfg.compile else model
     step, history = 0, []
-    ema = ema_of(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     state = distributed.from_main(resume_state(out_dir, fingerprint))   # rank 0's resume state on all workers
     if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        distributed.load_full_state(train_net, opt, state["model"], state["optimizer"])
         lr_sched.load_state_dict(state["lr_schedule"])
         sampler.load_state_dict(state["sampler"])
         restore_rng(state["rng"])
@@ -201,10 +213,11 @@ def train_transformer(model: FlexVAR, quantizer: MultiScaleQuantizer, train: Lat
         print(f"train_transformer: resumed at step {step} from {out_dir / RESUME_FILE}")
 
     def save_state() -> None:
+        model_sd, optim_sd = distributed.full_state(train_net, opt)   # collective under fsdp: every worker
         if not distributed.is_main():   # one writer; every worker holds the same state
             return
         save_atomic({"kind": RESUME_KIND, "fingerprint": fingerprint, "step": step,
-                     "model": model.state_dict(), "optimizer": opt.state_dict(), "lr_schedule": lr_sched.state_dict(),
+                     "model": model_sd, "optimizer": optim_sd, "lr_schedule": lr_sched.state_dict(),
                      "sampler": sampler.state_dict(), "rng": capture_rng(), "history": history,
                      "ema": ema.state_dict() if ema is not None else None},
                     out_dir / RESUME_FILE)
@@ -218,19 +231,21 @@ def train_transformer(model: FlexVAR, quantizer: MultiScaleQuantizer, train: Lat
         for micro in range(cfg.grad_accum):
             scales = sampler.sample()
             items = distributed.local_part(batch_indices(step * cfg.grad_accum + micro, cfg.batch_size, n_items, seed))
-            loss, n_images = forward_backward(fwd, quantizer, train, items, scales, cfg, prediction=prediction,
-                                              device=device)
+            with distributed.grad_sync(train_net, last=micro == cfg.grad_accum - 1):   # no_sync until the last
+                loss, n_images = forward_backward(train_net, quantizer, train, items, scales, cfg,
+                                                  prediction=prediction, device=device)
             loss_sum += loss
             toks += num_tokens(scales) * n_images
             imgs += n_images
-        distributed.average_gradients(model.parameters())   # no-op in one process
         loss_sum = distributed.mean_across(loss_sum)
-        grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0
+        grad_norm = (distributed.clip_grad_norm(net.parameters(), cfg.grad_clip) if cfg.grad_clip > 0
                      else torch.zeros(()))
         opt.step()
         opt.zero_grad(set_to_none=True)
         lr_sched.step()
         if ema is not None:
+            if sharded:   # the EMA averages full weights: gather the shards into the plain model
+                model.load_state_dict(distributed.full_model_state(train_net))
             ema.update_parameters(model)
         step += 1
         if (step % cfg.log_every == 0 or step == end) and distributed.is_main():
@@ -240,18 +255,21 @@ def train_transformer(model: FlexVAR, quantizer: MultiScaleQuantizer, train: Lat
             logger.log_metrics(row, step)
             history.append({"step": step, "loss": loss_sum})
             t0, toks, imgs = time.perf_counter(), 0, 0
-        if (step % cfg.eval_every == 0 or step == cfg.steps) and distributed.is_main():
-            evaluated = ema.module if ema is not None else model
+        if (step % cfg.eval_every == 0 or step == cfg.steps) and (distributed.is_main() or (sharded and ema is None)):
+            evaluated = ema.module if ema is not None else net   # fsdp net: every worker takes part
             last_metrics = evaluate(evaluated, quantizer, val, canonical,
                                     prediction, cfg.batch_size, cfg.val_batches, device, cfg.precision)
             if val_panel:
                 last_metrics.update(evaluate_panel(evaluated, quantizer, val, val_panel, prediction, cfg.batch_size,
                                                    cfg.val_batches, device, cfg.precision))
-            val_logger.log_metrics(last_metrics, step)
+            if distributed.is_main():
+                val_logger.log_metrics(last_metrics, step)
         if step % cfg.checkpoint_every == 0 or step == end:
             save_state()
         if on_step is not None:
             on_step(step)
+    if sharded:
+        model.load_state_dict(distributed.full_model_state(train_net))
     if ema is not None and step == cfg.steps:
         model.load_state_dict(ema.module.state_dict())   # the caller saves / samples from the averaged weights
     return TrainResult(step=step, metrics=last_metrics, history=history)
