@@ -55,19 +55,22 @@ def rank_argv(module: str, argv: list[str], rank: int) -> list[str]:
     """The stage arguments for `rank`: unchanged on rank 0, outputs moved to a scratch folder elsewhere."""
     if rank == 0:
         return list(argv)
-    out, skip = [], False
-    for i, word in enumerate(argv):
+    out, skip, given = [], None, {}
+    for word in argv:
         if skip:
-            skip = False
+            given[skip], skip = word, None
             continue
-        name = word.split("=", 1)[0]
+        name, eq, value = word.partition("=")
         if name in OUTPUT_OPTIONS[module]:
-            skip = "=" not in word
+            if eq:
+                given[name] = value
+            else:
+                skip = name
             continue
         out.append(word)
     scratch = SCRATCH / f"rank{rank}"
-    for opt in OUTPUT_OPTIONS[module]:
-        out += [opt, str(scratch / opt.lstrip("-"))]
+    for opt in OUTPUT_OPTIONS[module]:   # keep the file suffix the stage checks (e.g. --metrics *.json)
+        out += [opt, str(scratch / (opt.lstrip("-") + Path(given.get(opt, "")).suffix))]
     return out
 
 
