@@ -43,6 +43,29 @@ def layer_norm(x_BLC: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(x_BLC, x_BLC.shape[-1:], eps=LN_EPS)
 
 
+def unit_rows(x_BHLc: torch.Tensor, scale_1H11: torch.Tensor | None = None) -> torch.Tensor:
+    """x / max(||x||, eps) over the last axis, times an optional per-head scale: F.normalize and the
+    scale as one broadcast multiply by a (B, H, L, 1) factor (one full-size pass instead of two,
+    forward and backward)."""
+    inv_BHL1 = 1.0 / x_BHLc.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    if scale_1H11 is not None:
+        inv_BHL1 = inv_BHL1 * scale_1H11.to(inv_BHL1.dtype)
+    return x_BHLc * inv_BHL1
+
+
+def modulate(x_BLC: torch.Tensor, scale_B1C: torch.Tensor, shift_B1C: torch.Tensor) -> torch.Tensor:
+    """AdaLN: LN(x) (1 + scale) + shift. The small (B, 1, C) factors are brought to the stream's dtype
+    first (under bf16 autocast they come out of a linear in bf16), so the full-size products run
+    in one dtype instead of the slow mixed-dtype path; values are the same."""
+    return layer_norm(x_BLC) * (1 + scale_B1C).to(x_BLC.dtype) + shift_B1C.to(x_BLC.dtype)
+
+
+def gated(x_BLC: torch.Tensor, h_BLC: torch.Tensor, gamma_B1C: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Residual update x + drop_path(h gamma), the product cast to the stream's dtype before the
+    add (same values as the mixed-dtype add, on the fast same-dtype path)."""
+    return x_BLC + drop_path(h_BLC * gamma_B1C, p, training).to(x_BLC.dtype)
+
+
 def drop_path(x_BLC: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Stochastic depth: zero a residual branch for a random subset of samples, rescale the rest."""
     if p == 0.0 or not training:
@@ -76,15 +99,16 @@ def block_causal_mask(scales: tuple[tuple[int, int], ...], device: str = "cpu") 
 def attention(q_BHLc: torch.Tensor, k_BHSc: torch.Tensor, v_BHSc: torch.Tensor, mask_LS: torch.Tensor | None,
               dropout_p: float) -> torch.Tensor:
     """softmax(q k^T + mask) v with q pre-scaled. CUDA: `scaled_dot_product_attention` (fused kernels).
-    CPU: explicit matmuls with an fp32 softmax — for FlexVAR's short sequences (<= a few thousand
+    CPU: explicit matmuls and softmax in the input's precision — for FlexVAR's short sequences (<= a few thousand
     tokens) 2-3x faster than the CPU flash kernel in forward+backward (benchmarks/bench_transformer.py)."""
     if q_BHLc.device.type != "cpu":
         return F.scaled_dot_product_attention(q_BHLc, k_BHSc, v_BHSc, attn_mask=mask_LS, scale=1.0, dropout_p=dropout_p)
     logits_BHLS = q_BHLc @ k_BHSc.transpose(-2, -1)
-    logits_BHLS = logits_BHLS.to(torch.promote_types(logits_BHLS.dtype, torch.float32))   # bf16 -> fp32 softmax
     if mask_LS is not None:
         logits_BHLS = logits_BHLS.masked_fill(~mask_LS, float("-inf"))
-    probs_BHLS = F.dropout(logits_BHLS.softmax(dim=-1), dropout_p).to(v_BHSc.dtype)
+    # the CPU softmax kernels accumulate bf16 in fp32 and round once, as an explicit fp32 softmax
+    # followed by a cast would, without the two (B, H, L, S) casts forward and two backward
+    probs_BHLS = F.dropout(logits_BHLS.softmax(dim=-1), dropout_p)
     return probs_BHLS @ v_BHSc
 
 
@@ -107,8 +131,8 @@ class SelfAttention(nn.Module):
         bias = torch.cat([self.q_bias, self.zero_k_bias, self.v_bias])
         qkv = F.linear(x_BLC, self.qkv.weight, bias)
         q, k, v = rearrange(qkv, "b l (three h c) -> three b h l c", three=3, h=self.heads)
-        q = F.normalize(q, dim=-1) * self.log_scale_1H11.clamp(max=MAX_LOG_ATTN_SCALE).exp().to(q.dtype)
-        k = F.normalize(k, dim=-1)
+        q = unit_rows(q, self.log_scale_1H11.clamp(max=MAX_LOG_ATTN_SCALE).exp())
+        k = unit_rows(k)
         if self.kv_cache is not None:
             if self.kv_cache:
                 k = torch.cat([self.kv_cache[0], k], dim=2)
@@ -142,10 +166,8 @@ class AdaLNBlock(nn.Module):
     def forward(self, x_BLC: torch.Tensor, cond_BD: torch.Tensor, mask_LL: torch.Tensor | None) -> torch.Tensor:
         mod = self.ada_lin(F.silu(cond_BD))
         g1, g2, s1, s2, b1, b2 = rearrange(mod, "b (six c) -> six b 1 c", six=6)
-        h = self.attn(layer_norm(x_BLC) * (1 + s1) + b1, mask_LL)
-        x_BLC = x_BLC + drop_path(h * g1, self.drop_path, self.training)
-        h = self.mlp(layer_norm(x_BLC) * (1 + s2) + b2)
-        return x_BLC + drop_path(h * g2, self.drop_path, self.training)
+        x_BLC = gated(x_BLC, self.attn(modulate(x_BLC, s1, b1), mask_LL), g1, self.drop_path, self.training)
+        return gated(x_BLC, self.mlp(modulate(x_BLC, s2, b2)), g2, self.drop_path, self.training)
 
 
 class FlexVAR(nn.Module):
@@ -265,7 +287,7 @@ class FlexVAR(nn.Module):
     # ------------------------------------------------------------------ forward
     def logits(self, x_BLC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
         scale, shift = rearrange(self.head_ada_lin(F.silu(cond_BD)), "b (two c) -> two b 1 c", two=2)
-        return self.head(layer_norm(x_BLC) * (1 + scale) + shift)
+        return self.head(modulate(x_BLC, scale, shift))
 
     def forward(self, label_B: torch.Tensor, x_BLCv: torch.Tensor, scales: Scales) -> torch.Tensor:
         """Teacher-forced logits (B, L, V) for every step of `scales`.
