@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from flexvar.device import autocast_ctx, resolve_precision
+from flexvar.device import autocast_cache_scope, autocast_ctx, resolve_precision
 from flexvar.generation.sampling import guidance_scale, guide, sample_tokens
 from flexvar.transformer.schedules import PRESETS, _aspect, make_schedule
 from flexvar.transformer.teacher_forcing import ResidualCanvas, gt_next_input
@@ -157,28 +157,29 @@ def generate_batch(model, vqvae, labels_B: torch.Tensor, scales: Scales, *, cfg:
     x_in = None
     model.enable_kv_cache(use_kv_cache)
     try:
-        with autocast_ctx(device, precision):
-            cond_BD = model.class_cond(lab)
-        for k, hw in enumerate(tqdm(scales, desc="scales", leave=False, disable=not progress)):
+        with autocast_cache_scope(device):   # weights cast to bf16 once per batch, not per step
             with autocast_ctx(device, precision):
-                if use_kv_cache:
-                    logits = model.step_logits(model.step_input(cond_BD, hw, x_in), cond_BD)
-                else:
-                    x_BLCv = torch.cat(inputs, 1) if inputs else torch.zeros(B * reps, 0, quant.codebook_dim,
-                                                                            device=device)
-                    logits = model(lab, x_BLCv, scales[:k + 1])[:, -hw[0] * hw[1]:]
-            outside = train_side is not None and max(hw) > train_side
-            t = cfg if outside else guidance_scale(cfg, k, n, cfg_schedule)
-            logits_BlV = guide(logits.float(), t) if guided else logits.float()
-            idx_Bl = sample_tokens(logits_BlV, 1 if (outside and greedy_outside) else top_k, top_p, generator)
-            idx_Bhw = idx_Bl.view(B, *hw)
-            if forced is not None and forced[k] is not None:
-                ids, mask = forced[k]
-                idx_Bhw = torch.where(mask.to(device), ids.to(device), idx_Bhw)
-            tokens.append(idx_Bhw)
-            if k + 1 < n:
-                x_in = _next_input(prediction, quant.lookup(idx_Bhw), scales[k + 1], canvas).repeat(reps, 1, 1)
-                inputs.append(x_in)
+                cond_BD = model.class_cond(lab)
+            for k, hw in enumerate(tqdm(scales, desc="scales", leave=False, disable=not progress)):
+                with autocast_ctx(device, precision):
+                    if use_kv_cache:
+                        logits = model.step_logits(model.step_input(cond_BD, hw, x_in), cond_BD)
+                    else:
+                        x_BLCv = torch.cat(inputs, 1) if inputs else torch.zeros(B * reps, 0, quant.codebook_dim,
+                                                                                device=device)
+                        logits = model(lab, x_BLCv, scales[:k + 1])[:, -hw[0] * hw[1]:]
+                outside = train_side is not None and max(hw) > train_side
+                t = cfg if outside else guidance_scale(cfg, k, n, cfg_schedule)
+                logits_BlV = guide(logits.float(), t) if guided else logits.float()
+                idx_Bl = sample_tokens(logits_BlV, 1 if (outside and greedy_outside) else top_k, top_p, generator)
+                idx_Bhw = idx_Bl.view(B, *hw)
+                if forced is not None and forced[k] is not None:
+                    ids, mask = forced[k]
+                    idx_Bhw = torch.where(mask.to(device), ids.to(device), idx_Bhw)
+                tokens.append(idx_Bhw)
+                if k + 1 < n:
+                    x_in = _next_input(prediction, quant.lookup(idx_Bhw), scales[k + 1], canvas).repeat(reps, 1, 1)
+                    inputs.append(x_in)
     finally:
         model.enable_kv_cache(False)
     images = decode_tokens(vqvae, tokens[-1], canvas, precision) if decode else None
