@@ -49,6 +49,17 @@ def group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=num_groups(channels), num_channels=channels, eps=1e-6, affine=True)
 
 
+def swish(x_BCHW: torch.Tensor) -> torch.Tensor:
+    """SiLU of a fresh tensor (a norm's output), in place when no gradient is recorded: at decode sizes
+    (16 x 128 x 128 x 128) a new full-size tensor costs as much as the activation itself."""
+    return F.silu(x_BCHW, inplace=not torch.is_grad_enabled())
+
+
+def residual(skip_BCHW: torch.Tensor, h_BCHW: torch.Tensor) -> torch.Tensor:
+    """skip + h, added into the fresh branch output `h` when no gradient is recorded (same values)."""
+    return skip_BCHW + h_BCHW if torch.is_grad_enabled() else h_BCHW.add_(skip_BCHW)
+
+
 class ResnetBlock(nn.Module):
     """Pre-activation residual block: (norm, swish, conv) x2, 1x1 shortcut when widths differ."""
 
@@ -62,10 +73,10 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x_BCHW)))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        h = self.conv1(swish(self.norm1(x_BCHW)))
+        h = self.conv2(self.dropout(swish(self.norm2(h))))
         skip = self.nin_shortcut(x_BCHW) if self.nin_shortcut is not None else x_BCHW
-        return skip + h
+        return residual(skip, h)
 
 
 class AttnBlock(nn.Module):
@@ -84,7 +95,7 @@ class AttnBlock(nn.Module):
         h = self.norm(x_BCHW)
         q_BLC, k_BLC, v_BLC = (rearrange(proj(h), "b c h w -> b (h w) c") for proj in (self.q, self.k, self.v))
         att_BLC = F.scaled_dot_product_attention(q_BLC, k_BLC, v_BLC)   # scale 1/sqrt(C)
-        return x_BCHW + self.proj_out(rearrange(att_BLC, "b (h w) c -> b c h w", h=H, w=W))
+        return residual(x_BCHW, self.proj_out(rearrange(att_BLC, "b (h w) c -> b c h w", h=H, w=W)))
 
 
 class Downsample(nn.Module):
@@ -153,7 +164,7 @@ class Encoder(nn.Module):
                 h = stage.downsample(h)
         for block in self.mid:
             h = block(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(swish(self.norm_out(h)))
 
 
 class Decoder(nn.Module):
@@ -196,7 +207,7 @@ class Decoder(nn.Module):
             h = run_stage(stage, h)
             if hasattr(stage, "upsample"):
                 h = stage.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(swish(self.norm_out(h)))
 
 
 def run_stage(stage: nn.Module, h: torch.Tensor) -> torch.Tensor:
