@@ -274,3 +274,19 @@ def test_evaluate_scales_reports_every_scale(vq):
     ev = evaluate_scales(vq, images, [1, 2, 8], torch.device("cpu"), batch_size=2)
     assert set(ev["per_scale"]) == {1, 2, 8}
     assert 0 < ev["usage"] <= 1 and ev["perplexity"] >= 1
+
+
+def test_inference_in_place_ops_match_the_autograd_path_and_leave_inputs_alone():
+    """Without autograd the encoder/decoder apply SiLU and residual adds in place; the images equal
+    those of the out-of-place path, and the caller's tensors are not modified."""
+    torch.manual_seed(0)
+    model = VQVAE(SMALL).eval()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    x_copy = x.clone()
+    with torch.no_grad():
+        z = model.encode(x)
+        z_copy = z.clone()
+        rec = model.decode(z)
+    assert torch.equal(x, x_copy) and torch.equal(z, z_copy)
+    torch.testing.assert_close(model.encode(x).detach(), z)
+    torch.testing.assert_close(model.decode(z).detach(), rec)
