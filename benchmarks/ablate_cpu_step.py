@@ -23,7 +23,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_transformer import ours  # noqa: E402
-from benchmarks.side_by_side import add_threads_arg, interleave, machine, set_threads  # noqa: E402
+from benchmarks.side_by_side import add_threads_arg, interleave, machine, set_threads, timing_key  # noqa: E402
 import flexvar.transformer.model as M  # noqa: E402
 import flexvar.transformer.training as T  # noqa: E402
 
@@ -102,9 +102,10 @@ def main(argv=None) -> int:
         T.make_optimizer = ORIGINAL_MAKE_OPTIMIZER
     mach = machine()
     res = interleave(variants, args.rounds)
-    base = res["current"]["median_s"]
-    out = {"machine": mach, "results": res,
-           "change_buys": {k: f"{r['median_s'] / base:.3f}x" for k, r in res.items() if k != "current"}}
+    key = timing_key()
+    base = res["current"][key]
+    out = {"machine": mach, "timing": key, "results": res,
+           "change_buys": {k: f"{r[key] / base:.3f}x" for k, r in res.items() if k != "current"}}
     print(json.dumps(out, indent=1))
     return 0
 

@@ -16,16 +16,16 @@ from benchmarks.profile_steps import markdown as profile_markdown  # noqa: E402
 OURS = "ours bf16"
 
 
-def side_by_side(title: str, kinds: dict[str, dict]) -> str:
-    """One row per measured kind: medians (spread) of every variant and ours' speed-up over each."""
+def side_by_side(title: str, kinds: dict[str, dict], key: str) -> str:
+    """One row per measured kind: medians (wall spread) of every variant and ours' speed-up over each."""
     variants = list(next(iter(kinds.values()))["results"])
     others = [v for v in variants if v != OURS]
     head = f"| {title} | " + " | ".join(variants) + " | " + " | ".join(f"ours vs {v}" for v in others) + " |"
     lines = [head, "|---|" + "---:|" * (len(variants) + len(others))]
     for kind, block in kinds.items():
         res = block["results"]
-        cells = [f"{r['median_s']:.2f} s ({r['min_s']:.2f}..{r['max_s']:.2f})" for r in res.values()]
-        speed = [f"**{res[v]['median_s'] / res[OURS]['median_s']:.2f}x**" for v in others]
+        cells = [f"{r[key]:.2f} s (wall {r['min_s']:.1f}..{r['max_s']:.1f})" for r in res.values()]
+        speed = [f"**{res[v][key] / res[OURS][key]:.2f}x**" for v in others]
         lines.append(f"| {kind} | " + " | ".join(cells + speed) + " |")
     return "\n".join(lines)
 
@@ -47,7 +47,8 @@ def main(argv=None) -> int:
         if not path.exists():
             continue
         d = json.loads(path.read_text())
-        out += [f"### {name}", "", machine_line(d), "", side_by_side(title, {k: d[k] for k in kinds if k in d}), ""]
+        out += [f"### {name}", "", machine_line(d), "", side_by_side(title, {k: d[k] for k in kinds if k in d},
+                                                          "cpu_median_s" if d["machine"]["threads"] == 1 else "median_s"), ""]
     if (folder / "profile.json").exists():
         out += ["### profile", "", profile_markdown(json.loads((folder / "profile.json").read_text())["profiles"]), ""]
     if (folder / "ablate.json").exists():

@@ -83,31 +83,34 @@ def machine() -> dict:
 
 def interleave(variants: dict[str, Callable[[], None]], rounds: int, warmup: int = 1) -> dict[str, dict]:
     """Time each variant once per round, in turn, after `warmup` untimed rounds.
-    Returns per variant: median seconds, min, max, and every round's figure."""
+
+    Per variant: wall seconds (median, min, max, every round) and this process's CPU seconds
+    (`cpu_median_s`). On a crowded machine a single-threaded run's CPU time leaves out the time the
+    scheduler gave to other processes, so it is the steadier figure; `ratios` uses it when the run
+    has one thread, the wall time otherwise."""
     for _ in range(warmup):
         for fn in variants.values():
             fn()
-    times: dict[str, list[float]] = {name: [] for name in variants}
+    wall: dict[str, list[float]] = {name: [] for name in variants}
+    cpu: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(rounds):
         for name, fn in variants.items():
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             fn()
-            times[name].append(time.perf_counter() - t)
+            wall[name].append(time.perf_counter() - t)
+            cpu[name].append(time.process_time() - c)
     return {name: {"median_s": round(statistics.median(ts), 4), "min_s": round(min(ts), 4), "max_s": round(max(ts), 4),
-                   "rounds_s": [round(t, 4) for t in ts]} for name, ts in times.items()}
+                   "cpu_median_s": round(statistics.median(cpu[name]), 4), "rounds_s": [round(t, 4) for t in ts],
+                   "rounds_cpu_s": [round(t, 4) for t in cpu[name]]} for name, ts in wall.items()}
+
+
+def timing_key() -> str:
+    """The figure ratios are taken on: CPU seconds with one thread, wall seconds otherwise."""
+    return "cpu_median_s" if torch.get_num_threads() == 1 else "median_s"
 
 
 def ratios(results: dict[str, dict], ours: str) -> dict[str, float]:
-    """How many times faster `ours` is than every other variant (median over median)."""
-    base = results[ours]["median_s"]
-    return {f"{ours} vs {name}": round(r["median_s"] / base, 2) for name, r in results.items() if name != ours}
-
-
-def table(title: str, results: dict[str, dict], ours: str, unit: str = "s") -> str:
-    """Markdown rows: variant | median | min..max | speed of ours relative to it."""
-    lines = [f"| {title} | median ({unit}) | spread | ours is |", "|---|---:|---:|---:|"]
-    base = results[ours]["median_s"]
-    for name, r in results.items():
-        rel = "" if name == ours else f"{r['median_s'] / base:.2f}x faster"
-        lines.append(f"| {name} | {r['median_s']:.3f} | {r['min_s']:.3f}..{r['max_s']:.3f} | {rel} |")
-    return "\n".join(lines)
+    """How many times faster `ours` is than every other variant (medians, on `timing_key()`)."""
+    key = timing_key()
+    base = results[ours][key]
+    return {f"{ours} vs {name}": round(r[key] / base, 2) for name, r in results.items() if name != ours}
