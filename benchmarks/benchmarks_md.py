@@ -44,7 +44,7 @@ def main(argv=None) -> int:
                                ("sample", "sampling (batch 16)", ("end_to_end", "no_decode")),
                                ("tokenizer", "tokenizer (VQ-16)", ("train", "infer"))):
         path = folder / f"{name}.json"
-        if not path.exists():
+        if not path.exists() or not path.stat().st_size:   # a run that has not finished
             continue
         d = json.loads(path.read_text())
         out += [f"### {name}", "", machine_line(d), "", side_by_side(title, {k: d[k] for k in kinds if k in d},
