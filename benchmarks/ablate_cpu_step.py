@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_transformer import ours  # noqa: E402
 from benchmarks.side_by_side import add_threads_arg, interleave, machine, set_threads, timing_key  # noqa: E402
+import flexvar.optim as O  # noqa: E402
 import flexvar.transformer.model as M  # noqa: E402
 import flexvar.transformer.training as T  # noqa: E402
 
@@ -57,7 +58,7 @@ def foreach_adamw(model, cfg):
     return torch.optim.AdamW(opt.param_groups, lr=cfg.lr, betas=tuple(cfg.betas), foreach=True)
 
 
-ORIGINAL_MAKE_OPTIMIZER = T.make_optimizer
+ORIGINAL_MAKE_OPTIMIZER = O.make_adamw
 PATCHES = {
     "current": [],
     "fp32 softmax": [(M, "attention", fp32_softmax_attention)],
@@ -95,11 +96,11 @@ def main(argv=None) -> int:
             with patched(pairs):
                 step()
         variants[name] = run
-    T.make_optimizer = foreach_adamw
+    O.make_adamw = foreach_adamw
     try:
         variants["foreach AdamW"] = ours(args.batch)["train_step"]
     finally:
-        T.make_optimizer = ORIGINAL_MAKE_OPTIMIZER
+        O.make_adamw = ORIGINAL_MAKE_OPTIMIZER
     mach = machine()
     res = interleave(variants, args.rounds)
     key = timing_key()

@@ -37,6 +37,7 @@ from flexvar.device import autocast_ctx  # noqa: E402
 from flexvar.tokenizer.quantizer import MultiScaleQuantizer  # noqa: E402
 from flexvar.transformer.model import FlexVAR  # noqa: E402
 from flexvar.transformer.teacher_forcing import gt_inputs_targets  # noqa: E402
+import flexvar.optim as optim  # noqa: E402
 import flexvar.transformer.training as training  # noqa: E402
 from flexvar.transformer.training import batch_indices, forward_backward, get_batch  # noqa: E402
 
@@ -58,7 +59,7 @@ def ours(batch: int) -> dict:
     """Our train step on prepared inputs and our full step (quantise the cached latents, then the same)."""
     torch.manual_seed(0)
     model = FlexVAR(TransformerConfig(depth=DEPTH, width=WIDTH, heads=HEADS), VOCAB, CVAE, CLASSES, pe_size=8).train()
-    opt, q, data = training.make_optimizer(model, CFG), MultiScaleQuantizer(VOCAB, CVAE), cache(max(4 * batch, 64))
+    opt, q, data = optim.make_adamw(model, CFG), MultiScaleQuantizer(VOCAB, CVAE), cache(max(4 * batch, 64))
     z, labels = get_batch(data, batch_indices(0, batch, 2 * len(data), 0), CPU)
     x, tgt = gt_inputs_targets(q, z, SCALES)
     state = {"i": 0}
@@ -135,7 +136,7 @@ def loss_curves(steps: int) -> dict:
     for precision in ("fp32", "bf16"):
         torch.manual_seed(0)
         model = FlexVAR(TransformerConfig(depth=2), 512, CVAE, 10, pe_size=8).train()
-        opt = training.make_optimizer(model, TrainTransformerConfig(lr=1e-3))
+        opt = optim.make_adamw(model, TrainTransformerConfig(lr=1e-3))
         curve = []
         for i in range(steps):
             zb, lb = get_batch(data, batch_indices(i, 32, 1024, 0), CPU)

@@ -31,7 +31,8 @@ from flexvar.data.latent_cache import LatentSplit  # noqa: E402
 from flexvar.tokenizer.quantizer import MultiScaleQuantizer  # noqa: E402
 from flexvar.tokenizer.vqvae import VQVAE  # noqa: E402
 from flexvar.transformer.model import FlexVAR  # noqa: E402
-from flexvar.transformer.training import batch_indices, forward_backward, make_optimizer  # noqa: E402
+from flexvar.optim import make_adamw  # noqa: E402
+from flexvar.transformer.training import batch_indices, forward_backward  # noqa: E402
 
 SIDES = [1, 2, 3, 4, 5, 6, 8, 10, 13, 16]
 SCALES = [(s, s) for s in SIDES]
@@ -61,7 +62,7 @@ def matmul_tflops(n: int = 8192, reps: int = 10) -> float:
 def build(compile_model: bool):
     torch.manual_seed(0)
     model = FlexVAR(TransformerConfig(depth=16), 4096, 32, 1000, pe_size=16).to(DEV).train()
-    opt = make_optimizer(model, TrainTransformerConfig(lr=8e-4))
+    opt = make_adamw(model, TrainTransformerConfig(lr=8e-4))
     fwd = torch.compile(model) if compile_model else model
     return model, fwd, opt
 
