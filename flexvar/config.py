@@ -11,6 +11,7 @@ bad value before any work starts:
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -62,10 +63,19 @@ class TokenizerConfig(Section):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     beta: float = Field(0.25, ge=0.0)        # commitment weight
     entropy_weight: float = Field(0.0, ge=0.0)
+    # GroupNorm of a layer with C channels: gcd(norm_groups, max(1, C // norm_min_group_channels)) groups.
+    # 32 / 1 is LlamaGen's and FlexVAE's (32 groups at every width divisible by 32); the embedded
+    # default keeps >= 4 channels per group at its 16-channel width (see README, "Embedded deviations").
+    norm_groups: int = Field(32, ge=1)
+    norm_min_group_channels: int = Field(1, ge=1)
 
     @property
     def downsample(self) -> int:
         return 2 ** (len(self.ch_mult) - 1)
+
+    def groups(self, channels: int) -> int:
+        """GroupNorm groups of a layer with `channels` channels (always divides `channels`)."""
+        return math.gcd(self.norm_groups, max(1, channels // self.norm_min_group_channels))
 
 
 class TransformerConfig(Section):
@@ -81,6 +91,8 @@ class TransformerConfig(Section):
     prediction: Literal["gt", "residual"] = "gt"
     pos_embed: Literal["scalable", "fixed"] = "scalable"
     pos_embed_learnable: bool = True
+    adaln_gamma_init: float = Field(1e-5, ge=0.0)   # AdaLN gamma weights x this at init (official scripts: 1e-3 d16/d20, 1e-4 d24)
+    pos_embed_grow: Literal["area", "bicubic"] = "area"   # resize of the position map to scales above it (official: area)
 
 
 class ScheduleConfig(Section):
@@ -215,6 +227,7 @@ class TrainTokenizerConfig(OptimConfig):
 
 class TrainTransformerConfig(OptimConfig):
     label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
+    lr_schedule: Literal["cosine", "lin0"] = "cosine"   # lin0: the official FlexVAR/VAR schedule (min_lr_ratio = its wpe)
     grad_accum: int = Field(1, ge=1)
     compile: bool = False
     val_batches: int = Field(4, ge=1)
@@ -246,7 +259,10 @@ class SampleConfig(Section):
     top_k: int = Field(0, ge=0)           # 0 = off
     top_p: float = Field(0.0, ge=0.0, le=1.0)  # 0 = off
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    greedy_outside: bool = True           # scales above the training latent: greedy tokens, full cfg (official)
+    # official: greedy (top-k 1) at every scale outside FlexVAR's sampled list [1,2,3,4,5,6,8,10,13,16,23,24,32]
+    # and above the training latent (where cfg is full); outside: greedy only above the training latent;
+    # none: top-k/top-p at every scale. The CLI's --greedy-rule defaults to the same value.
+    greedy_rule: Literal["official", "outside", "none"] = "official"
     schedules: dict[str, ScheduleSpec] = Field(default_factory=lambda: {
         "short": ScheduleSpec(steps=4), "canonical": ScheduleSpec(scales=[1, 2, 3, 4, 5, 6, 8]),
         "long": ScheduleSpec(steps=8), "large": ScheduleSpec(steps=8, size=(96, 96))})

@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             result = generate(model, vqvae, labels, scales, batch_size=cfg.batch_size, seed=params.seed,
                               cfg=cfg.cfg, cfg_schedule=cfg.cfg_schedule, top_k=cfg.top_k, top_p=cfg.top_p,
-                              train_side=max(meta["latent_hw"]), greedy_outside=cfg.greedy_outside,
+                              train_side=max(meta["latent_hw"]), greedy_rule=cfg.greedy_rule,
                               precision=cfg.precision, progress=True)
             seconds = time.perf_counter() - t0
             images = to_uint8(result.images)

@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from flexvar.device import autocast_ctx, resolve_precision
-from flexvar.generation.sampling import guidance_scale, guide, sample_tokens
+from flexvar.generation.sampling import greedy_step, guidance_scale, guide, sample_tokens
 from flexvar.transformer.schedules import PRESETS, _aspect, make_schedule
 from flexvar.transformer.teacher_forcing import ResidualCanvas, gt_next_input
 
@@ -125,14 +125,14 @@ def _next_input(prediction: str, zq_BChw: torch.Tensor, next_hw, canvas: Residua
 @torch.no_grad()
 def generate_batch(model, vqvae, labels_B: torch.Tensor, scales: Scales, *, cfg: float = 1.5,
                    cfg_schedule: str = "ramp", top_k: int = 0, top_p: float = 0.0, train_side: int | None = None,
-                   greedy_outside: bool = False, generator: torch.Generator | None = None,
+                   greedy_rule: str = "official", generator: torch.Generator | None = None,
                    use_kv_cache: bool = True, forced: Forced | None = None, decode: bool = True,
                    precision: str = "fp32", progress: bool = False) -> Generation:
     """Generate one batch (see the module docstring).
 
     cfg > 0 runs a conditional and an unconditional (null-class) half; t per step from
     `guidance_scale`. Scales with a long side above `train_side` (outside the trained range)
-    get the full cfg and, with `greedy_outside`, greedy tokens (official rule). `forced[k]`,
+    get the full cfg; `greedy_rule` (sampling.greedy_step) says which steps take greedy tokens. `forced[k]`,
     when given, replaces step k's sampled ids by its ids where its mask is True.
     """
     device = next(model.parameters()).device
@@ -161,7 +161,7 @@ def generate_batch(model, vqvae, labels_B: torch.Tensor, scales: Scales, *, cfg:
             outside = train_side is not None and max(hw) > train_side
             t = cfg if outside else guidance_scale(cfg, k, n, cfg_schedule)
             logits_BlV = guide(logits.float(), t) if guided else logits.float()
-            idx_Bl = sample_tokens(logits_BlV, 1 if (outside and greedy_outside) else top_k, top_p, generator)
+            idx_Bl = sample_tokens(logits_BlV, 1 if greedy_step(hw, train_side, greedy_rule) else top_k, top_p, generator)
             idx_Bhw = idx_Bl.view(B, *hw)
             if forced is not None and forced[k] is not None:
                 ids, mask = forced[k]

@@ -35,7 +35,7 @@ Scales = list[tuple[int, int]]
 LN_EPS = 1e-6
 MAX_LOG_ATTN_SCALE = math.log(100.0)
 # official initialisation (VAR/FlexVAR): head weights x0.02, AdaLN weights x0.5, gammas x1e-5
-INIT_HEAD, INIT_ADALN, INIT_ADALN_GAMMA = 0.02, 0.5, 1e-5
+INIT_HEAD, INIT_ADALN = 0.02, 0.5     # gammas: x TransformerConfig.adaln_gamma_init
 
 
 def layer_norm(x_BLC: torch.Tensor) -> torch.Tensor:
@@ -187,7 +187,7 @@ class FlexVAR(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """VAR/FlexVAR initialisation: truncated normal std sqrt(1/3C); output projections scaled
-        by 1/sqrt(2 depth); AdaLN near identity (gammas ~1e-5) so every block starts as a no-op."""
+        by 1/sqrt(2 depth); AdaLN near identity (gammas x adaln_gamma_init) so every block starts as a no-op."""
         std = math.sqrt(1 / self.width / 3)
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
@@ -202,7 +202,7 @@ class FlexVAR(nn.Module):
             blk.attn.proj.weight.div_(math.sqrt(2 * self.depth))
             blk.mlp.fc2.weight.div_(math.sqrt(2 * self.depth))
             blk.ada_lin.weight[2 * C:].mul_(INIT_ADALN)
-            blk.ada_lin.weight[: 2 * C].mul_(INIT_ADALN_GAMMA)
+            blk.ada_lin.weight[: 2 * C].mul_(self.cfg.adaln_gamma_init)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -211,8 +211,9 @@ class FlexVAR(nn.Module):
     def pos_embed(self, hw: tuple[int, int]) -> torch.Tensor:
         """Position embedding of one scale, (1, h*w, C).
 
-        scalable: the P x P map resized to (h, w) (area when shrinking, bicubic when growing), so
-        every scale spans the same image extent; fixed: the top-left (h, w) crop — absolute
+        scalable: the P x P map resized to (h, w) — area when shrinking and, as the official code,
+        area when growing too (`pos_embed_grow: bicubic` is this project's smoother alternative) —
+        so every scale spans the same image extent; fixed: the top-left (h, w) crop — absolute
         positions, the fixed-length baseline of the paper's Tab. 6.
         """
         h, w = hw
@@ -223,7 +224,7 @@ class FlexVAR(nn.Module):
             pos = self.pos_1CPP[:, :, :h, :w]
         elif (h, w) == (P, P):
             pos = self.pos_1CPP
-        elif h <= P and w <= P:
+        elif (h <= P and w <= P) or self.cfg.pos_embed_grow == "area":
             pos = F.interpolate(self.pos_1CPP, size=(h, w), mode="area")
         else:
             pos = F.interpolate(self.pos_1CPP, size=(h, w), mode="bicubic", align_corners=False)

@@ -30,7 +30,7 @@ from flexvar.config import ScheduleConfig, TrainTransformerConfig
 from flexvar.device import autocast_ctx
 from flexvar.data.latent_cache import LatentSplit
 from flexvar.tokenizer.quantizer import MultiScaleQuantizer
-from flexvar.optim import ema_of, make_adamw, warmup_cosine
+from flexvar.optim import ema_of, lr_schedule, make_adamw
 from flexvar.run_logger import RunLogger
 from flexvar.transformer.schedules import ScheduleSampler, num_tokens
 from flexvar.transformer.teacher_forcing import inputs_targets
@@ -151,7 +151,7 @@ def train_transformer(model: FlexVAR, quantizer: MultiScaleQuantizer, train: Lat
     distributed.broadcast_params(model)   # multi-worker: every worker starts from rank 0's weights
     quantizer.to(device)
     opt = make_adamw(model, cfg)
-    lr_sched = warmup_cosine(opt, cfg)
+    lr_sched = lr_schedule(opt, cfg)   # cosine or the official lin0 (train_transformer.lr_schedule)
     latent_hw = train.latent_hw
     sampler = ScheduleSampler(schedule, latent_hw, seed)
     canonical = sampler.to_hw(sampler.cfg.canonical)
