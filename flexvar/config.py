@@ -92,6 +92,8 @@ class TransformerConfig(Section):
     pos_embed: Literal["scalable", "fixed"] = "scalable"
     pos_embed_learnable: bool = True
     adaln_gamma_init: float = Field(1e-5, ge=0.0)   # AdaLN gamma weights x this at init (official scripts: 1e-3 d16/d20, 1e-4 d24)
+    pos_embed_size: int | None = Field(None, ge=1)   # P of the P x P position map; null = the training latent's long side (official 32)
+    pos_embed_init: Literal["halves", "interleaved"] = "halves"   # sin-cos layout; interleaved = official (sin rows / cos cols)
     pos_embed_grow: Literal["area", "bicubic"] = "area"   # resize of the position map to scales above it (official: area)
 
 
@@ -273,10 +275,22 @@ class EvaluateConfig(Section):
     inception_weights: str = ""           # local path of torch-fidelity's inception-v3-compat weights
     metrics: list[Literal["fid", "isc", "kid", "prc"]] = Field(default_factory=lambda: ["fid", "isc", "kid", "prc"])
     reference_split: Literal["train", "val"] = "val"
+    # "" = the prepared reference_split; adm:<file.npz> = the ADM evaluator's reference batch (mu/sigma of
+    # Inception pool features, e.g. VIRTUAL_imagenet256_labeled.npz: FID and IS only); folder:<dir> = images of one size
+    reference: str = ""
     kid_subset_size: int = Field(100, ge=2)
     feature_net_steps: int = Field(300, ge=1)
     feature_net_batch_size: int = Field(64, ge=1)
     feature_net_lr: float = Field(1e-3, gt=0.0)
+
+
+    @field_validator("reference")
+    @classmethod
+    def _reference_kind(cls, v: str) -> str:
+        kind, _, rest = v.partition(":")
+        if v and (kind not in {"adm", "folder"} or not rest):
+            raise ValueError("must be empty (the prepared reference_split), adm:<reference batch .npz> or folder:<dir>")
+        return v
 
 
 class VariantsConfig(Section):

@@ -22,7 +22,7 @@ from flexvar.evaluation.metrics import MetricsError, compute_reference  # noqa: 
 from pipeline.tracking import stage_run  # noqa: E402
 
 PARAM_KEYS = ["seed", "evaluate.feature_space", "evaluate.inception_weights", "evaluate.metrics",
-              "evaluate.reference_split", "evaluate.kid_subset_size"]
+              "evaluate.reference_split", "evaluate.reference", "evaluate.kid_subset_size"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,15 +35,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with stage_run("reference_stats", params, PARAM_KEYS, tags={"feature_space": cfg.feature_space}) as tracker:
             shutil.rmtree(args.out, ignore_errors=True)
-            reference = load_split(args.prepared, cfg.reference_split)
-            info = compute_reference(reference.images_NCHW, out_dir, cfg, args.feature_net, device, params.seed)
+            reference = None if cfg.reference else load_split(args.prepared, cfg.reference_split).images_NCHW
+            info = compute_reference(reference, out_dir, cfg, args.feature_net, device, params.seed)
             tracker.log_metrics({f"reference_{k}": v for k, v in info["self_metrics"].items()})
             tracker.log_metrics({"reference_images": info["num_images"]})
             tracker.log_artifact(out_dir / "reference.json")
     except MetricsError as e:
         print(f"reference_stats: error: {e}", file=sys.stderr)
         return 2
-    print(f"reference_stats: {info['num_images']} {cfg.reference_split} images in the {cfg.feature_space} space -> "
+    print(f"reference_stats: {info['source']} ({info['num_images'] or 'statistics only'}) images in the {cfg.feature_space} space -> "
           f"{out_dir}; reference vs itself: " + ", ".join(f"{k}={v:.4g}" for k, v in info["self_metrics"].items()))
     return 0
 

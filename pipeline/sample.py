@@ -93,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
             write_samples(out, images, result.labels, class_names)
             info = {"depth": d, "schedule": name, "scales": [list(s) for s in scales], "steps": len(scales),
                     "size": list(images.shape[-2:]), "num_images": len(images), "seconds": seconds,
-                    "images_per_s": len(images) / seconds, "device": str(device), "precision": cfg.precision}
+                    "images_per_s": len(images) / seconds, "device": str(device), "precision": cfg.precision,
+                    "cfg": cfg.cfg, "cfg_schedule": cfg.cfg_schedule, "top_k": cfg.top_k, "top_p": cfg.top_p,
+                    "greedy_rule": cfg.greedy_rule}
             write_json(out / "info.json", info)
             log.log_metrics({"images_per_s": info["images_per_s"], "sample_seconds": seconds,
                              "num_images": len(images), "steps": len(scales)})

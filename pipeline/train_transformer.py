@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
                                   f"rerun extract_latents")
         quantizer = load_tokenizer(args.tokenizer, "cpu").quantize
         model = FlexVAR(tcfg, quantizer.codebook_size, quantizer.codebook_dim, train.num_classes,
-                        pe_size=max(train.latent_hw))
+                        pe_size=tcfg.pos_embed_size or max(train.latent_hw))
         fingerprint = build_fingerprint(transformer=tcfg, train=cfg, schedule=params.schedule, seed=params.seed,
                                         tokenizer_sha256=sha, latents=[len(train), len(val), list(train.latent_hw)])
         resumed = resume_state(out, fingerprint)

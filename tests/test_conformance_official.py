@@ -110,6 +110,12 @@ def test_greedy_generation_tokens_and_images(imported, name):
     assert diff <= 1, f"max pixel difference {diff}"
 
 
+def test_official_position_map_initialisation():
+    from flexvar.transformer.model import sincos_2d_interleaved
+
+    torch.testing.assert_close(sincos_2d_interleaved(16, 8, 6)[None], REFS["pos_init_8x6_d16"], rtol=1e-6, atol=1e-6)
+
+
 def test_unrepresentable_official_layout_is_refused(tmp_path):
     sd = torch.load(DATA / "official_tokenizer.pth", weights_only=True)["model"]
     sd = {k: (v[:48] if re.search(r"norm[^.]*\.(weight|bias)$", k) and v.shape[0] == 64 else v) for k, v in sd.items()}

@@ -31,6 +31,8 @@ COMMON = [   # (dotted key, official value)
     ("transformer.class_dropout", 0.1),             # models/__init__.py:40 cond_drop_rate=0.1
     ("transformer.drop_path_rate", None),           # models/__init__.py:22 dpr = 0.1 * depth / 24 (our null)
     ("transformer.pos_embed_grow", "area"),         # models/flexvar.py:193 F.interpolate(..., mode='area')
+    ("transformer.pos_embed_size", 32),             # models/flexvar.py:70 generate_2d_rotary_position_embedding(h=32, w=32)
+    ("transformer.pos_embed_init", "interleaved"),  # models/flexvar.py:157-160 even: sin(row), odd: cos(col)
     ("train_transformer.batch_size", 768),          # utils/arg_util.py:57 bs=768; scripts/train.sh --bs=768
     ("train_transformer.label_smoothing", 0.0),     # utils/arg_util.py:55 ls=0.0
     ("train_transformer.grad_clip", 2.0),           # utils/arg_util.py:54 tclip=2.

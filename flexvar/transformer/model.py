@@ -66,6 +66,16 @@ def sincos_2d(dim: int, h: int, w: int) -> torch.Tensor:
     return out.float()
 
 
+def sincos_2d_interleaved(dim: int, h: int, w: int) -> torch.Tensor:
+    """The official FlexVAR initial map (dim, h, w): even channels sin(row * f_k), odd channels
+    cos(col * f_k), f_k = 10000^(-2k/dim) (models/flexvar.py generate_2d_rotary_position_embedding)."""
+    freqs = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * -(math.log(10000.0) / dim))
+    out = torch.zeros(dim, h, w)
+    out[0::2] = torch.sin(torch.arange(h, dtype=torch.float32)[None, :, None] * freqs[:, None, None]).expand(-1, h, w)
+    out[1::2] = torch.cos(torch.arange(w, dtype=torch.float32)[None, None, :] * freqs[:, None, None]).expand(-1, h, w)
+    return out
+
+
 @lru_cache(maxsize=64)
 def block_causal_mask(scales: tuple[tuple[int, int], ...], device: str = "cpu") -> torch.Tensor:
     """(L, L) bool mask, True where query token i may attend key j: scale(j) <= scale(i)."""
@@ -169,7 +179,7 @@ class FlexVAR(nn.Module):
         self.word_embed = nn.Linear(codebook_dim, C)
         self.class_emb = nn.Embedding(num_classes + 1, C)
         self.pos_start = nn.Parameter(torch.zeros(1, 1, C))
-        pos = sincos_2d(C, pe_size, pe_size)[None]
+        pos = (sincos_2d if cfg.pos_embed_init == "halves" else sincos_2d_interleaved)(C, pe_size, pe_size)[None]
         if cfg.pos_embed_learnable:
             self.pos_1CPP = nn.Parameter(pos)
         else:

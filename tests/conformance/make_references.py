@@ -108,7 +108,8 @@ def main() -> None:
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     vae = build_tokenizer(vq_llama)
     var = build_transformer(flexvar_mod, vae)
-    refs: dict = {"config": dict(ch=CH, ch_mult=CH_MULT, num_res_blocks=N_RES, z_channels=Z, codebook_dim=CVAE,
+    pos_init = var.generate_2d_rotary_position_embedding(h=8, w=6, d=16)   # the official initial position map
+    refs: dict = {"pos_init_8x6_d16": pos_init, "config": dict(ch=CH, ch_mult=CH_MULT, num_res_blocks=N_RES, z_channels=Z, codebook_dim=CVAE,
                                  codebook_size=V, depth=DEPTH, width=WIDTH, heads=HEADS, num_classes=NUM_CLASSES,
                                  train_side=TRAIN_SIDE, cfg=CFG, classes=GEN_CLASSES)}
 
