@@ -40,6 +40,10 @@ class DataConfig(Section):
     hf_split_val: str = "validation"
     on_bad_image: Literal["skip", "fail"] = "skip"
     upscale_small: bool = False             # images smaller than resolution: upscale (true) or skip
+    num_workers: int = Field(0, ge=0)       # worker processes: prepare's decode/clean/encode, DataLoader decoding
+    in_memory_mb: float = Field(256, ge=0)  # splits whose pixels fit in this many MB are decoded once into RAM;
+                                            # larger ones stream from disk (0 = always stream)
+    latent_dtype: Literal["float32", "float16"] = "float32"   # latent cache storage (float16: half the disk/page cache)
 
     @field_validator("source")
     @classmethod
