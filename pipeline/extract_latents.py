@@ -2,6 +2,10 @@
 
     python -m pipeline.extract_latents --params params.yaml --prepared data/prepared \
         --tokenizer models/tokenizer --out data/latents
+
+Images are read batch by batch (decoded in `data.num_workers` DataLoader workers when the split
+is streamed) and the latents appended to memory-mappable shards in `data.latent_dtype`
+(flexvar/data/latent_cache.py): memory is bounded by the batch, not by the dataset.
 """
 from __future__ import annotations
 
@@ -15,13 +19,14 @@ set_offline_env()
 
 from flexvar.checkpoint import CheckpointError  # noqa: E402
 from flexvar.config import ConfigError, load_params  # noqa: E402
+from flexvar.data.sampling import RangeBatchSampler  # noqa: E402
 from flexvar.data.splits import load_split  # noqa: E402
-from flexvar.checkpoint import file_sha256
-from flexvar.data.latent_cache import encode_split, save_latents  # noqa: E402
+from flexvar.checkpoint import file_sha256  # noqa: E402
+from flexvar.data.latent_cache import extract_split  # noqa: E402
 from flexvar.tokenizer.vqvae import load_tokenizer, tokenizer_path  # noqa: E402
 from pipeline.tracking import TrackingError, stage_run  # noqa: E402
 
-PARAM_KEYS = ["seed", "tokenizer"]
+PARAM_KEYS = ["seed", "tokenizer", "data.latent_dtype"]
 BATCH = 64
 
 
@@ -39,13 +44,17 @@ def main(argv: list[str] | None = None) -> int:
         with stage_run("extract_latents", params, PARAM_KEYS) as log:
             for split in ("train", "val"):
                 t0 = time.perf_counter()
-                images = load_split(args.prepared, split)
-                z = encode_split(vqvae, images, BATCH, device, precision="fp32")
-                save_latents(Path(args.out) / f"{split}.pt", z, images, sha)
-                stats[split] = {"images": len(images), "shape": list(z.shape), "seconds": time.perf_counter() - t0}
+                images = load_split(args.prepared, split, params.data.in_memory_mb)
+                loader = images.loader(RangeBatchSampler(len(images), BATCH), params.data.num_workers)
+                extract_split(vqvae, loader, Path(args.out) / split, len(images), images.class_names, sha, device,
+                              dtype=params.data.latent_dtype, precision="fp32")
+                h, w = images.image_hw
+                shape = [len(images), 2, params.tokenizer.codebook_dim, h // vqvae.downsample, w // vqvae.downsample]
+                stats[split] = {"images": len(images), "shape": shape, "seconds": time.perf_counter() - t0,
+                                "dtype": params.data.latent_dtype}
                 log.log_metrics({f"{split}_images": len(images), f"{split}_seconds": stats[split]["seconds"]})
             write_json(Path(args.out) / "stats.json", stats | {"tokenizer_sha256": sha})
-    except (ConfigError, CheckpointError, TrackingError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, TrackingError, FileNotFoundError, ValueError) as e:
         print(f"extract_latents: error: {e}", file=sys.stderr)
         return 2
     print("extract_latents: wrote " + ", ".join(f"{s}: {v['shape']}" for s, v in stats.items()))

@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(args.params)
         device = setup_torch(params)
         cfg, tcfg = params.train_transformer, params.transformer_for_depth(d)
-        train, val = load_latents(args.latents, "train"), load_latents(args.latents, "val")
+        train = load_latents(args.latents, "train", params.data.in_memory_mb)   # memory-mapped when large
+        val = load_latents(args.latents, "val", params.data.in_memory_mb)
         sha = file_sha256(tokenizer_path(args.tokenizer))
         if train.tokenizer_sha256 and train.tokenizer_sha256 != sha:
             raise CheckpointError(f"{args.latents} was extracted with another tokenizer than {args.tokenizer}; "
