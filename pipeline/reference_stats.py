@@ -17,7 +17,7 @@ from pipeline.common import set_offline_env, setup_torch, stage_args
 set_offline_env()
 
 from flexvar.config import load_params  # noqa: E402
-from flexvar.data.splits import load_split  # noqa: E402
+from flexvar.data.splits import ImagesOnly, load_split  # noqa: E402
 from flexvar.evaluation.metrics import MetricsError, compute_reference  # noqa: E402
 from pipeline.tracking import stage_run  # noqa: E402
 
@@ -35,8 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with stage_run("reference_stats", params, PARAM_KEYS, tags={"feature_space": cfg.feature_space}) as tracker:
             shutil.rmtree(args.out, ignore_errors=True)
-            reference = load_split(args.prepared, cfg.reference_split)
-            info = compute_reference(reference.images_NCHW, out_dir, cfg, args.feature_net, device, params.seed)
+            reference = load_split(args.prepared, cfg.reference_split, params.data.in_memory_mb)
+            images = reference.images_NCHW if reference.in_memory else ImagesOnly(reference)   # large: from disk
+            info = compute_reference(images, out_dir, cfg, args.feature_net, device, params.seed,
+                                     workers=not reference.in_memory and params.data.num_workers > 0)
             tracker.log_metrics({f"reference_{k}": v for k, v in info["self_metrics"].items()})
             tracker.log_metrics({"reference_images": info["num_images"]})
             tracker.log_artifact(out_dir / "reference.json")

@@ -52,8 +52,9 @@ class NpzWriter:
         self.zf.close()
 
 
-def npz_member_memmap(path: str | os.PathLike, name: str) -> np.ndarray:
-    """Member `name` of an .npz as a read-only memory map (stored members); a compressed one is loaded."""
+def npz_member_memmap(path: str | os.PathLike, name: str, mode: str = "r") -> np.ndarray:
+    """Member `name` of an .npz as a memory map (stored members; mode 'r' read-only, 'c' copy-on-write);
+    a compressed member is loaded instead."""
     path = Path(path)
     with zipfile.ZipFile(path) as zf:
         info = zf.getinfo(f"{name}.npy")
@@ -73,4 +74,4 @@ def npz_member_memmap(path: str | os.PathLike, name: str) -> np.ndarray:
         raise ValueError(f"{path}: {name} is Fortran-ordered; expected C order")
     if int(np.prod(shape)) == 0:
         return np.zeros(shape, dtype)
-    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+    return np.memmap(path, dtype=dtype, mode=mode, offset=offset, shape=shape)
