@@ -151,6 +151,10 @@ class LatentWriter:
 
     def write(self, z_B2CHW: torch.Tensor, labels_B: torch.Tensor) -> None:
         z = z_B2CHW.numpy()
+        if len(z) != len(labels_B) or self.written + len(z) > self.n:
+            self.abort()
+            raise ValueError(f"{self.out_dir}: {len(z)} latents with {len(labels_B)} labels after {self.written} "
+                             f"do not fit the declared {self.n}")
         self._labels.write(labels_B.numpy().astype(np.int64))
         while len(z):
             if self._shard is None or self._shard.rows == self._shard.shape[0]:
@@ -161,12 +165,12 @@ class LatentWriter:
             z = z[room:]
 
     def close(self) -> Path:
-        self._close_shard()
-        self._labels.close()
-        self._labels_f.close()
         if self.written != self.n:
             self.abort()
             raise ValueError(f"{self.out_dir}: {self.written} latents written, {self.n} expected")
+        self._close_shard()
+        self._labels.close()
+        self._labels_f.close()
         (self.tmp / META).write_text(json.dumps(self.meta, indent=1) + "\n")
         self.tmp.chmod(0o755)
         if self.out_dir.exists():
