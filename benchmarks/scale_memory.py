@@ -6,9 +6,10 @@ For each N: a fresh work folder with params.yaml (builtin:shapes at 64 px, N tra
 streaming path forced with data.in_memory_mb: 0, a few steps per training stage), then the real
 stage commands one after another: prepare, train_tokenizer, extract_latents, train_transformer,
 train_feature_net, reference_stats, sample (1,000 images), evaluate. Each stage is a subprocess
-whose whole process tree (DataLoader / prepare workers, Ray workers) is polled with psutil every
-0.1 s; reported per stage: peak RSS of the tree (sum), peak RSS of its largest process, peak
-private memory (USS-like: RssAnon) of the tree, wall time and throughput. Figures are printed as a
+whose whole process tree (DataLoader / prepare workers, Ray workers) is polled every 0.2 s
+(/proc/<pid>/smaps_rollup); reported per stage: peak PSS of the tree (shared pages counted once),
+peak private memory of the tree (Pss_Anon: without mapped files / page cache), peak RSS of its
+largest process, wall time and throughput. Figures are printed as a
 table and written to <root>/scale_memory.json.
 
 --train-workers 2 runs train_tokenizer and train_transformer through flows/ray_train (Ray Train,
@@ -43,6 +44,7 @@ def params_for(n: int, args) -> dict:
                                 log_every=1, val_images=64, warmup_steps=1)
     p["train_transformer"].update(steps=args.steps, batch_size=32, checkpoint_every=args.steps,
                                   eval_every=args.steps, log_every=1, val_batches=1, warmup_steps=1)
+    p["tokenizer"].update(ch=args.tokenizer_ch)   # the encoder's width sets extract_latents' time, not its data memory
     p["transformer"].update(depth=2)
     p["sample"].update(per_class=args.samples // 8, batch_size=100, schedules={"short": {"steps": 4}})
     p["variants"].update(depths=[2], schedules=["short"])
@@ -76,25 +78,30 @@ def stage_commands(train_workers: int) -> list[tuple[str, list[str], int]]:
     ]
 
 
-def rss_anon(p: psutil.Process) -> int:
-    """Private resident memory (RssAnon) of a process, bytes; mapped files and the page cache excluded."""
+def smaps(pid: int) -> dict[str, int]:
+    """Rss, Pss and Pss_Anon of a process in bytes (/proc/<pid>/smaps_rollup). PSS splits pages shared
+    between processes (forked workers, the page cache of memory-mapped files) among them, so summing
+    PSS over a process tree counts every page once; Pss_Anon leaves out file-backed pages."""
+    out = {"Rss": 0, "Pss": 0, "Pss_Anon": 0}
     try:
-        for line in Path(f"/proc/{p.pid}/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key in out:
+                out[key] = int(rest.split()[0]) * 1024
     except (OSError, ValueError):
         pass
-    return 0
+    return out
 
 
 class TreeMonitor(threading.Thread):
-    """Polls a process and all its descendants: peak summed RSS, peak single-process RSS, peak summed
-    RssAnon, and per-process peaks keyed by (pid, a short command)."""
+    """Polls a process and all its descendants: peak summed PSS (each page once), peak summed
+    Pss_Anon (private memory: no mapped files / page cache), peak RSS of the largest single process,
+    and per-process peaks."""
 
-    def __init__(self, pid: int, every: float = 0.1):
+    def __init__(self, pid: int, every: float = 0.2):
         super().__init__(daemon=True)
         self.root, self.every, self.stop = psutil.Process(pid), every, threading.Event()
-        self.peak_tree = self.peak_one = self.peak_anon = 0
+        self.peak_pss = self.peak_anon = self.peak_one = 0
         self.per_proc: dict[int, dict] = {}
 
     def run(self) -> None:
@@ -103,19 +110,18 @@ class TreeMonitor(threading.Thread):
                 procs = [self.root] + self.root.children(recursive=True)
             except psutil.NoSuchProcess:
                 break
-            tree = anon = 0
+            pss = anon = 0
             for p in procs:
                 try:
-                    rss = p.memory_info().rss
                     name = " ".join(p.cmdline()[:4])[:80]
                 except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                     continue
-                a = rss_anon(p)
-                tree, anon = tree + rss, anon + a
-                self.peak_one = max(self.peak_one, rss)
-                rec = self.per_proc.setdefault(p.pid, {"cmd": name, "rss": 0, "anon": 0})
-                rec["rss"], rec["anon"] = max(rec["rss"], rss), max(rec["anon"], a)
-            self.peak_tree, self.peak_anon = max(self.peak_tree, tree), max(self.peak_anon, anon)
+                m = smaps(p.pid)
+                pss, anon = pss + m["Pss"], anon + m["Pss_Anon"]
+                self.peak_one = max(self.peak_one, m["Rss"])
+                rec = self.per_proc.setdefault(p.pid, {"cmd": name, "rss": 0, "pss": 0})
+                rec["rss"], rec["pss"] = max(rec["rss"], m["Rss"]), max(rec["pss"], m["Pss"])
+            self.peak_pss, self.peak_anon = max(self.peak_pss, pss), max(self.peak_anon, anon)
             time.sleep(self.every)
 
 
@@ -133,11 +139,11 @@ def run_stage(work: Path, argv: list[str], env: dict) -> dict:
         raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}):\n{out[-4000:]}")
     workers = [r for r in mon.per_proc.values() if "ray::" in r["cmd"] or "RayTrainWorker" in r["cmd"]
                or "_call_on_worker" in r["cmd"]]
-    return {"seconds": round(seconds, 1), "peak_tree_rss_mb": round(mon.peak_tree / 2**20, 1),
-            "peak_process_rss_mb": round(mon.peak_one / 2**20, 1),
+    return {"seconds": round(seconds, 1), "peak_tree_pss_mb": round(mon.peak_pss / 2**20, 1),
             "peak_tree_private_mb": round(mon.peak_anon / 2**20, 1),
+            "peak_process_rss_mb": round(mon.peak_one / 2**20, 1), "processes": len(mon.per_proc),
             "ray_workers": sorted(({"cmd": r["cmd"], "peak_rss_mb": round(r["rss"] / 2**20, 1),
-                                    "peak_private_mb": round(r["anon"] / 2**20, 1)} for r in workers),
+                                    "peak_pss_mb": round(r["pss"] / 2**20, 1)} for r in workers),
                                   key=lambda r: -r["peak_rss_mb"])[:4],
             "log_tail": out[-600:]}
 
@@ -165,8 +171,37 @@ def disjoint_epochs(trace: Path, n: int, batch: int, steps: int) -> dict:
     return out
 
 
+def token_agreement(work: Path, max_images: int = 2000) -> dict:
+    """Would float16 latent storage change the tokens? Quantise the float32 cache and its float16
+    round trip at every scale 1..n (image and flip) and count identical token ids."""
+    import torch
+
+    from flexvar.data.latent_cache import load_latents
+    from flexvar.tokenizer.vqvae import load_tokenizer
+
+    vq = load_tokenizer(work / "models" / "tokenizer")
+    data = load_latents(work / "data" / "latents", "train", in_memory_mb=0)
+    m = min(max_images, len(data))
+    full = max(data.latent_hw)
+    same = total = 0
+    per_scale = {}
+    with torch.no_grad():
+        for flip in (0, 1):
+            z32 = data.latents_N2CHW[torch.arange(m), torch.full((m,), flip)]
+            z16 = z32.half().float()
+            for s in range(1, full + 1):
+                a, _ = vq.quantize_at(z32, (s, s))
+                b, _ = vq.quantize_at(z16, (s, s))
+                eq = int((a == b).sum())
+                same, total = same + eq, total + a.numel()
+                per_scale[s] = per_scale.get(s, 0) + eq / a.numel() / 2
+    return {"images": m, "tokens": total, "agreement": same / total, "mismatches": total - same,
+            "per_scale": {k: round(v, 6) for k, v in per_scale.items()},
+            "max_abs_error": float((z32 - z16).abs().max())}
+
+
 def run_size(n: int, args) -> dict:
-    work = Path(args.root) / f"n{n}_w{args.train_workers}"
+    work = Path(args.root) / f"n{n}"     # one folder per N: a 2-worker run reuses the prepared data
     work.mkdir(parents=True, exist_ok=True)
     (work / "params.yaml").write_text(yaml.safe_dump(params_for(n, args)))
     trace = work / "data_trace"
@@ -175,7 +210,7 @@ def run_size(n: int, args) -> dict:
            "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
            "RAY_USAGE_STATS_ENABLED": "0"}
     results = {}
-    done_file = work / "results.json"
+    done_file = work / f"results_w{args.train_workers}.json"
     if done_file.exists():
         results = json.loads(done_file.read_text())
     for stage, argv, _ in stage_commands(args.train_workers):
@@ -188,11 +223,17 @@ def run_size(n: int, args) -> dict:
         r["items"] = items_per_run(stage, n, args)
         r["items_per_s"] = round(r["items"] / r["seconds"], 2)
         results[stage] = r
-        print(f"N={n} workers={args.train_workers} {stage}: {r['seconds']}s, peak tree RSS {r['peak_tree_rss_mb']} MB, "
-              f"largest process {r['peak_process_rss_mb']} MB, private {r['peak_tree_private_mb']} MB, "
+        print(f"N={n} workers={args.train_workers} {stage}: {r['seconds']}s, peak tree PSS {r['peak_tree_pss_mb']} MB, "
+              f"private {r['peak_tree_private_mb']} MB, largest process RSS {r['peak_process_rss_mb']} MB, "
               f"{r['items_per_s']} items/s", flush=True)
+        for w in r["ray_workers"]:
+            print(f"  worker {w}", flush=True)
         if stage == "train_tokenizer":
             r["rank_items"] = disjoint_epochs(trace, n, 16, args.steps)
+            print(f"  items read per rank and epoch: {r['rank_items']}", flush=True)
+        if stage == "extract_latents":
+            r["fp16_token_agreement"] = token_agreement(work)
+            print(f"  float16 storage vs float32: {r['fp16_token_agreement']}", flush=True)
         done_file.write_text(json.dumps(results, indent=1))
     return results
 
@@ -207,23 +248,25 @@ def main() -> None:
     ap.add_argument("--num-workers", type=int, default=1, help="data.num_workers")
     ap.add_argument("--in-memory-mb", type=float, default=0, help="data.in_memory_mb (0: always stream)")
     ap.add_argument("--train-workers", type=int, default=1, help="resources.train_workers")
+    ap.add_argument("--tokenizer-ch", type=int, default=8, help="tokenizer.ch (small: a fast extract_latents)")
     ap.add_argument("--stages", nargs="*", default=None, help="only these stages (results are kept per folder)")
     args = ap.parse_args()
     allres = {n: run_size(n, args) for n in args.sizes}
     out = Path(args.root) / f"scale_memory_w{args.train_workers}.json"
     out.write_text(json.dumps({str(k): v for k, v in allres.items()}, indent=1))
     stages = [s for s, _, _ in stage_commands(args.train_workers)]
-    print(f"\n| stage | " + " | ".join(f"N={n} tree RSS MB | largest MB | private MB | items/s" for n in args.sizes)
-          + " | ratio (tree) |")
-    print("|---" * (2 + 4 * len(args.sizes)) + "|")
+    print("\n| stage | " + " | ".join(f"N={n} tree PSS MB | private MB | largest RSS MB | items/s" for n in args.sizes)
+          + " | PSS ratio | largest-RSS ratio |")
+    print("|---" * (3 + 4 * len(args.sizes)) + "|")
     for s in stages:
         rows = [allres[n].get(s) for n in args.sizes]
         if not all(rows):
             continue
-        cells = " | ".join(f"{r['peak_tree_rss_mb']} | {r['peak_process_rss_mb']} | {r['peak_tree_private_mb']} | "
+        cells = " | ".join(f"{r['peak_tree_pss_mb']} | {r['peak_tree_private_mb']} | {r['peak_process_rss_mb']} | "
                            f"{r['items_per_s']}" for r in rows)
-        ratio = rows[-1]["peak_tree_rss_mb"] / rows[0]["peak_tree_rss_mb"]
-        print(f"| {s} | {cells} | {ratio:.2f} |")
+        ratio = rows[-1]["peak_tree_pss_mb"] / rows[0]["peak_tree_pss_mb"]
+        ratio1 = rows[-1]["peak_process_rss_mb"] / rows[0]["peak_process_rss_mb"]
+        print(f"| {s} | {cells} | {ratio:.2f} | {ratio1:.2f} |")
     print(f"\nwritten to {out}")
 
 

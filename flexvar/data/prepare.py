@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import logging
 import multiprocessing
@@ -206,13 +207,18 @@ def read_source(cfg: DataConfig, seed: int, cache_dir: str) -> Source:
 
 
 # --------------------------------------------------------------------------- streaming the work
-def run_tasks(work, tasks: Iterable[Any], num_workers: int, chunksize: int = 32) -> Iterator[Any]:
-    """work(task) for every task, in order: in `num_workers` processes (0: here), never all at once."""
+def run_tasks(work, tasks: Iterable[Any], num_workers: int, chunksize: int = 16) -> Iterator[Any]:
+    """work(task) for every task, in order: in `num_workers` processes (0: here). Tasks are handed out
+    in windows of a few chunks per worker, so neither pending tasks nor finished results pile up
+    (Pool.imap alone would buffer results without bound when the consumer is slower)."""
     if num_workers == 0:
         yield from map(work, tasks)
         return
+    tasks = iter(tasks)
+    window = num_workers * chunksize * 4
     with multiprocessing.get_context("fork").Pool(num_workers) as pool:
-        yield from pool.imap(work, tasks, chunksize=chunksize)
+        while batch := list(itertools.islice(tasks, window)):
+            yield from pool.imap(work, batch, chunksize=chunksize)
 
 
 PREVIEW_CLASSES = 16   # the preview shows at most this many classes (ImageNet has 1,000)
