@@ -56,18 +56,30 @@ def params_for(n: int, args) -> dict:
 
 
 def stage_commands(train_workers: int) -> list[tuple[str, list[str], int]]:
-    """(stage, argv after `python`, items processed per run for throughput)."""
+    """(stage, argv after `python`, items processed per run for throughput). With several train
+    workers the tokenizer writes models/tokenizer_dp, so the 1-worker run's latents stay valid."""
     dp = ["-m", "flows.ray_train", sys.executable] if train_workers > 1 else []
+    tok_out = "models/tokenizer_dp" if train_workers > 1 else "models/tokenizer"
+    d2_out = "models/d2_dp" if train_workers > 1 else "models/d2"
+    return [(stage, [params_file(train_workers) if a == "params.yaml" else a for a in argv], k)
+            for stage, argv, k in _commands(dp, tok_out, d2_out)]
+
+
+def params_file(train_workers: int) -> str:
+    return "params.yaml" if train_workers == 1 else f"params_w{train_workers}.yaml"
+
+
+def _commands(dp: list[str], tok_out: str, d2_out: str) -> list[tuple[str, list[str], int]]:
     return [
         ("prepare", ["-m", "pipeline.prepare", "--params", "params.yaml", "--out", "data/prepared"], 0),
         ("train_tokenizer", dp + ["-m", "pipeline.train_tokenizer", "--params", "params.yaml", "--data",
-                                  "data/prepared", "--out", "models/tokenizer", "--metrics", "metrics/tokenizer.json",
+                                  "data/prepared", "--out", tok_out, "--metrics", "metrics/tokenizer.json",
                                   "--plots", "plots/tokenizer", "--ckpt-dir", ".cache/train_tokenizer"], 0),
         ("extract_latents", ["-m", "pipeline.extract_latents", "--params", "params.yaml", "--prepared",
                              "data/prepared", "--tokenizer", "models/tokenizer", "--out", "data/latents"], 0),
         ("train_transformer", dp + ["-m", "pipeline.train_transformer", "--depth", "2", "--params", "params.yaml",
                                     "--latents", "data/latents", "--tokenizer", "models/tokenizer", "--out",
-                                    "models/d2", "--metrics", "metrics/train/d2.json", "--plots", "plots/train/d2"], 0),
+                                    d2_out, "--metrics", "metrics/train/d2.json", "--plots", "plots/train/d2"], 0),
         ("train_feature_net", ["-m", "pipeline.train_feature_net", "--params", "params.yaml", "--prepared",
                                "data/prepared"], 0),
         ("reference_stats", ["-m", "pipeline.reference_stats", "--params", "params.yaml", "--prepared",
@@ -201,9 +213,11 @@ def token_agreement(work: Path, max_images: int = 2000) -> dict:
 
 
 def run_size(n: int, args) -> dict:
-    work = Path(args.root) / f"n{n}"     # one folder per N: a 2-worker run reuses the prepared data
+    work = Path(args.root) / f"n{n}"     # one folder per N: a multi-worker run reuses its data
     work.mkdir(parents=True, exist_ok=True)
-    (work / "params.yaml").write_text(yaml.safe_dump(params_for(n, args)))
+    if args.train_workers > 1:
+        args.stages = args.stages or ["train_tokenizer", "train_transformer"]
+    (work / params_file(args.train_workers)).write_text(yaml.safe_dump(params_for(n, args)))
     trace = work / "data_trace"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "FLEXVAR_PIPELINE_RUN_ID": f"scale-{n}",
            "FLEXVAR_DATA_TRACE": str(trace), "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1",
@@ -238,6 +252,47 @@ def run_size(n: int, args) -> dict:
     return results
 
 
+MB = 2 ** 20
+D16 = dict(n=1_281_167, px=256, latent=16, cvae=32, workers=8, data_workers=8, tok_batch=128, tr_batch=768,
+           extract_batch=64, sample_batch=250, png_kb=120, jpeg_kb=110, fid_samples=50_000, inception_dim=2048)
+
+
+def project_d16(measured: dict[str, dict]) -> list[tuple[str, float, str]]:
+    """Host memory per process of the d16 preset on ImageNet-1k: the measured N-independent part of
+    each stage (its private memory at the largest N measured here: interpreter, torch, datasets,
+    MLflow, model) plus the data-path terms at 256 px, which are all O(batch). Returns
+    (stage, MB, what the data term is). GPU-resident weights / optimizer state are not host memory."""
+    p = D16
+    img = 3 * p["px"] ** 2
+    lat_item = 2 * p["cvae"] * p["latent"] ** 2 * 4
+    terms = {
+        "prepare": ((1000 * p["png_kb"] * 1024 + p["data_workers"] * 16 * 4 * (p["jpeg_kb"] + p["png_kb"]) * 1024
+                     + p["data_workers"] * 4 * 500 * 400 * 3),
+                    "Arrow writer batch (1000 PNGs) + task window (workers x 64 tasks: JPEG in, PNG out) "
+                    "+ one decoded source image per worker"),
+        "train_tokenizer": (2 * p["data_workers"] * (p["tok_batch"] // p["workers"]) * img * 5,
+                            "2 prefetched batches per data worker, uint8 + float copies, per training worker"),
+        "extract_latents": (2 * p["data_workers"] * p["extract_batch"] * img + p["extract_batch"] * (2 * img * 4 + lat_item),
+                            "prefetched image batches + one float batch and its latents"),
+        "train_transformer": ((p["tr_batch"] // p["workers"]) * lat_item * 4,
+                              "the worker's share of a batch gathered from the memory-mapped cache (float32, x4 "
+                              "for inputs/targets); the cache itself lives in the shared page cache"),
+        "train_feature_net": (2 * p["data_workers"] * 64 * img * 5, "prefetched batches of 64"),
+        "reference_stats": (64 * img * 5 + 50_000 * p["inception_dim"] * 8,
+                            "torch-fidelity batch + the reference features (ImageNet val 50k x 2048 float64)"),
+        "sample": (p["sample_batch"] * img * (1 + 4 * 2), "one batch: uint8 + float images (CFG doubles the batch)"),
+        "evaluate": (64 * img * 5 + p["fid_samples"] * p["inception_dim"] * 8,
+                     "torch-fidelity batch + 50k x 2048 float64 features (inherent to KID / precision-recall)"),
+    }
+    rows = []
+    for stage, (data_bytes, what) in terms.items():
+        base = measured.get(stage, {}).get("peak_tree_private_mb")
+        if base is None:
+            continue
+        rows.append((stage, round(base + data_bytes / MB, 0), f"{base} MB measured + {data_bytes / MB:.0f} MB: {what}"))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
@@ -267,6 +322,13 @@ def main() -> None:
         ratio = rows[-1]["peak_tree_pss_mb"] / rows[0]["peak_tree_pss_mb"]
         ratio1 = rows[-1]["peak_process_rss_mb"] / rows[0]["peak_process_rss_mb"]
         print(f"| {s} | {cells} | {ratio:.2f} | {ratio1:.2f} |")
+    print("\nProjected host memory per training process, d16 on ImageNet-1k (8 workers / node):")
+    print(f"  disk: prepared Arrow ~{D16['n'] * D16['png_kb'] / 2**20:.0f} GB PNG; latent cache "
+          f"{D16['n'] * 2 * D16['cvae'] * D16['latent'] ** 2 * 4 / 2**30:.1f} GiB float32 "
+          f"({D16['n'] * 2 * D16['cvae'] * D16['latent'] ** 2 * 2 / 2**30:.1f} GiB float16), memory-mapped: page "
+          f"cache shared by all workers of a node, never copied per worker")
+    for stage, mb, why in project_d16(allres[args.sizes[-1]]):
+        print(f"  {stage}: ~{mb:.0f} MB  ({why})")
     print(f"\nwritten to {out}")
 
 
