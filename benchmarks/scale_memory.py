@@ -248,6 +248,8 @@ def run_size(n: int, args) -> dict:
         if stage == "extract_latents":
             r["fp16_token_agreement"] = token_agreement(work)
             print(f"  float16 storage vs float32: {r['fp16_token_agreement']}", flush=True)
+        on_disk = json.loads(done_file.read_text()) if done_file.exists() else {}   # other runs on this folder
+        results = {**on_disk, **results}
         done_file.write_text(json.dumps(results, indent=1))
     return results
 
