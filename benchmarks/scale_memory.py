@@ -31,6 +31,7 @@ import psutil
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+DP_LAUNCHER = "ray"
 sys.path.insert(0, str(ROOT))
 
 
@@ -57,27 +58,36 @@ def params_for(n: int, args) -> dict:
 
 def stage_commands(train_workers: int) -> list[tuple[str, list[str], int]]:
     """(stage, argv after `python`, items processed per run for throughput). With several train
-    workers the tokenizer writes models/tokenizer_dp, so the 1-worker run's latents stay valid."""
-    dp = ["-m", "flows.ray_train", sys.executable] if train_workers > 1 else []
-    tok_out = "models/tokenizer_dp" if train_workers > 1 else "models/tokenizer"
-    d2_out = "models/d2_dp" if train_workers > 1 else "models/d2"
-    return [(stage, [params_file(train_workers) if a == "params.yaml" else a for a in argv], k)
-            for stage, argv, k in _commands(dp, tok_out, d2_out)]
+    workers the training stages run under DP_LAUNCHER (flows.ray_train, or torchrun + dp_stage.py) and
+    write models/tokenizer_dp and models/d2_dp, so the 1-worker run's outputs stay valid."""
+    if train_workers == 1:
+        dp, tok_out, d2_out = [], "models/tokenizer", "models/d2"
+    else:
+        tok_out, d2_out = "models/tokenizer_dp", "models/d2_dp"
+        dp = (["-m", "flows.ray_train", sys.executable, "-m"] if DP_LAUNCHER == "ray" else
+              ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={train_workers}",
+               str(ROOT / "benchmarks" / "dp_stage.py")])
+    out = []
+    for stage, argv, k in _commands(tok_out, d2_out):
+        if dp and stage.startswith("train_") and stage != "train_feature_net":
+            argv = dp + argv[1:]                                     # drop "-m": the launcher takes the module
+        out.append((stage, [params_file(train_workers) if a == "params.yaml" else a for a in argv], k))
+    return out
 
 
 def params_file(train_workers: int) -> str:
     return "params.yaml" if train_workers == 1 else f"params_w{train_workers}.yaml"
 
 
-def _commands(dp: list[str], tok_out: str, d2_out: str) -> list[tuple[str, list[str], int]]:
+def _commands(tok_out: str, d2_out: str) -> list[tuple[str, list[str], int]]:
     return [
         ("prepare", ["-m", "pipeline.prepare", "--params", "params.yaml", "--out", "data/prepared"], 0),
-        ("train_tokenizer", dp + ["-m", "pipeline.train_tokenizer", "--params", "params.yaml", "--data",
+        ("train_tokenizer", ["-m", "pipeline.train_tokenizer", "--params", "params.yaml", "--data",
                                   "data/prepared", "--out", tok_out, "--metrics", "metrics/tokenizer.json",
                                   "--plots", "plots/tokenizer", "--ckpt-dir", ".cache/train_tokenizer"], 0),
         ("extract_latents", ["-m", "pipeline.extract_latents", "--params", "params.yaml", "--prepared",
                              "data/prepared", "--tokenizer", "models/tokenizer", "--out", "data/latents"], 0),
-        ("train_transformer", dp + ["-m", "pipeline.train_transformer", "--depth", "2", "--params", "params.yaml",
+        ("train_transformer", ["-m", "pipeline.train_transformer", "--depth", "2", "--params", "params.yaml",
                                     "--latents", "data/latents", "--tokenizer", "models/tokenizer", "--out",
                                     d2_out, "--metrics", "metrics/train/d2.json", "--plots", "plots/train/d2"], 0),
         ("train_feature_net", ["-m", "pipeline.train_feature_net", "--params", "params.yaml", "--prepared",
@@ -150,7 +160,7 @@ def run_stage(work: Path, argv: list[str], env: dict) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}):\n{out[-4000:]}")
     workers = [r for r in mon.per_proc.values() if "ray::" in r["cmd"] or "RayTrainWorker" in r["cmd"]
-               or "_call_on_worker" in r["cmd"]]
+               or "_call_on_worker" in r["cmd"] or "dp_stage.py" in r["cmd"]]
     return {"seconds": round(seconds, 1), "peak_tree_pss_mb": round(mon.peak_pss / 2**20, 1),
             "peak_tree_private_mb": round(mon.peak_anon / 2**20, 1),
             "peak_process_rss_mb": round(mon.peak_one / 2**20, 1), "processes": len(mon.per_proc),
@@ -305,9 +315,13 @@ def main() -> None:
     ap.add_argument("--num-workers", type=int, default=1, help="data.num_workers")
     ap.add_argument("--in-memory-mb", type=float, default=0, help="data.in_memory_mb (0: always stream)")
     ap.add_argument("--train-workers", type=int, default=1, help="resources.train_workers")
+    ap.add_argument("--dp", choices=["ray", "torchrun"], default="ray",
+                    help="launcher of multi-worker training: flows.ray_train (Ray Train) or torchrun + dp_stage.py")
     ap.add_argument("--tokenizer-ch", type=int, default=8, help="tokenizer.ch (small: a fast extract_latents)")
     ap.add_argument("--stages", nargs="*", default=None, help="only these stages (results are kept per folder)")
     args = ap.parse_args()
+    global DP_LAUNCHER
+    DP_LAUNCHER = args.dp
     allres = {n: run_size(n, args) for n in args.sizes}
     out = Path(args.root) / f"scale_memory_w{args.train_workers}.json"
     out.write_text(json.dumps({str(k): v for k, v in allres.items()}, indent=1))
