@@ -14,50 +14,52 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pipeline.common import set_offline_env, setup_torch, stage_args, write_json
+from pipeline.common import setup_torch, stage_args, write_json
 
-set_offline_env()
-
-from flexvar.config import load_params  # noqa: E402
-from flexvar.evaluation.feature_net import feature_net_metrics  # noqa: E402
-from flexvar.evaluation.intervals import sample_intervals  # noqa: E402
-from flexvar.evaluation.metrics import MetricsError, compute_metrics, load_samples  # noqa: E402
-from flexvar.transformer.schedules import schedule_steps  # noqa: E402
-from pipeline.tracking import stage_run  # noqa: E402
+from flexvar.config import load_params
+from flexvar.errors import about, command
+from flexvar.evaluation.feature_net import feature_net_metrics
+from flexvar.evaluation.intervals import sample_intervals
+from flexvar.evaluation.metrics import compute_metrics, load_samples
+from flexvar.outputs import check_in_dir, check_in_file, check_out_file
+from flexvar.transformer.schedules import schedule_steps
+from pipeline.tracking import stage_run
 
 PARAM_KEYS = ["seed", "evaluate.feature_space", "evaluate.inception_weights", "evaluate.metrics",
               "evaluate.reference_split", "evaluate.kid_subset_size", "evaluate.bootstrap_samples"]
 
 
+@command("evaluate")
 def main(argv: list[str] | None = None) -> int:
     args = stage_args(__doc__, argv, depth={"type": int, "required": True}, schedule={"required": True},
                       samples={"default": None}, reference={"default": "data/reference"},
                       feature_net={"default": "models/feature_net/model.pt"}, out={"default": None})
     params = load_params(args.params)
-    device = setup_torch(params)
-    cfg = params.evaluate
     variant = f"d{args.depth}/{args.schedule}"
     samples_path = Path(args.samples or f"samples/{variant}/samples.npz")
-    out = Path(args.out or f"metrics/eval/{variant}.json")
+    out = check_out_file(args.out or f"metrics/eval/{variant}.json", "--out", {".json"})
+    cfg = params.evaluate
+    check_in_file(samples_path, "--samples")
+    check_in_dir(Path(args.reference) / cfg.feature_space, "--reference", hint="run the reference_stats stage")
+    if cfg.feature_space == "domain":
+        check_in_file(args.feature_net, "--feature-net")
+    with about("--samples"):
+        images_NCHW, labels_N = load_samples(samples_path)
+    device = setup_torch(params)
     keys = PARAM_KEYS + [f"sample.schedules.{args.schedule}"]
-    try:
-        with stage_run("evaluate", params, keys, variant=variant, tags={"feature_space": cfg.feature_space}) as tracker:
-            images_NCHW, labels_N = load_samples(samples_path)
-            reference = Path(args.reference) / cfg.feature_space
-            metrics = compute_metrics(images_NCHW, reference, cfg, args.feature_net, device, params.seed)
-            metrics.update(sample_intervals(images_NCHW, labels_N, metrics, reference, cfg, args.feature_net,
-                                            device, params.seed))
-            if cfg.feature_space == "domain":   # the ceiling: the same classifier on real val images
-                metrics["class_acc_domain_real"] = feature_net_metrics(args.feature_net)["val_accuracy"]
-            metrics["num_samples"] = len(images_NCHW)
-            metrics["steps"] = schedule_steps(params, args.schedule)   # numbers too, for MLflow's compare plots
-            metrics["depth"] = args.depth
-            write_json(out, metrics)
-            tracker.log_metrics(metrics)
-            tracker.log_artifact(out)
-    except MetricsError as e:
-        print(f"evaluate {variant}: error: {e}", file=sys.stderr)
-        return 2
+    with stage_run("evaluate", params, keys, variant=variant, tags={"feature_space": cfg.feature_space}) as tracker:
+        reference = Path(args.reference) / cfg.feature_space
+        metrics = compute_metrics(images_NCHW, reference, cfg, args.feature_net, device, params.seed)
+        metrics.update(sample_intervals(images_NCHW, labels_N, metrics, reference, cfg, args.feature_net,
+                                        device, params.seed))
+        if cfg.feature_space == "domain":   # the ceiling: the same classifier on real val images
+            metrics["class_acc_domain_real"] = feature_net_metrics(args.feature_net)["val_accuracy"]
+        metrics["num_samples"] = len(images_NCHW)
+        metrics["steps"] = schedule_steps(params, args.schedule)   # numbers too, for MLflow's compare plots
+        metrics["depth"] = args.depth
+        write_json(out, metrics)
+        tracker.log_metrics(metrics)
+        tracker.log_artifact(out)
     print(f"evaluate {variant}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()) + f" -> {out}")
     return 0
 

@@ -40,12 +40,13 @@ from tqdm import tqdm
 
 from flexvar.config import DataConfig
 from flexvar.data.synthetic import BUILTIN, render_one
+from flexvar.errors import FlexvarError
 
 log = logging.getLogger(__name__)
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
-class DataError(RuntimeError):
+class DataError(FlexvarError, RuntimeError):
     """The source cannot be prepared (missing path, empty class, no valid image, bad image in fail mode)."""
 
 

@@ -28,6 +28,7 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from flexvar.checkpoint import file_sha256
 from flexvar.config import EvaluateConfig
 from flexvar.evaluation.feature_net import load_feature_net
+from flexvar.errors import FlexvarError
 
 DOMAIN_EXTRACTOR = "flexvar-domain"
 INCEPTION_EXTRACTOR = "inception-v3-compat"
@@ -48,7 +49,7 @@ _RENAME = {
 }
 
 
-class MetricsError(RuntimeError):
+class MetricsError(FlexvarError, RuntimeError):
     """Metrics cannot be computed as configured (missing weights, missing reference cache, too few images)."""
 
 
@@ -131,11 +132,15 @@ def load_samples(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
     disk and 50,000 samples never sit in RAM at once."""
     from flexvar.data.arrays import npz_member_memmap
 
-    with np.load(path) as npz:
-        if "arr_0" not in npz.files:
-            raise MetricsError(f"{path}: no arr_0 (expected the ADM layout: arr_0 uint8 (N, H, W, 3))")
-        labels_N = npz["labels"] if "labels" in npz.files else None
-    images_NHWC = npz_member_memmap(path, "arr_0", mode="c")
+    try:
+        with np.load(path) as npz:
+            files = npz.files
+            labels_N = npz["labels"] if "labels" in files else None
+        images_NHWC = npz_member_memmap(path, "arr_0", mode="c") if "arr_0" in files else None
+    except (OSError, ValueError, KeyError, EOFError, AttributeError) as e:
+        raise MetricsError(f"{path}: not a samples.npz with an arr_0 array ({type(e).__name__}: {e})") from None
+    if images_NHWC is None:
+        raise MetricsError(f"{path}: no arr_0 (expected the ADM layout: arr_0 uint8 (N, H, W, 3))")
     if images_NHWC.dtype != np.uint8 or images_NHWC.ndim != 4 or images_NHWC.shape[-1] != 3:
         raise MetricsError(f"{path}: arr_0 must be uint8 (N, H, W, 3), got {images_NHWC.dtype} {images_NHWC.shape}")
     labels_N = np.full(len(images_NHWC), -1) if labels_N is None else labels_N

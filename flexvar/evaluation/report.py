@@ -56,11 +56,15 @@ def _fmt_ci(row: dict[str, Any], key: str) -> str:
     return _fmt(row.get(key)) + (f" [{_fmt(lo)}, {_fmt(hi)}]" if lo is not None and hi is not None else "")
 
 
-def _series(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """Group rows into plot lines: 'd{depth}', plus 'd{depth} {size}' for non-default sizes."""
+def _depth(r: dict[str, Any]) -> str:
+    return f"d{r['depth']}"
+
+
+def _series(rows: list[dict[str, Any]], line_of=_depth) -> dict[str, list[dict[str, Any]]]:
+    """Group rows into plot lines: 'd{depth}' (or `line_of(row)`), plus 'd{depth} {size}' for non-default sizes."""
     lines: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
-        label = f"d{r['depth']}" if r["size"] == r.get("train_size") else f"d{r['depth']} {r['size']}"
+        label = line_of(r) if r["size"] == r.get("train_size") else f"{line_of(r)} {r['size']}"
         lines.setdefault(label, []).append(r)
     return {k: sorted(v, key=lambda r: r["steps"]) for k, v in lines.items()}
 
@@ -82,10 +86,12 @@ def write_plot_data(rows: list[dict[str, Any]], feature_space: str, path: str | 
     return path
 
 
-def plot_fid_vs_steps(rows: list[dict[str, Any]], feature_space: str, path: str | os.PathLike) -> Path:
-    """PNG: FID against the number of steps, one line per depth, 95% intervals as error bars."""
-    return plot_vs_steps(rows, f"fid_{feature_space}", f"FID ({feature_space} features)", "FID vs steps per model depth",
-                         path)
+def plot_fid_vs_steps(rows: list[dict[str, Any]], feature_space: str, path: str | os.PathLike,
+                      line_of=_depth, title: str = "FID vs steps per model depth") -> Path:
+    """PNG: FID against the number of steps, one line per depth (or per `line_of(row)`, e.g. a setting),
+    95% intervals as error bars."""
+    return plot_vs_steps(rows, f"fid_{feature_space}", f"FID ({feature_space} features)", title, path,
+                         line_of=line_of)
 
 
 def plot_class_acc_vs_steps(rows: list[dict[str, Any]], feature_space: str, path: str | os.PathLike) -> Path:
@@ -102,7 +108,7 @@ def plot_class_acc_vs_steps(rows: list[dict[str, Any]], feature_space: str, path
 
 
 def plot_vs_steps(rows: list[dict[str, Any]], key: str, ylabel: str, title: str, path: str | os.PathLike,
-                  ceiling: float | None = None) -> Path:
+                  ceiling: float | None = None, line_of=_depth) -> Path:
     """PNG: `key` against the number of steps, one line per depth (other sizes dashed), CIs as error bars."""
     import matplotlib
 
@@ -111,10 +117,9 @@ def plot_vs_steps(rows: list[dict[str, Any]], key: str, ylabel: str, title: str,
 
     from matplotlib.ticker import MaxNLocator
 
-    depths = sorted({r["depth"] for r in rows})
-    colours = {d: f"C{i}" for i, d in enumerate(depths)}
+    colours = {d: f"C{i}" for i, d in enumerate(dict.fromkeys(line_of(r) for r in rows))}
     fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
-    for label, series in _series(rows).items():
+    for label, series in _series(rows, line_of).items():
         pts = [r for r in series if r.get(key) is not None]
         if pts:
             xs, ys = [r["steps"] for r in pts], [r[key] for r in pts]
@@ -123,7 +128,7 @@ def plot_vs_steps(rows: list[dict[str, Any]], key: str, ylabel: str, title: str,
                 err = [[max(r[key] - r[f"{key}_ci_low"], 0) for r in pts],
                        [max(r[f"{key}_ci_high"] - r[key], 0) for r in pts]]
             other_size = " " in label          # 'd2 96x96': same colour as d2, dashed, square markers
-            ax.errorbar(xs, ys, yerr=err, color=colours[series[0]["depth"]], marker="s" if other_size else "o",
+            ax.errorbar(xs, ys, yerr=err, color=colours[line_of(series[0])], marker="s" if other_size else "o",
                         linestyle="--" if other_size else "-", capsize=3, label=label)
     if ceiling is not None:
         ax.axhline(ceiling, color="grey", linestyle=":", label=f"real val images ({ceiling:.2f})")

@@ -30,12 +30,13 @@ from flexvar.device import autocast_ctx, resolve_precision
 from flexvar.generation.sampling import guidance_scale, guide, sample_tokens
 from flexvar.transformer.schedules import PRESETS, _aspect, make_schedule
 from flexvar.transformer.teacher_forcing import ResidualCanvas, gt_next_input
+from flexvar.errors import FlexvarError
 
 Scales = list[tuple[int, int]]
 Forced = list[tuple[torch.Tensor, torch.Tensor] | None]   # per step: (ids_Bhw, force_Bhw bool) or None
 
 
-class ScheduleError(ValueError):
+class ScheduleError(FlexvarError, ValueError):
     """A schedule or size that cannot be generated; the message names what is wrong."""
 
 
@@ -99,6 +100,14 @@ def resolve_schedule(*, steps: int | None = None, scales: list | None = None, pr
         raise ScheduleError(f"steps={steps} must be between 1 and the long latent side {max(H, W)} "
                             f"(size {H * downsample}x{W * downsample})")
     return make_schedule(steps, (H, W))
+
+
+def spec_scales(spec, train_latent_hw: tuple[int, int], downsample: int) -> Scales:
+    """(h, w) scales of a named schedule from params (a `ScheduleSpec` of sample.schedules or
+    sweep.eval_panel) for a model trained at `train_latent_hw` latents."""
+    return resolve_schedule(steps=spec.steps, scales=spec.scales, preset=spec.preset,
+                            size_hw=tuple(spec.size) if spec.size else None,
+                            train_latent_hw=tuple(train_latent_hw), downsample=downsample)
 
 
 # --------------------------------------------------------------------------- generation
@@ -249,5 +258,5 @@ def grid_columns(n: int) -> int:
     return max(1, math.ceil(math.sqrt(n)))
 
 
-__all__ = ["Generation", "ScheduleError", "resolve_schedule", "latent_size", "check_scales", "generate",
+__all__ = ["Generation", "ScheduleError", "resolve_schedule", "spec_scales", "latent_size", "check_scales", "generate",
            "generate_batch", "generate_batches", "decode_tokens", "make_generator", "class_labels"]
