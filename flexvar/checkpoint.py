@@ -8,19 +8,17 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickle
 import random
-import struct
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from flexvar.errors import FlexvarError
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(FlexvarError, RuntimeError):
     """A checkpoint that cannot be used: missing, corrupt, or not matching what the caller expects."""
 
 
@@ -58,9 +56,12 @@ def load_checkpoint(path: str | os.PathLike, kind: str | None = None,
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, struct.error) as e:
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a torch checkpoint "
-                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); delete it to start over") from e
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever the bytes are (an image, a text file), it is not a checkpoint
+        first = (str(e).splitlines() or [""])[0].split(". ")[0][:160]
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a torch checkpoint ({type(e).__name__}: "
+                              f"{first}); give a checkpoint this project wrote, or delete a corrupt one") from e
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(ckpt).__name__}, expected a dict")
     if kind is not None and ckpt.get("kind") != kind:

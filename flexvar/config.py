@@ -18,9 +18,10 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from flexvar.errors import FlexvarError
 
 
-class ConfigError(ValueError):
+class ConfigError(FlexvarError, ValueError):
     """params.yaml (or a preset/override) is invalid; the message names the key path and value."""
 
 
@@ -41,6 +42,10 @@ class DataConfig(Section):
     hf_split_val: str = "validation"
     on_bad_image: Literal["skip", "fail"] = "skip"
     upscale_small: bool = False             # images smaller than resolution: upscale (true) or skip
+    num_workers: int = Field(0, ge=0)       # worker processes: prepare's decode/clean/encode, DataLoader decoding
+    in_memory_mb: float = Field(256, ge=0)  # splits whose pixels fit in this many MB are decoded once into RAM;
+                                            # larger ones stream from disk (0 = always stream)
+    latent_dtype: Literal["float32", "float16"] = "float32"   # latent cache storage (float16: half the disk/page cache)
 
     @field_validator("source")
     @classmethod
@@ -265,6 +270,7 @@ class SampleConfig(Section):
     # and above the training latent (where cfg is full); outside: greedy only above the training latent;
     # none: top-k/top-p at every scale. The CLI's --greedy-rule defaults to the same value.
     greedy_rule: Literal["official", "outside", "none"] = "official"
+    max_memory_gb: float = Field(16.0, gt=0.0)   # refuse a generation whose estimated peak is above this
     schedules: dict[str, ScheduleSpec] = Field(default_factory=lambda: {
         "short": ScheduleSpec(steps=4), "canonical": ScheduleSpec(scales=[1, 2, 3, 4, 5, 6, 8]),
         "long": ScheduleSpec(steps=8), "large": ScheduleSpec(steps=8, size=(96, 96))})
@@ -282,6 +288,7 @@ class EvaluateConfig(Section):
     feature_net_steps: int = Field(300, ge=1)
     feature_net_batch_size: int = Field(64, ge=1)
     feature_net_lr: float = Field(1e-3, gt=0.0)
+    bootstrap_samples: int = Field(1000, ge=0)    # replicates for the 95% intervals of FID / class accuracy; 0 = none
 
 
     @field_validator("reference")
@@ -325,17 +332,43 @@ class ResourcesConfig(Section):
         return self.stages.get(stage) or self.stages.get(stage.split("@")[0]) or StageResources()
 
 
+def _default_panel() -> dict[str, "ScheduleSpec"]:
+    """The sample stage's default schedules plus an uneven scale list and a 1:2 aspect: the sweep's panel."""
+    return {**SampleConfig().schedules, "uneven": ScheduleSpec(scales=[1, 3, 5, 8]),
+            "wide": ScheduleSpec(steps=6, size=(64, 128))}
+
+
 class SweepConfig(Section):
+    """Ray Tune sweep of the training step sampler (flows/sweep.py).
+
+    A trial's score (`metric`, default `val_loss_panel`) is the mean val loss over `eval_panel`:
+    inference schedules named and written like `sample.schedules` (fewer and more steps than
+    canonical, uneven scale lists, sizes/aspects beyond the training latent), so a winner is good
+    at every schedule, not only the canonical one. `search_space` maps dotted settings (list items
+    by index, e.g. `schedule.groups.0.0`) to [low, high]; the sweep fills null sampler settings
+    (canonical, groups, max_tokens) for the latent size first, so they can be searched.
+    """
     num_samples: int = Field(4, ge=1)
     steps: int = Field(60, ge=1)
     grace_steps: int = Field(20, ge=1)
     report_every: int = Field(10, ge=1)       # steps between a trial's val evaluations (ASHA decides there)
-    metric: str = "val_loss"
+    metric: str = "val_loss_panel"
     cpus_per_trial: float = Field(1.0, gt=0.0)
     gpus_per_trial: float = Field(0.0, ge=0.0)
     max_failures: int = Field(2, ge=0)
+    eval_panel: dict[str, ScheduleSpec] = Field(default_factory=_default_panel, min_length=1)
     search_space: dict[str, list[float]] = Field(default_factory=lambda: {
-        "schedule.canonical_prob": [0.0, 0.5]})
+        "schedule.canonical_prob": [0.0, 0.5], "schedule.drop_probs.0": [0.1, 0.6],
+        "schedule.drop_probs.1": [0.03, 0.1], "schedule.drop_probs.2": [0.01, 0.03],
+        "schedule.groups.0.0": [0, 3], "schedule.groups.1.0": [0, 2]})
+
+    @field_validator("search_space")
+    @classmethod
+    def _ranges(cls, v: dict[str, list[float]]) -> dict[str, list[float]]:
+        for key, rng in v.items():
+            if len(rng) != 2 or rng[0] > rng[1]:
+                raise ValueError(f"{key}: {rng} must be [low, high] with low <= high")
+        return v
 
 
 # --------------------------------------------------------------------------- root
@@ -367,17 +400,9 @@ class Params(Section):
         full = res // f
         for key, value, msg in self.schedule.problems(full):
             raise _at(("schedule", *key), value, f"{msg} (= data.resolution / {f})")
-        for name, spec in self.sample.schedules.items():
-            if spec.size is not None and (spec.size[0] % f or spec.size[1] % f):
-                raise _at(("sample", "schedules", name, "size"), list(spec.size),
-                          f"must be divisible by the tokenizer's downsampling factor {f}")
-            long_side = max(spec.size) // f if spec.size is not None else full
-            if spec.steps is not None and spec.steps > long_side:
-                raise _at(("sample", "schedules", name, "steps"), spec.steps,
-                          f"must be at most the long latent side {long_side} (scales grow by at least 1 per step)")
-            if spec.scales is not None and spec.size is None and spec.scales[-1] != full:
-                raise _at(("sample", "schedules", name, "scales"), spec.scales,
-                          f"must end at the full latent size {full}, or give a size")
+        for section, schedules in ((("sample", "schedules"), self.sample.schedules),
+                                   (("sweep", "eval_panel"), self.sweep.eval_panel)):
+            _check_schedules(section, schedules, full, f)
         for i, name in enumerate(self.variants.schedules):
             if name not in self.sample.schedules:
                 raise _at(("variants", "schedules", i), name,
@@ -391,6 +416,21 @@ class Params(Section):
     def transformer_for_depth(self, depth: int) -> TransformerConfig:
         """The transformer section with `depth` set (variants.depths) and derived sizes left to defaults."""
         return self.transformer.model_copy(update={"depth": depth})
+
+
+def _check_schedules(section: tuple, schedules: dict[str, ScheduleSpec], full: int, f: int) -> None:
+    """Each named schedule fits the latent: sizes divisible by f, steps <= long side, scales end at n."""
+    for name, spec in schedules.items():
+        if spec.size is not None and (spec.size[0] % f or spec.size[1] % f):
+            raise _at((*section, name, "size"), list(spec.size),
+                      f"must be divisible by the tokenizer's downsampling factor {f}")
+        long_side = max(spec.size) // f if spec.size is not None else full
+        if spec.steps is not None and spec.steps > long_side:
+            raise _at((*section, name, "steps"), spec.steps,
+                      f"must be at most the long latent side {long_side} (scales grow by at least 1 per step)")
+        if spec.scales is not None and spec.size is None and spec.scales[-1] != full:
+            raise _at((*section, name, "scales"), spec.scales,
+                      f"must end at the full latent size {full}, or give a size")
 
 
 class _PathError(ValueError):
@@ -450,6 +490,8 @@ def load_params_dict(data: dict[str, Any] | None, origin: str = "params.yaml") -
 def load_params(path: str | os.PathLike = "params.yaml") -> Params:
     """Read and validate params.yaml."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder; give the params file (params.yaml)")
     if not path.is_file():
         raise ConfigError(f"{path}: not found; run from the project root or pass the params file path")
     try:

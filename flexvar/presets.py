@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
 
 from flexvar.config import ConfigError, load_params_dict
+from flexvar.errors import one_line
 
 PRESETS_DIR = Path(__file__).resolve().parents[1] / "presets"
 
@@ -56,14 +58,23 @@ def apply_preset(name_or_path: str, params_path: str | os.PathLike = "params.yam
     preset_path = resolve(name_or_path, presets_dir)
     y = _yaml()
     params_path = Path(params_path)
-    base = y.load(params_path.read_text()) if params_path.is_file() else {}
-    patch = y.load(preset_path.read_text()) or {}
+    base = _load_yaml(y, params_path) if params_path.is_file() else {}
+    patch = _load_yaml(y, preset_path) or {}
     merged = deep_merge(base if base is not None else {}, patch)
     load_params_dict(_plain(merged), origin=f"{params_path} after preset {preset_path.name}")
     buf = io.StringIO()
     y.dump(merged, buf)
-    params_path.write_text(buf.getvalue())
+    tmp = params_path.with_name(f".{params_path.name}.tmp")   # whole file or nothing
+    tmp.write_text(buf.getvalue())
+    tmp.replace(params_path)
     return preset_path
+
+
+def _load_yaml(y: YAML, path: Path) -> Any:
+    try:
+        return y.load(path.read_text())
+    except (YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid YAML: {one_line(e)}") from None
 
 
 def _plain(x: Any) -> Any:

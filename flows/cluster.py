@@ -27,6 +27,9 @@ SHIP_EXCLUDES = [".git", ".venv", ".cache", ".dvc/cache", ".dvc/tmp", "data", "m
                  "plots", "reports", "mlruns", "mlartifacts", "mlflow.db", "ray_results", ".flexvar"]
 
 
+LOCAL_RAY_AUTH_MODE = "disabled"
+
+
 def ensure_prefect_api() -> str:
     """PREFECT_API_URL, starting a temporary local Prefect server when none is configured.
 
@@ -85,6 +88,10 @@ def init_ray(res: ResourcesConfig, root: Path, env: dict[str, str] | None = None
 
     if ray.is_initialized():
         return False
+    if not res.ray_address:
+        # The embedded cluster lives in this process on this machine, so it needs no token; a remote
+        # cluster (ray_address set) keeps Ray's token authentication as its operator configured it.
+        os.environ.setdefault("RAY_AUTH_MODE", LOCAL_RAY_AUTH_MODE)
     kwargs = ray_init_kwargs(res, root, env)
     ray.init(res.ray_address or None, **kwargs)
     return True

@@ -36,22 +36,18 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.env import setup as _env_setup
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
+from prefect.runtime import flow_run, task_run
+from prefect.tasks import exponential_backoff
+from prefect_ray.context import remote_options
+from prefect_ray.task_runners import RayTaskRunner
 
-_env_setup()
-
-from prefect import flow, get_run_logger, task  # noqa: E402
-from prefect.cache_policies import NO_CACHE  # noqa: E402
-from prefect.futures import as_completed  # noqa: E402
-from prefect.runtime import flow_run, task_run  # noqa: E402
-from prefect.tasks import exponential_backoff  # noqa: E402
-from prefect_ray.context import remote_options  # noqa: E402
-from prefect_ray.task_runners import RayTaskRunner  # noqa: E402
-
-from flexvar.config import ConfigError, Params, StageResources, load_params  # noqa: E402
-from flows.cluster import init_ray, prefect_api, python_path_env  # noqa: E402
-from flows.ray_train import parse_stage_command, run_stage_distributed  # noqa: E402
-from flows.stage_graph import StageGraph, StageSpec, commit, load_graph, stale  # noqa: E402
+from flexvar.config import ConfigError, Params, StageResources, load_params
+from flows.cluster import init_ray, prefect_api, python_path_env
+from flows.ray_train import parse_stage_command, run_stage_distributed
+from flows.stage_graph import StageGraph, StageSpec, commit, load_graph, stale
 
 OUTPUT_TAIL = 40   # lines of a failed command's output kept in the error
 
@@ -71,7 +67,11 @@ def clear_outs(spec: StageSpec) -> None:
 
 
 def run_command(cmd: str, cwd: str, env: dict[str, str], log) -> None:
-    """Run one shell command, streaming its output lines to the Prefect log."""
+    """Run one shell command, streaming its output lines to the Prefect log.
+
+    `cmd` is a dvc.yaml stage command, run through the shell (`shell=True`) exactly as `dvc repro`
+    runs it: dvc.yaml is code, trusted as much as `dvc repro` trusts it (README: Servers and trust).
+    """
     tail: list[str] = []
     proc = subprocess.Popen(cmd, shell=True, cwd=cwd, env={**os.environ, **env}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, bufsize=1)

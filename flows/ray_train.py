@@ -27,11 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline.env import setup as _env_setup
-
-_env_setup()
-
-from flexvar.config import Params, StageResources, load_params  # noqa: E402
+from flexvar.config import Params, StageResources, load_params
 
 # Stage modules whose training loops support data parallelism, and the options naming their outputs
 # (redirected to a scratch folder on ranks > 0).

@@ -2,6 +2,7 @@
 
     python -m flows.sweep                          # sweep `sweep.search_space`, write the best config
     python -m flows.sweep --name s1 --resume       # continue an interrupted sweep (Tuner.restore)
+    python -m flows.sweep --transfer               # ... then retrain best + default, compare FID (flows/transfer.py)
     flexvar preset ray_results/s1/best_params.yaml # apply the winner ... or: dvc exp run -S ... (printed)
 
 Each trial trains the transformer (depth: --depth, default the smallest of variants.depths) for
@@ -9,7 +10,8 @@ Each trial trains the transformer (depth: --depth, default the smallest of varia
 models/tokenizer) with the library loop (flexvar/transformer/training.py), the sampled values
 applied to params.yaml's settings (dotted keys, e.g. `schedule.canonical_prob: [low, high]`;
 integer settings are sampled as integers). Every `sweep.report_every` steps it reports the val
-loss; ASHA stops the weak trials after `sweep.grace_steps`. Trial resources: `sweep.cpus_per_trial`,
+loss on every `sweep.eval_panel` schedule and their mean `val_loss_panel` (the default
+`sweep.metric`), so the winner is the setting that is good at every schedule; ASHA stops the weak trials after `sweep.grace_steps`. Trial resources: `sweep.cpus_per_trial`,
 `sweep.gpus_per_trial` (fractions allowed: 0.25 = four trials per GPU).
 
 Fault tolerance: a trial whose worker dies is restarted up to `sweep.max_failures` times and
@@ -30,15 +32,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.env import setup as _env_setup
+import yaml
+from prefect import flow, get_run_logger
 
-_env_setup()
-
-import yaml  # noqa: E402
-from prefect import flow, get_run_logger  # noqa: E402
-
-from flexvar.config import ConfigError, Params, load_params, load_params_dict  # noqa: E402
-from flexvar.run_logger import RunLogger  # noqa: E402
+from flexvar.config import ConfigError, Params, load_params, load_params_dict
+from flexvar.run_logger import RunLogger
 
 RESULTS_DIR = "ray_results"
 
@@ -65,6 +63,14 @@ def get_dotted(d: dict, key: str) -> Any:
         raise ConfigError(f"params.yaml: sweep.search_space.{key}: no such setting") from None
 
 
+def sweep_base(params: Params) -> dict:
+    """params.yaml's settings with the sampler's null settings (canonical, groups, max_tokens) filled in
+    for the latent size, so `sweep.search_space` can name them (`schedule.groups.0.0`)."""
+    base = params.model_dump(mode="json")
+    base["schedule"] = params.schedule.resolved(params.latent_size).model_dump(mode="json")
+    return base
+
+
 def with_overrides(base: dict, overrides: dict[str, Any]) -> Params:
     """params.yaml's settings with dotted `overrides` applied, validated (bad values name the key)."""
     data = copy.deepcopy(base)
@@ -76,17 +82,28 @@ def with_overrides(base: dict, overrides: dict[str, Any]) -> Params:
 
 
 def search_space(params: Params) -> dict[str, Any]:
-    """Tune domains: uniform(low, high), randint(low, high + 1) where the setting is an integer."""
+    """Tune domains: uniform(low, high), randint(low, high + 1) where the setting is an integer.
+
+    Both corners (every setting at its low, then every one at its high) are validated first, so a
+    range that would make invalid settings (e.g. drop_probs increasing) fails before any trial.
+    """
     from ray import tune
 
-    base = params.model_dump(mode="json")
-    space = {}
+    base = sweep_base(params)
+    space, corners = {}, ({}, {})
     for key, (low, high) in params.sweep.search_space.items():
         current = get_dotted(base, key)
         if isinstance(current, int) and not isinstance(current, bool):
             space[key] = tune.randint(int(low), int(high) + 1)
+            low, high = int(low), int(high)
         else:
             space[key] = tune.uniform(float(low), float(high))
+        corners[0][key], corners[1][key] = low, high
+    for corner in corners:
+        try:
+            with_overrides(base, corner)
+        except ConfigError as e:
+            raise ConfigError(f"params.yaml: sweep.search_space: a corner of the ranges is invalid: {e}") from None
     return space
 
 
@@ -157,6 +174,7 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
 
     from flexvar.device import pick_device
     from flexvar.data.latent_cache import load_latents
+    from flexvar.generation.generate import spec_scales
     from flexvar.seeding import seed_everything
     from flexvar.tokenizer.vqvae import load_tokenizer
     from flexvar.transformer.model import FlexVAR
@@ -178,6 +196,8 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     train, val = load_latents(ctx["latents"], "train"), load_latents(ctx["latents"], "val")
     quantizer = load_tokenizer(ctx["tokenizer"], "cpu").quantize
     tcfg = params.transformer_for_depth(ctx["depth"])
+    panel = {name: spec_scales(spec, train.latent_hw, params.tokenizer.downsample)
+             for name, spec in params.sweep.eval_panel.items()}
     model = FlexVAR(tcfg, quantizer.codebook_size, quantizer.codebook_dim, train.num_classes,
                     pe_size=tcfg.pos_embed_size or max(train.latent_hw))
     sw = params.sweep
@@ -188,9 +208,9 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     tracker = MlflowLogger(client, run_id, ctx["parent_run_id"], "", "")
     train_transformer(model, quantizer, train, val, cfg, params.schedule, prediction=tcfg.prediction,
                       seed=params.seed, device=device, out_dir=work, logger=tracker,
-                      val_logger=TuneReporter(tracker),
+                      val_logger=TuneReporter(tracker), val_panel=panel,
                       fingerprint=build_fingerprint(transformer=tcfg, train=cfg, schedule=params.schedule,
-                                                    seed=params.seed))
+                                                    seed=params.seed, panel=panel))
     client.set_terminated(run_id, "FINISHED")
 
 
@@ -224,45 +244,84 @@ def unfinished_trials(exp_dir: Path) -> int:
     return sum(t.status not in ("TERMINATED", "ERROR") for t in ExperimentAnalysis(str(exp_dir)).trials)
 
 
-def best_config_yaml(overrides: dict[str, Any], metric: str, value: float) -> str:
-    """The winner as a partial params file (nested keys) for `flexvar preset FILE`."""
-    nested: dict[str, Any] = {}
-    for key, v in overrides.items():
-        d = nested
+def settings_of(base: dict, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The settings a trial changes, whole: `schedule.groups.0.0` -> `schedule.groups` (the full list),
+    so the winner applies as a preset or `dvc exp run -S` without list indices."""
+    full = with_overrides(base, overrides).model_dump(mode="json")
+    out = {}
+    for key in overrides:
         parts = key.split(".")
-        for p in parts[:-1]:
-            d = d.setdefault(p, {})
-        d[parts[-1]] = round(v, 6) if isinstance(v, float) else v
-    head = f"# best sweep trial: {metric} = {value:.5f}\n# apply: flexvar preset <this file>   or   dvc exp run {dvc_set_args(overrides)}\n"
-    return head + yaml.safe_dump(nested, sort_keys=False)
+        setting = ".".join(parts[:next((i for i, p in enumerate(parts) if p.isdigit()), len(parts))])
+        out[setting] = _rounded(get_dotted(full, setting))
+    return out
 
 
-def dvc_set_args(overrides: dict[str, Any]) -> str:
-    return " ".join(f"-S '{k}={round(v, 6) if isinstance(v, float) else v}'" for k, v in overrides.items())
+def _rounded(v: Any) -> Any:
+    if isinstance(v, float):
+        return round(v, 6)
+    return [_rounded(x) for x in v] if isinstance(v, (list, tuple)) else v
 
 
-def finish(grid, params: Params, root: Path, exp_dir: Path, parent_run_id: str) -> dict[str, Any]:
-    """Close the trials' MLflow runs, write best_params.yaml, log the winner on the sweep run."""
+def best_config_yaml(settings: dict[str, Any], metric: str, value: float) -> str:
+    """The winner as a partial params file (nested keys) for `flexvar preset FILE`."""
+    from flows.transfer import apply_settings
+
+    nested = apply_settings({}, settings)
+    head = f"# best sweep trial: {metric} = {value:.5f}\n# apply: flexvar preset <this file>   or   dvc exp run {dvc_set_args(settings)}\n"
+    return head + yaml.safe_dump(nested, sort_keys=False, default_flow_style=None)
+
+
+def dvc_set_args(settings: dict[str, Any]) -> str:
+    return " ".join(f"-S '{k}={json.dumps(v, separators=(',', ':')) if isinstance(v, list) else v}'"
+                    for k, v in settings.items())
+
+
+def trials_table(trials: list[dict[str, Any]], space: list[str], panel: list[str], metric: str) -> str:
+    """Markdown: one row per trial (settings, steps reached, panel loss, each member's val loss), best first."""
+    head = ["trial", *space, "steps", metric, "val_loss (canonical)", *(f"val_loss/{n}" for n in panel)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---:" for _ in head) + "|"]
+    rank = sorted(trials, key=lambda t: (t["metrics"].get(metric) is None, t["metrics"].get(metric) or 0.0))
+    for t in rank:
+        m = t["metrics"]
+        cells = [t["trial_id"], *(_cell(t["config"].get(k)) for k in space), _cell(m.get("step")), _cell(m.get(metric)),
+                 _cell(m.get("val_loss")), *(_cell(m.get(f"val_loss/{n}")) for n in panel)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(v: Any) -> str:
+    return "" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
+
+
+def finish(grid, params: Params, root: Path, exp_dir: Path, parent_run_id: str, base: dict) -> dict[str, Any]:
+    """Close the trials' MLflow runs, write best_params.yaml and trials.md, log them on the sweep run."""
     from pipeline.tracking import MlflowLogger
 
     client, exp_id = _store(params, root)
-    trials = []
+    metric, trials = params.sweep.metric, []
     for r in grid:
         work = exp_dir / "work" / r.metrics.get("trial_id", "") if r.metrics else None
         if work and (work / "mlflow_run").is_file():   # ASHA-stopped trials end here
             client.set_terminated((work / "mlflow_run").read_text().strip(), "FINISHED")
-        trials.append({"config": r.config, "metrics": {k: r.metrics.get(k) for k in (params.sweep.metric, "step")}
-                       if r.metrics else {}, "error": str(r.error) if r.error else None})
-    best = grid.get_best_result(metric=params.sweep.metric, mode="min", scope="last")
-    value = best.metrics[params.sweep.metric]
-    (exp_dir / "best_params.yaml").write_text(best_config_yaml(best.config, params.sweep.metric, value))
+        keep = ("step", "val_loss", "val_loss_panel", "val_acc_panel", metric)
+        trials.append({"trial_id": (r.metrics or {}).get("trial_id", ""), "config": r.config,
+                       "metrics": {k: v for k, v in (r.metrics or {}).items() if k in keep or "/" in k},
+                       "error": str(r.error) if r.error else None})
+    best = grid.get_best_result(metric=metric, mode="min", scope="last")
+    value = best.metrics[metric]
+    settings = settings_of(base, best.config)
+    (exp_dir / "best_params.yaml").write_text(best_config_yaml(settings, metric, value))
+    (exp_dir / "trials.md").write_text(trials_table(trials, list(params.sweep.search_space),
+                                                    list(params.sweep.eval_panel), metric))
     tracker = MlflowLogger(client, parent_run_id, parent_run_id, "", exp_id)
-    tracker.log_metrics({f"best_{params.sweep.metric}": value})
+    tracker.log_metrics({f"best_{metric}": value})
     tracker.log_params({f"best.{k}": v for k, v in best.config.items()})
     tracker.log_artifact(exp_dir / "best_params.yaml")
+    tracker.log_artifact(exp_dir / "trials.md")
     client.set_terminated(parent_run_id, "FINISHED")
-    return {"best_config": best.config, "best_value": value, "trials": trials,
-            "best_file": str(exp_dir / "best_params.yaml"), "dvc_args": dvc_set_args(best.config)}
+    return {"best_config": best.config, "best_settings": settings, "best_value": value, "trials": trials,
+            "parent_run_id": parent_run_id,
+            "best_file": str(exp_dir / "best_params.yaml"), "dvc_args": dvc_set_args(settings)}
 
 
 @flow(name="flexvar-sweep")
@@ -274,7 +333,7 @@ def sweep_flow(root: str = ".", name: str = "sweep", params_file: str = "params.
     params = load_params(root_p / params_file)
     exp_dir = root_p / RESULTS_DIR / name
     parent = sweep_run(params, root_p, exp_dir, name)
-    ctx = {"root": str(root_p), "name": name, "base": params.model_dump(mode="json"), "parent_run_id": parent,
+    ctx = {"root": str(root_p), "name": name, "base": sweep_base(params), "parent_run_id": parent,
            "latents": str((root_p / latents).resolve()), "tokenizer": str((root_p / tokenizer).resolve()),
            "depth": depth or min(params.variants.depths), "work_dir": str(exp_dir / "work")}
     log.info(f"sweep {name}: {params.sweep.num_samples} trials over {list(params.sweep.search_space)}, "
@@ -284,7 +343,7 @@ def sweep_flow(root: str = ".", name: str = "sweep", params_file: str = "params.
     if left:
         raise SweepInterrupted(f"sweep {name} interrupted with {left} unfinished trials; "
                                f"continue with: python -m flows.sweep --name {name} --resume")
-    out = finish(grid, params, root_p, exp_dir, parent)
+    out = finish(grid, params, root_p, exp_dir, parent, ctx["base"])
     log.info(f"best {params.sweep.metric} {out['best_value']:.4f} with {out['best_config']}")
     return out
 
@@ -316,6 +375,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--latents", default="data/latents", help="cached latents (extract_latents output)")
     ap.add_argument("--tokenizer", default="models/tokenizer", help="tokenizer folder (train_tokenizer output)")
     ap.add_argument("--depth", type=int, default=None, help="transformer depth (default: min of variants.depths)")
+    ap.add_argument("--transfer", action="store_true", help="then retrain best and default at full length, "
+                    "sample + evaluate both over variants.schedules, compare FID (flows/transfer.py)")
+    ap.add_argument("--transfer-steps", type=int, default=None, help="training steps for --transfer "
+                    "(default: train_transformer.steps)")
+    ap.add_argument("--reference", default="data/reference", help="reference statistics (reference_stats output)")
+    ap.add_argument("--feature-net", default="models/feature_net/model.pt", help="feature net (train_feature_net)")
     args = ap.parse_args(argv)
     if args.resume and not args.name:
         ap.error("--resume needs --name")
@@ -323,14 +388,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = run_sweep(args.root, name, args.params, args.resume, latents=args.latents, tokenizer=args.tokenizer,
                         depth=args.depth)
+        print((Path(out["best_file"]).parent / "trials.md").read_text())
+        print(json.dumps({k: out[k] for k in ("best_settings", "best_value", "best_file")}, indent=2))
+        print(f"apply with:  flexvar preset {out['best_file']}\n        or:  dvc exp run {out['dvc_args']}")
+        if args.transfer:
+            from flows.transfer import transfer
+
+            root = Path(args.root).resolve()
+            params = load_params(root / args.params)
+            res = transfer(root, args.params, root / RESULTS_DIR / name, out["best_settings"],
+                           args.depth or min(params.variants.depths), latents=args.latents,
+                           tokenizer=args.tokenizer, reference=args.reference, feature_net=args.feature_net,
+                           steps=args.transfer_steps, parent_run_id=out["parent_run_id"])
+            print(res["table"])
     except (ConfigError, FileNotFoundError) as e:
         print(f"flows.sweep: error: {e}", file=sys.stderr)
         return 2
     except SweepInterrupted as e:
         print(f"flows.sweep: {e}", file=sys.stderr)
         return 130
-    print(json.dumps({k: out[k] for k in ("best_config", "best_value", "best_file")}, indent=2))
-    print(f"apply with:  flexvar preset {out['best_file']}\n        or:  dvc exp run {out['dvc_args']}")
     return 0
 
 

@@ -1,7 +1,9 @@
-"""What every stage module shares: its command line, offline switches, device/thread setup, JSON output.
+"""What every stage module shares: its command line, device/thread setup, JSON output.
 
-Kept tiny on purpose: a stage is `args = stage_args(__doc__)`, `params = load_params(args.params)`,
-`device = setup_torch(params)`, then flexvar calls and `stage_run` (pipeline/tracking.py).
+Kept tiny on purpose: a stage is `@command("<stage>") def main(argv)` (flexvar/errors.py: the one
+runner that turns a FlexvarError into one stderr line and exit 2), `args = stage_args(__doc__)`,
+`params = load_params(args.params)`, `device = setup_torch(params)`, then flexvar calls and
+`stage_run` (pipeline/tracking.py). The tool environment is set up once by pipeline/__init__.py.
 """
 from __future__ import annotations
 
@@ -13,9 +15,14 @@ from typing import Any
 
 from filelock import FileLock
 
+from flexvar.errors import one_line_parser_errors
+
 
 def set_offline_env() -> None:
-    """Telemetry off, no hub downloads and tool state inside the project (pipeline/env.py)."""
+    """Telemetry off, no hub downloads and tool state inside the project (pipeline/env.py).
+
+    Already done when `pipeline` was imported; kept for callers that changed the environment since.
+    """
     from pipeline import env
 
     env.setup()
@@ -24,6 +31,7 @@ def set_offline_env() -> None:
 def stage_args(description: str | None, argv: list[str] | None = None, **extra: dict[str, Any]):
     """Parse `--params PATH` plus any `--name` given as `name={argparse kwargs}`."""
     parser = argparse.ArgumentParser(description=(description or "").strip().splitlines()[0] if description else None)
+    one_line_parser_errors(parser)
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     for name, kwargs in extra.items():
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, **kwargs)
@@ -51,9 +59,6 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
     tmp.replace(path)
     return path
-
-
-set_offline_env()
 
 
 def file_lock(path: Path) -> FileLock:

@@ -1,7 +1,10 @@
 """Quiet, offline, self-contained tool environment for every stage, flow and test.
 
 Telemetry off (DVC, MLflow, Prefect, Ray, HF), HF offline, and tool state kept inside the
-project's `.cache/` instead of the home folder. Call `setup()` before importing those tools.
+project's `.cache/` instead of the home folder. `pipeline/__init__.py` calls `setup()` once,
+before any stage, flow or test imports those tools. Security settings are not touched here:
+Ray's token authentication stays on (flows/cluster.py switches it off only for the Ray it
+starts inside this process, which listens on this machine alone).
 """
 from __future__ import annotations
 
@@ -16,7 +19,6 @@ TELEMETRY_OFF = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_AUTH_MODE": "disabled",
     "HF_HUB_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",
     "HF_HUB_DISABLE_TELEMETRY": "1",

@@ -4,9 +4,12 @@
 
 Reads samples/d{depth}/{schedule}/samples.npz, scores it against the cached reference
 (reference_stats) in `evaluate.feature_space`, writes metrics/eval/d{depth}/{schedule}.json
-(DVC metrics; keys name the feature space: fid_domain, isc_domain, kid_domain, ...) and, with every
-FID, its protocol (reference, number of samples, cfg, top-k, top-p, steps, greedy rule): in the JSON
-as `protocol`, in MLflow as `protocol.*` params and the `protocol` tag.
+(DVC metrics; keys name the feature space: fid_domain, isc_domain, kid_domain, ...), plus the class
+accuracy of the samples (class_acc_domain), 95% bootstrap intervals (fid_domain_ci_low/_ci_high,
+class_acc_domain_ci_low/_ci_high), the classifier's accuracy on real val images (class_acc_domain_real,
+the ceiling for class_acc_domain) and, with every FID, its protocol (reference, number of samples, cfg,
+top-k, top-p, steps, greedy rule): in the JSON as `protocol`, in MLflow as `protocol.*` params and the
+`protocol` tag.
 """
 from __future__ import annotations
 
@@ -14,17 +17,20 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline.common import set_offline_env, setup_torch, stage_args, write_json
+from pipeline.common import setup_torch, stage_args, write_json
 
-set_offline_env()
-
-from flexvar.config import load_params  # noqa: E402
-from flexvar.evaluation.metrics import MetricsError, compute_metrics, fid_protocol, load_samples  # noqa: E402
-from flexvar.transformer.schedules import schedule_steps  # noqa: E402
-from pipeline.tracking import stage_run  # noqa: E402
+from flexvar.config import load_params
+from flexvar.errors import about, command
+from flexvar.evaluation.feature_net import feature_net_metrics
+from flexvar.evaluation.intervals import sample_intervals
+from flexvar.evaluation.metrics import compute_metrics, fid_protocol, load_samples
+from flexvar.outputs import check_in_dir, check_in_file, check_out_file
+from flexvar.transformer.schedules import schedule_steps
+from pipeline.tracking import stage_run
 
 PARAM_KEYS = ["seed", "evaluate.feature_space", "evaluate.inception_weights", "evaluate.metrics",
               "evaluate.reference_split", "evaluate.reference", "evaluate.kid_subset_size",
+              "evaluate.bootstrap_samples",
               "sample.cfg", "sample.cfg_schedule", "sample.top_k", "sample.top_p", "sample.greedy_rule"]
 
 
@@ -42,36 +48,42 @@ def sampling_settings(params, schedule: str, samples_dir: Path) -> dict:
     return out
 
 
+@command("evaluate")
 def main(argv: list[str] | None = None) -> int:
     args = stage_args(__doc__, argv, depth={"type": int, "required": True}, schedule={"required": True},
                       samples={"default": None}, reference={"default": "data/reference"},
                       feature_net={"default": "models/feature_net/model.pt"}, out={"default": None})
     params = load_params(args.params)
-    device = setup_torch(params)
-    cfg = params.evaluate
     variant = f"d{args.depth}/{args.schedule}"
     samples_path = Path(args.samples or f"samples/{variant}/samples.npz")
-    out = Path(args.out or f"metrics/eval/{variant}.json")
+    out = check_out_file(args.out or f"metrics/eval/{variant}.json", "--out", {".json"})
+    cfg = params.evaluate
+    check_in_file(samples_path, "--samples")
+    check_in_dir(Path(args.reference) / cfg.feature_space, "--reference", hint="run the reference_stats stage")
+    if cfg.feature_space == "domain":
+        check_in_file(args.feature_net, "--feature-net")
+    with about("--samples"):
+        images_NCHW, labels_N = load_samples(samples_path)
+    device = setup_torch(params)
     keys = PARAM_KEYS + [f"sample.schedules.{args.schedule}"]
-    try:
-        with stage_run("evaluate", params, keys, variant=variant, tags={"feature_space": cfg.feature_space}) as tracker:
-            images_NCHW, _ = load_samples(samples_path)
-            metrics = compute_metrics(images_NCHW, Path(args.reference) / cfg.feature_space, cfg, args.feature_net,
-                                      device, params.seed)
-            metrics["num_samples"] = len(images_NCHW)
-            metrics["steps"] = schedule_steps(params, args.schedule)   # numbers too, for MLflow's compare plots
-            metrics["depth"] = args.depth
-            protocol = fid_protocol(cfg, num_samples=len(images_NCHW), **sampling_settings(params, args.schedule,
-                                                                                          samples_path.parent))
-            tracker.log_metrics(metrics)
-            tracker.log_params({f"protocol.{k}": v for k, v in protocol.items()})
-            tracker.set_tags({"protocol": protocol["summary"]})
-            metrics["protocol"] = protocol["summary"]
-            write_json(out, metrics)
-            tracker.log_artifact(out)
-    except MetricsError as e:
-        print(f"evaluate {variant}: error: {e}", file=sys.stderr)
-        return 2
+    with stage_run("evaluate", params, keys, variant=variant, tags={"feature_space": cfg.feature_space}) as tracker:
+        reference = Path(args.reference) / cfg.feature_space
+        metrics = compute_metrics(images_NCHW, reference, cfg, args.feature_net, device, params.seed)
+        metrics.update(sample_intervals(images_NCHW, labels_N, metrics, reference, cfg, args.feature_net,
+                                        device, params.seed))
+        if cfg.feature_space == "domain":   # the ceiling: the same classifier on real val images
+            metrics["class_acc_domain_real"] = feature_net_metrics(args.feature_net)["val_accuracy"]
+        metrics["num_samples"] = len(images_NCHW)
+        metrics["steps"] = schedule_steps(params, args.schedule)   # numbers too, for MLflow's compare plots
+        metrics["depth"] = args.depth
+        protocol = fid_protocol(cfg, num_samples=len(images_NCHW),
+                                **sampling_settings(params, args.schedule, samples_path.parent))
+        tracker.log_metrics(metrics)
+        tracker.log_params({f"protocol.{k}": v for k, v in protocol.items()})
+        tracker.set_tags({"protocol": protocol["summary"]})
+        metrics["protocol"] = protocol["summary"]
+        write_json(out, metrics)
+        tracker.log_artifact(out)
     print(f"evaluate {variant}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "protocol")
           + f" [{metrics['protocol']}] -> {out}")
     return 0

@@ -2,6 +2,10 @@
 
     python -m pipeline.extract_latents --params params.yaml --prepared data/prepared \
         --tokenizer models/tokenizer --out data/latents
+
+Images are read batch by batch (decoded in `data.num_workers` DataLoader workers when the split
+is streamed) and the latents appended to memory-mappable shards in `data.latent_dtype`
+(flexvar/data/latent_cache.py): memory is bounded by the batch, not by the dataset.
 """
 from __future__ import annotations
 
@@ -9,45 +13,49 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.common import set_offline_env, stage_args, setup_torch, write_json
+from pipeline.common import setup_torch, stage_args, write_json
 
-set_offline_env()
-
-from flexvar.checkpoint import CheckpointError  # noqa: E402
-from flexvar.config import ConfigError, load_params  # noqa: E402
-from flexvar.data.splits import load_split  # noqa: E402
 from flexvar.checkpoint import file_sha256
-from flexvar.data.latent_cache import encode_split, save_latents  # noqa: E402
-from flexvar.tokenizer.vqvae import load_tokenizer, tokenizer_path  # noqa: E402
-from pipeline.tracking import TrackingError, stage_run  # noqa: E402
+from flexvar.config import load_params
+from flexvar.data.latent_cache import extract_split
+from flexvar.data.sampling import RangeBatchSampler
+from flexvar.data.splits import load_split
+from flexvar.errors import about, command
+from flexvar.outputs import check_in_dir, check_out_dir, replace_dir
+from flexvar.tokenizer.vqvae import load_tokenizer, tokenizer_path
+from pipeline.tracking import stage_run
 
-PARAM_KEYS = ["seed", "tokenizer"]
+PARAM_KEYS = ["seed", "tokenizer", "data.latent_dtype"]
 BATCH = 64
 
 
+@command("extract_latents")
 def main(argv: list[str] | None = None) -> int:
     args = stage_args(__doc__, argv,
                       prepared={"default": "data/prepared", "help": "prepared dataset folder"},
                       tokenizer={"default": "models/tokenizer", "help": "tokenizer folder"},
                       out={"default": "data/latents", "help": "output folder"})
-    try:
-        params = load_params(args.params)
-        device = setup_torch(params)
+    params = load_params(args.params)
+    check_out_dir(args.out)
+    check_in_dir(args.prepared, "--prepared", "dataset_dict.json", hint="run the prepare stage (dvc repro prepare)")
+    device = setup_torch(params)
+    with about("--tokenizer"):
         vqvae = load_tokenizer(args.tokenizer, device, expect_config=params.tokenizer)
-        sha = file_sha256(tokenizer_path(args.tokenizer))
-        stats = {}
-        with stage_run("extract_latents", params, PARAM_KEYS) as log:
-            for split in ("train", "val"):
-                t0 = time.perf_counter()
-                images = load_split(args.prepared, split)
-                z = encode_split(vqvae, images, BATCH, device, precision="fp32")
-                save_latents(Path(args.out) / f"{split}.pt", z, images, sha)
-                stats[split] = {"images": len(images), "shape": list(z.shape), "seconds": time.perf_counter() - t0}
-                log.log_metrics({f"{split}_images": len(images), f"{split}_seconds": stats[split]["seconds"]})
-            write_json(Path(args.out) / "stats.json", stats | {"tokenizer_sha256": sha})
-    except (ConfigError, CheckpointError, TrackingError, FileNotFoundError) as e:
-        print(f"extract_latents: error: {e}", file=sys.stderr)
-        return 2
+    sha = file_sha256(tokenizer_path(args.tokenizer))
+    stats = {}
+    with stage_run("extract_latents", params, PARAM_KEYS) as log, replace_dir(args.out, "extract_latents") as tmp:
+        for split in ("train", "val"):
+            t0 = time.perf_counter()
+            images = load_split(args.prepared, split, params.data.in_memory_mb)
+            loader = images.loader(RangeBatchSampler(len(images), BATCH), params.data.num_workers)
+            extract_split(vqvae, loader, tmp / split, len(images), images.class_names, sha, device,
+                          dtype=params.data.latent_dtype, precision="fp32")
+            h, w = images.image_hw
+            shape = [len(images), 2, params.tokenizer.codebook_dim, h // vqvae.downsample, w // vqvae.downsample]
+            stats[split] = {"images": len(images), "shape": shape, "seconds": time.perf_counter() - t0,
+                            "dtype": params.data.latent_dtype}
+            log.log_metrics({f"{split}_images": len(images), f"{split}_seconds": stats[split]["seconds"]})
+        write_json(tmp / "stats.json", stats | {"tokenizer_sha256": sha})
     print("extract_latents: wrote " + ", ".join(f"{s}: {v['shape']}" for s, v in stats.items()))
     return 0
 

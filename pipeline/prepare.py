@@ -8,33 +8,32 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.common import set_offline_env, stage_args
+from pipeline.common import stage_args
 
-set_offline_env()
-
-from flexvar.config import ConfigError, load_params  # noqa: E402
-from flexvar.data.prepare import DataError, prepare  # noqa: E402
-from flexvar.seeding import seed_everything  # noqa: E402
-from pipeline.tracking import TrackingError, stage_run  # noqa: E402
+from flexvar.config import load_params
+from flexvar.data.prepare import prepare
+from flexvar.errors import command
+from flexvar.outputs import check_out_dir, mark_ours
+from flexvar.seeding import seed_everything
+from pipeline.tracking import stage_run
 
 PARAM_KEYS = ["seed", "data"]
 
 
+@command("prepare")
 def main(argv: list[str] | None = None) -> int:
     args = stage_args(__doc__, argv, out={"default": "data/prepared", "help": "output folder"})
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        params = load_params(args.params)
-        seed_everything(params.seed)
-        with stage_run("prepare", params, PARAM_KEYS) as log:
-            stats = prepare(params.data, params.seed, args.out)
-            log.log_metrics({f"num_{split}": n for split, n in stats["totals"].items()} |
-                            {"num_skipped": stats["num_skipped"]})
-            for name in ("stats.json", "preview.png"):
-                log.log_artifact(Path(args.out) / name)
-    except (ConfigError, DataError, TrackingError) as e:
-        print(f"prepare: error: {e}", file=sys.stderr)
-        return 2
+    params = load_params(args.params)
+    check_out_dir(args.out)   # prepare() replaces the folder: only one this pipeline wrote
+    seed_everything(params.seed)
+    with stage_run("prepare", params, PARAM_KEYS) as log:
+        stats = prepare(params.data, params.seed, args.out)
+        mark_ours(args.out, "prepare")
+        log.log_metrics({f"num_{split}": n for split, n in stats["totals"].items()} |
+                        {"num_skipped": stats["num_skipped"]})
+        for name in ("stats.json", "preview.png"):
+            log.log_artifact(Path(args.out) / name)
     print(f"prepare: wrote {args.out}: " + ", ".join(f"{k}={v}" for k, v in stats["totals"].items())
           + f", skipped={stats['num_skipped']}, hash={stats['content_hash'][:12]}")
     return 0

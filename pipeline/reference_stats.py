@@ -8,41 +8,46 @@ Writes torch-fidelity's cache for `evaluate.reference_split` in `evaluate.featur
 """
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 
-from pipeline.common import set_offline_env, setup_torch, stage_args
+from pipeline.common import setup_torch, stage_args
 
-set_offline_env()
-
-from flexvar.config import load_params  # noqa: E402
-from flexvar.data.splits import load_split  # noqa: E402
-from flexvar.evaluation.metrics import MetricsError, compute_reference  # noqa: E402
-from pipeline.tracking import stage_run  # noqa: E402
+from flexvar.config import load_params
+from flexvar.data.splits import ImagesOnly, load_split
+from flexvar.errors import command
+from flexvar.evaluation.metrics import compute_reference
+from flexvar.outputs import check_in_dir, check_in_file, check_out_dir, replace_dir
+from pipeline.tracking import stage_run
 
 PARAM_KEYS = ["seed", "evaluate.feature_space", "evaluate.inception_weights", "evaluate.metrics",
               "evaluate.reference_split", "evaluate.reference", "evaluate.kid_subset_size"]
 
 
+@command("reference_stats")
 def main(argv: list[str] | None = None) -> int:
     args = stage_args(__doc__, argv, prepared={"default": "data/prepared"},
                       feature_net={"default": "models/feature_net/model.pt"}, out={"default": "data/reference"})
     params = load_params(args.params)
-    device = setup_torch(params)
+    check_out_dir(args.out)
     cfg = params.evaluate
+    check_in_dir(args.prepared, "--prepared", "dataset_dict.json", hint="run the prepare stage (dvc repro prepare)")
+    if cfg.feature_space == "domain":
+        check_in_file(args.feature_net, "--feature-net")
+    device = setup_torch(params)
     out_dir = Path(args.out) / cfg.feature_space
-    try:
-        with stage_run("reference_stats", params, PARAM_KEYS, tags={"feature_space": cfg.feature_space}) as tracker:
-            shutil.rmtree(args.out, ignore_errors=True)
-            reference = None if cfg.reference else load_split(args.prepared, cfg.reference_split).images_NCHW
-            info = compute_reference(reference, out_dir, cfg, args.feature_net, device, params.seed)
-            tracker.log_metrics({f"reference_{k}": v for k, v in info["self_metrics"].items()})
-            tracker.log_metrics({"reference_images": info["num_images"]})
-            tracker.log_artifact(out_dir / "reference.json")
-    except MetricsError as e:
-        print(f"reference_stats: error: {e}", file=sys.stderr)
-        return 2
+    with stage_run("reference_stats", params, PARAM_KEYS, tags={"feature_space": cfg.feature_space}) as tracker:
+        with replace_dir(args.out, "reference_stats") as tmp:
+            images, workers = None, False          # evaluate.reference names the source: nothing to load
+            if not cfg.reference:
+                reference = load_split(args.prepared, cfg.reference_split, params.data.in_memory_mb)
+                images = reference.images_NCHW if reference.in_memory else ImagesOnly(reference)   # large: from disk
+                workers = not reference.in_memory and params.data.num_workers > 0
+            info = compute_reference(images, tmp / cfg.feature_space, cfg, args.feature_net, device, params.seed,
+                                     workers=workers)
+        tracker.log_metrics({f"reference_{k}": v for k, v in info["self_metrics"].items()})
+        tracker.log_metrics({"reference_images": info["num_images"] or 0})
+        tracker.log_artifact(out_dir / "reference.json")
     print(f"reference_stats: {info['source']} ({info['num_images'] or 'statistics only'}) images in the {cfg.feature_space} space -> "
           f"{out_dir}; reference vs itself: " + ", ".join(f"{k}={v:.4g}" for k, v in info["self_metrics"].items()))
     return 0

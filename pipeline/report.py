@@ -2,8 +2,12 @@
 
     python -m pipeline.report --params params.yaml --metrics-dir metrics/eval --out reports
 
-Writes reports/fid_table.md, reports/fid_table.json, reports/fid_vs_steps.png and
+Writes reports/fid_table.md, reports/fid_table.json, reports/fid_vs_steps.png,
+reports/class_acc_vs_steps.png (its companion: class accuracy of samples, real-image ceiling) and
 reports/fid_vs_steps.csv (DVC plot with pipeline/fid_vs_steps.vega.json: x = steps, one line per depth).
+Both PNGs draw the 95% bootstrap intervals as error bars.
+MLflow: the report run and the pipeline's parent run both get the files and the per-variant metrics
+(`fid_<space>_d{depth}_{schedule}`, ...); one top-level `FID vs steps d{depth}` run per depth holds the curve.
 """
 from __future__ import annotations
 
@@ -11,16 +15,36 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline.common import set_offline_env, stage_args, write_json
+from pipeline.common import stage_args, write_json
 
-set_offline_env()
-
-from flexvar.config import load_params  # noqa: E402
-from flexvar.evaluation.report import markdown_table, plot_fid_vs_steps, sort_rows, write_plot_data  # noqa: E402
-from flexvar.transformer.schedules import schedule_size, schedule_steps  # noqa: E402
-from pipeline.tracking import stage_run  # noqa: E402
+from flexvar.config import load_params
+from flexvar.errors import FlexvarError, command
+from flexvar.evaluation.report import (
+    markdown_table, plot_class_acc_vs_steps, plot_fid_vs_steps, sort_rows, write_plot_data,
+)
+from flexvar.outputs import check_in_dir, check_out_dir
+from flexvar.transformer.schedules import schedule_size, schedule_steps
+from pipeline.tracking import parent_logger, stage_run, summary_run
 
 PARAM_KEYS = ["variants", "sample.schedules", "data.resolution", "evaluate.feature_space"]
+
+
+def reported_keys(space: str) -> list[str]:
+    """Per-variant keys the report run logs to MLflow: FID and class accuracy with their intervals."""
+    return [f"{m}_{space}{ci}" for m in ("fid", "class_acc") for ci in ("", "_ci_low", "_ci_high")]
+
+
+def read_metrics(path: Path, params) -> dict:
+    """One evaluate output; FlexvarError naming the file if it is not JSON or lacks this feature space's FID."""
+    key = f"fid_{params.evaluate.feature_space}"
+    try:
+        metrics = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise FlexvarError(f"--metrics-dir: {path} is not valid JSON ({e}); rerun the evaluate stage") from None
+    if not isinstance(metrics, dict) or key not in metrics:
+        raise FlexvarError(f"--metrics-dir: {path} has no {key!r}; rerun evaluate with evaluate.feature_space "
+                           f"= {params.evaluate.feature_space}")
+    return metrics
 
 
 def collect(params, metrics_dir: Path) -> list[dict]:
@@ -31,30 +55,50 @@ def collect(params, metrics_dir: Path) -> list[dict]:
         for sched in params.variants.schedules:
             path = metrics_dir / f"d{depth}" / f"{sched}.json"
             if not path.is_file():
-                raise FileNotFoundError(f"{path} is missing; run the evaluate stage for d{depth}/{sched}")
+                raise FlexvarError(f"--metrics-dir: {path} is missing; run the evaluate stage for d{depth}/{sched}")
             h, w = schedule_size(params, sched)
             rows.append({"depth": depth, "schedule": sched, "steps": schedule_steps(params, sched),
-                         "size": f"{h}x{w}", "train_size": f"{res}x{res}", **json.loads(path.read_text())})
+                         "size": f"{h}x{w}", "train_size": f"{res}x{res}", **read_metrics(path, params)})
     return sort_rows(rows)
 
 
+def log_curves(tracker, rows: list[dict], space: str) -> None:
+    """One run per depth, `FID vs steps d{depth}`, whose metric `fid_<space>_vs_steps` has the FID of
+    each schedule at step = its number of steps (other output sizes: `..._vs_steps_<HxW>`). In the
+    MLflow UI's chart view these runs draw FID against steps, one line per depth (README)."""
+    for depth in sorted({r["depth"] for r in rows}):
+        curve = summary_run(tracker, f"FID vs steps d{depth}", {"flexvar_role": "fid_curve", "depth": str(depth),
+                                                                 "feature_space": space})
+        for r in sorted((r for r in rows if r["depth"] == depth), key=lambda r: r["steps"]):
+            key = f"fid_{space}_vs_steps" + ("" if r["size"] == r["train_size"] else f"_{r['size']}")
+            curve.log_metrics({key: r[f"fid_{space}"]}, step=r["steps"])
+        curve.close()
+
+
+@command("report")
 def main(argv: list[str] | None = None) -> int:
     args = stage_args(__doc__, argv, metrics_dir={"default": "metrics/eval"}, out={"default": "reports"})
     params = load_params(args.params)
     space = params.evaluate.feature_space
-    out = Path(args.out)
+    out = check_out_dir(args.out, replaces=False)   # writes four named files, deletes nothing
+    check_in_dir(args.metrics_dir, "--metrics-dir", hint="run the evaluate stages")
+    rows = collect(params, Path(args.metrics_dir))   # every input read and checked before anything is written
     with stage_run("report", params, PARAM_KEYS, tags={"feature_space": space}) as tracker:
-        rows = collect(params, Path(args.metrics_dir))
         table = markdown_table(rows, space)
         out.mkdir(parents=True, exist_ok=True)
         (out / "fid_table.md").write_text(f"# FID across depths x schedules x sizes\n\n{table}")
         write_json(out / "fid_table.json", {"feature_space": space, "rows": rows})
         write_plot_data(rows, space, out / "fid_vs_steps.csv")
         plot_fid_vs_steps(rows, space, out / "fid_vs_steps.png")
-        for r in rows:
-            tracker.log_metrics({f"fid_{space}_d{r['depth']}_{r['schedule']}": r[f"fid_{space}"]})
-        for name in ("fid_table.md", "fid_table.json", "fid_vs_steps.png", "fid_vs_steps.csv"):
-            tracker.log_artifact(out / name)
+        plot_class_acc_vs_steps(rows, space, out / "class_acc_vs_steps.png")
+        per_variant = {f"{key}_d{r['depth']}_{r['schedule']}": r[key]
+                       for r in rows for key in reported_keys(space) if key in r}
+        for log in (tracker, parent_logger(tracker)):     # the parent run carries the report too
+            log.log_metrics(per_variant)
+            for name in ("fid_table.md", "fid_table.json", "fid_vs_steps.png", "class_acc_vs_steps.png",
+                         "fid_vs_steps.csv"):
+                log.log_artifact(out / name)
+        log_curves(tracker, rows, space)
     print(table)
     return 0
 

@@ -38,17 +38,21 @@ from pathlib import Path
 from typing import Any, Iterator, NamedTuple
 
 from flexvar.config import Params, select
+from flexvar.errors import FlexvarError
 from flexvar.run_logger import RunLogger
 from flexvar.transformer.schedules import schedule_size, schedule_steps
 
-from pipeline.common import file_lock, set_offline_env
+from pipeline.common import file_lock
 
 PROBE_TIMEOUT_S = 3
+# MLflow 3 experiment type tag: the UI opens a model-training experiment on its runs table, not on
+# the GenAI overview (values in mlflow's UI code: custom_model_development | genai_development | ...).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 PARAM_CHUNK = 100     # MLflow's log_batch limit on params per call
 METRIC_CHUNK = 1000   # ... and on metrics per call
 
 
-class TrackingError(RuntimeError):
+class TrackingError(FlexvarError, RuntimeError):
     """The tracking store cannot be used (unreachable server, bad URI)."""
 
 
@@ -123,9 +127,12 @@ def _experiment_id(client, name: str, embedded: bool, root: Path) -> str:
         if embedded:
             safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
             location = (root / "mlartifacts" / safe).as_uri()
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
     if exp.lifecycle_stage == "deleted":
         client.restore_experiment(exp.experiment_id)
+    for key, value in EXPERIMENT_KIND.items():   # experiments made before the tag existed
+        if exp.tags.get(key) != value:
+            client.set_experiment_tag(exp.experiment_id, key, value)
     return exp.experiment_id
 
 
@@ -301,6 +308,27 @@ class MlflowLogger(RunLogger):
         self.client.set_terminated(self.parent_run_id, self.status)
 
 
+def parent_logger(logger: RunLogger) -> RunLogger:
+    """A logger on the pipeline's parent run of a stage's logger (the report puts its results there too)."""
+    if not isinstance(logger, MlflowLogger):
+        return UntrackedLogger()
+    return MlflowLogger(logger.client, logger.parent_run_id, logger.parent_run_id, logger.tracking_uri,
+                        logger.experiment_id)
+
+
+def summary_run(logger: RunLogger, name: str, tags: dict[str, str]) -> RunLogger:
+    """A new top-level run of the same pipeline execution (tags pipeline_run_id, parent_run_id), e.g. one
+    FID-vs-steps curve per depth: top level, so the UI's chart view draws it without expanding the parent."""
+    if not isinstance(logger, MlflowLogger):
+        return UntrackedLogger()
+    own = logger.client.get_run(logger.run_id).data.tags
+    inherited = {k: own[k] for k in ("git_commit", "pipeline_run_id") if k in own}
+    run = logger.client.create_run(logger.experiment_id, run_name=name,
+                                   tags={**inherited, **tags, "parent_run_id": logger.parent_run_id})
+    curve = MlflowLogger(logger.client, run.info.run_id, run.info.run_id, logger.tracking_uri, logger.experiment_id)
+    return curve
+
+
 class UntrackedLogger(RunLogger):
     """What a stage gets when tracking is off: records nothing, has no run id."""
 
@@ -313,7 +341,6 @@ class UntrackedLogger(RunLogger):
 def open_run(stage: str, params: Params, param_keys: list[str], tags: dict | None = None,
              variant: str | None = None) -> RunLogger:
     """Start the stage's child run (see `stage_run`); caller closes it."""
-    set_offline_env()
     from flexvar.distributed import is_main
 
     if not is_main():   # multi-worker training (flows/ray_train.py): rank 0 alone tracks

@@ -14,19 +14,18 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline import env
 
-env.setup()
-
-from flexvar.checkpoint import CheckpointError  # noqa: E402
-from flexvar.config import ConfigError, load_params  # noqa: E402
-from flexvar.run_logger import CsvLogger, MultiLogger  # noqa: E402
+from flexvar.config import load_params
+from flexvar.errors import command, one_line_parser_errors
+from flexvar.outputs import check_in_dir, check_out_dir, check_out_file
+from flexvar.run_logger import CsvLogger, MultiLogger
 
 PARAM_KEYS = ["tokenizer", "train_tokenizer", "seed", "resources.device"]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    one_line_parser_errors(ap)
     ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     ap.add_argument("--data", default="data/prepared", help="prepared dataset (default: data/prepared)")
     ap.add_argument("--out", default="models/tokenizer", help="output folder for tokenizer.pt (default: models/tokenizer)")
@@ -37,18 +36,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+@command("train_tokenizer")
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        params = load_params(args.params)
-        run(params, args)
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"train_tokenizer: error: {e}", file=sys.stderr)
-        return 2
+    params = load_params(args.params)
+    for arg, path in (("--out", args.out), ("--plots", args.plots), ("--ckpt-dir", args.ckpt_dir)):
+        check_out_dir(path, arg, replaces=False)   # files are written by name (atomically); nothing is deleted
+    check_out_file(args.metrics, "--metrics", {".json"})
+    check_in_dir(args.data, "--data", "dataset_dict.json", hint="run the prepare stage (dvc repro prepare)")
+    run(params, args)
     return 0
 
 
 def run(params, args: argparse.Namespace) -> None:
+    import torch
     from torchvision.utils import save_image  # noqa: F401  (fail early if missing)
 
     from flexvar.data.splits import load_split
@@ -58,9 +59,10 @@ def run(params, args: argparse.Namespace) -> None:
 
     device = setup_torch(params)
     cfg = params.train_tokenizer
-    train = load_split(args.data, "train")
-    val_images = load_split(args.data, "val").images_NCHW[: cfg.val_images]
-    trainer = TokenizerTrainer(params.tokenizer, cfg, params.seed, train.images_NCHW, device)
+    train = load_split(args.data, "train", params.data.in_memory_mb)
+    val = load_split(args.data, "val", params.data.in_memory_mb)
+    val_images = val.take(torch.arange(min(len(val), cfg.val_images)))   # at most val_images, whatever the split's size
+    trainer = TokenizerTrainer(params.tokenizer, cfg, params.seed, train, device, num_workers=params.data.num_workers)
     ckpt = Path(args.ckpt_dir) / "train_state.pt"
     resumed = trainer.resume(ckpt)
     if resumed:

@@ -13,22 +13,21 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.common import set_offline_env, setup_torch, stage_args, write_json
+from pipeline.common import setup_torch, stage_args, write_json
 
-set_offline_env()
-
-from flexvar.checkpoint import CheckpointError  # noqa: E402
-from flexvar.config import ConfigError, load_params  # noqa: E402
-from flexvar.checkpoint import file_sha256
-from flexvar.data.latent_cache import load_latents  # noqa: E402
-from flexvar.run_logger import CsvLogger, MultiLogger  # noqa: E402
-from flexvar.transformer.schedules import ScheduleSampler  # noqa: E402
-from flexvar.tokenizer.vqvae import load_tokenizer, tokenizer_path  # noqa: E402
-from flexvar.transformer.model import FlexVAR  # noqa: E402
-from flexvar.transformer.checkpoint import save_flexvar  # noqa: E402
-from flexvar.transformer.training import (RESUME_FILE, build_fingerprint, evaluate,  # noqa: E402
+from flexvar.checkpoint import CheckpointError, file_sha256
+from flexvar.config import load_params
+from flexvar.data.latent_cache import load_latents
+from flexvar.errors import about, command
+from flexvar.outputs import check_out_dir, check_out_file
+from flexvar.run_logger import CsvLogger, MultiLogger
+from flexvar.transformer.schedules import ScheduleSampler
+from flexvar.tokenizer.vqvae import load_tokenizer, tokenizer_path
+from flexvar.transformer.model import FlexVAR
+from flexvar.transformer.checkpoint import save_flexvar
+from flexvar.transformer.training import (RESUME_FILE, build_fingerprint, evaluate,
                                           resume_state, train_transformer)
-from pipeline.tracking import TrackingError, stage_run  # noqa: E402
+from pipeline.tracking import stage_run
 
 PARAM_KEYS = ["seed", "transformer", "schedule", "train_transformer"]
 
@@ -44,54 +43,57 @@ def parse(argv):
                       stop_after={"type": int, "default": None, "help": "stop after this many steps (tests)"})
 
 
+@command("train_transformer")
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     d = args.depth
     out = Path(args.out or f"models/d{d}")
     metrics_path = Path(args.metrics or f"metrics/train/d{d}.json")
     plots = Path(args.plots or f"plots/train/d{d}")
-    try:
-        params = load_params(args.params)
-        device = setup_torch(params)
-        cfg, tcfg = params.train_transformer, params.transformer_for_depth(d)
-        train, val = load_latents(args.latents, "train"), load_latents(args.latents, "val")
+    params = load_params(args.params)
+    check_out_dir(out, replaces=False)   # persist: holds resume.pt; files are replaced by name
+    check_out_dir(plots, "--plots", replaces=False)
+    check_out_file(metrics_path, "--metrics", {".json"})
+    device = setup_torch(params)
+    cfg, tcfg = params.train_transformer, params.transformer_for_depth(d)
+    with about("--latents"):
+        train = load_latents(args.latents, "train", params.data.in_memory_mb)   # memory-mapped when large
+        val = load_latents(args.latents, "val", params.data.in_memory_mb)
+    with about("--tokenizer"):
+        quantizer = load_tokenizer(args.tokenizer, "cpu").quantize
         sha = file_sha256(tokenizer_path(args.tokenizer))
         if train.tokenizer_sha256 and train.tokenizer_sha256 != sha:
             raise CheckpointError(f"{args.latents} was extracted with another tokenizer than {args.tokenizer}; "
                                   f"rerun extract_latents")
-        quantizer = load_tokenizer(args.tokenizer, "cpu").quantize
-        model = FlexVAR(tcfg, quantizer.codebook_size, quantizer.codebook_dim, train.num_classes,
-                        pe_size=tcfg.pos_embed_size or max(train.latent_hw))
-        fingerprint = build_fingerprint(transformer=tcfg, train=cfg, schedule=params.schedule, seed=params.seed,
-                                        tokenizer_sha256=sha, latents=[len(train), len(val), list(train.latent_hw)])
-        resumed = resume_state(out, fingerprint)
-        start = resumed["step"] if resumed else None
-        t0 = time.perf_counter()
-        with stage_run("train_transformer", params, PARAM_KEYS, variant=f"d{d}") as log:
-            log.log_metrics({"num_params": model.num_params()})
-            train_csv = CsvLogger(plots / "train.csv", resume_from_step=start)
-            val_csv = CsvLogger(plots / "val.csv", resume_from_step=start)
-            result = train_transformer(
-                model, quantizer, train, val, cfg, params.schedule, prediction=tcfg.prediction, seed=params.seed,
-                device=device, out_dir=out, logger=MultiLogger([log, train_csv]),
-                val_logger=MultiLogger([log, val_csv]), fingerprint=fingerprint, stop_after=args.stop_after)
-            if result.step < cfg.steps:
-                print(f"train_transformer: stopped at step {result.step}/{cfg.steps} (--stop-after); rerun to resume")
-                return 0
-            metrics = result.metrics or final_eval(model, quantizer, val, params, device)
-            path = save_flexvar(out, model, latent_hw=train.latent_hw, downsample=params.tokenizer.downsample,
-                                tokenizer_dir=args.tokenizer, tokenizer_sha256=sha, class_names=train.class_names,
-                                extra={"step": result.step, "prediction": tcfg.prediction})
-            (out / RESUME_FILE).unlink(missing_ok=True)
-            summary = {"depth": d, "num_params": model.num_params(), "steps": result.step,
-                       "train_loss": result.history[-1]["loss"] if result.history else None,
-                       "seconds": time.perf_counter() - t0, **metrics}
-            write_json(metrics_path, summary)
-            for artifact in (metrics_path, plots / "train.csv", plots / "val.csv"):
-                log.log_artifact(artifact)
-    except (ConfigError, CheckpointError, TrackingError, FileNotFoundError) as e:
-        print(f"train_transformer: error: {e}", file=sys.stderr)
-        return 2
+    model = FlexVAR(tcfg, quantizer.codebook_size, quantizer.codebook_dim, train.num_classes,
+                    pe_size=tcfg.pos_embed_size or max(train.latent_hw))
+    fingerprint = build_fingerprint(transformer=tcfg, train=cfg, schedule=params.schedule, seed=params.seed,
+                                    tokenizer_sha256=sha, latents=[len(train), len(val), list(train.latent_hw)])
+    resumed = resume_state(out, fingerprint)
+    start = resumed["step"] if resumed else None
+    t0 = time.perf_counter()
+    with stage_run("train_transformer", params, PARAM_KEYS, variant=f"d{d}") as log:
+        log.log_metrics({"num_params": model.num_params()})
+        train_csv = CsvLogger(plots / "train.csv", resume_from_step=start)
+        val_csv = CsvLogger(plots / "val.csv", resume_from_step=start)
+        result = train_transformer(
+            model, quantizer, train, val, cfg, params.schedule, prediction=tcfg.prediction, seed=params.seed,
+            device=device, out_dir=out, logger=MultiLogger([log, train_csv]),
+            val_logger=MultiLogger([log, val_csv]), fingerprint=fingerprint, stop_after=args.stop_after)
+        if result.step < cfg.steps:
+            print(f"train_transformer: stopped at step {result.step}/{cfg.steps} (--stop-after); rerun to resume")
+            return 0
+        metrics = result.metrics or final_eval(model, quantizer, val, params, device)
+        path = save_flexvar(out, model, latent_hw=train.latent_hw, downsample=params.tokenizer.downsample,
+                            tokenizer_dir=args.tokenizer, tokenizer_sha256=sha, class_names=train.class_names,
+                            extra={"step": result.step, "prediction": tcfg.prediction})
+        (out / RESUME_FILE).unlink(missing_ok=True)
+        summary = {"depth": d, "num_params": model.num_params(), "steps": result.step,
+                   "train_loss": result.history[-1]["loss"] if result.history else None,
+                   "seconds": time.perf_counter() - t0, **metrics}
+        write_json(metrics_path, summary)
+        for artifact in (metrics_path, plots / "train.csv", plots / "val.csv"):
+            log.log_artifact(artifact)
     print(f"train_transformer: d{d} wrote {path}: val_loss={summary['val_loss']:.4f} "
           f"val_acc={summary['val_acc']:.4f} in {summary['seconds']:.0f}s")
     return 0

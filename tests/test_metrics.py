@@ -153,7 +153,8 @@ def test_stages_end_to_end(tiny_prepared, tmp_path, monkeypatch):
                                "mid": real.images_NCHW[:32].permute(0, 2, 3, 1).numpy(),
                                "large": rng.integers(0, 256, (32, 48, 48, 3), dtype=np.uint8)}.items():
         (tmp_path / f"samples/d2/{sched}").mkdir(parents=True)
-        np.savez(tmp_path / f"samples/d2/{sched}/samples.npz", images_NHWC, labels=np.zeros(32, np.int64))
+        labels_N = real.labels_N[:32].numpy() if sched == "mid" else np.zeros(32, np.int64)
+        np.savez(tmp_path / f"samples/d2/{sched}/samples.npz", images_NHWC, labels=labels_N)
         assert evaluate.main(["--depth", "2", "--schedule", sched]) == 0
     assert report.main([]) == 0
 
@@ -162,9 +163,20 @@ def test_stages_end_to_end(tiny_prepared, tmp_path, monkeypatch):
         ("short", 2, "32x32"), ("mid", 3, "32x32"), ("large", 3, "48x48")]
     by = {r["schedule"]: r for r in table["rows"]}
     assert by["mid"]["fid_domain"] < by["short"]["fid_domain"]      # real images beat noise
+    val_accuracy = json.loads((tmp_path / "metrics/feature_net.json").read_text())["val_accuracy"]
+    for r in table["rows"]:   # class accuracy and 95% bootstrap intervals per variant, the real-image ceiling
+        assert r["fid_domain_ci_low"] < r["fid_domain"] < r["fid_domain_ci_high"]
+        assert r["class_acc_domain_ci_low"] <= r["class_acc_domain"] <= r["class_acc_domain_ci_high"]
+        assert r["class_acc_domain_real"] == val_accuracy and r["num_samples"] == 32
     md = (tmp_path / "reports/fid_table.md").read_text()
     assert "fid_domain" in md and "| d2 | large | 3 | 48x48 |" in md
-    assert (tmp_path / "reports/fid_vs_steps.png").stat().st_size > 1000
+    mid = by["mid"]
+    fmt = {k: (f"{mid[k]:.4f}" if abs(mid[k]) < 10 else f"{mid[k]:.2f}") for k in mid if k.startswith("fid_domain")}
+    assert (f"| {fmt['fid_domain']} [{fmt['fid_domain_ci_low']}, {fmt['fid_domain_ci_high']}] | "
+            f"{mid['class_acc_domain']:.4f} [") in md
+    assert f"real val images: {val_accuracy:.4f}" in md
+    for png in ("fid_vs_steps.png", "class_acc_vs_steps.png"):
+        assert (tmp_path / "reports" / png).stat().st_size > 1000
     assert (tmp_path / "reports/fid_vs_steps.csv").read_text().splitlines()[:2] == [
         "line,depth,schedule,steps,size,fid_domain", f"d2,2,short,2,32x32,{by['short']['fid_domain']}"]
 
@@ -175,5 +187,10 @@ def test_stages_end_to_end(tiny_prepared, tmp_path, monkeypatch):
     runs = client.search_runs([exp.experiment_id], "tags.stage = 'evaluate'")
     assert sorted(r.data.tags["variant"] for r in runs) == ["d2/large", "d2/mid", "d2/short"]
     assert all(r.data.tags["feature_space"] == "domain" and "fid_domain" in r.data.metrics for r in runs)
+    assert all({"class_acc_domain", "class_acc_domain_real", "fid_domain_ci_low", "fid_domain_ci_high",
+                "class_acc_domain_ci_low", "class_acc_domain_ci_high"} <= set(r.data.metrics) for r in runs)
+    report_run = client.search_runs([exp.experiment_id], "tags.stage = 'report'")[0]
+    assert report_run.data.metrics["class_acc_domain_d2_mid"] == mid["class_acc_domain"]
+    assert report_run.data.metrics["fid_domain_ci_high_d2_mid"] == mid["fid_domain_ci_high"]
     parents = {r.data.tags["mlflow.parentRunId"] for r in client.search_runs([exp.experiment_id], "tags.stage != ''")}
     assert len(parents) == 1

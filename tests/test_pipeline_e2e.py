@@ -35,7 +35,10 @@ def test_smoke_pipeline_end_to_end(project_root, tmp_path):
         assert math.isfinite(r[f"fid_{space}"]) and r[f"fid_{space}"] >= 0, r
         assert r == {**json.loads((repo / "metrics" / "eval" / f"d{r['depth']}" / f"{r['schedule']}.json").read_text()),
                      **{k: r[k] for k in ("depth", "schedule", "steps", "size", "train_size")}}
-    assert (repo / "reports" / "fid_vs_steps.png").is_file()
+        assert r[f"fid_{space}_ci_low"] < r[f"fid_{space}"] < r[f"fid_{space}_ci_high"]   # 95% bootstrap interval
+        if space == "domain":   # class accuracy of samples, with its interval
+            assert r["class_acc_domain_ci_low"] <= r["class_acc_domain"] <= r["class_acc_domain_ci_high"]
+    assert (repo / "reports" / "fid_vs_steps.png").is_file() and (repo / "reports" / "class_acc_vs_steps.png").is_file()
     second = run([sys.executable, "-m", "dvc", "repro"], repo)
     assert "Running stage" not in second.stdout
     assert "up to date" in run([sys.executable, "-m", "dvc", "status"], repo).stdout

@@ -3,18 +3,18 @@
 Each subcommand module (params, generate, official) defines COMMANDS, name -> (help,
 add_arguments, run); `run(args)` returns an exit code. They import nothing from this package, so
 the registry is built here without an import cycle. Expected errors (bad arguments, files,
-settings) are raised as `flexvar.errors.UsageError` or `ConfigError` and printed as one line,
-without a traceback.
+settings) are FlexvarErrors (flexvar/errors.py) and `main` runs every subcommand through
+`run_command`: one line naming the argument, exit 2, no traceback.
 """
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Callable
 
 from flexvar.cli import generate, official, params
-from flexvar.config import ConfigError
-from flexvar.errors import UsageError
+from flexvar.errors import UsageError, one_line_parser_errors, run_command
+
+__all__ = ["COMMANDS", "UsageError", "build_parser", "main"]
 
 # name -> (help, add_arguments, run)
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
@@ -25,7 +25,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flexvar", description="FlexVAR pipeline tools.")
+    parser = one_line_parser_errors(argparse.ArgumentParser(prog="flexvar", description="FlexVAR pipeline tools."))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_, add, _) in COMMANDS.items():
         add(sub.add_parser(name, help=help_, description=help_))
@@ -35,8 +35,4 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return COMMANDS[args.command][2](args)
-    except (UsageError, ConfigError, FileNotFoundError) as e:
-        print(f"flexvar {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    return run_command(f"flexvar {args.command}", COMMANDS[args.command][2], args)

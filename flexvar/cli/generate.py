@@ -8,35 +8,20 @@
     flexvar outpaint --checkpoint models/d4 --image in.png --mask keep.png --class 2
     flexvar extend   --checkpoint models/d4 --image in.png --size 64x128 --class 2
 
-Sizes are H x W pixels. Every bad input (size, schedule, class, mask, box, path) is a one-line
-error naming the argument and exit code 2 (flexvar.errors.UsageError); argparse errors too.
+Sizes are H x W pixels. Every bad input (size, schedule, class, mask, box, path, a generation
+whose memory estimate exceeds --max-memory-gb) is a one-line error naming the argument and exit
+code 2 (flexvar.errors.UsageError); argparse errors too. --out is checked before any model is loaded.
 """
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 
 from flexvar.config import SampleConfig
-
-USAGE_EXIT = 2
-
-
-# --------------------------------------------------------------------------- parsing helpers
-def _usage(arg: str, msg: str):
-    from flexvar.errors import UsageError
-
-    return UsageError(f"{arg}: {msg}")
-
-
-def one_line_errors(p: argparse.ArgumentParser) -> None:
-    """Make argparse errors of this subcommand one line on stderr (no usage dump), exit 2."""
-    def error(message: str):
-        print(f"{p.prog}: error: {message}", file=sys.stderr)
-        sys.exit(USAGE_EXIT)
-    p.error = error
+from flexvar.errors import one_line_parser_errors as one_line_errors
+from flexvar.errors import usage as _usage
 
 
 def parse_size(text: str | None, arg: str = "--size") -> tuple[int, int] | None:
@@ -131,7 +116,10 @@ def _add_common(p: argparse.ArgumentParser, image: bool) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="autocast precision")
-    p.add_argument("--out", default=None, help="output grid PNG")
+    p.add_argument("--out", default=None, help="output grid image (.png, .jpg, ...)")
+    p.add_argument("--max-memory-gb", type=float, default=None,
+                   help="refuse a generation whose estimated peak memory is above this (default: "
+                        "sample.max_memory_gb's default, 16)")
     p.add_argument("--save-tokens", action="store_true", help="also write every step's token maps to OUT.tokens.npz")
 
 
@@ -150,6 +138,29 @@ def _check_numbers(args) -> None:
         raise _usage("--batch-size", f"{args.batch_size} must be at least 1")
     if sum(x is not None for x in (args.steps, args.schedule, args.preset)) > 1:
         raise _usage("--steps", "give at most one of --steps, --schedule, --preset")
+    if args.max_memory_gb is not None and args.max_memory_gb <= 0:
+        raise _usage("--max-memory-gb", f"{args.max_memory_gb} must be > 0")
+
+
+def _out_path(args, default_name: str) -> Path:
+    """--out (or the command's default), checked before any work: a writable image file path."""
+    from flexvar.outputs import IMAGE_SUFFIXES, check_out_file
+
+    out = check_out_file(args.out or default_name, "--out", IMAGE_SUFFIXES)
+    if args.save_tokens:
+        check_out_file(out.with_suffix(".tokens.npz"), "--out")
+    return out
+
+
+def _check_memory(args, model, vqvae, scales, num_images: int) -> None:
+    """Refuse (before allocating) a generation whose estimated peak is above --max-memory-gb."""
+    from flexvar.generation.memory import DEFAULT_MAX_MEMORY_GB, check_generation_memory
+
+    arg = "--schedule" if args.schedule else "--size" if args.size else "--steps"
+    limit = args.max_memory_gb or DEFAULT_MAX_MEMORY_GB
+    check_generation_memory(model, vqvae, scales, min(args.batch_size, num_images), args.cfg > 0, limit,
+                            what=f"{arg} with --batch-size {args.batch_size}", setting="--max-memory-gb",
+                            num_images=num_images)
 
 
 def _load(args):
@@ -206,7 +217,7 @@ def _write(args, result, default_name: str, extra_rows=None) -> Path:
     from flexvar.generation.generate import grid_columns
     from flexvar.grid import image_grid
 
-    out = Path(args.out or default_name)
+    out = _out_path(args, default_name)
     out.parent.mkdir(parents=True, exist_ok=True)
     imgs = to_uint8(result.images)
     ncol = len(imgs) if extra_rows is not None else grid_columns(len(imgs))
@@ -234,9 +245,11 @@ def run_generate(args) -> int:
     _check_numbers(args)
     parse_size(args.size)
     parse_schedule(args.schedule)
+    _out_path(args, "generate.png")
     model, vqvae, meta, _ = _load(args)
     scales = _schedule(args, meta)
     labels = parse_classes(args.classes, args.num or 8, meta)
+    _check_memory(args, model, vqvae, scales, len(labels))
     result = generate(model, vqvae, labels, scales, **_gen_kwargs(args, meta))
     _write(args, result, "generate.png")
     return 0
@@ -245,11 +258,14 @@ def run_generate(args) -> int:
 # --------------------------------------------------------------------------- edits
 def _edit_inputs(args):
     """Checks, model, input image at the training resolution, labels."""
-    from flexvar.generation.editing import load_image
+    from flexvar.generation.editing import EditError, load_image
 
     _check_numbers(args)
     parse_size(args.size)
     parse_schedule(args.schedule)
+    _out_path(args, f"{args.cmd_name}.png")
+    if Path(args.image).is_dir():
+        raise _usage("--image", f"{args.image} is a folder; give an image file")
     if not Path(args.image).is_file():
         raise _usage("--image", f"{args.image} does not exist")
     model, vqvae, meta, _ = _load(args)
@@ -259,7 +275,7 @@ def _edit_inputs(args):
     train_px = tuple(meta["resolution"])
     try:
         image = load_image(args.image, train_px)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, EditError) as e:
         raise _usage("--image", str(e)) from None
     labels = parse_classes(args.classes, args.num or 1, meta)
     return model, vqvae, meta, image.expand(len(labels), -1, -1, -1), labels, train_px
@@ -273,9 +289,11 @@ def run_refine(args) -> int:
     from flexvar.data.splits import to_uint8
     from flexvar.generation.editing import refine
 
+    args.cmd_name = "refine"
     model, vqvae, meta, image, labels, train_px = _edit_inputs(args)
     size = parse_size(args.size) or (2 * train_px[0], 2 * train_px[1])
     scales = _schedule(args, meta, size_hw=size)
+    _check_memory(args, model, vqvae, scales, len(labels))
     try:
         result = refine(model, vqvae, image, labels, scales, **_gen_kwargs(args, meta))
     except ValueError as e:
@@ -298,6 +316,8 @@ def _mask(args, size_hw):
     arg = "--mask" if args.mask is not None else "--box"
     try:
         if args.mask is not None:
+            if Path(args.mask).is_dir():
+                raise MaskError(f"{args.mask} is a folder; give a mask image file")
             if not Path(args.mask).is_file():
                 raise MaskError(f"{args.mask} does not exist")
             m = load_mask(args.mask, size_hw)
@@ -328,6 +348,7 @@ def _run_paint(args, keep: bool) -> int:
     m = _mask(args, train_px)
     hole = ~m if keep else m
     scales = _schedule(args, meta, size_hw=train_px)
+    _check_memory(args, model, vqvae, scales, len(labels))
     try:
         result = inpaint(model, vqvae, image, hole, labels, scales, **_gen_kwargs(args, meta))
     except MaskError as e:
@@ -355,11 +376,13 @@ def run_extend(args) -> int:
     from flexvar.data.splits import to_uint8
     from flexvar.generation.editing import extend, pad_center
 
+    args.cmd_name = "extend"
     model, vqvae, meta, image, labels, train_px = _edit_inputs(args)
     size = parse_size(args.size) or (train_px[0], 2 * train_px[1])
     if size[0] < train_px[0] or size[1] < train_px[1] or size == train_px:
         raise _usage("--size", f"{size[0]}x{size[1]} must contain the {train_px[0]}x{train_px[1]} image and be larger")
     scales = _schedule(args, meta, size_hw=size)
+    _check_memory(args, model, vqvae, scales, len(labels))
     result = extend(model, vqvae, image, labels, scales, **_gen_kwargs(args, meta))
     _write(args, result, "extend.png", extra_rows=pad_center(to_uint8(image[:1]), size))
     return 0

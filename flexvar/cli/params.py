@@ -6,22 +6,29 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from flexvar.errors import one_line_parser_errors, usage
 
 
 def _add_preset(p: argparse.ArgumentParser) -> None:
     from flexvar.presets import available
+    one_line_parser_errors(p)
     p.add_argument("name", help=f"preset name ({', '.join(available())}) or a path to a .yaml file")
     p.add_argument("--params", default="params.yaml", help="params file to update (default: params.yaml)")
 
 
 def _run_preset(args: argparse.Namespace) -> int:
     from flexvar.presets import apply_preset
+    if Path(args.params).is_dir():
+        raise usage("--params", f"{args.params} is a folder; give the params file")
     path = apply_preset(args.name, args.params)
     print(f"merged {path} into {args.params}")
     return 0
 
 
 def _add_check(p: argparse.ArgumentParser) -> None:
+    one_line_parser_errors(p)
     p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
 
 

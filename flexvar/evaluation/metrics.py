@@ -36,6 +36,7 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from flexvar.checkpoint import file_sha256
 from flexvar.config import EvaluateConfig
 from flexvar.evaluation.feature_net import load_feature_net
+from flexvar.errors import FlexvarError
 
 DOMAIN_EXTRACTOR = "flexvar-domain"
 INCEPTION_EXTRACTOR = "inception-v3-compat"
@@ -56,7 +57,7 @@ _RENAME = {
 }
 
 
-class MetricsError(RuntimeError):
+class MetricsError(FlexvarError, RuntimeError):
     """Metrics cannot be computed as configured (missing weights, missing reference cache, too few images)."""
 
 
@@ -102,6 +103,9 @@ class UInt8Images(Dataset):
     """uint8 (N, 3, H, W) tensor as the Dataset torch-fidelity reads (one CHW image per item)."""
 
     def __init__(self, images_NCHW: torch.Tensor):
+        if isinstance(images_NCHW, Dataset):     # already a Dataset of uint8 CHW images (streamed from disk)
+            self.images_NCHW = images_NCHW
+            return
         if images_NCHW.dtype != torch.uint8 or images_NCHW.dim() != 4 or images_NCHW.shape[1] != 3:
             raise MetricsError(f"expected uint8 images of shape (N, 3, H, W), got {images_NCHW.dtype} "
                                f"{tuple(images_NCHW.shape)}")
@@ -111,7 +115,7 @@ class UInt8Images(Dataset):
         return len(self.images_NCHW)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return self.images_NCHW[i]
+        return self.images_NCHW[i].contiguous()
 
 
 class _CachedOnly(Dataset):
@@ -129,13 +133,26 @@ class _CachedOnly(Dataset):
 
 
 def load_samples(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
-    """samples.npz (OpenAI ADM evaluator layout: arr_0 uint8 (N, H, W, 3), labels (N,)) -> NCHW uint8, labels."""
-    with np.load(path) as npz:
-        images_NHWC = npz["arr_0"]
-        labels_N = npz["labels"] if "labels" in npz.files else np.full(len(images_NHWC), -1)
+    """samples.npz (OpenAI ADM evaluator layout: arr_0 uint8 (N, H, W, 3), labels (N,)) -> NCHW uint8, labels.
+
+    The images are a view of the file, memory-mapped (copy-on-write) when arr_0 is stored
+    uncompressed (np.savez and the sample stage): torch-fidelity then reads batch by batch from
+    disk and 50,000 samples never sit in RAM at once."""
+    from flexvar.data.arrays import npz_member_memmap
+
+    try:
+        with np.load(path) as npz:
+            files = npz.files
+            labels_N = npz["labels"] if "labels" in files else None
+        images_NHWC = npz_member_memmap(path, "arr_0", mode="c") if "arr_0" in files else None
+    except (OSError, ValueError, KeyError, EOFError, AttributeError) as e:
+        raise MetricsError(f"{path}: not a samples.npz with an arr_0 array ({type(e).__name__}: {e})") from None
+    if images_NHWC is None:
+        raise MetricsError(f"{path}: no arr_0 (expected the ADM layout: arr_0 uint8 (N, H, W, 3))")
     if images_NHWC.dtype != np.uint8 or images_NHWC.ndim != 4 or images_NHWC.shape[-1] != 3:
         raise MetricsError(f"{path}: arr_0 must be uint8 (N, H, W, 3), got {images_NHWC.dtype} {images_NHWC.shape}")
-    images_NCHW = torch.from_numpy(np.ascontiguousarray(images_NHWC.transpose(0, 3, 1, 2)))
+    labels_N = np.full(len(images_NHWC), -1) if labels_N is None else labels_N
+    images_NCHW = torch.from_numpy(images_NHWC).permute(0, 3, 1, 2)   # a view: nothing copied
     return images_NCHW, torch.from_numpy(labels_N.astype(np.int64))
 
 
@@ -225,7 +242,7 @@ def fid_protocol(cfg: EvaluateConfig, *, num_samples: int, cfg_scale: float, cfg
 
 
 def _fidelity_kwargs(cfg: EvaluateConfig, extractor: str, weights: Path, n1: int, n2: int,
-                     device: torch.device, seed: int) -> dict:
+                     device: torch.device, seed: int, workers: bool = False) -> dict:
     want = set(cfg.metrics)
     if "kid" in want and min(n1, n2) < 2:
         raise MetricsError(f"KID needs at least 2 images on each side (got {n1} samples, {n2} reference)")
@@ -234,7 +251,7 @@ def _fidelity_kwargs(cfg: EvaluateConfig, extractor: str, weights: Path, n1: int
         fid="fid" in want, isc="isc" in want, kid="kid" in want, prc="prc" in want,
         kid_subset_size=min(cfg.kid_subset_size, n1, n2), isc_splits=max(1, min(10, n1 // 2)),
         cuda=device.type == "cuda" and torch.cuda.is_available(), batch_size=64,
-        save_cpu_ram=True,   # no DataLoader workers: images are already in memory
+        save_cpu_ram=not workers,   # workers: torch-fidelity's DataLoader decodes in worker processes
         rng_seed=seed, verbose=False,
     )
 
@@ -244,11 +261,14 @@ def name_metrics(raw: dict[str, float], feature_space: str) -> dict[str, float]:
     return {f"{_RENAME[k]}_{feature_space}": float(v) for k, v in raw.items() if k in _RENAME}
 
 
-def compute_reference(reference_NCHW: torch.Tensor | None, out_dir: str | os.PathLike, cfg: EvaluateConfig,
-                      feature_net_path: str | os.PathLike | None, device: torch.device, seed: int) -> dict:
+def compute_reference(reference_NCHW: torch.Tensor | Dataset | None, out_dir: str | os.PathLike, cfg: EvaluateConfig,
+                      feature_net_path: str | os.PathLike | None, device: torch.device, seed: int,
+                      workers: bool = False) -> dict:
     """Extract and cache the reference split's features (and FID statistics) in `out_dir`.
 
-    `reference_NCHW` is the prepared split's images (None when `evaluate.reference` names the source).
+    `reference_NCHW` is the prepared split's images — a uint8 (N, 3, H, W) tensor or a Dataset of
+    uint8 (3, H, W) images read from disk (then `workers` lets torch-fidelity's DataLoader decode in
+    worker processes) — or None when `evaluate.reference` names the source.
     Returns the reference scored against itself: IS of real data (an upper bound for samples),
     FID ~ 0 and precision/recall ~ 1 as a sanity check (an ADM batch: its statistics are checked only).
     """
@@ -269,7 +289,7 @@ def compute_reference(reference_NCHW: torch.Tensor | None, out_dir: str | os.Pat
             n = len(ref)
         raw = torch_fidelity.calculate_metrics(
             input1=ref, input2=ref, input1_cache_name=name, input2_cache_name=name, cache_root=str(out_dir),
-            **_fidelity_kwargs(cfg, extractor, weights, n, n, device, seed))
+            **_fidelity_kwargs(cfg, extractor, weights, n, n, device, seed, workers and kind != "folder"))
         info |= {"num_images": n, "self_metrics": name_metrics(raw, cfg.feature_space)}
     (out_dir / REFERENCE_INFO).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     return info

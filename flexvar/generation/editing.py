@@ -25,9 +25,10 @@ from PIL import Image
 
 from flexvar.generation.generate import Forced, Generation, Scales, generate
 from flexvar.tokenizer.quantizer import downsample
+from flexvar.errors import FlexvarError
 
 
-class MaskError(ValueError):
+class MaskError(FlexvarError, ValueError):
     """A mask or box that cannot be used; the message says why."""
 
 
@@ -44,11 +45,15 @@ def box_mask(box: tuple[int, int, int, int], size_hw: tuple[int, int]) -> torch.
 
 
 def load_mask(path: str | os.PathLike, size_hw: tuple[int, int]) -> torch.Tensor:
-    """(H, W) bool from a PNG (any mode; bright = True), resized nearest to `size_hw`."""
-    try:
-        img = Image.open(path).convert("L")
-    except (OSError, ValueError) as e:
-        raise MaskError(f"cannot read mask image {path}: {e}") from None
+    """(H, W) bool from a PNG (any mode; bright = True), resized nearest to `size_hw`.
+
+    The mask must have the image's aspect ratio: stretching a mask of another shape would move
+    the region it marks, so that is refused rather than guessed.
+    """
+    img = _open_image(path, "L", MaskError, "mask")
+    if abs(img.size[0] * size_hw[0] - img.size[1] * size_hw[1]) > 0.01 * img.size[1] * size_hw[1]:
+        raise MaskError(f"mask {path} is {img.size[0]}x{img.size[1]} (WxH), not the image's shape "
+                        f"{size_hw[1]}x{size_hw[0]} (or a multiple of it); give a mask of the image's size")
     if img.size != (size_hw[1], size_hw[0]):
         img = img.resize((size_hw[1], size_hw[0]), Image.NEAREST)
     return torch.from_numpy(np.asarray(img) >= 128)
@@ -106,7 +111,7 @@ def encode(vqvae, images_B3HW: torch.Tensor) -> torch.Tensor:
     return vqvae.encode(images_B3HW.to(device).float())
 
 
-class EditError(ValueError):
+class EditError(FlexvarError, ValueError):
     """An edit this model or these inputs cannot do (e.g. a residual-prediction model)."""
 
 
@@ -167,12 +172,18 @@ def extend(model, vqvae, images_B3HW: torch.Tensor, labels_B: torch.Tensor, scal
     return generate(model, vqvae, labels_B, scales, forced=forced_tokens(vqvae.quantize, canvas, known, scales), **kw)
 
 
+def _open_image(path: str | os.PathLike, mode: str, error: type[Exception], what: str) -> Image.Image:
+    """Decode a whole image file (truncated, non-image and decompression-bomb files are `error`s)."""
+    try:
+        with Image.open(path) as img:
+            return img.convert(mode)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise error(f"cannot read {what} {path}: {e}") from None
+
+
 def load_image(path: str | os.PathLike, size_hw: tuple[int, int]) -> torch.Tensor:
     """(1, 3, H, W) float in [-1, 1] from an image file, resized (bicubic) to `size_hw`."""
-    try:
-        img = Image.open(path).convert("RGB")
-    except (OSError, ValueError) as e:
-        raise FileNotFoundError(f"cannot read image {path}: {e}") from None
+    img = _open_image(path, "RGB", EditError, "image")
     if img.size != (size_hw[1], size_hw[0]):
         img = img.resize((size_hw[1], size_hw[0]), Image.BICUBIC)
     x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None]

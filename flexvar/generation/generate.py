@@ -20,6 +20,7 @@ import copy
 import math
 import weakref
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -29,12 +30,13 @@ from flexvar.device import autocast_ctx, resolve_precision
 from flexvar.generation.sampling import greedy_step, guidance_scale, guide, sample_tokens
 from flexvar.transformer.schedules import PRESETS, _aspect, make_schedule
 from flexvar.transformer.teacher_forcing import ResidualCanvas, gt_next_input
+from flexvar.errors import FlexvarError
 
 Scales = list[tuple[int, int]]
 Forced = list[tuple[torch.Tensor, torch.Tensor] | None]   # per step: (ids_Bhw, force_Bhw bool) or None
 
 
-class ScheduleError(ValueError):
+class ScheduleError(FlexvarError, ValueError):
     """A schedule or size that cannot be generated; the message names what is wrong."""
 
 
@@ -98,6 +100,14 @@ def resolve_schedule(*, steps: int | None = None, scales: list | None = None, pr
         raise ScheduleError(f"steps={steps} must be between 1 and the long latent side {max(H, W)} "
                             f"(size {H * downsample}x{W * downsample})")
     return make_schedule(steps, (H, W))
+
+
+def spec_scales(spec, train_latent_hw: tuple[int, int], downsample: int) -> Scales:
+    """(h, w) scales of a named schedule from params (a `ScheduleSpec` of sample.schedules or
+    sweep.eval_panel) for a model trained at `train_latent_hw` latents."""
+    return resolve_schedule(steps=spec.steps, scales=spec.scales, preset=spec.preset,
+                            size_hw=tuple(spec.size) if spec.size else None,
+                            train_latent_hw=tuple(train_latent_hw), downsample=downsample)
 
 
 # --------------------------------------------------------------------------- generation
@@ -213,22 +223,29 @@ def generate(model, vqvae, labels_N: torch.Tensor, scales: Scales, *, batch_size
     Keyword arguments go to `generate_batch` (cfg, top_k, forced ... ; `forced` ids/masks are
     indexed per batch, so pass them with a leading N dimension).
     """
-    device = next(model.parameters()).device
-    gen = make_generator(seed, device)
-    forced = kwargs.pop("forced", None)
-    parts = []
-    starts = range(0, len(labels_N), batch_size)
-    for s in tqdm(starts, desc="batches", disable=not progress or len(starts) == 1):
-        sl = slice(s, s + batch_size)
-        f = None if forced is None else [None if x is None else (x[0][sl], x[1][sl]) for x in forced]
-        parts.append(generate_batch(model, vqvae, labels_N[sl], scales, generator=gen, forced=f,
-                                    progress=progress and len(starts) == 1, **kwargs))
+    parts = list(generate_batches(model, vqvae, labels_N, scales, batch_size=batch_size, seed=seed,
+                                  progress=progress, **kwargs))
     return Generation(
         scales=check_scales(scales),
         labels=torch.cat([p.labels for p in parts]),
         tokens=[torch.cat([p.tokens[k] for p in parts]) for k in range(len(scales))],
         images=None if parts[0].images is None else torch.cat([p.images for p in parts]),
     )
+
+
+def generate_batches(model, vqvae, labels_N: torch.Tensor, scales: Scales, *, batch_size: int = 32, seed: int = 0,
+                     progress: bool = False, **kwargs) -> Iterator[Generation]:
+    """`generate`, one batch at a time (same seeded generator, same images): callers that write each
+    batch to disk keep memory bounded by the batch, whatever len(labels_N)."""
+    device = next(model.parameters()).device
+    gen = make_generator(seed, device)
+    forced = kwargs.pop("forced", None)
+    starts = range(0, len(labels_N), batch_size)
+    for s in tqdm(starts, desc="batches", disable=not progress or len(starts) == 1):
+        sl = slice(s, s + batch_size)
+        f = None if forced is None else [None if x is None else (x[0][sl], x[1][sl]) for x in forced]
+        yield generate_batch(model, vqvae, labels_N[sl], scales, generator=gen, forced=f,
+                             progress=progress and len(starts) == 1, **kwargs)
 
 
 def class_labels(num_classes: int, per_class: int) -> torch.Tensor:
@@ -241,5 +258,5 @@ def grid_columns(n: int) -> int:
     return max(1, math.ceil(math.sqrt(n)))
 
 
-__all__ = ["Generation", "ScheduleError", "resolve_schedule", "latent_size", "check_scales", "generate",
-           "generate_batch", "decode_tokens", "make_generator", "class_labels"]
+__all__ = ["Generation", "ScheduleError", "resolve_schedule", "spec_scales", "latent_size", "check_scales", "generate",
+           "generate_batch", "generate_batches", "decode_tokens", "make_generator", "class_labels"]

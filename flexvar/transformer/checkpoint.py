@@ -89,4 +89,10 @@ def load_flexvar_with_tokenizer(path: str | os.PathLike, device: str | torch.dev
     if want and file_sha256(tokenizer_path(tok_dir)) != want:
         raise CheckpointError(f"tokenizer {tok_dir} is not the one {flexvar_path(path)} was trained with "
                               f"(sha256 differs); retrain or point to the original tokenizer")
-    return model, load_tokenizer(tok_dir, device), meta
+    vqvae = load_tokenizer(tok_dir, device)
+    have = (vqvae.quantize.codebook_size, vqvae.quantize.codebook_dim)
+    if have != (model.vocab_size, model.codebook_dim):
+        raise CheckpointError(f"tokenizer {tok_dir} (codebook {have[0]} x {have[1]}) does not belong to "
+                              f"{flexvar_path(path)} (vocabulary {model.vocab_size} x {model.codebook_dim}); "
+                              f"point to the tokenizer it was trained with")
+    return model, vqvae, meta

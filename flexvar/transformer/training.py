@@ -29,11 +29,12 @@ from flexvar.checkpoint import capture_rng, load_checkpoint, restore_rng, save_a
 from flexvar.config import ScheduleConfig, TrainTransformerConfig
 from flexvar.device import autocast_ctx
 from flexvar.data.latent_cache import LatentSplit
+from flexvar.data.sampling import batch_indices
 from flexvar.tokenizer.quantizer import MultiScaleQuantizer
 from flexvar.optim import ema_of, lr_schedule, make_adamw
 from flexvar.run_logger import RunLogger
 from flexvar.transformer.schedules import ScheduleSampler, num_tokens
-from flexvar.transformer.teacher_forcing import inputs_targets
+from flexvar.transformer.teacher_forcing import inputs_targets, resize_bicubic
 from flexvar.transformer.model import FlexVAR
 
 RESUME_FILE = "resume.pt"
@@ -41,18 +42,6 @@ RESUME_KIND = "flexvar_train_state"
 
 
 # --------------------------------------------------------------------------- pieces
-def batch_indices(micro_step: int, batch_size: int, n_items: int, seed: int) -> torch.Tensor:
-    """Items of micro-batch `micro_step`: a fresh seeded permutation of all (image, flip) pairs per
-    epoch, cut into full batches. A pure function of its arguments, so resuming needs only the step."""
-    per_epoch = max(1, n_items // batch_size)
-    epoch, pos = divmod(micro_step, per_epoch)
-    perm = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    take = perm[pos * batch_size:(pos + 1) * batch_size]
-    if len(take) < batch_size:   # fewer items than one batch: wrap around
-        take = perm[torch.arange(pos * batch_size, (pos + 1) * batch_size) % n_items]
-    return take
-
-
 def get_batch(data: LatentSplit, items: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Latents (B, C, H, W) and labels (B,) of (image, flip) items i -> (i // 2, i % 2)."""
     z = data.latents_N2CHW[items // 2, items % 2]
@@ -88,7 +77,7 @@ def evaluate(model: FlexVAR, quantizer: MultiScaleQuantizer, data: LatentSplit, 
     loss_K, correct_K, count = torch.zeros(len(scales)), torch.zeros(len(scales)), 0
     for b in range(min(batches, math.ceil(len(data) / batch_size))):
         sl = slice(b * batch_size, (b + 1) * batch_size)
-        z, labels = data.latents_N2CHW[sl, 0].to(device), data.labels_N[sl].to(device)
+        z, labels = latent_at(data.latents_N2CHW[sl, 0].to(device), scales[-1]), data.labels_N[sl].to(device)
         x, tgt = inputs_targets(prediction, quantizer, z, scales)
         with autocast_ctx(device, precision):
             logits = model(labels, x, scales)
@@ -105,6 +94,34 @@ def evaluate(model: FlexVAR, quantizer: MultiScaleQuantizer, data: LatentSplit, 
     for k, (h, w) in enumerate(scales):
         out[f"val_loss_{h}x{w}"] = float(loss_K[k] / count)
         out[f"val_acc_{h}x{w}"] = float(correct_K[k] / count)
+    return out
+
+
+def latent_at(z_BCHW: torch.Tensor, final_hw: tuple[int, int]) -> torch.Tensor:
+    """The cached latent as the target of a schedule ending at `final_hw`.
+
+    Beyond the cached size (a larger output or another aspect) no encoder latent exists, so the
+    latent is upsampled bicubic along each longer side: a smooth proxy whose coarse scales equal
+    the real ones, so val loss there measures how well the model extends a known image.
+    """
+    H, W = z_BCHW.shape[-2:]
+    h, w = final_hw
+    if h <= H and w <= W:
+        return z_BCHW
+    return resize_bicubic(z_BCHW.float(), (max(h, H), max(w, W)))
+
+
+def evaluate_panel(model: FlexVAR, quantizer: MultiScaleQuantizer, data: LatentSplit,
+                   panel: dict[str, list[tuple[int, int]]], prediction: str, batch_size: int, batches: int,
+                   device, precision: str) -> dict[str, float]:
+    """Val loss / accuracy of each named schedule (`val_loss/<name>`, `val_acc/<name>`) and their
+    means (`val_loss_panel`, `val_acc_panel`): how good one model is at every schedule at once."""
+    out: dict[str, float] = {}
+    for name, scales in panel.items():
+        m = evaluate(model, quantizer, data, scales, prediction, batch_size, batches, device, precision)
+        out[f"val_loss/{name}"], out[f"val_acc/{name}"] = m["val_loss"], m["val_acc"]
+    out["val_loss_panel"] = sum(out[f"val_loss/{n}"] for n in panel) / len(panel)
+    out["val_acc_panel"] = sum(out[f"val_acc/{n}"] for n in panel) / len(panel)
     return out
 
 
@@ -134,12 +151,14 @@ def train_transformer(model: FlexVAR, quantizer: MultiScaleQuantizer, train: Lat
                       device: torch.device, out_dir: str | os.PathLike, logger: RunLogger | None = None,
                       val_logger: RunLogger | None = None,
                       fingerprint: dict | None = None, stop_after: int | None = None,
-                      on_step: Callable[[int], None] | None = None) -> TrainResult:
+                      on_step: Callable[[int], None] | None = None,
+                      val_panel: dict[str, list[tuple[int, int]]] | None = None) -> TrainResult:
     """Train in place for cfg.steps optimiser steps (resuming from out_dir/resume.pt when it matches).
 
     Logs `loss`, `lr`, `grad_norm`, `tokens_per_s`, `images_per_s` every log_every steps to
     `logger`, and the val metrics (canonical schedule) every eval_every steps and at the end to
-    `val_logger` (default: `logger`). `stop_after` ends
+    `val_logger` (default: `logger`), with each `val_panel` schedule's too (`evaluate_panel`:
+    `val_loss/<name>`, `val_loss_panel`, ...) when one is given. `stop_after` ends
     early after that many steps (tests / benchmarks).
     """
     out_dir = Path(out_dir)
@@ -211,8 +230,12 @@ def train_transformer(model: FlexVAR, quantizer: MultiScaleQuantizer, train: Lat
             history.append({"step": step, "loss": loss_sum})
             t0, toks, imgs = time.perf_counter(), 0, 0
         if (step % cfg.eval_every == 0 or step == cfg.steps) and distributed.is_main():
-            last_metrics = evaluate(ema.module if ema is not None else model, quantizer, val, canonical,
+            evaluated = ema.module if ema is not None else model
+            last_metrics = evaluate(evaluated, quantizer, val, canonical,
                                     prediction, cfg.batch_size, cfg.val_batches, device, cfg.precision)
+            if val_panel:
+                last_metrics.update(evaluate_panel(evaluated, quantizer, val, val_panel, prediction, cfg.batch_size,
+                                                   cfg.val_batches, device, cfg.precision))
             val_logger.log_metrics(last_metrics, step)
         if step % cfg.checkpoint_every == 0 or step == end:
             save_state()

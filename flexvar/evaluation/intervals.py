@@ -1,0 +1,177 @@
+"""Class accuracy of samples and 95% bootstrap intervals for FID and class accuracy.
+
+Why: with a few hundred samples per variant, FID differences between variants can be noise. The
+interval says how far the figure moves when the generated set is resampled (the reference side is
+fixed: its statistics come from the `reference_stats` cache).
+
+How: the samples' features (and classifier logits) are extracted once; each bootstrap replicate
+draws N rows with replacement from that (N, D) matrix and recomputes the Fréchet distance to the
+cached reference statistics, or the share of correctly classified rows. Resampling with
+replacement duplicates rows and so inflates FID; the interval is therefore the replicates'
+2.5-97.5 percentile range shifted by the bootstrap's estimate of that bias (replicate mean minus
+point estimate), which leaves an unbiased statistic's (class accuracy) percentile interval as is.
+
+Class accuracy (`class_acc_<space>`) is the share of generated images that the feature space's
+classifier assigns to the class they were generated for. The `domain` space's classifier is the
+pipeline's feature net (its `logits`). Hook for `inception`: torch-fidelity's inception-v3-compat
+exposes 1008-way `logits_unbiased` of the 2015 TF graph, whose columns are not in ImageNet-1k
+class order; `CLASS_LOGITS` gets an `inception` entry once a column map (1008 -> 1000 ImageNet
+indices, from the graph's synset label map) is supplied. Until then class accuracy is computed in
+the domain space only.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch_fidelity.utils import create_feature_extractor, extract_featuresdict_from_input_id_cached
+
+from flexvar.config import EvaluateConfig
+from flexvar.evaluation.metrics import (
+    MetricsError, UInt8Images, _CachedOnly, feature_weights, reference_name,
+)
+
+LEVEL = 0.95
+FID_LAYER = {"domain": "features", "inception": "2048"}      # torch-fidelity's default FID layer per space
+CLASS_LOGITS = {"domain": "logits"}                           # see the module docstring for inception
+
+
+# --------------------------------------------------------------------------- statistics
+def mean_cov(features_ND: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean (D,) and unbiased covariance (D, D) in float64, as torch-fidelity computes FID statistics."""
+    x_ND = np.asarray(features_ND, dtype=np.float64)
+    return x_ND.mean(0), np.cov(x_ND, rowvar=False)
+
+
+def _psd_sqrt(sigma_DD: np.ndarray) -> np.ndarray:
+    """Symmetric square root of a PSD matrix (negative eigenvalues from rounding clipped to 0)."""
+    w_D, v_DD = np.linalg.eigh(sigma_DD)
+    return (v_DD * np.sqrt(np.clip(w_D, 0, None))) @ v_DD.T
+
+
+class FrechetToReference:
+    """Fréchet distance of feature rows to fixed reference statistics; sqrt(Σ_ref) computed once.
+
+    tr sqrt(Σ Σ_ref) = sum of sqrt of the eigenvalues of S Σ S with S = sqrt(Σ_ref). With Σ = Yᵀ Y
+    (Y = centred rows / sqrt(N-1)), S Σ S = (Y S)ᵀ (Y S) has the same non-zero eigenvalues as
+    (Y S)(Y S)ᵀ, so each replicate costs an eigendecomposition of min(N, D) rows, not D: cheap for
+    Inception's 2048-d features with a few hundred samples.
+    """
+
+    def __init__(self, ref_mu_D: np.ndarray, ref_sigma_DD: np.ndarray):
+        self.mu_D, self.sigma_DD = np.asarray(ref_mu_D, np.float64), np.asarray(ref_sigma_DD, np.float64)
+        self.sqrt_DD = _psd_sqrt(self.sigma_DD)
+        self.trace = float(np.trace(self.sigma_DD))
+
+    def __call__(self, features_ND: np.ndarray) -> float:
+        x_ND = np.asarray(features_ND, dtype=np.float64)
+        n = len(x_ND)
+        if n < 2:
+            raise MetricsError(f"FID needs at least 2 samples, got {n}")
+        mu_D = x_ND.mean(0)
+        y_ND = (x_ND - mu_D) / np.sqrt(n - 1) @ self.sqrt_DD
+        gram = y_ND @ y_ND.T if n < y_ND.shape[1] else y_ND.T @ y_ND
+        tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh(gram), 0, None)).sum()
+        trace_x = float(((x_ND - mu_D) ** 2).sum() / (n - 1))
+        diff_D = mu_D - self.mu_D
+        return float(diff_D @ diff_D + trace_x + self.trace - 2 * tr_covmean)
+
+
+def class_correct(logits_NK: torch.Tensor | np.ndarray, labels_N: torch.Tensor | np.ndarray) -> np.ndarray:
+    """1.0 where the classifier's top class is the label the image was generated for, else 0.0 (N,)."""
+    logits_NK, labels_N = np.asarray(logits_NK), np.asarray(labels_N)
+    if labels_N.ndim != 1 or len(labels_N) != len(logits_NK):
+        raise MetricsError(f"need one class label per image: {len(labels_N)} labels for {len(logits_NK)} images")
+    if (labels_N < 0).any() or (labels_N >= logits_NK.shape[1]).any():
+        raise MetricsError(f"class labels must lie in [0, {logits_NK.shape[1]}) (the classifier's classes); "
+                           f"got {labels_N.min()}..{labels_N.max()} — were the samples written without labels?")
+    return (logits_NK.argmax(1) == labels_N).astype(np.float64)
+
+
+def interval(point: float, replicates: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
+    """Bias-shifted percentile interval: [q_lo, q_hi] - (mean(replicates) - point)."""
+    alpha = (1 - level) / 2
+    lo, hi = np.quantile(replicates, [alpha, 1 - alpha])
+    bias = float(np.mean(replicates)) - point
+    return float(lo - bias), float(hi - bias)
+
+
+def bootstrap(n: int, num: int, seed: int) -> np.ndarray:
+    """`num` index rows, each N draws with replacement from range(n), from a seeded generator (num, N)."""
+    return np.random.default_rng(seed).integers(0, n, size=(num, n))
+
+
+def fid_interval(features_ND: np.ndarray, frechet: FrechetToReference, point: float, num: int, seed: int,
+                 level: float = LEVEL) -> tuple[float, float]:
+    reps = np.array([frechet(features_ND[idx]) for idx in bootstrap(len(features_ND), num, seed)])
+    return interval(point, reps, level)
+
+
+def mean_interval(values_N: np.ndarray, num: int, seed: int, level: float = LEVEL) -> tuple[float, float]:
+    reps = values_N[bootstrap(len(values_N), num, seed)].mean(1)
+    return interval(float(values_N.mean()), reps, level)
+
+
+# --------------------------------------------------------------------------- features
+def _extractor(cfg: EvaluateConfig, feature_net_path, layers: list[str], device: torch.device):
+    name, weights = feature_weights(cfg, feature_net_path)
+    cuda = device.type == "cuda" and torch.cuda.is_available()
+    return create_feature_extractor(name, layers, cuda=cuda, feature_extractor_weights_path=str(weights),
+                                    verbose=False), weights, cuda
+
+
+def sample_features(samples_NCHW: torch.Tensor, cfg: EvaluateConfig, feature_net_path, device: torch.device,
+                    batch_size: int = 64) -> dict[str, np.ndarray]:
+    """The samples' FID-layer features (and class logits where the space has a classifier), extracted once."""
+    layers = [FID_LAYER[cfg.feature_space]] + ([CLASS_LOGITS[cfg.feature_space]]
+                                               if cfg.feature_space in CLASS_LOGITS else [])
+    extractor, _, cuda = _extractor(cfg, feature_net_path, layers, device)
+    images = UInt8Images(samples_NCHW)
+    out: dict[str, list[torch.Tensor]] = {k: [] for k in layers}
+    with torch.no_grad():
+        for i in range(0, len(images), batch_size):
+            batch = images.images_NCHW[i:i + batch_size]
+            feats = extractor(batch.cuda() if cuda else batch)
+            for k, v in zip(layers, feats):
+                out[k].append(v.double().cpu())
+    return {k: torch.cat(v).numpy() for k, v in out.items()}
+
+
+def reference_statistics(reference_dir: str | os.PathLike, cfg: EvaluateConfig, feature_net_path,
+                         device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance of the cached reference features (reference_stats stage); never recomputed here."""
+    layer = FID_LAYER[cfg.feature_space]
+    extractor, weights, cuda = _extractor(cfg, feature_net_path, [layer], device)
+    name = reference_name(cfg, weights)
+    reference_dir = Path(reference_dir)
+    feats = extract_featuresdict_from_input_id_cached(
+        2, extractor, input2=_CachedOnly(0, reference_dir), input2_cache_name=name, cache=True,
+        cache_root=str(reference_dir), cuda=cuda, batch_size=64, save_cpu_ram=True, verbose=False)
+    return mean_cov(feats[layer].double().numpy())
+
+
+# --------------------------------------------------------------------------- the evaluate-stage entry
+def sample_intervals(samples_NCHW: torch.Tensor, labels_N: torch.Tensor, point: dict[str, float],
+                     reference_dir: str | os.PathLike, cfg: EvaluateConfig, feature_net_path,
+                     device: torch.device, seed: int) -> dict[str, float]:
+    """class_acc_<space> and <metric>_ci_low / _ci_high for FID and class accuracy, by bootstrap over samples.
+
+    `point` holds the point estimates computed by torch-fidelity (compute_metrics); the FID interval is
+    centred on its fid_<space>.
+    """
+    space, num = cfg.feature_space, cfg.bootstrap_samples
+    feats = sample_features(samples_NCHW, cfg, feature_net_path, device)
+    out: dict[str, float] = {}
+    if space in CLASS_LOGITS:
+        correct_N = class_correct(feats[CLASS_LOGITS[space]], labels_N)
+        out[f"class_acc_{space}"] = float(correct_N.mean())
+        if num:
+            out[f"class_acc_{space}_ci_low"], out[f"class_acc_{space}_ci_high"] = mean_interval(correct_N, num, seed)
+    key = f"fid_{space}"
+    if num and key in point:
+        frechet = FrechetToReference(*reference_statistics(reference_dir, cfg, feature_net_path, device))
+        out[f"{key}_ci_low"], out[f"{key}_ci_high"] = fid_interval(feats[FID_LAYER[space]], frechet, point[key],
+                                                                   num, seed)
+    return out
