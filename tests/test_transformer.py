@@ -140,7 +140,7 @@ def test_training_mode_runs_backward_with_dropouts():
 def test_not_learnable_pos_embed_is_a_buffer():
     m = FlexVAR(TransformerConfig(depth=1, width=16, heads=1, pos_embed_learnable=False), 8, 4, 2, 4)
     assert "pos_1CPP" not in dict(m.named_parameters()) and "pos_1CPP" in m.state_dict()
-    assert m.pos_embed((9, 7)).shape == (1, 63, 16)      # scalable: larger than P by bicubic
+    assert m.pos_embed((9, 7)).shape == (1, 63, 16)      # scalable: larger than P (area, as the official code)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

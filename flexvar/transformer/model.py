@@ -35,7 +35,7 @@ Scales = list[tuple[int, int]]
 LN_EPS = 1e-6
 MAX_LOG_ATTN_SCALE = math.log(100.0)
 # official initialisation (VAR/FlexVAR): head weights x0.02, AdaLN weights x0.5, gammas x1e-5
-INIT_HEAD, INIT_ADALN, INIT_ADALN_GAMMA = 0.02, 0.5, 1e-5
+INIT_HEAD, INIT_ADALN = 0.02, 0.5     # gammas: x TransformerConfig.adaln_gamma_init
 
 
 def layer_norm(x_BLC: torch.Tensor) -> torch.Tensor:
@@ -87,6 +87,16 @@ def sincos_2d(dim: int, h: int, w: int) -> torch.Tensor:
     out[: 2 * (half // 2)] = encode(h)[:, :, None].expand(-1, h, w)
     out[half: half + 2 * (half // 2)] = encode(w)[:, None, :].expand(-1, h, w)
     return out.float()
+
+
+def sincos_2d_interleaved(dim: int, h: int, w: int) -> torch.Tensor:
+    """The official FlexVAR initial map (dim, h, w): even channels sin(row * f_k), odd channels
+    cos(col * f_k), f_k = 10000^(-2k/dim) (models/flexvar.py generate_2d_rotary_position_embedding)."""
+    freqs = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * -(math.log(10000.0) / dim))
+    out = torch.zeros(dim, h, w)
+    out[0::2] = torch.sin(torch.arange(h, dtype=torch.float32)[None, :, None] * freqs[:, None, None]).expand(-1, h, w)
+    out[1::2] = torch.cos(torch.arange(w, dtype=torch.float32)[None, None, :] * freqs[:, None, None]).expand(-1, h, w)
+    return out
 
 
 @lru_cache(maxsize=64)
@@ -191,7 +201,7 @@ class FlexVAR(nn.Module):
         self.word_embed = nn.Linear(codebook_dim, C)
         self.class_emb = nn.Embedding(num_classes + 1, C)
         self.pos_start = nn.Parameter(torch.zeros(1, 1, C))
-        pos = sincos_2d(C, pe_size, pe_size)[None]
+        pos = (sincos_2d if cfg.pos_embed_init == "halves" else sincos_2d_interleaved)(C, pe_size, pe_size)[None]
         if cfg.pos_embed_learnable:
             self.pos_1CPP = nn.Parameter(pos)
         else:
@@ -209,7 +219,7 @@ class FlexVAR(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """VAR/FlexVAR initialisation: truncated normal std sqrt(1/3C); output projections scaled
-        by 1/sqrt(2 depth); AdaLN near identity (gammas ~1e-5) so every block starts as a no-op."""
+        by 1/sqrt(2 depth); AdaLN near identity (gammas x adaln_gamma_init) so every block starts as a no-op."""
         std = math.sqrt(1 / self.width / 3)
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
@@ -224,7 +234,7 @@ class FlexVAR(nn.Module):
             blk.attn.proj.weight.div_(math.sqrt(2 * self.depth))
             blk.mlp.fc2.weight.div_(math.sqrt(2 * self.depth))
             blk.ada_lin.weight[2 * C:].mul_(INIT_ADALN)
-            blk.ada_lin.weight[: 2 * C].mul_(INIT_ADALN_GAMMA)
+            blk.ada_lin.weight[: 2 * C].mul_(self.cfg.adaln_gamma_init)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -233,8 +243,9 @@ class FlexVAR(nn.Module):
     def pos_embed(self, hw: tuple[int, int]) -> torch.Tensor:
         """Position embedding of one scale, (1, h*w, C).
 
-        scalable: the P x P map resized to (h, w) (area when shrinking, bicubic when growing), so
-        every scale spans the same image extent; fixed: the top-left (h, w) crop — absolute
+        scalable: the P x P map resized to (h, w) — area when shrinking and, as the official code,
+        area when growing too (`pos_embed_grow: bicubic` is this project's smoother alternative) —
+        so every scale spans the same image extent; fixed: the top-left (h, w) crop — absolute
         positions, the fixed-length baseline of the paper's Tab. 6.
         """
         h, w = hw
@@ -245,7 +256,7 @@ class FlexVAR(nn.Module):
             pos = self.pos_1CPP[:, :, :h, :w]
         elif (h, w) == (P, P):
             pos = self.pos_1CPP
-        elif h <= P and w <= P:
+        elif (h <= P and w <= P) or self.cfg.pos_embed_grow == "area":
             pos = F.interpolate(self.pos_1CPP, size=(h, w), mode="area")
         else:
             pos = F.interpolate(self.pos_1CPP, size=(h, w), mode="bicubic", align_corners=False)

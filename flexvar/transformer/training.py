@@ -29,8 +29,9 @@ from flexvar.checkpoint import capture_rng, load_checkpoint, restore_rng, save_a
 from flexvar.config import ScheduleConfig, TrainTransformerConfig
 from flexvar.device import autocast_ctx
 from flexvar.data.latent_cache import LatentSplit
+from flexvar.data.sampling import batch_indices
 from flexvar.tokenizer.quantizer import MultiScaleQuantizer
-from flexvar.optim import ema_of, make_adamw, warmup_cosine
+from flexvar.optim import ema_of, lr_schedule, make_adamw
 from flexvar.run_logger import RunLogger
 from flexvar.transformer.schedules import ScheduleSampler, num_tokens
 from flexvar.transformer.teacher_forcing import inputs_targets, resize_bicubic
@@ -41,18 +42,6 @@ RESUME_KIND = "flexvar_train_state"
 
 
 # --------------------------------------------------------------------------- pieces
-def batch_indices(micro_step: int, batch_size: int, n_items: int, seed: int) -> torch.Tensor:
-    """Items of micro-batch `micro_step`: a fresh seeded permutation of all (image, flip) pairs per
-    epoch, cut into full batches. A pure function of its arguments, so resuming needs only the step."""
-    per_epoch = max(1, n_items // batch_size)
-    epoch, pos = divmod(micro_step, per_epoch)
-    perm = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    take = perm[pos * batch_size:(pos + 1) * batch_size]
-    if len(take) < batch_size:   # fewer items than one batch: wrap around
-        take = perm[torch.arange(pos * batch_size, (pos + 1) * batch_size) % n_items]
-    return take
-
-
 def get_batch(data: LatentSplit, items: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Latents (B, C, H, W) and labels (B,) of (image, flip) items i -> (i // 2, i % 2)."""
     z = data.latents_N2CHW[items // 2, items % 2]
@@ -213,7 +202,7 @@ def train_transformer(model: FlexVAR, quantizer: MultiScaleQuantizer, train: Lat
     distributed.broadcast_params(model)   # multi-worker: every worker starts from rank 0's weights
     quantizer.to(device)
     opt = make_adamw(model, cfg)
-    lr_sched = warmup_cosine(opt, cfg)
+    lr_sched = lr_schedule(opt, cfg)   # cosine or the official lin0 (train_transformer.lr_schedule)
     latent_hw = train.latent_hw
     sampler = ScheduleSampler(schedule, latent_hw, seed)
     canonical = sampler.to_hw(sampler.cfg.canonical)
