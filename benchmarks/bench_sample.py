@@ -1,115 +1,97 @@
-"""Sampling speed: images/s at batch 16, cfg 1.5, top-k 100, depth 6 / width 384 (vocab 4096),
-tokenizer at base width 128 (LlamaGen VQ-16 layout), 128 px output, fp32 and bf16, with and
-without the final decode; printed as JSON next to the official implementation's figures on the
-same CPU (7-step schedule 1,2,3,4,5,6,8: 5.04 s per batch end to end, 4.07 s of it decode,
-0.99 s without decode).
+"""Sampling speed, ours beside the official FlexVAR code in one process, printed as JSON.
 
-    .venv/bin/python benchmarks/bench_sample.py [--repeats 3] [--threads N] [--device cpu]
+    FLEXVAR_OFFICIAL_DIR=/work/official/FlexVAR python benchmarks/bench_sample.py [--rounds 3]
 
-Weights are random: speed does not depend on them. Each figure is the median of `repeats`
-timed batches after one warm-up batch.
+Setting (issue 18): batch 16, cfg 1.5 (ramped over steps), top-k 100, schedule 1,2,3,4,5,6,8, depth 6 /
+width 384 / 6 heads, vocabulary 4096, the official VQ-16 tokenizer layout (base width 128, multipliers
+1,1,2,2,4, z 256, Cvae 32) decoding to 128 px. Variants, timed in interleaved rounds, end to end and
+without the final decode:
+  - `official fp32` / `official bf16`: the official `autoregressive_infer_cfg` with the official VQ-16,
+    plain and under CPU bf16 autocast (without decode: the same call with the decoder left out);
+  - `ours bf16`: `generate_batch` in bf16 (this library's default precision on a bf16 CPU).
+Weights are random: speed does not depend on them. Without FLEXVAR_OFFICIAL_DIR only ours is timed.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.side_by_side import (add_threads_arg, bf16_autocast, interleave, machine, official_modules,  # noqa: E402
+                                     quiet, ratios, set_threads)
 from flexvar.config import TokenizerConfig, TransformerConfig  # noqa: E402
-from flexvar.device import pick_device, resolve_precision  # noqa: E402
-from flexvar.generation.generate import decode_tokens, generate_batch, make_generator  # noqa: E402
+from flexvar.generation.generate import generate_batch, make_generator  # noqa: E402
 from flexvar.tokenizer.vqvae import VQVAE  # noqa: E402
 from flexvar.transformer.model import FlexVAR  # noqa: E402
 
 BATCH, CFG, TOP_K = 16, 1.5, 100
-SCHEDULES = {"1,2,3,4,5,6,8": [1, 2, 3, 4, 5, 6, 8], "1..8": list(range(1, 9))}
-OFFICIAL = {"schedule": "1,2,3,4,5,6,8", "s_per_batch_end_to_end": 5.04, "s_per_batch_decode": 4.07,
-            "s_per_batch_no_decode": 0.99}
-OFFICIAL["images_per_s_end_to_end"] = BATCH / OFFICIAL["s_per_batch_end_to_end"]
-OFFICIAL["images_per_s_no_decode"] = BATCH / OFFICIAL["s_per_batch_no_decode"]
+SIDES = [1, 2, 3, 4, 5, 6, 8]
+DEPTH, WIDTH, HEADS, VOCAB, CVAE, CLASSES = 6, 384, 6, 4096, 32, 1000
+LABELS = torch.arange(BATCH) * 37 % CLASSES
 
 
 def build(device: torch.device) -> tuple[FlexVAR, VQVAE]:
     torch.manual_seed(0)
     vq = VQVAE(TokenizerConfig(ch=128, ch_mult=[1, 1, 2, 2, 4], num_res_blocks=2, z_channels=256,
-                               codebook_dim=32, codebook_size=4096))
-    model = FlexVAR(TransformerConfig(depth=6, width=384, heads=6), vocab_size=4096, codebook_dim=32,
-                    num_classes=1000, pe_size=16)
+                               codebook_dim=CVAE, codebook_size=VOCAB))
+    model = FlexVAR(TransformerConfig(depth=DEPTH, width=WIDTH, heads=HEADS), vocab_size=VOCAB, codebook_dim=CVAE,
+                    num_classes=CLASSES, pe_size=16)
     return model.to(device).eval(), vq.to(device).eval()
 
 
-def timed(fn, repeats: int, device: torch.device) -> float:
-    """Median seconds of `repeats` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def sampler(model: FlexVAR, vq: VQVAE, decode: bool, precision: str = "bf16"):
+    """One batch of our sampling (a fresh seeded generator per call)."""
+    scales = [(s, s) for s in SIDES]
+    return lambda: generate_batch(model, vq, LABELS, scales, cfg=CFG, top_k=TOP_K, generator=make_generator(0),
+                                  decode=decode, precision=precision)
 
 
-def bench(model, vq, sides: list[int], precision: str, repeats: int, device: torch.device) -> dict:
-    scales = [(s, s) for s in sides]
-    labels = torch.arange(BATCH) * 37 % 1000
-    gen = make_generator(0, device)
+def official_samplers(mods: SimpleNamespace) -> dict:
+    """The official sampler with the official VQ-16, fp32 and bf16 autocast, with and without decode."""
+    torch.manual_seed(0)
+    vae = quiet(mods.VQ_16, codebook_size=VOCAB, codebook_embed_dim=CVAE).eval()
+    var = quiet(mods.FlexVAR, vae, num_classes=CLASSES, depth=DEPTH, embed_dim=WIDTH, num_heads=HEADS,
+                norm_eps=1e-6, attn_l2_norm=True, patch_nums=tuple(SIDES)).eval()
+    var.init_weights(init_std=-1)
+    no_decoder = SimpleNamespace(quantize=vae.quantize, decode_code=lambda idx, shape: idx)
 
-    def sample(decode: bool):
-        return generate_batch(model, vq, labels, scales, cfg=CFG, top_k=TOP_K, generator=gen, decode=decode,
-                              precision=precision)
+    def run(bf16: bool, decode: bool):
+        with torch.inference_mode(), bf16_autocast(bf16):
+            var.autoregressive_infer_cfg(vae if decode else no_decoder, BATCH, LABELS, SIDES, g_seed=0, cfg=CFG,
+                                         top_k=TOP_K, top_p=0.0)
 
-    idx = sample(False).tokens[-1].to(device)
-    no_decode = timed(lambda: sample(False), repeats, device)
-    decode = timed(lambda: decode_tokens(vq, idx, precision=precision), repeats, device)
-    end_to_end = timed(lambda: sample(True), repeats, device)
-    return {"s_per_batch_end_to_end": round(end_to_end, 3), "s_per_batch_no_decode": round(no_decode, 3),
-            "s_per_batch_decode": round(decode, 3),
-            "images_per_s_end_to_end": round(BATCH / end_to_end, 2),
-            "images_per_s_no_decode": round(BATCH / no_decode, 2)}
+    return {(p, d): (lambda bf16=(p == "bf16"), d=d: run(bf16, d)) for p in ("fp32", "bf16") for d in (True, False)}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--precisions", default="fp32,bf16")
-    ap.add_argument("--schedules", default="all", help=f"'all' or a ';'-separated subset of {list(SCHEDULES)}")
+    ap.add_argument("--rounds", type=int, default=3, help="timed interleaved rounds (after one warm-up round)")
+    add_threads_arg(ap)
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
-    model, vq = build(device)
-    results = {}
-    for name in SCHEDULES if args.schedules == "all" else args.schedules.split(";"):
-        sides = SCHEDULES[name]
-        for precision in args.precisions.split(","):
-            results[f"{name} {precision}"] = bench(model, vq, sides, precision, args.repeats, device)
-    ours = results[f"{OFFICIAL['schedule']} {'bf16' if 'bf16' in args.precisions else 'fp32'}"]
-    report = {
-        "config": {"batch": BATCH, "cfg": CFG, "top_k": TOP_K, "depth": 6, "width": 384, "vocab": 4096,
-                   "tokenizer_ch": 128, "image_px": 128, "device": str(device),
-                   "cpu_bf16": resolve_precision(device, "auto") == "bf16", "threads": torch.get_num_threads(),
-                   "load_avg_1min": round(os.getloadavg()[0], 2), "repeats": args.repeats},
-        "official": OFFICIAL,
-        "ours": results,
-        "speedup_end_to_end_vs_official": round(OFFICIAL["s_per_batch_end_to_end"] / ours["s_per_batch_end_to_end"], 2),
-        "speedup_no_decode_vs_official": round(OFFICIAL["s_per_batch_no_decode"] / ours["s_per_batch_no_decode"], 2),
-        "target_end_to_end": 2.5,
-    }
-    print(json.dumps(report, indent=2))
+    set_threads(args.threads)
+    mods, note = official_modules()
+    print(f"[bench_sample] {note}", file=sys.stderr, flush=True)
+    out = {"config": {"batch": BATCH, "cfg": CFG, "top_k": TOP_K, "schedule": SIDES, "depth": DEPTH, "width": WIDTH,
+                      "vocab": VOCAB, "tokenizer": "VQ-16 layout, ch 128, 1-1-2-2-4", "image_px": 8 * 16,
+                      "rounds": args.rounds},
+           "official": note, "machine": machine()}
+    model, vq = build(torch.device("cpu"))
+    theirs = official_samplers(mods) if mods else {}
+    for decode, kind in ((True, "end_to_end"), (False, "no_decode")):
+        variants = {f"official {p}": theirs[(p, decode)] for p in ("fp32", "bf16") if theirs}
+        variants["ours bf16"] = sampler(model, vq, decode)
+        res = interleave(variants, args.rounds)
+        out[kind] = {"results": res, "speedup": ratios(res, "ours bf16")}
+        print(json.dumps({kind: out[kind]["speedup"]}), file=sys.stderr, flush=True)
+    out["machine"]["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
+    print(json.dumps(out, indent=1))
     return 0
 
 

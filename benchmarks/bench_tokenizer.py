@@ -1,17 +1,18 @@
-"""Tokenizer throughput benchmark (issue 3), printed as JSON.
+"""Tokenizer train step and inference, ours beside the official FlexVAR/LlamaGen VQ code in one process,
+printed as JSON.
 
-    python benchmarks/bench_tokenizer.py [--params params.yaml] [--iters 3] [--batch 16]
-                                         [--paper-batch 1] [--paper-iters 1] [--skip-paper] [--device cpu]
+    FLEXVAR_OFFICIAL_DIR=/work/official/FlexVAR python benchmarks/bench_tokenizer.py [--res 128] [--batch 2]
+        [--rounds 3]
 
-Two configurations: the embedded default (params.yaml `tokenizer`, `data.resolution`) and the
-paper's (ch 128, multipliers 1,1,2,2,4, 2 res blocks, z 256, Cvae 32, 4096 codes, 256 px). For
-each, fp32 vs bf16 autocast:
-  - `train`: one tokenizer training step (encode, K=5 scales quantised + decoded, L1+L2 and VQ
-    losses, backward, AdamW) with a fixed scale set so every iteration has the same shapes;
-  - `infer`: encode + quantise at every scale 1..full + decode every scale, no grad.
-Figures are images per second of wall time and, because other processes may share the CPU,
-also per second of this process's CPU time (`img_per_cpu_s`; with N threads the ideal wall
-figure is about N times that).
+Setting: the official VQ-16 layout (base width 128, multipliers 1,1,2,2,4, 2 res blocks, z 256, Cvae 32,
+4096 codes) at `--res` pixels. Variants, timed in interleaved rounds:
+  - `train`: one multi-scale training step — encode, K=5 fixed scales quantised and decoded, L1+L2
+    reconstruction against the area-resized image plus codebook and commitment losses, backward,
+    optimiser. Official: `VQModel.forward(x, v_patch_nums)` (their multi-scale path) with that loss
+    and Adam, fp32 and under CPU bf16 autocast; ours: `TokenizerTrainer.train_step` in bf16;
+  - `infer`: encode, quantise at every scale 1..full, decode every scale, no grad. Official:
+    `encode_conti`, area-down + `quantize`, `decode`; ours: `encode`, `quantize_at`, `decode`.
+Without FLEXVAR_OFFICIAL_DIR only ours is timed.
 """
 from __future__ import annotations
 
@@ -19,19 +20,23 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flexvar.config import TokenizerConfig, TrainTokenizerConfig, load_params  # noqa: E402
-from flexvar.device import autocast_ctx, cpu_has_fast_bf16, pick_device  # noqa: E402
+from benchmarks.side_by_side import (add_threads_arg, bf16_autocast, interleave, machine, official_modules,  # noqa: E402
+                                     quiet, ratios, set_threads)
 import flexvar.tokenizer.training as tt  # noqa: E402
+from flexvar.config import TokenizerConfig, TrainTokenizerConfig  # noqa: E402
+from flexvar.device import autocast_ctx  # noqa: E402
 
-PAPER = TokenizerConfig(ch=128, ch_mult=[1, 1, 2, 2, 4], num_res_blocks=2, z_channels=256, codebook_dim=32,
-                        codebook_size=4096)
+VQ16 = TokenizerConfig(ch=128, ch_mult=[1, 1, 2, 2, 4], num_res_blocks=2, z_channels=256, codebook_dim=32,
+                       codebook_size=4096)
+CPU = torch.device("cpu")
 
 
 def fixed_scales(full: int, k: int = 5) -> list[int]:
@@ -39,95 +44,93 @@ def fixed_scales(full: int, k: int = 5) -> list[int]:
     return sorted({max(1, round(full * (i + 1) / k)) for i in range(k)})
 
 
-def sig(x: float, digits: int = 3) -> float:
-    """Round to `digits` significant digits (throughputs span 0.01 to 1000 img/s)."""
-    return float(f"{x:.{digits}g}")
-
-
-def timed(fn, iters: int, device: torch.device, warmup: int = 1) -> tuple[float, float]:
-    """(wall seconds, process CPU seconds) per call, after `warmup` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    w0, c0 = time.perf_counter(), time.process_time()
-    for _ in range(iters):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - w0) / iters, (time.process_time() - c0) / iters
-
-
-def bench_train(cfg: TokenizerConfig, res: int, batch: int, iters: int, precision: str, device, warmup: int) -> dict:
+def ours(res: int, batch: int) -> dict:
+    """Our train step (fixed scales) and inference at every scale, bf16."""
     images = torch.randint(0, 256, (batch * 2, 3, res, res), dtype=torch.uint8)
-    full = res // cfg.downsample
+    full = res // VQ16.downsample
     scales = fixed_scales(full)
-    original, tt.sample_scales = tt.sample_scales, lambda f, k, gen: scales
-    try:
-        trainer = tt.TokenizerTrainer(cfg, TrainTokenizerConfig(batch_size=batch, precision=precision,
-                                                                warmup_steps=1), 0, images, device)
-        wall, cpu = timed(trainer.train_step, iters, device, warmup)
-    finally:
-        tt.sample_scales = original
-    return {"scales": scales, "s_per_step": round(wall, 4), "img_per_s": sig(batch / wall),
-            "img_per_cpu_s": sig(batch / cpu)}
-
-
-def bench_infer(cfg: TokenizerConfig, res: int, batch: int, iters: int, precision: str, device, warmup: int) -> dict:
+    tt.sample_scales = lambda f, k, gen: scales        # fixed shapes every iteration (this process only)
+    trainer = tt.TokenizerTrainer(VQ16, TrainTokenizerConfig(batch_size=batch, precision="bf16", warmup_steps=1),
+                                  0, images, CPU)
     torch.manual_seed(0)
-    model = tt.VQVAE(cfg).to(device).eval()
-    x = torch.rand(batch, 3, res, res, device=device) * 2 - 1
-    full = res // cfg.downsample
+    model = tt.VQVAE(VQ16).eval()
+    x = torch.rand(batch, 3, res, res) * 2 - 1
 
     @torch.no_grad()
-    def run():
-        with autocast_ctx(device, precision):
+    def infer():
+        with autocast_ctx(CPU, "bf16"):
             z = model.encode(x)
         for s in range(1, full + 1):
             _, zq = model.quantize_at(z.float(), (s, s))
-            with autocast_ctx(device, precision):
+            with autocast_ctx(CPU, "bf16"):
                 model.decode(zq)
 
-    wall, cpu = timed(run, iters, device, warmup)
-    return {"scales": f"1..{full}", "s_per_batch": round(wall, 4), "img_per_s": sig(batch / wall),
-            "img_per_cpu_s": sig(batch / cpu)}
+    return {"train": trainer.train_step, "infer": infer}
 
 
-def bench_config(name: str, cfg: TokenizerConfig, res: int, batch: int, iters: int, device, warmup: int) -> dict:
-    out = {"config": {**cfg.model_dump(mode="json"), "resolution": res}, "batch": batch, "iters": iters, "warmup": warmup}
-    for kind, fn in (("train", bench_train), ("infer", bench_infer)):
-        for precision in ("fp32", "bf16"):
-            out[f"{kind}_{precision}"] = fn(cfg, res, batch, iters, precision, device, warmup)
-            print(f"[bench_tokenizer] {name} {kind} {precision}: {out[f'{kind}_{precision}']}", file=sys.stderr, flush=True)
-        out[f"{kind}_bf16_speedup"] = sig(out[f"{kind}_bf16"]["img_per_cpu_s"] / out[f"{kind}_fp32"]["img_per_cpu_s"])
-    return out
+def official(mods: SimpleNamespace, res: int, batch: int) -> dict:
+    """The official VQ-16 trained through its multi-scale forward, and run scale by scale for inference."""
+    torch.manual_seed(0)
+    vae = quiet(mods.VQ_16, codebook_size=VQ16.codebook_size, codebook_embed_dim=VQ16.codebook_dim)
+    vae.quantize.codebook_used.requires_grad_(False)   # a usage buffer built from an nn.Parameter
+    opt = torch.optim.Adam(vae.parameters(), lr=1e-4, betas=(0.9, 0.95))
+    x = torch.rand(batch, 3, res, res) * 2 - 1
+    full = res // 16
+    scales = fixed_scales(full)
+
+    def train(bf16: bool):
+        vae.train()
+        with bf16_autocast(bf16):
+            decs, vq_losses = vae(x, v_patch_nums=scales)
+            loss = 0.0
+            for dec, (vq_loss, commit_loss, _, _) in zip(decs, vq_losses):
+                target = F.interpolate(x, size=dec.shape[-2:], mode="area")
+                dec = dec.float()
+                loss = loss + F.l1_loss(dec, target) + F.mse_loss(dec, target) + vq_loss + commit_loss
+        (loss / len(scales)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def infer(bf16: bool):
+        vae.eval()
+        with bf16_autocast(bf16):
+            h = vae.encode_conti(x)
+            for s in range(1, full + 1):
+                quant, _, _ = vae.quantize(F.interpolate(h.float(), size=(s, s), mode="area"))
+                vae.decode(quant)
+
+    return {f"{kind} {p}": (lambda fn=fn, bf16=(p == "bf16"): fn(bf16))
+            for kind, fn in (("train", train), ("infer", infer)) for p in ("fp32", "bf16")}
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--iters", type=int, default=3, help="timed iterations, embedded config")
-    ap.add_argument("--batch", type=int, default=16, help="batch, embedded config")
-    ap.add_argument("--paper-batch", type=int, default=1)
-    ap.add_argument("--paper-iters", type=int, default=1)
-    ap.add_argument("--paper-warmup", type=int, default=0, help="untimed calls before timing, paper config")
-    ap.add_argument("--skip-paper", action="store_true", help="only the embedded config")
-    ap.add_argument("--device", default="cpu", help="cpu | cuda | auto")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--res", type=int, default=128, help="image side in pixels (a multiple of 16)")
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3, help="timed interleaved rounds (after one warm-up round)")
+    add_threads_arg(ap)
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
-    params = load_params(args.params)
-    result = {"device": str(device), "threads": torch.get_num_threads(), "cpu_fast_bf16": cpu_has_fast_bf16(),
-              "load_avg_1m_at_start": round(os.getloadavg()[0], 2),
-              "embedded": bench_config("embedded", params.tokenizer, params.data.resolution, args.batch,
-                                                 args.iters, device, warmup=1)}
-    if not args.skip_paper:
-        result["paper"] = bench_config("paper", PAPER, 256, args.paper_batch, args.paper_iters, device,
-                                       warmup=args.paper_warmup)
-    result["load_avg_1m_at_end"] = round(os.getloadavg()[0], 2)
-    print(json.dumps(result, indent=1))
+    set_threads(args.threads)
+    if args.res % 16:
+        print(f"bench_tokenizer: --res {args.res} is not a multiple of 16", file=sys.stderr)
+        return 2
+    mods, note = official_modules()
+    print(f"[bench_tokenizer] {note}", file=sys.stderr, flush=True)
+    out = {"config": {**VQ16.model_dump(mode="json"), "resolution": args.res, "batch": args.batch,
+                      "train_scales": fixed_scales(args.res // 16), "rounds": args.rounds},
+           "official": note, "machine": machine()}
+    mine = ours(args.res, args.batch)
+    theirs = official(mods, args.res, args.batch) if mods else {}
+    for kind in ("train", "infer"):
+        variants = {f"official {p}": theirs[f"{kind} {p}"] for p in ("fp32", "bf16") if theirs}
+        variants["ours bf16"] = mine[kind]
+        res = interleave(variants, args.rounds)
+        out[kind] = {"results": res, "speedup": ratios(res, "ours bf16"),
+                     "images_per_s": {k: round(args.batch / r["median_s"], 3) for k, r in res.items()}}
+        print(json.dumps({kind: out[kind]["speedup"]}), file=sys.stderr, flush=True)
+    out["machine"]["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
+    print(json.dumps(out, indent=1))
     return 0
 
 

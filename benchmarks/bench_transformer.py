@@ -1,14 +1,18 @@
-"""Transformer training-step benchmark (issue 4), printed as JSON.
+"""Transformer training step, ours beside the official FlexVAR code in one process, printed as JSON.
 
-    python benchmarks/bench_transformer.py [--steps 5] [--batches 8 32] [--precisions fp32 bf16] [--loss-curves 40]
+    FLEXVAR_OFFICIAL_DIR=/work/official/FlexVAR python benchmarks/bench_transformer.py [--rounds 5] [--batch 8]
+        [--loss-curves 40]
 
-Model: depth 6, width 384, 6 heads, vocabulary 4096, Cvae 32, 1000 classes; 8x8 latent, schedule
-1,2,3,4,5,6,8 (155 tokens). `transformer_only`: forward, loss, backward, AdamW on prepared
-inputs. `full_step`: the same plus taking the batch from the latent cache and quantising it at
-every scale (what train_transformer does each step; the official trainer ran the encoder here).
-Reference figures on this CPU (issue 4): official 0.64 s per transformer-only step and 1.58 s per
-full step at batch 8. `--loss-curves N` also trains a small model N steps in fp32 and bf16 from
-the same seed and data and reports both loss curves.
+Setting (issue 18): depth 6, width 384, 6 heads, vocabulary 4096, Cvae 32, 1000 classes, 8x8 latent,
+schedule 1,2,3,4,5,6,8 (155 tokens), batch 8. Variants, timed in interleaved rounds:
+  - `official fp32` / `official bf16`: the official FlexVAR transformer (models/flexvar.py) trained as
+    its trainer does (label-smoothed per-token loss weighted 1/L, clip, fused AdamW), in fp32 and
+    under CPU bf16 autocast — the strongest setting a user of the official code has here;
+  - `ours bf16`: this library's step (`forward_backward`, clip, AdamW) in its default precision.
+`train_step`: forward, loss, backward, clip, optimiser on prepared inputs. `full_step`: the same plus
+making the inputs — ours quantises cached latents at every scale; the official trainer encodes the
+images (VQ-16 encoder at 128 px) and quantises. Without FLEXVAR_OFFICIAL_DIR only ours is timed.
+`--loss-curves N` also trains a small model N steps in fp32 and bf16 from the same seed and data.
 """
 from __future__ import annotations
 
@@ -17,134 +21,166 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.side_by_side import (add_threads_arg, bf16_autocast, interleave, machine, official_modules,  # noqa: E402
+                                     quiet, ratios, set_threads)
 from flexvar.config import TrainTransformerConfig, TransformerConfig  # noqa: E402
-from flexvar.device import autocast_ctx, cpu_has_fast_bf16  # noqa: E402
 from flexvar.data.latent_cache import LatentSplit  # noqa: E402
+from flexvar.device import autocast_ctx  # noqa: E402
 from flexvar.tokenizer.quantizer import MultiScaleQuantizer  # noqa: E402
-from flexvar.transformer.teacher_forcing import gt_inputs_targets  # noqa: E402
 from flexvar.transformer.model import FlexVAR  # noqa: E402
-from flexvar.transformer.training import (batch_indices, forward_backward, get_batch, make_optimizer,  # noqa: E402
-                                          token_loss)
+from flexvar.transformer.teacher_forcing import gt_inputs_targets  # noqa: E402
+import flexvar.optim as optim  # noqa: E402
+import flexvar.transformer.training as training  # noqa: E402
+from flexvar.transformer.training import batch_indices, forward_backward, get_batch  # noqa: E402
 
-OFFICIAL = {"transformer_only_s_per_step_b8": 0.64, "full_step_s_per_step_b8": 1.58}
-SCALES = [(s, s) for s in (1, 2, 3, 4, 5, 6, 8)]
-DEVICE = torch.device("cpu")
-
-
-def matmul_gflops(dtype: torch.dtype, n: int = 1024, reps: int = 10) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9
+SIDES = [1, 2, 3, 4, 5, 6, 8]
+SCALES = [(s, s) for s in SIDES]
+DEPTH, WIDTH, HEADS, VOCAB, CVAE, CLASSES = 6, 384, 6, 4096, 32, 1000
+CPU = torch.device("cpu")
+CFG = TrainTransformerConfig(precision="bf16")
 
 
 def cache(n: int, seed: int = 0) -> LatentSplit:
     """A synthetic latent cache (image + flip) shaped like the embedded default's."""
     g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, 1000, (n,), generator=g)
-    z = torch.randn(n, 2, 32, 8, 8, generator=g)
-    return LatentSplit(z, labels, [str(i) for i in range(1000)])
+    return LatentSplit(torch.randn(n, 2, CVAE, 8, 8, generator=g), torch.randint(0, CLASSES, (n,), generator=g),
+                       [str(i) for i in range(CLASSES)])
 
 
-def time_steps(batch: int, precision: str, steps: int, full: bool) -> list[float]:
+def ours(batch: int) -> dict:
+    """Our train step on prepared inputs and our full step (quantise the cached latents, then the same)."""
     torch.manual_seed(0)
-    model = FlexVAR(TransformerConfig(depth=6, width=384, heads=6), 4096, 32, 1000, pe_size=8).train()
-    opt = make_optimizer(model, TrainTransformerConfig())
-    q = MultiScaleQuantizer(4096, 32)
-    data = cache(max(4 * batch, 64))
-    z, labels = get_batch(data, batch_indices(0, batch, 2 * len(data), 0), DEVICE)
+    model = FlexVAR(TransformerConfig(depth=DEPTH, width=WIDTH, heads=HEADS), VOCAB, CVAE, CLASSES, pe_size=8).train()
+    opt, q, data = optim.make_adamw(model, CFG), MultiScaleQuantizer(VOCAB, CVAE), cache(max(4 * batch, 64))
+    z, labels = get_batch(data, batch_indices(0, batch, 2 * len(data), 0), CPU)
     x, tgt = gt_inputs_targets(q, z, SCALES)
-    cfg = TrainTransformerConfig(precision=precision)
-    times = []
-    for i in range(steps + 2):                          # 2 warm-up steps
-        t = time.perf_counter()
-        if full:                                        # exactly train_transformer's micro-step
-            forward_backward(model, q, data, batch_indices(i, batch, 2 * len(data), 0), SCALES, cfg,
-                             prediction="gt", device=DEVICE)
-        else:                                           # the same on inputs prepared once
-            with autocast_ctx(DEVICE, precision):
-                logits = model(labels, x, SCALES)
-            token_loss(logits, tgt, cfg.label_smoothing).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    state = {"i": 0}
+
+    def finish():
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CFG.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if i >= 2:
-            times.append(time.perf_counter() - t)
-    return times
+
+    def train_step():
+        with autocast_ctx(CPU, CFG.precision):
+            logits = model(labels, x, SCALES)
+        training.token_loss(logits, tgt, CFG.label_smoothing).backward()
+        finish()
+
+    def full_step():
+        state["i"] += 1
+        forward_backward(model, q, data, batch_indices(state["i"], batch, 2 * len(data), 0), SCALES, CFG,
+                         prediction="gt", device=CPU)
+        finish()
+
+    return {"train_step": train_step, "full_step": full_step, "inputs": (labels, x, tgt)}
+
+
+def official(mods: SimpleNamespace, batch: int, inputs) -> dict:
+    """The official transformer stepped as its trainer does, fp32 and bf16 autocast (one model, one
+    fused AdamW); the full step also encodes 128 px images with the official VQ-16 and quantises them."""
+    torch.manual_seed(0)
+    vae = quiet(mods.VQ_16, codebook_size=VOCAB, codebook_embed_dim=CVAE).eval().requires_grad_(False)
+    var = quiet(mods.FlexVAR, vae, num_classes=CLASSES, depth=DEPTH, embed_dim=WIDTH, num_heads=HEADS,
+                drop_path_rate=0.1 * DEPTH / 24, norm_eps=1e-6, attn_l2_norm=True, patch_nums=tuple(SIDES),
+                token_dropout_p=0.05, flash_if_available=True, fused_if_available=True).train()
+    var.init_weights(init_std=-1)
+    opt = torch.optim.AdamW(var.parameters(), lr=CFG.lr, betas=(0.9, 0.95), weight_decay=CFG.weight_decay, fused=True)
+    labels, x, tgt = inputs
+    images = torch.rand(batch, 3, 8 * 16, 8 * 16) * 2 - 1
+
+    def encode():   # their trainer's encode_var_wo_firstL: encoder, then area-down + quantise per scale
+        with torch.no_grad():
+            h = vae.encode_conti(images)
+            quant, idx = [], []
+            for k, s in enumerate(SIDES):
+                zq, _, info = vae.quantize(F.interpolate(h, size=(s, s), mode="area"))
+                idx.append(info[-1].view(batch, -1))
+                if k + 1 < len(SIDES):
+                    quant.append(F.interpolate(zq, size=(SIDES[k + 1],) * 2, mode="bicubic").flatten(2))
+        return torch.cat(quant, 2).transpose(1, 2), torch.cat(idx, 1)
+
+    def step(bf16: bool, x_BLC, tgt_BL):
+        with bf16_autocast(bf16):
+            logits = var(labels, x_BLC, SIDES)
+            loss = F.cross_entropy(logits.view(-1, VOCAB), tgt_BL.view(-1), label_smoothing=CFG.label_smoothing,
+                                   reduction="none").view(batch, -1)
+            loss = loss.mul(torch.full((1, loss.shape[1]), 1 / loss.shape[1])).sum(-1).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(var.parameters(), CFG.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return {"train_step fp32": lambda: step(False, x, tgt), "train_step bf16": lambda: step(True, x, tgt),
+            "full_step fp32": lambda: step(False, *encode()), "full_step bf16": lambda: step(True, *encode())}
 
 
 def loss_curves(steps: int) -> dict:
     """Same seed, data and schedule per step; fp32 vs bf16 autocast. Returns both curves."""
     g = torch.Generator().manual_seed(1)
-    protos = torch.randn(10, 32, 2, 2, generator=g)
+    protos = torch.randn(10, CVAE, 2, 2, generator=g)
     labels = torch.randint(0, 10, (512,), generator=g)
-    z = torch.nn.functional.interpolate(protos[labels], size=(8, 8), mode="bilinear") + 0.3 * torch.randn(512, 32, 8, 8, generator=g)
+    z = F.interpolate(protos[labels], size=(8, 8), mode="bilinear") + 0.3 * torch.randn(512, CVAE, 8, 8, generator=g)
     data = LatentSplit(torch.stack([z, z.flip(-1)], 1), labels, [str(i) for i in range(10)])
-    q = MultiScaleQuantizer(512, 32)
+    torch.manual_seed(2)                 # the codebook's init draws from the global RNG: fix it too
+    q = MultiScaleQuantizer(512, CVAE)
     curves = {}
     for precision in ("fp32", "bf16"):
         torch.manual_seed(0)
-        model = FlexVAR(TransformerConfig(depth=2), 512, 32, 10, pe_size=8).train()
-        opt = make_optimizer(model, TrainTransformerConfig(lr=1e-3))
+        model = FlexVAR(TransformerConfig(depth=2), 512, CVAE, 10, pe_size=8).train()
+        opt = optim.make_adamw(model, TrainTransformerConfig(lr=1e-3))
         curve = []
         for i in range(steps):
-            zb, lb = get_batch(data, batch_indices(i, 32, 1024, 0), DEVICE)
+            zb, lb = get_batch(data, batch_indices(i, 32, 1024, 0), CPU)
             x, tgt = gt_inputs_targets(q, zb, SCALES)
-            with autocast_ctx(DEVICE, precision):
-                loss = token_loss(model(lb, x, SCALES), tgt, 0.0)
+            with autocast_ctx(CPU, precision):
+                loss = training.token_loss(model(lb, x, SCALES), tgt, 0.0)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             curve.append(round(float(loss.detach()), 4))
         curves[precision] = curve
-    diffs = [abs(a - b) for a, b in zip(curves["fp32"], curves["bf16"])]
     tail = max(1, steps // 4)
-    return {"steps": steps, **curves, "max_abs_diff": max(diffs),
+    return {"steps": steps, **curves, "max_abs_diff": max(abs(a - b) for a, b in zip(curves["fp32"], curves["bf16"])),
             "final_fp32_mean_last_quarter": statistics.mean(curves["fp32"][-tail:]),
             "final_bf16_mean_last_quarter": statistics.mean(curves["bf16"][-tail:])}
 
 
-def main() -> None:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--batches", type=int, nargs="+", default=[8, 32])
-    ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
+    ap.add_argument("--rounds", type=int, default=5, help="timed interleaved rounds (after one warm-up round)")
+    ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--loss-curves", type=int, default=0, help="also compare fp32/bf16 loss curves over N steps")
-    args = ap.parse_args()
-    tokens = sum(h * w for h, w in SCALES)
-    out = {"config": {"depth": 6, "width": 384, "heads": 6, "vocab": 4096, "latent": [8, 8], "tokens": tokens},
-           "machine": {"threads": torch.get_num_threads(), "load_avg_1m": os.getloadavg()[0],
-                       "cpu_native_bf16": cpu_has_fast_bf16(),
-                       "matmul_gflops_fp32": round(matmul_gflops(torch.float32), 1),
-                       "matmul_gflops_bf16": round(matmul_gflops(torch.bfloat16), 1)},
-           "official": OFFICIAL, "results": []}
-    for precision in args.precisions:
-        for batch in args.batches:
-            row = {"precision": precision, "batch": batch}
-            for name, full in (("transformer_only", False), ("full_step", True)):
-                s = statistics.median(time_steps(batch, precision, args.steps, full))
-                row[name] = {"s_per_step": round(s, 4), "images_per_s": round(batch / s, 1),
-                             "tokens_per_s": round(batch * tokens / s)}
-            if batch == 8:
-                row["speedup_vs_official"] = {
-                    "transformer_only": round(OFFICIAL["transformer_only_s_per_step_b8"] / row["transformer_only"]["s_per_step"], 2),
-                    "full_step": round(OFFICIAL["full_step_s_per_step_b8"] / row["full_step"]["s_per_step"], 2)}
-            out["results"].append(row)
-            print(json.dumps(row), file=sys.stderr, flush=True)
+    add_threads_arg(ap)
+    args = ap.parse_args(argv)
+    set_threads(args.threads)
+    mods, note = official_modules()
+    print(f"[bench_transformer] {note}", file=sys.stderr, flush=True)
+    out = {"config": {"depth": DEPTH, "width": WIDTH, "heads": HEADS, "vocab": VOCAB, "schedule": SIDES,
+                      "tokens": sum(s * s for s in SIDES), "batch": args.batch, "rounds": args.rounds},
+           "official": note, "machine": machine()}
+    mine = ours(args.batch)
+    theirs = official(mods, args.batch, mine["inputs"]) if mods else {}
+    for kind in ("train_step", "full_step"):
+        variants = {f"official {p}": theirs[f"{kind} {p}"] for p in ("fp32", "bf16") if theirs}
+        variants["ours bf16"] = mine[kind]
+        res = interleave(variants, args.rounds)
+        out[kind] = {"results": res, "speedup": ratios(res, "ours bf16")}
+        print(json.dumps({kind: out[kind]["speedup"]}), file=sys.stderr, flush=True)
     if args.loss_curves:
         out["loss_curves"] = loss_curves(args.loss_curves)
-    out["machine"]["load_avg_1m_end"] = os.getloadavg()[0]
-    print(json.dumps(out, indent=2))
+    out["machine"]["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
+    print(json.dumps(out, indent=1))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -27,7 +27,8 @@ from flexvar.config import ScheduleConfig, TokenizerConfig, TrainTokenizerConfig
 from flexvar.data.splits import ImageSplit, to_unit_range  # noqa: E402
 from flexvar.generation.editing import box_mask, extend, inpaint, outpaint, refine  # noqa: E402
 from flexvar.generation.generate import generate, resolve_schedule  # noqa: E402
-from flexvar.data.latent_cache import LatentSplit, encode_split  # noqa: E402
+from flexvar.data.latent_cache import LatentSplit, encode_batches  # noqa: E402
+from flexvar.data.sampling import RangeBatchSampler  # noqa: E402
 from flexvar.data.synthetic import SHAPES_CLASSES, render_shapes  # noqa: E402
 from flexvar.tokenizer.training import TokenizerTrainer, evaluate_scales  # noqa: E402
 from flexvar.transformer.model import FlexVAR  # noqa: E402
@@ -65,8 +66,8 @@ def tokenizer_part(device, tmp: Path, report: dict):
     report["tokenizer"] = {"precision": resumed.precision, "steps": resumed.step, "val_psnr": psnr,
                            "seconds": round(time.perf_counter() - t0, 1)}
     vq = resumed.model.eval()
-    z_train = encode_split(vq, train, 64, device, resumed.precision)
-    z_val = encode_split(vq, val, 64, device, resumed.precision)
+    z_train, z_val = (torch.cat([z for z, _ in encode_batches(vq, s.loader(RangeBatchSampler(len(s), 64)), device,
+                                                              resumed.precision)]) for s in (train, val))
     check(tuple(z_train.shape) == (256, 2, 32, 8, 8), f"latents shape {tuple(z_train.shape)}")
     names = list(SHAPES_CLASSES)
     return vq, LatentSplit(z_train, train.labels_N, names), LatentSplit(z_val, val.labels_N, names), val

@@ -55,7 +55,7 @@ class Figures:
         self.out, self.seed = Path(args.out), args.seed
         s = self.params.sample
         self.kw = dict(cfg=s.cfg, cfg_schedule=s.cfg_schedule, top_k=s.top_k, top_p=s.top_p,
-                       train_side=max(self.latent), greedy_outside=s.greedy_outside, precision=s.precision)
+                       train_side=max(self.latent), greedy_rule=s.greedy_rule, precision=s.precision)
         self.prepared = args.prepared
 
     def scales(self, steps=None, scales=None, size=None):

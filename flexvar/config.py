@@ -11,6 +11,7 @@ bad value before any work starts:
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -41,6 +42,10 @@ class DataConfig(Section):
     hf_split_val: str = "validation"
     on_bad_image: Literal["skip", "fail"] = "skip"
     upscale_small: bool = False             # images smaller than resolution: upscale (true) or skip
+    num_workers: int = Field(0, ge=0)       # worker processes: prepare's decode/clean/encode, DataLoader decoding
+    in_memory_mb: float = Field(256, ge=0)  # splits whose pixels fit in this many MB are decoded once into RAM;
+                                            # larger ones stream from disk (0 = always stream)
+    latent_dtype: Literal["float32", "float16"] = "float32"   # latent cache storage (float16: half the disk/page cache)
 
     @field_validator("source")
     @classmethod
@@ -63,10 +68,19 @@ class TokenizerConfig(Section):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     beta: float = Field(0.25, ge=0.0)        # commitment weight
     entropy_weight: float = Field(0.0, ge=0.0)
+    # GroupNorm of a layer with C channels: gcd(norm_groups, max(1, C // norm_min_group_channels)) groups.
+    # 32 / 1 is LlamaGen's and FlexVAE's (32 groups at every width divisible by 32); the embedded
+    # default keeps >= 4 channels per group at its 16-channel width (see README, "Embedded deviations").
+    norm_groups: int = Field(32, ge=1)
+    norm_min_group_channels: int = Field(1, ge=1)
 
     @property
     def downsample(self) -> int:
         return 2 ** (len(self.ch_mult) - 1)
+
+    def groups(self, channels: int) -> int:
+        """GroupNorm groups of a layer with `channels` channels (always divides `channels`)."""
+        return math.gcd(self.norm_groups, max(1, channels // self.norm_min_group_channels))
 
 
 class TransformerConfig(Section):
@@ -83,6 +97,10 @@ class TransformerConfig(Section):
     pos_embed: Literal["scalable", "fixed"] = "scalable"
     pos_embed_learnable: bool = True
     attention: Literal["auto", "sdpa", "flex"] = "auto"   # auto: flex (block-sparse) on CUDA, dense on CPU
+    adaln_gamma_init: float = Field(1e-5, ge=0.0)   # AdaLN gamma weights x this at init (official scripts: 1e-3 d16/d20, 1e-4 d24)
+    pos_embed_size: int | None = Field(None, ge=1)   # P of the P x P position map; null = the training latent's long side (official 32)
+    pos_embed_init: Literal["halves", "interleaved"] = "halves"   # sin-cos layout; interleaved = official (sin rows / cos cols)
+    pos_embed_grow: Literal["area", "bicubic"] = "area"   # resize of the position map to scales above it (official: area)
 
 
 class ScheduleConfig(Section):
@@ -217,6 +235,7 @@ class TrainTokenizerConfig(OptimConfig):
 
 class TrainTransformerConfig(OptimConfig):
     label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
+    lr_schedule: Literal["cosine", "lin0"] = "cosine"   # lin0: the official FlexVAR/VAR schedule (min_lr_ratio = its wpe)
     grad_accum: int = Field(1, ge=1)
     compile: bool = False
     compile_bucket: int = Field(128, ge=0)   # compiled: pad sequences to a multiple of this; 0 = dynamic shapes
@@ -249,7 +268,10 @@ class SampleConfig(Section):
     top_k: int = Field(0, ge=0)           # 0 = off
     top_p: float = Field(0.0, ge=0.0, le=1.0)  # 0 = off
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    greedy_outside: bool = True           # scales above the training latent: greedy tokens, full cfg (official)
+    # official: greedy (top-k 1) at every scale outside FlexVAR's sampled list [1,2,3,4,5,6,8,10,13,16,23,24,32]
+    # and above the training latent (where cfg is full); outside: greedy only above the training latent;
+    # none: top-k/top-p at every scale. The CLI's --greedy-rule defaults to the same value.
+    greedy_rule: Literal["official", "outside", "none"] = "official"
     max_memory_gb: float = Field(16.0, gt=0.0)   # refuse a generation whose estimated peak is above this
     schedules: dict[str, ScheduleSpec] = Field(default_factory=lambda: {
         "short": ScheduleSpec(steps=4), "canonical": ScheduleSpec(scales=[1, 2, 3, 4, 5, 6, 8]),
@@ -261,11 +283,23 @@ class EvaluateConfig(Section):
     inception_weights: str = ""           # local path of torch-fidelity's inception-v3-compat weights
     metrics: list[Literal["fid", "isc", "kid", "prc"]] = Field(default_factory=lambda: ["fid", "isc", "kid", "prc"])
     reference_split: Literal["train", "val"] = "val"
+    # "" = the prepared reference_split; adm:<file.npz> = the ADM evaluator's reference batch (mu/sigma of
+    # Inception pool features, e.g. VIRTUAL_imagenet256_labeled.npz: FID and IS only); folder:<dir> = images of one size
+    reference: str = ""
     kid_subset_size: int = Field(100, ge=2)
     feature_net_steps: int = Field(300, ge=1)
     feature_net_batch_size: int = Field(64, ge=1)
     feature_net_lr: float = Field(1e-3, gt=0.0)
     bootstrap_samples: int = Field(1000, ge=0)    # replicates for the 95% intervals of FID / class accuracy; 0 = none
+
+
+    @field_validator("reference")
+    @classmethod
+    def _reference_kind(cls, v: str) -> str:
+        kind, _, rest = v.partition(":")
+        if v and (kind not in {"adm", "folder"} or not rest):
+            raise ValueError("must be empty (the prepared reference_split), adm:<reference batch .npz> or folder:<dir>")
+        return v
 
 
 class VariantsConfig(Section):

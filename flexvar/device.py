@@ -41,3 +41,11 @@ def autocast_ctx(device: torch.device, precision: str):
     if resolve_precision(device, precision) == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def autocast_cache_scope(device: torch.device):
+    """A context that keeps autocast's low-precision weight copies alive across several `autocast_ctx`
+    blocks (the steps of one generation): autocast drops its cache when the outermost autocast
+    context exits, so an enclosing *disabled* one makes each weight cast once instead of once per
+    block. Code between the blocks still runs without autocast."""
+    return torch.autocast(device_type=device.type, enabled=False)

@@ -4,7 +4,9 @@ Tokenizer: FlexVAE.pth holds `{'model': state_dict}` in LlamaGen's VQ layout (`e
 `decoder.*`, `quant_conv.*`, `post_quant_conv.*`, `quantize.embedding.weight`, plus a
 `quantize.codebook_used` usage buffer that is not a weight). Our `VQVAE` uses the same names,
 so conversion = infer the architecture from tensor shapes, drop the buffer, load strictly,
-save with the inferred config.
+save with the inferred config — including LlamaGen's 32 GroupNorm groups at every width, so the
+imported model computes the official function at any base width; a layout the official code
+could not have built (a norm width not divisible by 32, widths not ch * mult) is refused.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from flexvar.checkpoint import CheckpointError
 from flexvar.config import TokenizerConfig
 
 TOKENIZER_NOT_WEIGHTS = ("quantize.codebook_used",)
+OFFICIAL_NORM_GROUPS = 32   # LlamaGen tokenizer_image/vq_model.py Normalize: GroupNorm(num_groups=32) at every width
 
 
 def read_official(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -49,11 +52,20 @@ def infer_tokenizer_config(sd: dict[str, torch.Tensor], origin: str = "state dic
     blocks = {int(m.group(1)) for k in sd if (m := re.match(r"encoder\.conv_blocks\.0\.res\.(\d+)\.", k))}
     if not levels or not blocks:
         raise CheckpointError(f"{origin}: no encoder.conv_blocks.*; not a LlamaGen/FlexVAR VQ tokenizer")
-    ch_mult = [shape(f"encoder.conv_blocks.{i}.res.0.conv1.weight")[0] // ch for i in levels]
+    widths = [shape(f"encoder.conv_blocks.{i}.res.0.conv1.weight")[0] for i in levels]
+    if any(w % ch for w in widths):
+        raise CheckpointError(f"{origin}: stage widths {widths} are not multiples of the base width {ch}; "
+                              f"this layout cannot be represented (LlamaGen widths are ch * ch_mult)")
+    norm_widths = sorted({int(v.shape[0]) for k, v in sd.items() if re.search(r"norm[^.]*\.weight$", k)})
+    odd = [c for c in norm_widths if c % OFFICIAL_NORM_GROUPS]
+    if odd:
+        raise CheckpointError(f"{origin}: GroupNorm layers of {odd} channels cannot hold LlamaGen's "
+                              f"{OFFICIAL_NORM_GROUPS} groups; not an official-layout tokenizer, refused")
     codebook_size, codebook_dim = shape("quantize.embedding.weight")
-    return TokenizerConfig(ch=ch, ch_mult=ch_mult, num_res_blocks=len(blocks),
+    return TokenizerConfig(ch=ch, ch_mult=[w // ch for w in widths], num_res_blocks=len(blocks),
                            z_channels=shape("encoder.conv_out.weight")[0],
-                           codebook_dim=codebook_dim, codebook_size=codebook_size)
+                           codebook_dim=codebook_dim, codebook_size=codebook_size,
+                           norm_groups=OFFICIAL_NORM_GROUPS, norm_min_group_channels=1)
 
 
 def import_official_tokenizer(path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:

@@ -2,7 +2,8 @@
 
 - `make_adamw`: AdamW with the official VAR weight-decay rule (see `decay_groups`).
 - `warmup_cosine`: linear warmup then cosine decay, as a `torch.optim.lr_scheduler.LambdaLR`
-  (so its position is saved and restored with `state_dict()` on resume).
+  (so its position is saved and restored with `state_dict()` on resume); `lr_schedule` picks it or
+  the official FlexVAR/VAR `lin0` (`lin0_factor`) by `cfg.lr_schedule`.
 - `ema_of`: an exponential moving average of a model's weights, PyTorch's own
   `torch.optim.swa_utils.AveragedModel` with `get_ema_multi_avg_fn`.
 """
@@ -41,7 +42,10 @@ def decay_groups(module: nn.Module, weight_decay: float,
 
 def make_adamw(module: nn.Module, cfg) -> torch.optim.AdamW:
     """AdamW over `decay_groups(module)` with cfg.lr, cfg.betas, cfg.weight_decay (either trainer's config)."""
-    return torch.optim.AdamW(decay_groups(module, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))
+    groups = decay_groups(module, cfg.weight_decay)
+    # fused: one kernel per step for all parameters (CPU and CUDA) instead of foreach's several passes
+    fused = all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused)
 
 
 def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -58,6 +62,29 @@ def warmup_cosine(opt: torch.optim.Optimizer, cfg) -> torch.optim.lr_scheduler.L
     cfg.min_lr_ratio, times each group's initial lr. Call `.step()` after each optimiser step."""
     return torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: warmup_cosine_factor(s, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
+
+
+LIN0_WARMUP_START, LIN0_HOLD = 0.005, 0.05   # official utils/arg_util.py wp0; utils/lr_control.py 'lin0' T
+
+
+def lin0_factor(step: int, total_steps: int, warmup_steps: int, end_ratio: float) -> float:
+    """LR multiplier of the official 'lin0' schedule (FlexVAR/VAR utils/lr_control.py): linear warmup
+    from 0.005, then 1 for the first 5% of the remaining steps, then linear down to `end_ratio` (the
+    official `wpe`) at the last step, `total_steps - 1`."""
+    if step < warmup_steps:
+        return LIN0_WARMUP_START + (1 - LIN0_WARMUP_START) * step / warmup_steps
+    done = min(1.0, (step - warmup_steps) / max(1, total_steps - 1 - warmup_steps))
+    if done < LIN0_HOLD:
+        return 1.0
+    return end_ratio + (1 - end_ratio) * (1 - done) / (1 - LIN0_HOLD)
+
+
+def lr_schedule(opt: torch.optim.Optimizer, cfg) -> torch.optim.lr_scheduler.LambdaLR:
+    """`warmup_cosine`, or the official `lin0` when cfg.lr_schedule says so (cfg.min_lr_ratio is its wpe)."""
+    if getattr(cfg, "lr_schedule", "cosine") != "lin0":
+        return warmup_cosine(opt, cfg)
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lin0_factor(s, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio))
 
 
 def ema_of(model: nn.Module, decay: float) -> AveragedModel:

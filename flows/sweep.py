@@ -199,7 +199,7 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     panel = {name: spec_scales(spec, train.latent_hw, params.tokenizer.downsample)
              for name, spec in params.sweep.eval_panel.items()}
     model = FlexVAR(tcfg, quantizer.codebook_size, quantizer.codebook_dim, train.num_classes,
-                    pe_size=max(train.latent_hw))
+                    pe_size=tcfg.pos_embed_size or max(train.latent_hw))
     sw = params.sweep
     cfg = params.train_transformer.model_copy(update={
         "steps": sw.steps, "eval_every": sw.report_every, "checkpoint_every": sw.report_every,

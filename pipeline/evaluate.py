@@ -6,11 +6,14 @@ Reads samples/d{depth}/{schedule}/samples.npz, scores it against the cached refe
 (reference_stats) in `evaluate.feature_space`, writes metrics/eval/d{depth}/{schedule}.json
 (DVC metrics; keys name the feature space: fid_domain, isc_domain, kid_domain, ...), plus the class
 accuracy of the samples (class_acc_domain), 95% bootstrap intervals (fid_domain_ci_low/_ci_high,
-class_acc_domain_ci_low/_ci_high) and the classifier's accuracy on real val images (class_acc_domain_real,
-the ceiling for class_acc_domain).
+class_acc_domain_ci_low/_ci_high), the classifier's accuracy on real val images (class_acc_domain_real,
+the ceiling for class_acc_domain) and, with every FID, its protocol (reference, number of samples, cfg,
+top-k, top-p, steps, greedy rule): in the JSON as `protocol`, in MLflow as `protocol.*` params and the
+`protocol` tag.
 """
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -20,13 +23,29 @@ from flexvar.config import load_params
 from flexvar.errors import about, command
 from flexvar.evaluation.feature_net import feature_net_metrics
 from flexvar.evaluation.intervals import sample_intervals
-from flexvar.evaluation.metrics import compute_metrics, load_samples
+from flexvar.evaluation.metrics import compute_metrics, fid_protocol, load_samples
 from flexvar.outputs import check_in_dir, check_in_file, check_out_file
 from flexvar.transformer.schedules import schedule_steps
 from pipeline.tracking import stage_run
 
 PARAM_KEYS = ["seed", "evaluate.feature_space", "evaluate.inception_weights", "evaluate.metrics",
-              "evaluate.reference_split", "evaluate.kid_subset_size", "evaluate.bootstrap_samples"]
+              "evaluate.reference_split", "evaluate.reference", "evaluate.kid_subset_size",
+              "evaluate.bootstrap_samples",
+              "sample.cfg", "sample.cfg_schedule", "sample.top_k", "sample.top_p", "sample.greedy_rule"]
+
+
+def sampling_settings(params, schedule: str, samples_dir: Path) -> dict:
+    """How the samples were drawn: the sample stage's info.json (written next to samples.npz) where it
+    records them, else sample.* of params.yaml (DVC keeps the two in step)."""
+    s = params.sample
+    out = {"cfg_scale": s.cfg, "cfg_schedule": s.cfg_schedule, "top_k": s.top_k, "top_p": s.top_p,
+           "greedy_rule": s.greedy_rule, "steps": schedule_steps(params, schedule), "scales": None}
+    info_path = samples_dir / "info.json"
+    if info_path.is_file():
+        info = json.loads(info_path.read_text())
+        out |= {k: info[k] for k in ("cfg_schedule", "top_k", "top_p", "greedy_rule", "steps", "scales") if k in info}
+        out["cfg_scale"] = info.get("cfg", out["cfg_scale"])
+    return out
 
 
 @command("evaluate")
@@ -57,10 +76,16 @@ def main(argv: list[str] | None = None) -> int:
         metrics["num_samples"] = len(images_NCHW)
         metrics["steps"] = schedule_steps(params, args.schedule)   # numbers too, for MLflow's compare plots
         metrics["depth"] = args.depth
-        write_json(out, metrics)
+        protocol = fid_protocol(cfg, num_samples=len(images_NCHW),
+                                **sampling_settings(params, args.schedule, samples_path.parent))
         tracker.log_metrics(metrics)
+        tracker.log_params({f"protocol.{k}": v for k, v in protocol.items()})
+        tracker.set_tags({"protocol": protocol["summary"]})
+        metrics["protocol"] = protocol["summary"]
+        write_json(out, metrics)
         tracker.log_artifact(out)
-    print(f"evaluate {variant}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()) + f" -> {out}")
+    print(f"evaluate {variant}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "protocol")
+          + f" [{metrics['protocol']}] -> {out}")
     return 0
 
 

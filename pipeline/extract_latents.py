@@ -2,6 +2,10 @@
 
     python -m pipeline.extract_latents --params params.yaml --prepared data/prepared \
         --tokenizer models/tokenizer --out data/latents
+
+Images are read batch by batch (decoded in `data.num_workers` DataLoader workers when the split
+is streamed) and the latents appended to memory-mappable shards in `data.latent_dtype`
+(flexvar/data/latent_cache.py): memory is bounded by the batch, not by the dataset.
 """
 from __future__ import annotations
 
@@ -13,14 +17,15 @@ from pipeline.common import setup_torch, stage_args, write_json
 
 from flexvar.checkpoint import file_sha256
 from flexvar.config import load_params
-from flexvar.data.latent_cache import encode_split, save_latents
+from flexvar.data.latent_cache import extract_split
+from flexvar.data.sampling import RangeBatchSampler
 from flexvar.data.splits import load_split
 from flexvar.errors import about, command
 from flexvar.outputs import check_in_dir, check_out_dir, replace_dir
 from flexvar.tokenizer.vqvae import load_tokenizer, tokenizer_path
 from pipeline.tracking import stage_run
 
-PARAM_KEYS = ["seed", "tokenizer"]
+PARAM_KEYS = ["seed", "tokenizer", "data.latent_dtype"]
 BATCH = 64
 
 
@@ -41,10 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     with stage_run("extract_latents", params, PARAM_KEYS) as log, replace_dir(args.out, "extract_latents") as tmp:
         for split in ("train", "val"):
             t0 = time.perf_counter()
-            images = load_split(args.prepared, split)
-            z = encode_split(vqvae, images, BATCH, device, precision="fp32")
-            save_latents(tmp / f"{split}.pt", z, images, sha)
-            stats[split] = {"images": len(images), "shape": list(z.shape), "seconds": time.perf_counter() - t0}
+            images = load_split(args.prepared, split, params.data.in_memory_mb)
+            loader = images.loader(RangeBatchSampler(len(images), BATCH), params.data.num_workers)
+            extract_split(vqvae, loader, tmp / split, len(images), images.class_names, sha, device,
+                          dtype=params.data.latent_dtype, precision="fp32")
+            h, w = images.image_hw
+            shape = [len(images), 2, params.tokenizer.codebook_dim, h // vqvae.downsample, w // vqvae.downsample]
+            stats[split] = {"images": len(images), "shape": shape, "seconds": time.perf_counter() - t0,
+                            "dtype": params.data.latent_dtype}
             log.log_metrics({f"{split}_images": len(images), f"{split}_seconds": stats[split]["seconds"]})
         write_json(tmp / "stats.json", stats | {"tokenizer_sha256": sha})
     print("extract_latents: wrote " + ", ".join(f"{s}: {v['shape']}" for s, v in stats.items()))

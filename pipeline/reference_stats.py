@@ -14,14 +14,14 @@ from pathlib import Path
 from pipeline.common import setup_torch, stage_args
 
 from flexvar.config import load_params
-from flexvar.data.splits import load_split
+from flexvar.data.splits import ImagesOnly, load_split
 from flexvar.errors import command
 from flexvar.evaluation.metrics import compute_reference
 from flexvar.outputs import check_in_dir, check_in_file, check_out_dir, replace_dir
 from pipeline.tracking import stage_run
 
 PARAM_KEYS = ["seed", "evaluate.feature_space", "evaluate.inception_weights", "evaluate.metrics",
-              "evaluate.reference_split", "evaluate.kid_subset_size"]
+              "evaluate.reference_split", "evaluate.reference", "evaluate.kid_subset_size"]
 
 
 @command("reference_stats")
@@ -38,13 +38,17 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out) / cfg.feature_space
     with stage_run("reference_stats", params, PARAM_KEYS, tags={"feature_space": cfg.feature_space}) as tracker:
         with replace_dir(args.out, "reference_stats") as tmp:
-            reference = load_split(args.prepared, cfg.reference_split)
-            info = compute_reference(reference.images_NCHW, tmp / cfg.feature_space, cfg, args.feature_net, device,
-                                     params.seed)
+            images, workers = None, False          # evaluate.reference names the source: nothing to load
+            if not cfg.reference:
+                reference = load_split(args.prepared, cfg.reference_split, params.data.in_memory_mb)
+                images = reference.images_NCHW if reference.in_memory else ImagesOnly(reference)   # large: from disk
+                workers = not reference.in_memory and params.data.num_workers > 0
+            info = compute_reference(images, tmp / cfg.feature_space, cfg, args.feature_net, device, params.seed,
+                                     workers=workers)
         tracker.log_metrics({f"reference_{k}": v for k, v in info["self_metrics"].items()})
-        tracker.log_metrics({"reference_images": info["num_images"]})
+        tracker.log_metrics({"reference_images": info["num_images"] or 0})
         tracker.log_artifact(out_dir / "reference.json")
-    print(f"reference_stats: {info['num_images']} {cfg.reference_split} images in the {cfg.feature_space} space -> "
+    print(f"reference_stats: {info['source']} ({info['num_images'] or 'statistics only'}) images in the {cfg.feature_space} space -> "
           f"{out_dir}; reference vs itself: " + ", ".join(f"{k}={v:.4g}" for k, v in info["self_metrics"].items()))
     return 0
 

@@ -4,9 +4,10 @@
         --model models/d2 --out samples/d2/canonical
 
 Writes OUT/samples.npz (`arr_0` uint8 (N, H, W, 3) — the OpenAI ADM evaluator's layout — and
-`labels` int64 (N,)), OUT/images/{i:05d}_c{label}.png, OUT/grid.png (one row per class) and
-OUT/info.json (schedule, size, timing). `sample.per_class` images per class, settings from
-`sample` (schedule `sample.schedules[SCHEDULE]`), seeded from `seed`.
+`labels` int64 (N,); uncompressed, streamed batch by batch so 50,000 samples need one batch of
+memory), OUT/images/{i:05d}_c{label}.png, OUT/grid.png (one row per class) and OUT/info.json
+(schedule, size, timing). `sample.per_class` images per class, settings from `sample`
+(schedule `sample.schedules[SCHEDULE]`), seeded from `seed`.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from pipeline.common import setup_torch, stage_args, write_json
 from flexvar.config import ConfigError, load_params
 from flexvar.data.splits import to_uint8
 from flexvar.errors import about, command
-from flexvar.generation.generate import ScheduleError, class_labels, generate, spec_scales
+from flexvar.generation.generate import ScheduleError, class_labels, generate_batches, spec_scales
 from flexvar.generation.memory import check_generation_memory
 from flexvar.grid import class_grid
 from flexvar.outputs import check_out_dir, replace_dir
@@ -51,17 +52,47 @@ def schedule_of(params, name: str, meta: dict):
         raise ConfigError(f"sample.schedules.{name}: {e}") from None
 
 
-def write_samples(out: Path, images_uint8_N3HW, labels_N, class_names: list[str]) -> None:
-    """samples.npz (ADM layout), one PNG per image, a per-class grid, into the (new, empty) folder `out`."""
-    from PIL import Image
+class SampleWriter:
+    """Writes samples batch by batch into a new, empty folder with memory bounded by the batch: samples.npz (ADM layout, arr_0
+    streamed into an uncompressed zip member, then labels), one PNG per image, and a per-class grid
+    from the first GRID_PER_CLASS images of each class."""
 
-    (out / "images").mkdir(parents=True)
-    arr_NHW3 = rearrange(images_uint8_N3HW, "n c h w -> n h w c").numpy()
-    np.savez(out / "samples.npz", arr_0=arr_NHW3, labels=labels_N.numpy().astype(np.int64))
-    for i, (img, lab) in enumerate(zip(arr_NHW3, labels_N.tolist())):
-        Image.fromarray(img).save(out / "images" / f"{i:05d}_c{lab}.png")
-    per_class = min(GRID_PER_CLASS, int(labels_N.bincount().max()))
-    class_grid(images_uint8_N3HW, labels_N, class_names, per_class=per_class).save(out / "grid.png")
+    def __init__(self, out: Path, labels_N, class_names: list[str]):
+        from flexvar.data.arrays import NpzWriter
+
+        (out / "images").mkdir(parents=True)     # `out` is the stage's fresh temp folder
+        self.out, self.labels_N, self.class_names = out, labels_N, class_names
+        self.npz, self.arr, self.stream, self.n = NpzWriter(out / "samples.npz"), None, None, 0
+        self.per_class = min(GRID_PER_CLASS, int(labels_N.bincount().max())) if len(labels_N) else 1
+        self.shown: dict[int, list] = {}
+
+    def write(self, images_uint8_B3HW, labels_B) -> None:
+        from PIL import Image
+
+        arr_BHW3 = rearrange(images_uint8_B3HW, "b c h w -> b h w c").numpy()
+        if self.arr is None:
+            self.arr, self.stream = self.npz.member("arr_0", (len(self.labels_N), *arr_BHW3.shape[1:]), np.uint8)
+        self.arr.write(arr_BHW3)
+        for img, lab, img_3HW in zip(arr_BHW3, labels_B.tolist(), images_uint8_B3HW):
+            Image.fromarray(img).save(self.out / "images" / f"{self.n:05d}_c{lab}.png")
+            shown = self.shown.setdefault(lab, [])
+            if len(shown) < self.per_class:
+                shown.append(img_3HW)
+            self.n += 1
+
+    def close(self) -> None:
+        import torch
+
+        self.arr.close()
+        self.stream.close()
+        labels, stream = self.npz.member("labels", (len(self.labels_N),), np.int64)
+        labels.write(self.labels_N.numpy().astype(np.int64))
+        labels.close()
+        stream.close()
+        self.npz.close()
+        kept = [(lab, img) for lab in sorted(self.shown) for img in self.shown[lab]]
+        class_grid(torch.stack([img for _, img in kept]), torch.tensor([lab for lab, _ in kept]), self.class_names,
+                   per_class=self.per_class).save(self.out / "grid.png")
 
 
 @command("sample")
@@ -83,23 +114,26 @@ def main(argv: list[str] | None = None) -> int:
                             setting="sample.max_memory_gb", num_images=len(labels))
     with stage_run("sample", params, PARAM_KEYS, variant=f"d{d}/{name}") as log:
         t0 = time.perf_counter()
-        result = generate(model, vqvae, labels, scales, batch_size=cfg.batch_size, seed=params.seed,
-                          cfg=cfg.cfg, cfg_schedule=cfg.cfg_schedule, top_k=cfg.top_k, top_p=cfg.top_p,
-                          train_side=max(meta["latent_hw"]), greedy_outside=cfg.greedy_outside,
-                          precision=cfg.precision, progress=True)
-        seconds = time.perf_counter() - t0
-        images = to_uint8(result.images)
-        info = {"depth": d, "schedule": name, "scales": [list(s) for s in scales], "steps": len(scales),
-                "size": list(images.shape[-2:]), "num_images": len(images), "seconds": seconds,
-                "images_per_s": len(images) / seconds, "device": str(device), "precision": cfg.precision}
         with replace_dir(out, "sample") as tmp:
-            write_samples(tmp, images, result.labels, class_names)
+            writer = SampleWriter(tmp, labels, class_names)
+            for part in generate_batches(model, vqvae, labels, scales, batch_size=cfg.batch_size, seed=params.seed,
+                                         cfg=cfg.cfg, cfg_schedule=cfg.cfg_schedule, top_k=cfg.top_k,
+                                         top_p=cfg.top_p, train_side=max(meta["latent_hw"]),
+                                         greedy_rule=cfg.greedy_rule, precision=cfg.precision, progress=True):
+                writer.write(to_uint8(part.images), part.labels)     # one batch: written, then dropped
+            writer.close()
+            seconds = time.perf_counter() - t0
+            info = {"depth": d, "schedule": name, "scales": [list(s) for s in scales], "steps": len(scales),
+                    "size": list(part.images.shape[-2:]), "num_images": len(labels), "seconds": seconds,
+                    "images_per_s": len(labels) / seconds, "device": str(device), "precision": cfg.precision,
+                    "cfg": cfg.cfg, "cfg_schedule": cfg.cfg_schedule, "top_k": cfg.top_k, "top_p": cfg.top_p,
+                    "greedy_rule": cfg.greedy_rule}
             write_json(tmp / "info.json", info)
         log.log_metrics({"images_per_s": info["images_per_s"], "sample_seconds": seconds,
-                         "num_images": len(images), "steps": len(scales)})
+                         "num_images": len(labels), "steps": len(scales)})
         log.log_artifact(out / "grid.png")
         log.log_artifact(out / "info.json")
-    print(f"sample: d{d}/{name}: {len(images)} images {images.shape[-2]}x{images.shape[-1]} "
+    print(f"sample: d{d}/{name}: {info['num_images']} images {info['size'][0]}x{info['size'][1]} "
           f"({len(scales)} steps) in {seconds:.1f}s -> {out}")
     return 0
 

@@ -35,10 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     device = setup_torch(params)
     cfg = params.evaluate
     with stage_run("train_feature_net", params, PARAM_KEYS) as tracker:
-        train, val = load_split(args.prepared, "train"), load_split(args.prepared, "val")
+        train = load_split(args.prepared, "train", params.data.in_memory_mb)
+        val = load_split(args.prepared, "val", params.data.in_memory_mb)
         logger = MultiLogger([tracker, CsvLogger(args.plot)])
         model, metrics = train_feature_net(train, val, cfg.feature_net_steps, cfg.feature_net_batch_size,
-                                           cfg.feature_net_lr, device, params.seed, logger=logger)
+                                           cfg.feature_net_lr, device, params.seed, logger=logger,
+                                           num_workers=params.data.num_workers)
         save_feature_net(model, args.out, metrics)
         write_json(args.metrics, metrics)
         tracker.log_artifact(args.metrics)

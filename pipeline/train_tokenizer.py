@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(params, args: argparse.Namespace) -> None:
+    import torch
     from torchvision.utils import save_image  # noqa: F401  (fail early if missing)
 
     from flexvar.data.splits import load_split
@@ -58,9 +59,10 @@ def run(params, args: argparse.Namespace) -> None:
 
     device = setup_torch(params)
     cfg = params.train_tokenizer
-    train = load_split(args.data, "train")
-    val_images = load_split(args.data, "val").images_NCHW[: cfg.val_images]
-    trainer = TokenizerTrainer(params.tokenizer, cfg, params.seed, train.images_NCHW, device)
+    train = load_split(args.data, "train", params.data.in_memory_mb)
+    val = load_split(args.data, "val", params.data.in_memory_mb)
+    val_images = val.take(torch.arange(min(len(val), cfg.val_images)))   # at most val_images, whatever the split's size
+    trainer = TokenizerTrainer(params.tokenizer, cfg, params.seed, train, device, num_workers=params.data.num_workers)
     ckpt = Path(args.ckpt_dir) / "train_state.pt"
     resumed = trainer.resume(ckpt)
     if resumed:

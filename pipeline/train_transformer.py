@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     device = setup_torch(params)
     cfg, tcfg = params.train_transformer, params.transformer_for_depth(d)
     with about("--latents"):
-        train, val = load_latents(args.latents, "train"), load_latents(args.latents, "val")
+        train = load_latents(args.latents, "train", params.data.in_memory_mb)   # memory-mapped when large
+        val = load_latents(args.latents, "val", params.data.in_memory_mb)
     with about("--tokenizer"):
         quantizer = load_tokenizer(args.tokenizer, "cpu").quantize
         sha = file_sha256(tokenizer_path(args.tokenizer))
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             raise CheckpointError(f"{args.latents} was extracted with another tokenizer than {args.tokenizer}; "
                                   f"rerun extract_latents")
     model = FlexVAR(tcfg, quantizer.codebook_size, quantizer.codebook_dim, train.num_classes,
-                    pe_size=max(train.latent_hw))
+                    pe_size=tcfg.pos_embed_size or max(train.latent_hw))
     fingerprint = build_fingerprint(transformer=tcfg, train=cfg, schedule=params.schedule, seed=params.seed,
                                     tokenizer_sha256=sha, latents=[len(train), len(val), list(train.latent_hw)])
     resumed = resume_state(out, fingerprint)

@@ -115,7 +115,7 @@ def test_any_size_and_aspect_ratio(gt_models, size, latent):
     model, vq = gt_models
     scales = resolve_schedule(steps=5, size_hw=size, train_latent_hw=(LATENT, LATENT), downsample=2)
     assert scales[-1] == latent and len(scales) == 5
-    out = generate(model, vq, torch.tensor([1, 2]), scales, train_side=LATENT, greedy_outside=True, **KW)
+    out = generate(model, vq, torch.tensor([1, 2]), scales, train_side=LATENT, greedy_rule="outside", **KW)
     assert out.images.shape == (2, 3, *size)
     assert [tuple(t.shape[1:]) for t in out.tokens] == scales
     with torch.no_grad():   # the images are the tokenizer's decode of the final token map, at that size

@@ -140,4 +140,40 @@ def test_training_mode_runs_backward_with_dropouts():
 def test_not_learnable_pos_embed_is_a_buffer():
     m = FlexVAR(TransformerConfig(depth=1, width=16, heads=1, pos_embed_learnable=False), 8, 4, 2, 4)
     assert "pos_1CPP" not in dict(m.named_parameters()) and "pos_1CPP" in m.state_dict()
-    assert m.pos_embed((9, 7)).shape == (1, 63, 16)      # scalable: larger than P by bicubic
+    assert m.pos_embed((9, 7)).shape == (1, 63, 16)      # scalable: larger than P (area, as the official code)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_token_loss_matches_torch_cross_entropy(dtype, smoothing):
+    """The fused loss (gradient formed in the forward) has torch's label-smoothed cross-entropy value
+    and gradient, for fp32 and bf16 logits."""
+    import torch.nn.functional as F
+
+    from flexvar.transformer.training import token_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(2, 30, 512, generator=g)).to(dtype).requires_grad_(True)
+    tgt = torch.randint(0, 512, (2, 30), generator=g)
+    ours = token_loss(logits, tgt, smoothing)
+    (0.5 * ours).backward()
+    grad_ours, logits.grad = logits.grad, None
+    ref = F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), label_smoothing=smoothing)
+    (0.5 * ref).backward()
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
+    assert grad_ours.dtype == dtype
+    tol = 1e-7 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(grad_ours.float(), logits.grad.float(), rtol=tol, atol=tol)
+
+
+def test_unit_rows_is_normalise_then_scale():
+    import torch.nn.functional as F
+
+    from flexvar.transformer.model import unit_rows
+
+    x = torch.randn(2, 3, 5, 8)
+    x[0, 0, 0] = 0.0                                   # a zero row stays zero (eps clamp)
+    scale = torch.rand(1, 3, 1, 1) + 0.5
+    torch.testing.assert_close(unit_rows(x, scale), F.normalize(x, dim=-1) * scale)
+    torch.testing.assert_close(unit_rows(x), F.normalize(x, dim=-1))

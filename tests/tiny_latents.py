@@ -7,7 +7,6 @@ from pathlib import Path
 import torch
 
 from flexvar.config import TokenizerConfig
-from flexvar.data.splits import ImageSplit
 from flexvar.checkpoint import file_sha256
 from flexvar.data.latent_cache import save_latents
 from flexvar.tokenizer.vqvae import VQVAE, save_tokenizer
@@ -16,7 +15,7 @@ TINY_TOKENIZER = dict(ch=8, ch_mult=[1, 2, 2], num_res_blocks=1, z_channels=8, c
 
 
 def write_tokenizer_and_latents(d: Path, num_train: int, num_val: int = 16) -> None:
-    """d/tok: a seeded random tokenizer; d/lat/{train,val}.pt: class prototypes plus noise, and their flips."""
+    """d/tok: a seeded random tokenizer; d/lat/{train,val}/: class prototypes plus noise, and their flips."""
     tcfg = TokenizerConfig(**TINY_TOKENIZER)
     torch.manual_seed(0)
     save_tokenizer(VQVAE(tcfg), tcfg, d / "tok")
@@ -27,5 +26,4 @@ def write_tokenizer_and_latents(d: Path, num_train: int, num_val: int = 16) -> N
         labels = torch.randint(0, 4, (n,), generator=g)
         z = torch.nn.functional.interpolate(protos[labels], size=(8, 8), mode="bilinear")
         z = z + 0.3 * torch.randn(z.shape, generator=g)
-        images = ImageSplit(torch.zeros(n, 3, 1, 1, dtype=torch.uint8), labels, ["a", "b", "c", "d"])
-        save_latents(d / "lat" / f"{split}.pt", torch.stack([z, z.flip(-1)], 1), images, sha)
+        save_latents(d / "lat" / split, torch.stack([z, z.flip(-1)], 1), labels, ["a", "b", "c", "d"], sha)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from flexvar.config import SampleConfig
 from flexvar.errors import one_line_parser_errors as one_line_errors
 from flexvar.errors import usage as _usage
 
@@ -108,8 +109,9 @@ def _add_common(p: argparse.ArgumentParser, image: bool) -> None:
                    help="ramp: cfg * k / min(n-1, 9) at step k (paper); constant: cfg at every step")
     p.add_argument("--top-k", type=int, default=0, help="top-k sampling (0 = off, 1 = greedy)")
     p.add_argument("--top-p", type=float, default=0.0, help="top-p (nucleus) sampling (0 = off)")
-    p.add_argument("--greedy-outside", action="store_true",
-                   help="greedy tokens at scales larger than the training latent (official rule)")
+    p.add_argument("--greedy-rule", choices=["official", "outside", "none"], default=SampleConfig().greedy_rule,
+                   help="official: greedy at scales outside FlexVAR's sampled list and above the training size; "
+                        "outside: greedy only above the training size; none: never (default: as sample.greedy_rule)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -203,7 +205,7 @@ def _schedule(args, meta, size_hw=None, default_steps=None):
 
 def _gen_kwargs(args, meta) -> dict:
     return dict(cfg=args.cfg, cfg_schedule=args.cfg_schedule, top_k=args.top_k, top_p=args.top_p,
-                train_side=max(meta["latent_hw"]), greedy_outside=args.greedy_outside,
+                train_side=max(meta["latent_hw"]), greedy_rule=args.greedy_rule,
                 batch_size=args.batch_size, seed=args.seed, precision=args.precision, progress=True)
 
 

@@ -1,28 +1,30 @@
-"""Load a prepared split into memory as uint8 tensors: at this scale the whole set fits in RAM
-and decoding once beats a per-step dataloader on 2 cores."""
+"""A prepared split (train or val) as the training and evaluation stages read it.
+
+Two paths, chosen automatically by size (`data.in_memory_mb`):
+- small splits (the embedded default: 3,000 images of 64 px = 37 MB) are decoded once into one
+  uint8 tensor: on 2 cores that beats decoding every batch;
+- larger splits are never stacked: the Arrow files written by `prepare` stay memory-mapped on
+  disk and each batch is read and PNG-decoded on demand, in DataLoader worker processes
+  (`data.num_workers`), so memory is bounded by the batch, not the dataset.
+Both give the same pixels for the same indices (tested), so the path never changes results.
+
+Item keys for flipped views: `SplitImages(split, flips=True)` reads key k as image k // 2,
+horizontally flipped when k is odd (the latent cache's (image, flip) convention).
+"""
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-
-@dataclass
-class ImageSplit:
-    images_NCHW: torch.Tensor   # uint8, (N, 3, H, W)
-    labels_N: torch.Tensor      # int64, (N,)
-    class_names: list[str]
-
-    def __len__(self) -> int:
-        return len(self.labels_N)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
+DEFAULT_IN_MEMORY_MB = 256
 
 
 def to_unit_range(images_NCHW: torch.Tensor) -> torch.Tensor:
@@ -35,20 +37,139 @@ def to_uint8(x_NCHW: torch.Tensor) -> torch.Tensor:
     return x_NCHW.float().add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8)
 
 
-def load_split(prepared_dir: str | os.PathLike, split: str) -> ImageSplit:
-    """Read `split` ('train' or 'val') of the prepare stage's output."""
+def decode_png_NCHW(blobs: Sequence[bytes], hw: tuple[int, int] | None = None) -> torch.Tensor:
+    """Encoded images -> uint8 (B, 3, H, W)."""
+    from PIL import Image
+
+    arrs = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in blobs]
+    if not arrs:
+        return torch.zeros(0, 3, *(hw or (1, 1)), dtype=torch.uint8)
+    return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
+
+
+class ImageSplit:
+    """Labels and class names in memory; images either in memory (`images_NCHW`) or on disk (`arrow`).
+
+    `take(idx)` returns the images of any indices on either path; `images_NCHW` exists only on
+    the in-memory path (a large split raises instead of silently stacking itself)."""
+
+    def __init__(self, images_NCHW: torch.Tensor | None, labels_N: torch.Tensor, class_names: list[str],
+                 arrow=None, fingerprint: str | None = None):
+        if (images_NCHW is None) == (arrow is None):
+            raise ValueError("ImageSplit needs exactly one of images_NCHW (in memory) or arrow (on disk)")
+        self._images_NCHW, self.arrow = images_NCHW, arrow
+        self.labels_N, self.class_names = labels_N, list(class_names)
+        self._fingerprint = fingerprint
+
+    def __len__(self) -> int:
+        return len(self.labels_N)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def in_memory(self) -> bool:
+        return self._images_NCHW is not None
+
+    @property
+    def images_NCHW(self) -> torch.Tensor:
+        if self._images_NCHW is None:
+            raise RuntimeError("this split is streamed from disk (larger than data.in_memory_mb); read it with "
+                               "take() or a loader, never as one tensor")
+        return self._images_NCHW
+
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        return tuple(self.take(torch.zeros(1, dtype=torch.long)).shape[-2:]) if len(self) else (0, 0)
+
+    def take(self, idx: torch.Tensor | Sequence[int]) -> torch.Tensor:
+        """uint8 (B, 3, H, W) images at `idx` (any order, repeats allowed)."""
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        if self.in_memory:
+            return self._images_NCHW[idx]
+        rows = self.arrow[idx.tolist()]["image"]
+        return decode_png_NCHW([r["bytes"] for r in rows])
+
+    def fingerprint(self) -> str:
+        """Short identity of the images and labels (a checkpoint never resumes on other data)."""
+        if self._fingerprint is None:
+            h = hashlib.sha1(self.labels_N.numpy().tobytes())
+            h.update(self._images_NCHW.contiguous().numpy().tobytes())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
+
+    def loader(self, batch_sampler: Sampler, num_workers: int = 0, flips: bool = False) -> DataLoader:
+        """DataLoader of (uint8 images (B, 3, H, W), labels (B,)) batches; on-disk splits decode in
+        `num_workers` worker processes, in-memory ones in this process (nothing to decode)."""
+        workers = 0 if self.in_memory else num_workers
+        return DataLoader(SplitImages(self, flips), batch_sampler=batch_sampler, num_workers=workers,
+                          collate_fn=_as_is, prefetch_factor=2 if workers else None,
+                          generator=torch.Generator().manual_seed(0))   # never draws from the global RNG
+
+
+def _as_is(batch):
+    return batch
+
+
+class SplitImages(Dataset):
+    """The split as a map-style Dataset: key -> (uint8 (3, H, W), label); batched reads via __getitems__.
+
+    flips=True: keys 0 .. 2N-1, key k = image k // 2, mirrored when k is odd (decode + augment
+    happen wherever the Dataset is read, i.e. in the DataLoader's workers)."""
+
+    def __init__(self, split: ImageSplit, flips: bool = False):
+        self.split, self.flips = split, flips
+
+    def __len__(self) -> int:
+        return len(self.split) * (2 if self.flips else 1)
+
+    def __getitems__(self, keys: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        keys_B = torch.as_tensor(keys, dtype=torch.long)
+        idx_B = keys_B // 2 if self.flips else keys_B
+        images_BCHW = self.split.take(idx_B)
+        if self.flips:
+            mirror_B = (keys_B % 2).bool()
+            images_BCHW = torch.where(mirror_B[:, None, None, None], images_BCHW.flip(-1), images_BCHW)
+        return images_BCHW, self.split.labels_N[idx_B]
+
+    def __getitem__(self, key: int) -> tuple[torch.Tensor, torch.Tensor]:
+        images_BCHW, labels_B = self.__getitems__([key])
+        return images_BCHW[0], labels_B[0]
+
+
+class ImagesOnly(Dataset):
+    """The split's images alone, one uint8 (3, H, W) per item (what torch-fidelity reads)."""
+
+    def __init__(self, split: ImageSplit):
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.split.take([i])[0]
+
+
+def load_split(prepared_dir: str | os.PathLike, split: str, in_memory_mb: float = DEFAULT_IN_MEMORY_MB
+               ) -> ImageSplit:
+    """Open `split` ('train' or 'val') of the prepare stage's output: decoded into memory when its
+    pixels take at most `in_memory_mb` MB, else left on disk (memory-mapped Arrow, decoded per batch)."""
     import datasets
 
     prepared_dir = Path(prepared_dir)
     if not (prepared_dir / "dataset_dict.json").is_file():
         raise FileNotFoundError(f"{prepared_dir} is not a prepared dataset; run the prepare stage (dvc repro prepare)")
-    ds = datasets.load_from_disk(str(prepared_dir))[split].with_format("numpy")
-    images = np.stack([np.asarray(img) for img in ds["image"]]) if len(ds) else np.zeros((0, 1, 1, 3), np.uint8)
-    return ImageSplit(
-        images_NCHW=torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
-        labels_N=torch.as_tensor(np.asarray(ds["label"]), dtype=torch.int64),
-        class_names=list(ds.features["label"].names),
-    )
+    ds = datasets.load_from_disk(str(prepared_dir))[split]
+    class_names = list(ds.features["label"].names)
+    labels_N = torch.as_tensor(np.asarray(ds.with_format("numpy")["label"]), dtype=torch.int64)
+    arrow = ds.cast_column("image", datasets.Image(decode=False))
+    on_disk = ImageSplit(None, labels_N, class_names, arrow=arrow, fingerprint=f"{ds._fingerprint}:{len(ds)}")
+    h, w = on_disk.image_hw
+    if len(ds) * 3 * h * w > in_memory_mb * 2 ** 20:
+        return on_disk
+    images = on_disk.take(torch.arange(len(ds))) if len(ds) else torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
+    return ImageSplit(images, labels_N, class_names, fingerprint=on_disk.fingerprint())
 
 
 def load_stats(prepared_dir: str | os.PathLike) -> dict:

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from flexvar.checkpoint import load_checkpoint, save_atomic
+from flexvar.data.sampling import RangeBatchSampler
 from flexvar.data.splits import ImageSplit, to_unit_range
 from flexvar.device import autocast_ctx
 from flexvar.optim import warmup_cosine_factor
@@ -78,13 +79,13 @@ def feature_net_metrics(path: str | os.PathLike) -> dict[str, float]:
 
 @torch.no_grad()
 def evaluate_feature_net(model: FeatureNet, split: ImageSplit, device: torch.device,
-                         batch_size: int = 256) -> dict[str, float]:
-    """Accuracy and mean cross-entropy on a split."""
+                         batch_size: int = 256, num_workers: int = 0) -> dict[str, float]:
+    """Accuracy and mean cross-entropy on a split (read batch by batch)."""
     model.eval()
     correct, loss_sum = 0, 0.0
-    for i in range(0, len(split), batch_size):
-        x_BCHW = model.to_input(split.images_NCHW[i:i + batch_size].to(device))
-        y_B = split.labels_N[i:i + batch_size].to(device)
+    for images_BCHW, labels_B in split.loader(RangeBatchSampler(len(split), batch_size), num_workers):
+        x_BCHW = model.to_input(images_BCHW.to(device))
+        y_B = labels_B.to(device)
         _, logits_BK = model(x_BCHW)
         loss_sum += F.cross_entropy(logits_BK.float(), y_B, reduction="sum").item()
         correct += (logits_BK.argmax(-1) == y_B).sum().item()
@@ -92,28 +93,44 @@ def evaluate_feature_net(model: FeatureNet, split: ImageSplit, device: torch.dev
     return {"accuracy": correct / n, "loss": loss_sum / n}
 
 
+class RandomFlipBatches(torch.utils.data.Sampler):
+    """`steps` batches of random (image, flip) keys 2 * i + flip (SplitImages' flip convention), seeded."""
+
+    def __init__(self, n_images: int, batch_size: int, steps: int, seed: int):
+        self.n, self.batch_size, self.steps, self.seed = n_images, batch_size, steps, seed
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed)
+        for _ in range(self.steps):
+            idx_B = torch.randint(self.n, (self.batch_size,), generator=gen)
+            flip_B = torch.rand(self.batch_size, generator=gen) < 0.5
+            yield (2 * idx_B + flip_B.long()).tolist()
+
+    def __len__(self) -> int:
+        return self.steps
+
+
 def train_feature_net(train: ImageSplit, val: ImageSplit, steps: int, batch_size: int, lr: float,
                       device: torch.device, seed: int, logger: RunLogger | None = None,
-                      precision: str | None = None, log_every: int = 25) -> tuple[FeatureNet, dict[str, float]]:
+                      precision: str | None = None, log_every: int = 25,
+                      num_workers: int = 0) -> tuple[FeatureNet, dict[str, float]]:
     """Train the classifier with AdamW on random batches (horizontal flips); return it and its val metrics.
+
+    Batches are decoded and flipped by the split's loader (in `num_workers` processes when on disk).
 
     precision None: bf16 autocast on CUDA, fp32 on CPU (bf16 convolutions are slower than fp32 on CPUs).
     """
     logger = logger or RunLogger()
     precision = precision or ("auto" if device.type == "cuda" else "fp32")
-    gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = FeatureNet(train.num_classes, int(train.images_NCHW.shape[-1])).to(device)
+    model = FeatureNet(train.num_classes, int(train.image_hw[-1])).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(   # warmup, then cosine to 10% of lr
         opt, lambda s: warmup_cosine_factor(s, min(20, steps // 10), steps, 0.1))
-    for step in range(steps):
+    batches = train.loader(RandomFlipBatches(len(train), batch_size, steps, seed), num_workers, flips=True)
+    for step, (images_BCHW, labels_B) in enumerate(batches):
         model.train()
-        idx_B = torch.randint(len(train), (batch_size,), generator=gen)
-        flip_B = torch.rand(batch_size, generator=gen) < 0.5
-        images_BCHW = train.images_NCHW[idx_B]
-        images_BCHW = torch.where(flip_B[:, None, None, None], images_BCHW.flip(-1), images_BCHW)
-        x_BCHW, y_B = model.to_input(images_BCHW.to(device)), train.labels_N[idx_B].to(device)
+        x_BCHW, y_B = model.to_input(images_BCHW.to(device)), labels_B.to(device)
         with autocast_ctx(device, precision):
             _, logits_BK = model(x_BCHW)
         loss = F.cross_entropy(logits_BK.float(), y_B)
@@ -124,6 +141,6 @@ def train_feature_net(train: ImageSplit, val: ImageSplit, steps: int, batch_size
         if step % log_every == 0 or step == steps - 1:
             acc = (logits_BK.argmax(-1) == y_B).float().mean().item()
             logger.log_metrics({"train_loss": loss.item(), "train_accuracy": acc}, step=step)
-    val_metrics = {f"val_{k}": v for k, v in evaluate_feature_net(model, val, device).items()}
+    val_metrics = {f"val_{k}": v for k, v in evaluate_feature_net(model, val, device, num_workers=num_workers).items()}
     logger.log_metrics(val_metrics, step=steps)
     return model.eval().requires_grad_(False), val_metrics

@@ -25,12 +25,14 @@ def sort_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def markdown_table(rows: list[dict[str, Any]], feature_space: str) -> str:
     metrics = [f"{m}_{feature_space}" for m in COLUMNS if any(f"{m}_{feature_space}" in r for r in rows)]
-    head = ["depth", "schedule", "steps", "size", *metrics, "samples"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---:" if h not in ("schedule", "size") else "---"
-                                                         for h in head) + "|"]
+    protocol = any("protocol" in r for r in rows)   # evaluate records how every FID was measured
+    head = ["depth", "schedule", "steps", "size", *metrics, "samples", *(["protocol"] if protocol else [])]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---:" if h not in ("schedule", "size", "protocol")
+                                                         else "---" for h in head) + "|"]
     for r in rows:
         cells = [f"d{r['depth']}", r["schedule"], str(r["steps"]), r["size"],
-                 *(_fmt_ci(r, m) for m in metrics), str(r.get("num_samples", ""))]
+                 *(_fmt_ci(r, m) for m in metrics), str(r.get("num_samples", "")),
+                 *([str(r.get("protocol", ""))] if protocol else [])]
         lines.append("| " + " | ".join(cells) + " |")
     note = (f"\nMetrics in the `{feature_space}` feature space"
             + (" (the pipeline's own classifier; not comparable to Inception FID)." if feature_space == "domain"

@@ -20,13 +20,14 @@ import copy
 import math
 import weakref
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from flexvar.device import autocast_ctx, resolve_precision
-from flexvar.generation.sampling import guidance_scale, guide, sample_tokens
+from flexvar.device import autocast_cache_scope, autocast_ctx, resolve_precision
+from flexvar.generation.sampling import greedy_step, guidance_scale, guide, sample_tokens
 from flexvar.transformer.schedules import PRESETS, _aspect, make_schedule
 from flexvar.transformer.teacher_forcing import ResidualCanvas, gt_next_input
 from flexvar.errors import FlexvarError
@@ -134,14 +135,14 @@ def _next_input(prediction: str, zq_BChw: torch.Tensor, next_hw, canvas: Residua
 @torch.no_grad()
 def generate_batch(model, vqvae, labels_B: torch.Tensor, scales: Scales, *, cfg: float = 1.5,
                    cfg_schedule: str = "ramp", top_k: int = 0, top_p: float = 0.0, train_side: int | None = None,
-                   greedy_outside: bool = False, generator: torch.Generator | None = None,
+                   greedy_rule: str = "official", generator: torch.Generator | None = None,
                    use_kv_cache: bool = True, forced: Forced | None = None, decode: bool = True,
                    precision: str = "fp32", progress: bool = False) -> Generation:
     """Generate one batch (see the module docstring).
 
     cfg > 0 runs a conditional and an unconditional (null-class) half; t per step from
     `guidance_scale`. Scales with a long side above `train_side` (outside the trained range)
-    get the full cfg and, with `greedy_outside`, greedy tokens (official rule). `forced[k]`,
+    get the full cfg; `greedy_rule` (sampling.greedy_step) says which steps take greedy tokens. `forced[k]`,
     when given, replaces step k's sampled ids by its ids where its mask is True.
     """
     device = next(model.parameters()).device
@@ -157,28 +158,29 @@ def generate_batch(model, vqvae, labels_B: torch.Tensor, scales: Scales, *, cfg:
     x_in = None
     model.enable_kv_cache(use_kv_cache)
     try:
-        with autocast_ctx(device, precision):
-            cond_BD = model.class_cond(lab)
-        for k, hw in enumerate(tqdm(scales, desc="scales", leave=False, disable=not progress)):
+        with autocast_cache_scope(device):   # weights cast to bf16 once per batch, not per step
             with autocast_ctx(device, precision):
-                if use_kv_cache:
-                    logits = model.step_logits(model.step_input(cond_BD, hw, x_in), cond_BD)
-                else:
-                    x_BLCv = torch.cat(inputs, 1) if inputs else torch.zeros(B * reps, 0, quant.codebook_dim,
-                                                                            device=device)
-                    logits = model(lab, x_BLCv, scales[:k + 1])[:, -hw[0] * hw[1]:]
-            outside = train_side is not None and max(hw) > train_side
-            t = cfg if outside else guidance_scale(cfg, k, n, cfg_schedule)
-            logits_BlV = guide(logits.float(), t) if guided else logits.float()
-            idx_Bl = sample_tokens(logits_BlV, 1 if (outside and greedy_outside) else top_k, top_p, generator)
-            idx_Bhw = idx_Bl.view(B, *hw)
-            if forced is not None and forced[k] is not None:
-                ids, mask = forced[k]
-                idx_Bhw = torch.where(mask.to(device), ids.to(device), idx_Bhw)
-            tokens.append(idx_Bhw)
-            if k + 1 < n:
-                x_in = _next_input(prediction, quant.lookup(idx_Bhw), scales[k + 1], canvas).repeat(reps, 1, 1)
-                inputs.append(x_in)
+                cond_BD = model.class_cond(lab)
+            for k, hw in enumerate(tqdm(scales, desc="scales", leave=False, disable=not progress)):
+                with autocast_ctx(device, precision):
+                    if use_kv_cache:
+                        logits = model.step_logits(model.step_input(cond_BD, hw, x_in), cond_BD)
+                    else:
+                        x_BLCv = torch.cat(inputs, 1) if inputs else torch.zeros(B * reps, 0, quant.codebook_dim,
+                                                                                device=device)
+                        logits = model(lab, x_BLCv, scales[:k + 1])[:, -hw[0] * hw[1]:]
+                outside = train_side is not None and max(hw) > train_side
+                t = cfg if outside else guidance_scale(cfg, k, n, cfg_schedule)
+                logits_BlV = guide(logits.float(), t) if guided else logits.float()
+                idx_Bl = sample_tokens(logits_BlV, 1 if greedy_step(hw, train_side, greedy_rule) else top_k, top_p, generator)
+                idx_Bhw = idx_Bl.view(B, *hw)
+                if forced is not None and forced[k] is not None:
+                    ids, mask = forced[k]
+                    idx_Bhw = torch.where(mask.to(device), ids.to(device), idx_Bhw)
+                tokens.append(idx_Bhw)
+                if k + 1 < n:
+                    x_in = _next_input(prediction, quant.lookup(idx_Bhw), scales[k + 1], canvas).repeat(reps, 1, 1)
+                    inputs.append(x_in)
     finally:
         model.enable_kv_cache(False)
     images = decode_tokens(vqvae, tokens[-1], canvas, precision) if decode else None
@@ -222,22 +224,29 @@ def generate(model, vqvae, labels_N: torch.Tensor, scales: Scales, *, batch_size
     Keyword arguments go to `generate_batch` (cfg, top_k, forced ... ; `forced` ids/masks are
     indexed per batch, so pass them with a leading N dimension).
     """
-    device = next(model.parameters()).device
-    gen = make_generator(seed, device)
-    forced = kwargs.pop("forced", None)
-    parts = []
-    starts = range(0, len(labels_N), batch_size)
-    for s in tqdm(starts, desc="batches", disable=not progress or len(starts) == 1):
-        sl = slice(s, s + batch_size)
-        f = None if forced is None else [None if x is None else (x[0][sl], x[1][sl]) for x in forced]
-        parts.append(generate_batch(model, vqvae, labels_N[sl], scales, generator=gen, forced=f,
-                                    progress=progress and len(starts) == 1, **kwargs))
+    parts = list(generate_batches(model, vqvae, labels_N, scales, batch_size=batch_size, seed=seed,
+                                  progress=progress, **kwargs))
     return Generation(
         scales=check_scales(scales),
         labels=torch.cat([p.labels for p in parts]),
         tokens=[torch.cat([p.tokens[k] for p in parts]) for k in range(len(scales))],
         images=None if parts[0].images is None else torch.cat([p.images for p in parts]),
     )
+
+
+def generate_batches(model, vqvae, labels_N: torch.Tensor, scales: Scales, *, batch_size: int = 32, seed: int = 0,
+                     progress: bool = False, **kwargs) -> Iterator[Generation]:
+    """`generate`, one batch at a time (same seeded generator, same images): callers that write each
+    batch to disk keep memory bounded by the batch, whatever len(labels_N)."""
+    device = next(model.parameters()).device
+    gen = make_generator(seed, device)
+    forced = kwargs.pop("forced", None)
+    starts = range(0, len(labels_N), batch_size)
+    for s in tqdm(starts, desc="batches", disable=not progress or len(starts) == 1):
+        sl = slice(s, s + batch_size)
+        f = None if forced is None else [None if x is None else (x[0][sl], x[1][sl]) for x in forced]
+        yield generate_batch(model, vqvae, labels_N[sl], scales, generator=gen, forced=f,
+                             progress=progress and len(starts) == 1, **kwargs)
 
 
 def class_labels(num_classes: int, per_class: int) -> torch.Tensor:
@@ -251,4 +260,4 @@ def grid_columns(n: int) -> int:
 
 
 __all__ = ["Generation", "ScheduleError", "resolve_schedule", "spec_scales", "latent_size", "check_scales", "generate",
-           "generate_batch", "decode_tokens", "make_generator", "class_labels"]
+           "generate_batch", "generate_batches", "decode_tokens", "make_generator", "class_labels"]

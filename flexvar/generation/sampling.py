@@ -5,12 +5,32 @@ plain conditional sampling. With the paper's ramp, step k of n uses t = cfg * k 
 no guidance on the first (global) step, full strength by step 10 and more after it. Scales
 outside the trained range get the full `cfg` (the ramp was tuned for trained scales).
 
+Greedy rules (`greedy_step`): the official sampler (FlexVAR models/flexvar.py,
+autoregressive_infer_cfg) draws with top-k/top-p only at scales in OFFICIAL_SAMPLED_SCALES up to
+the trained size and takes the argmax everywhere else; 'outside' is greedy only above the
+trained size, 'none' never forces greedy.
+
     >>> guidance_scale(1.5, step=0, num_steps=7, schedule="ramp"), guidance_scale(1.5, 6, 7, "ramp")
     (0.0, 1.5)
 """
 from __future__ import annotations
 
 import torch
+
+
+OFFICIAL_SAMPLED_SCALES = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16, 23, 24, 32)   # official models/flexvar.py:230
+GREEDY_RULES = ("official", "outside", "none")
+
+
+def greedy_step(hw: tuple[int, int], train_side: int | None, rule: str = "official") -> bool:
+    """Whether the step at scale hw takes greedy tokens (top-k 1) under `rule` (long side for non-square)."""
+    if rule not in GREEDY_RULES:
+        raise ValueError(f"greedy rule must be one of {', '.join(GREEDY_RULES)}, got {rule!r}")
+    side = max(hw)
+    outside = train_side is not None and side > train_side
+    if rule == "official":
+        return outside or side not in OFFICIAL_SAMPLED_SCALES
+    return outside and rule == "outside"
 
 
 def guidance_scale(cfg: float, step: int, num_steps: int, schedule: str = "ramp") -> float:
@@ -70,4 +90,4 @@ def sample_tokens(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 0.0,
     return torch.multinomial(probs_NV, 1, generator=generator).view(B, l)
 
 
-__all__ = ["guidance_scale", "guide", "filter_top_k_top_p", "sample_tokens"]
+__all__ = ["OFFICIAL_SAMPLED_SCALES", "greedy_step", "guidance_scale", "guide", "filter_top_k_top_p", "sample_tokens"]

@@ -15,13 +15,13 @@ CUDA (global-batch statistics, as in one process); on CPU (gloo; SyncBatchNorm i
 normalises with its own half-batch statistics, the one difference from the 1-worker run.
 
 Resume without loss: `TokenizerTrainer.save(path)` captures model, optimiser, LR schedule,
-EMA, discriminator, every RNG (global ones and the explicit generator that orders the data and
-draws the scales) and the data position; `resume(path)` restores them, so a killed run that
-is restarted ends with bit-identical weights on CPU.
+EMA, discriminator, every RNG (global ones and the explicit generator that draws the scales) and
+the step; `resume(path)` restores them, so a killed run that is restarted ends with bit-identical
+weights on CPU. The data order needs no state: batch s is a pure function of (seed, s)
+(flexvar/data/sampling.py), read through a DataLoader that restarts at the resumed step.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +33,8 @@ from torch import nn
 from flexvar import distributed
 from flexvar.checkpoint import capture_rng, load_checkpoint, restore_rng, save_atomic
 from flexvar.config import TokenizerConfig, TrainTokenizerConfig
-from flexvar.data.splits import to_unit_range
+from flexvar.data.sampling import StepBatchSampler
+from flexvar.data.splits import ImageSplit, to_unit_range
 from flexvar.device import autocast_ctx, resolve_precision
 from flexvar.tokenizer.discriminator import PatchDiscriminator, hinge_d_loss, hinge_g_loss
 from flexvar.tokenizer.quantizer import downsample
@@ -77,11 +78,6 @@ def psnr(rec_BCHW: torch.Tensor, target_BCHW: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR (dB) of images in [-1, 1] (peak-to-peak 2), after clamping the reconstruction."""
     mse_B = (rec_BCHW.clamp(-1, 1) - target_BCHW).pow(2).flatten(1).mean(1)
     return 10 * torch.log10(4.0 / mse_B.clamp_min(1e-10))
-
-
-def data_fingerprint(images_NCHW: torch.Tensor) -> str:
-    """Short hash of the training images: a checkpoint never resumes on different data."""
-    return hashlib.sha1(images_NCHW.contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -174,11 +170,13 @@ class TokenizerTrainer:
     """Owns everything a tokenizer training run mutates, so it can be saved and resumed exactly."""
 
     def __init__(self, model_cfg: TokenizerConfig, cfg: TrainTokenizerConfig, seed: int,
-                 train_images_NCHW: torch.Tensor, device: torch.device):
+                 train_images_NCHW: torch.Tensor | ImageSplit, device: torch.device, num_workers: int = 0):
         self.model_cfg, self.cfg, self.seed, self.device = model_cfg, cfg, seed, device
-        self.images = train_images_NCHW                       # uint8 (N, 3, H, W), stays on CPU
-        if len(self.images) < cfg.batch_size:
-            raise ValueError(f"train_tokenizer.batch_size = {cfg.batch_size} exceeds the {len(self.images)} "
+        self.data = (train_images_NCHW if isinstance(train_images_NCHW, ImageSplit) else   # uint8 images, CPU
+                     ImageSplit(train_images_NCHW, torch.zeros(len(train_images_NCHW), dtype=torch.long), []))
+        self.num_workers, self._batches = num_workers, None
+        if len(self.data) < cfg.batch_size:
+            raise ValueError(f"train_tokenizer.batch_size = {cfg.batch_size} exceeds the {len(self.data)} "
                              f"training images")
         self.precision = resolve_precision(device, cfg.precision)
         torch.manual_seed(seed)
@@ -198,28 +196,32 @@ class TokenizerTrainer:
             self.disc_opt = make_adamw(self.disc, cfg)
             self.disc_loss = distributed.wrap(DiscriminatorLoss(self.disc, self.precision), "ddp", device)
         self.step_forward = distributed.wrap(ScalesForward(self.model, self.precision), "ddp", device)
-        self.gen = torch.Generator().manual_seed(seed)        # data order + scale draws
-        self.perm = torch.randperm(len(self.images), generator=self.gen)
-        self.pos = 0
+        self.gen = torch.Generator().manual_seed(seed)        # scale draws
         self.step = 0
         self.identity = {"tokenizer": model_cfg.model_dump(mode="json"), "train": cfg.model_dump(mode="json"),
-                         "seed": seed, "data": data_fingerprint(self.images)}
+                         "seed": seed, "data": self.data.fingerprint()}
 
     # ------------------------------------------------------------------ data
     def next_batch(self) -> torch.Tensor:
-        """The next `batch_size` training images (uint8); a fresh permutation each epoch, last partial batch dropped."""
-        B = self.cfg.batch_size
-        if self.pos + B > len(self.perm):
-            self.perm, self.pos = torch.randperm(len(self.images), generator=self.gen), 0
-        idx = self.perm[self.pos:self.pos + B]
-        self.pos += B
-        return self.images[idx]
+        """This worker's part of global batch `self.step` (uint8): a fresh seeded permutation each epoch,
+        last partial batch dropped, read (and decoded, for on-disk data) by the DataLoader's workers."""
+        if self._batches is None:
+            rank, world = distributed.rank_world()
+            sampler = StepBatchSampler(len(self.data), self.cfg.batch_size, self.seed, start_step=self.step,
+                                       rank=rank, world=world)
+            self._batches = iter(self.data.loader(sampler, self.num_workers))
+        images_BCHW, _ = next(self._batches)
+        return images_BCHW
+
+    def close(self) -> None:
+        """Stop the DataLoader's worker processes (a new loader starts at the current step when needed)."""
+        self._batches = None
 
     # ------------------------------------------------------------------ one step
     def train_step(self) -> dict[str, float]:
         """One optimiser step on one batch at K random scales; returns scalar logs."""
         cfg, f = self.cfg, self.model.downsample
-        x = to_unit_range(distributed.local_part(self.next_batch())).to(self.device)   # this worker's share
+        x = to_unit_range(self.next_batch()).to(self.device)   # this worker's share of the global batch
         gan_on = self.disc is not None and self.step >= cfg.gan_start_step
         full_hw = (x.shape[-2] // f, x.shape[-1] // f)   # the encoder's latent size
         scales = sample_scales(max(full_hw), cfg.num_scales, self.gen)
@@ -284,8 +286,7 @@ class TokenizerTrainer:
     def state(self) -> dict:
         state = {"kind": TRAIN_CKPT_KIND, "config": self.identity, "step": self.step,
                  "model": self.model.state_dict(), "optim": self.opt.state_dict(),
-                 "sched": self.sched.state_dict(), "gen": self.gen.get_state(),
-                 "perm": self.perm, "pos": self.pos, "rng": capture_rng()}
+                 "sched": self.sched.state_dict(), "gen": self.gen.get_state(), "rng": capture_rng()}
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
         if self.disc is not None:
@@ -315,7 +316,8 @@ class TokenizerTrainer:
             self.disc.load_state_dict(ckpt["disc"])
             self.disc_opt.load_state_dict(ckpt["disc_optim"])
         self.gen.set_state(ckpt["gen"].cpu())
-        self.perm, self.pos, self.step = ckpt["perm"].cpu(), int(ckpt["pos"]), int(ckpt["step"])
+        self.step = int(ckpt["step"])
+        self._batches = None   # the data restarts at the restored step
         restore_rng(ckpt["rng"])
 
     # ------------------------------------------------------------------ the loop
@@ -335,13 +337,14 @@ class TokenizerTrainer:
                 if progress:
                     progress(self.step, logs)
             if val_images_NCHW is not None and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
-                full = full or self.images.shape[-1] // self.model.downsample
+                full = full or max(self.data.image_hw) // self.model.downsample
                 ev = evaluate_scales(self.model, val_images_NCHW, list(range(1, full + 1)), self.device,
                                      self.precision)
                 val_logger.log_metrics({**{f"val_psnr_s{s}": e.psnr for s, e in ev["per_scale"].items()},
                                         "val_usage": ev["usage"]}, step=self.step)
             if ckpt_path is not None and (self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps):
                 self.save(ckpt_path)
+        self.close()
 
 
 @torch.no_grad()

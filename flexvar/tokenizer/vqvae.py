@@ -20,8 +20,8 @@ tokenizer uses), so official checkpoints load 1:1:
 """
 from __future__ import annotations
 
-import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -38,42 +38,53 @@ TOKENIZER_KIND = "tokenizer"
 
 
 # --------------------------------------------------------------------------- building blocks
-def num_groups(channels: int) -> int:
-    """32 groups (LlamaGen) once a layer has >= 128 channels; narrower layers keep >= 4 channels per
-    group (a 1-channel group is instance norm, which erases each image's per-channel mean — its
-    colour — so a narrow decoder cannot reconstruct it)."""
-    return math.gcd(32, max(1, channels // 4))
+# Checkpoints written before the group count was recorded used this rule (>= 4 channels per group).
+LEGACY_NORM = {"norm_groups": 32, "norm_min_group_channels": 4}
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=num_groups(channels), num_channels=channels, eps=1e-6, affine=True)
+def group_norm(channels: int, groups_of: Callable[[int], int]) -> nn.GroupNorm:
+    """LlamaGen's normalisation: GroupNorm(groups, channels, eps 1e-6, affine). `groups_of(channels)`
+    is TokenizerConfig.groups: 32 in LlamaGen/FlexVAE; the embedded default keeps >= 4 channels per group
+    (a 1-channel group is instance norm, which erases each image's per-channel mean — its colour)."""
+    return nn.GroupNorm(num_groups=groups_of(channels), num_channels=channels, eps=1e-6, affine=True)
+
+
+def swish(x_BCHW: torch.Tensor) -> torch.Tensor:
+    """SiLU of a fresh tensor (a norm's output), in place when no gradient is recorded: at decode sizes
+    (16 x 128 x 128 x 128) a new full-size tensor costs as much as the activation itself."""
+    return F.silu(x_BCHW, inplace=not torch.is_grad_enabled())
+
+
+def residual(skip_BCHW: torch.Tensor, h_BCHW: torch.Tensor) -> torch.Tensor:
+    """skip + h, added into the fresh branch output `h` when no gradient is recorded (same values)."""
+    return skip_BCHW + h_BCHW if torch.is_grad_enabled() else h_BCHW.add_(skip_BCHW)
 
 
 class ResnetBlock(nn.Module):
     """Pre-activation residual block: (norm, swish, conv) x2, 1x1 shortcut when widths differ."""
 
-    def __init__(self, c_in: int, c_out: int, dropout: float = 0.0):
+    def __init__(self, c_in: int, c_out: int, groups_of: Callable[[int], int], dropout: float = 0.0):
         super().__init__()
-        self.norm1 = group_norm(c_in)
+        self.norm1 = group_norm(c_in, groups_of)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.norm2 = group_norm(c_out)
+        self.norm2 = group_norm(c_out, groups_of)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
         self.nin_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x_BCHW)))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        h = self.conv1(swish(self.norm1(x_BCHW)))
+        h = self.conv2(self.dropout(swish(self.norm2(h))))
         skip = self.nin_shortcut(x_BCHW) if self.nin_shortcut is not None else x_BCHW
-        return skip + h
+        return residual(skip, h)
 
 
 class AttnBlock(nn.Module):
     """Single-head self-attention over all H*W positions (1x1 conv projections), residual."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, groups_of: Callable[[int], int]):
         super().__init__()
-        self.norm = group_norm(channels)
+        self.norm = group_norm(channels, groups_of)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
@@ -84,7 +95,7 @@ class AttnBlock(nn.Module):
         h = self.norm(x_BCHW)
         q_BLC, k_BLC, v_BLC = (rearrange(proj(h), "b c h w -> b (h w) c") for proj in (self.q, self.k, self.v))
         att_BLC = F.scaled_dot_product_attention(q_BLC, k_BLC, v_BLC)   # scale 1/sqrt(C)
-        return x_BCHW + self.proj_out(rearrange(att_BLC, "b (h w) c -> b c h w", h=H, w=W))
+        return residual(x_BCHW, self.proj_out(rearrange(att_BLC, "b (h w) c -> b c h w", h=H, w=W)))
 
 
 class Downsample(nn.Module):
@@ -109,10 +120,10 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x_BCHW, scale_factor=2.0, mode="nearest"))
 
 
-def mid_stage(channels: int, dropout: float) -> nn.ModuleList:
+def mid_stage(channels: int, groups_of: Callable[[int], int], dropout: float) -> nn.ModuleList:
     """res -> attention -> res at the lowest resolution (encoder and decoder alike)."""
-    return nn.ModuleList([ResnetBlock(channels, channels, dropout), AttnBlock(channels),
-                          ResnetBlock(channels, channels, dropout)])
+    return nn.ModuleList([ResnetBlock(channels, channels, groups_of, dropout), AttnBlock(channels, groups_of),
+                          ResnetBlock(channels, channels, groups_of, dropout)])
 
 
 # --------------------------------------------------------------------------- encoder / decoder
@@ -124,7 +135,7 @@ class Encoder(nn.Module):
     """
 
     def __init__(self, ch: int, ch_mult: list[int], num_res_blocks: int, z_channels: int,
-                 dropout: float = 0.0, in_channels: int = 3):
+                 groups_of: Callable[[int], int], dropout: float = 0.0, in_channels: int = 3):
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
         self.conv_blocks = nn.ModuleList()
@@ -134,15 +145,15 @@ class Encoder(nn.Module):
             stage = nn.Module()
             stage.res, stage.attn = nn.ModuleList(), nn.ModuleList()
             for _ in range(num_res_blocks):
-                stage.res.append(ResnetBlock(c_in, ch * mult, dropout))
+                stage.res.append(ResnetBlock(c_in, ch * mult, groups_of, dropout))
                 c_in = ch * mult
                 if last:
-                    stage.attn.append(AttnBlock(c_in))
+                    stage.attn.append(AttnBlock(c_in, groups_of))
             if not last:
                 stage.downsample = Downsample(c_in)
             self.conv_blocks.append(stage)
-        self.mid = mid_stage(c_in, dropout)
-        self.norm_out = group_norm(c_in)
+        self.mid = mid_stage(c_in, groups_of, dropout)
+        self.norm_out = group_norm(c_in, groups_of)
         self.conv_out = nn.Conv2d(c_in, z_channels, 3, padding=1)
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
@@ -153,7 +164,7 @@ class Encoder(nn.Module):
                 h = stage.downsample(h)
         for block in self.mid:
             h = block(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(swish(self.norm_out(h)))
 
 
 class Decoder(nn.Module):
@@ -164,24 +175,24 @@ class Decoder(nn.Module):
     """
 
     def __init__(self, ch: int, ch_mult: list[int], num_res_blocks: int, z_channels: int,
-                 dropout: float = 0.0, out_channels: int = 3):
+                 groups_of: Callable[[int], int], dropout: float = 0.0, out_channels: int = 3):
         super().__init__()
         c_in = ch * ch_mult[-1]
         self.conv_in = nn.Conv2d(z_channels, c_in, 3, padding=1)
-        self.mid = mid_stage(c_in, dropout)
+        self.mid = mid_stage(c_in, groups_of, dropout)
         self.conv_blocks = nn.ModuleList()
         for level in reversed(range(len(ch_mult))):
             stage = nn.Module()
             stage.res, stage.attn = nn.ModuleList(), nn.ModuleList()
             for _ in range(num_res_blocks + 1):
-                stage.res.append(ResnetBlock(c_in, ch * ch_mult[level], dropout))
+                stage.res.append(ResnetBlock(c_in, ch * ch_mult[level], groups_of, dropout))
                 c_in = ch * ch_mult[level]
                 if level == len(ch_mult) - 1:
-                    stage.attn.append(AttnBlock(c_in))
+                    stage.attn.append(AttnBlock(c_in, groups_of))
             if level != 0:
                 stage.upsample = Upsample(c_in)
             self.conv_blocks.append(stage)
-        self.norm_out = group_norm(c_in)
+        self.norm_out = group_norm(c_in, groups_of)
         self.conv_out = nn.Conv2d(c_in, out_channels, 3, padding=1)
 
     @property
@@ -196,7 +207,7 @@ class Decoder(nn.Module):
             h = run_stage(stage, h)
             if hasattr(stage, "upsample"):
                 h = stage.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(swish(self.norm_out(h)))
 
 
 def run_stage(stage: nn.Module, h: torch.Tensor) -> torch.Tensor:
@@ -216,8 +227,8 @@ class VQVAE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.downsample = cfg.downsample
-        self.encoder = Encoder(cfg.ch, cfg.ch_mult, cfg.num_res_blocks, cfg.z_channels, cfg.dropout)
-        self.decoder = Decoder(cfg.ch, cfg.ch_mult, cfg.num_res_blocks, cfg.z_channels, cfg.dropout)
+        self.encoder = Encoder(cfg.ch, cfg.ch_mult, cfg.num_res_blocks, cfg.z_channels, cfg.groups, cfg.dropout)
+        self.decoder = Decoder(cfg.ch, cfg.ch_mult, cfg.num_res_blocks, cfg.z_channels, cfg.groups, cfg.dropout)
         self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.codebook_dim, 1)
         self.post_quant_conv = nn.Conv2d(cfg.codebook_dim, cfg.z_channels, 1)
         self.quantize = MultiScaleQuantizer(cfg.codebook_size, cfg.codebook_dim, cfg.beta, cfg.entropy_weight)
@@ -299,7 +310,7 @@ def load_tokenizer(path: str | os.PathLike, device: str | torch.device = "cpu",
     expect = {"config": expect_config.model_dump(mode="json")} if expect_config is not None else None
     ckpt = load_checkpoint(file, kind=TOKENIZER_KIND, expect=expect)
     try:
-        cfg = TokenizerConfig(**ckpt["config"])
+        cfg = TokenizerConfig(**{**LEGACY_NORM, **ckpt["config"]})   # a config without norm keys: the legacy rule
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"checkpoint {file} has no valid tokenizer config: {e}") from e
     model = VQVAE(cfg)

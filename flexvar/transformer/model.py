@@ -35,12 +35,35 @@ Scales = list[tuple[int, int]]
 LN_EPS = 1e-6
 MAX_LOG_ATTN_SCALE = math.log(100.0)
 # official initialisation (VAR/FlexVAR): head weights x0.02, AdaLN weights x0.5, gammas x1e-5
-INIT_HEAD, INIT_ADALN, INIT_ADALN_GAMMA = 0.02, 0.5, 1e-5
+INIT_HEAD, INIT_ADALN = 0.02, 0.5     # gammas: x TransformerConfig.adaln_gamma_init
 
 
 def layer_norm(x_BLC: torch.Tensor) -> torch.Tensor:
     """LayerNorm without affine parameters: AdaLN supplies scale and shift."""
     return F.layer_norm(x_BLC, x_BLC.shape[-1:], eps=LN_EPS)
+
+
+def unit_rows(x_BHLc: torch.Tensor, scale_1H11: torch.Tensor | None = None) -> torch.Tensor:
+    """x / max(||x||, eps) over the last axis, times an optional per-head scale: F.normalize and the
+    scale as one broadcast multiply by a (B, H, L, 1) factor (one full-size pass instead of two,
+    forward and backward)."""
+    inv_BHL1 = 1.0 / x_BHLc.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    if scale_1H11 is not None:
+        inv_BHL1 = inv_BHL1 * scale_1H11.to(inv_BHL1.dtype)
+    return x_BHLc * inv_BHL1
+
+
+def modulate(x_BLC: torch.Tensor, scale_B1C: torch.Tensor, shift_B1C: torch.Tensor) -> torch.Tensor:
+    """AdaLN: LN(x) (1 + scale) + shift. The small (B, 1, C) factors are brought to the stream's dtype
+    first (under bf16 autocast they come out of a linear in bf16), so the full-size products run
+    in one dtype instead of the slow mixed-dtype path; values are the same."""
+    return layer_norm(x_BLC) * (1 + scale_B1C).to(x_BLC.dtype) + shift_B1C.to(x_BLC.dtype)
+
+
+def gated(x_BLC: torch.Tensor, h_BLC: torch.Tensor, gamma_B1C: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Residual update x + drop_path(h gamma), the product cast to the stream's dtype before the
+    add (same values as the mixed-dtype add, on the fast same-dtype path)."""
+    return x_BLC + drop_path(h_BLC * gamma_B1C, p, training).to(x_BLC.dtype)
 
 
 def drop_path(x_BLC: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -64,6 +87,16 @@ def sincos_2d(dim: int, h: int, w: int) -> torch.Tensor:
     out[: 2 * (half // 2)] = encode(h)[:, :, None].expand(-1, h, w)
     out[half: half + 2 * (half // 2)] = encode(w)[:, None, :].expand(-1, h, w)
     return out.float()
+
+
+def sincos_2d_interleaved(dim: int, h: int, w: int) -> torch.Tensor:
+    """The official FlexVAR initial map (dim, h, w): even channels sin(row * f_k), odd channels
+    cos(col * f_k), f_k = 10000^(-2k/dim) (models/flexvar.py generate_2d_rotary_position_embedding)."""
+    freqs = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * -(math.log(10000.0) / dim))
+    out = torch.zeros(dim, h, w)
+    out[0::2] = torch.sin(torch.arange(h, dtype=torch.float32)[None, :, None] * freqs[:, None, None]).expand(-1, h, w)
+    out[1::2] = torch.cos(torch.arange(w, dtype=torch.float32)[None, None, :] * freqs[:, None, None]).expand(-1, h, w)
+    return out
 
 
 def scale_levels(scales: tuple[tuple[int, int], ...], pad_to: int = 0) -> torch.Tensor:
@@ -107,8 +140,8 @@ def _flex_kernel():
 def attention(q_BHLc: torch.Tensor, k_BHSc: torch.Tensor, v_BHSc: torch.Tensor, mask_LS, dropout_p: float) -> torch.Tensor:
     """softmax(q k^T + mask) v with q pre-scaled. `mask_LS`: a FlexAttention BlockMask (block-sparse kernel,
     `transformer.attention: flex`), a dense bool (L, S) mask, or None.
-    Dense on CUDA: `scaled_dot_product_attention` (fused kernels). Dense on CPU: explicit matmuls with an
-    fp32 softmax — for FlexVAR's short sequences (<= a few thousand tokens) 2-3x faster than the CPU flash
+    Dense on CUDA: `scaled_dot_product_attention` (fused kernels). Dense on CPU: explicit matmuls and
+    softmax in the input's precision — for FlexVAR's short sequences (<= a few thousand tokens) 2-3x faster than the CPU flash
     kernel in forward+backward (benchmarks/bench_transformer.py)."""
     if mask_LS is not None and not isinstance(mask_LS, torch.Tensor):
         if dropout_p:
@@ -117,10 +150,11 @@ def attention(q_BHLc: torch.Tensor, k_BHSc: torch.Tensor, v_BHSc: torch.Tensor, 
     if q_BHLc.device.type != "cpu":
         return F.scaled_dot_product_attention(q_BHLc, k_BHSc, v_BHSc, attn_mask=mask_LS, scale=1.0, dropout_p=dropout_p)
     logits_BHLS = q_BHLc @ k_BHSc.transpose(-2, -1)
-    logits_BHLS = logits_BHLS.to(torch.promote_types(logits_BHLS.dtype, torch.float32))   # bf16 -> fp32 softmax
     if mask_LS is not None:
         logits_BHLS = logits_BHLS.masked_fill(~mask_LS, float("-inf"))
-    probs_BHLS = F.dropout(logits_BHLS.softmax(dim=-1), dropout_p).to(v_BHSc.dtype)
+    # the CPU softmax kernels accumulate bf16 in fp32 and round once, as an explicit fp32 softmax
+    # followed by a cast would, without the two (B, H, L, S) casts forward and two backward
+    probs_BHLS = F.dropout(logits_BHLS.softmax(dim=-1), dropout_p)
     return probs_BHLS @ v_BHSc
 
 
@@ -143,8 +177,8 @@ class SelfAttention(nn.Module):
         bias = torch.cat([self.q_bias, self.zero_k_bias, self.v_bias])
         qkv = F.linear(x_BLC, self.qkv.weight, bias)
         q, k, v = rearrange(qkv, "b l (three h c) -> three b h l c", three=3, h=self.heads)
-        q = F.normalize(q, dim=-1) * self.log_scale_1H11.clamp(max=MAX_LOG_ATTN_SCALE).exp().to(q.dtype)
-        k = F.normalize(k, dim=-1)
+        q = unit_rows(q, self.log_scale_1H11.clamp(max=MAX_LOG_ATTN_SCALE).exp())
+        k = unit_rows(k)
         if self.kv_cache is not None:
             if self.kv_cache:
                 k = torch.cat([self.kv_cache[0], k], dim=2)
@@ -178,10 +212,8 @@ class AdaLNBlock(nn.Module):
     def forward(self, x_BLC: torch.Tensor, cond_BD: torch.Tensor, mask_LL: torch.Tensor | None) -> torch.Tensor:
         mod = self.ada_lin(F.silu(cond_BD))
         g1, g2, s1, s2, b1, b2 = rearrange(mod, "b (six c) -> six b 1 c", six=6)
-        h = self.attn(layer_norm(x_BLC) * (1 + s1) + b1, mask_LL)
-        x_BLC = x_BLC + drop_path(h * g1, self.drop_path, self.training)
-        h = self.mlp(layer_norm(x_BLC) * (1 + s2) + b2)
-        return x_BLC + drop_path(h * g2, self.drop_path, self.training)
+        x_BLC = gated(x_BLC, self.attn(modulate(x_BLC, s1, b1), mask_LL), g1, self.drop_path, self.training)
+        return gated(x_BLC, self.mlp(modulate(x_BLC, s2, b2)), g2, self.drop_path, self.training)
 
 
 class FlexVAR(nn.Module):
@@ -205,7 +237,7 @@ class FlexVAR(nn.Module):
         self.word_embed = nn.Linear(codebook_dim, C)
         self.class_emb = nn.Embedding(num_classes + 1, C)
         self.pos_start = nn.Parameter(torch.zeros(1, 1, C))
-        pos = sincos_2d(C, pe_size, pe_size)[None]
+        pos = (sincos_2d if cfg.pos_embed_init == "halves" else sincos_2d_interleaved)(C, pe_size, pe_size)[None]
         if cfg.pos_embed_learnable:
             self.pos_1CPP = nn.Parameter(pos)
         else:
@@ -225,7 +257,7 @@ class FlexVAR(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """VAR/FlexVAR initialisation: truncated normal std sqrt(1/3C); output projections scaled
-        by 1/sqrt(2 depth); AdaLN near identity (gammas ~1e-5) so every block starts as a no-op."""
+        by 1/sqrt(2 depth); AdaLN near identity (gammas x adaln_gamma_init) so every block starts as a no-op."""
         std = math.sqrt(1 / self.width / 3)
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
@@ -240,7 +272,7 @@ class FlexVAR(nn.Module):
             blk.attn.proj.weight.div_(math.sqrt(2 * self.depth))
             blk.mlp.fc2.weight.div_(math.sqrt(2 * self.depth))
             blk.ada_lin.weight[2 * C:].mul_(INIT_ADALN)
-            blk.ada_lin.weight[: 2 * C].mul_(INIT_ADALN_GAMMA)
+            blk.ada_lin.weight[: 2 * C].mul_(self.cfg.adaln_gamma_init)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -249,8 +281,9 @@ class FlexVAR(nn.Module):
     def pos_embed(self, hw: tuple[int, int]) -> torch.Tensor:
         """Position embedding of one scale, (1, h*w, C).
 
-        scalable: the P x P map resized to (h, w) (area when shrinking, bicubic when growing), so
-        every scale spans the same image extent; fixed: the top-left (h, w) crop — absolute
+        scalable: the P x P map resized to (h, w) — area when shrinking and, as the official code,
+        area when growing too (`pos_embed_grow: bicubic` is this project's smoother alternative) —
+        so every scale spans the same image extent; fixed: the top-left (h, w) crop — absolute
         positions, the fixed-length baseline of the paper's Tab. 6.
         """
         h, w = hw
@@ -261,7 +294,7 @@ class FlexVAR(nn.Module):
             pos = self.pos_1CPP[:, :, :h, :w]
         elif (h, w) == (P, P):
             pos = self.pos_1CPP
-        elif h <= P and w <= P:
+        elif (h <= P and w <= P) or self.cfg.pos_embed_grow == "area":
             pos = F.interpolate(self.pos_1CPP, size=(h, w), mode="area")
         else:
             pos = F.interpolate(self.pos_1CPP, size=(h, w), mode="bicubic", align_corners=False)
@@ -303,7 +336,7 @@ class FlexVAR(nn.Module):
     # ------------------------------------------------------------------ forward
     def logits(self, x_BLC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
         scale, shift = rearrange(self.head_ada_lin(F.silu(cond_BD)), "b (two c) -> two b 1 c", two=2)
-        return self.head(layer_norm(x_BLC) * (1 + scale) + shift)
+        return self.head(modulate(x_BLC, scale, shift))
 
     def forward(self, label_B: torch.Tensor, x_BLCv: torch.Tensor, scales: Scales) -> torch.Tensor:
         """Teacher-forced logits (B, L, V) for every step of `scales`.

@@ -30,8 +30,9 @@ from flexvar.checkpoint import capture_rng, load_checkpoint, restore_rng, save_a
 from flexvar.config import ScheduleConfig, TrainTransformerConfig
 from flexvar.device import autocast_ctx
 from flexvar.data.latent_cache import LatentSplit
+from flexvar.data.sampling import batch_indices
 from flexvar.tokenizer.quantizer import MultiScaleQuantizer
-from flexvar.optim import ema_of, make_adamw, warmup_cosine
+from flexvar.optim import ema_of, lr_schedule, make_adamw
 from flexvar.run_logger import RunLogger
 from flexvar.transformer.schedules import ScheduleSampler, num_tokens
 from flexvar.transformer.teacher_forcing import inputs_targets, resize_bicubic
@@ -42,26 +43,46 @@ RESUME_KIND = "flexvar_train_state"
 
 
 # --------------------------------------------------------------------------- pieces
-def batch_indices(micro_step: int, batch_size: int, n_items: int, seed: int) -> torch.Tensor:
-    """Items of micro-batch `micro_step`: a fresh seeded permutation of all (image, flip) pairs per
-    epoch, cut into full batches. A pure function of its arguments, so resuming needs only the step."""
-    per_epoch = max(1, n_items // batch_size)
-    epoch, pos = divmod(micro_step, per_epoch)
-    perm = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    take = perm[pos * batch_size:(pos + 1) * batch_size]
-    if len(take) < batch_size:   # fewer items than one batch: wrap around
-        take = perm[torch.arange(pos * batch_size, (pos + 1) * batch_size) % n_items]
-    return take
-
-
 def get_batch(data: LatentSplit, items: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Latents (B, C, H, W) and labels (B,) of (image, flip) items i -> (i // 2, i % 2)."""
     z = data.latents_N2CHW[items // 2, items % 2]
     return z.to(device), data.labels_N[items // 2].to(device)
 
 
+class SmoothedCrossEntropy(torch.autograd.Function):
+    """Mean label-smoothed cross-entropy of (N, V) logits, the value of F.cross_entropy(label_smoothing=e):
+    mean over rows of lse(x) - (1 - e) x[target] - e mean(x), computed in fp32.
+
+    Why not F.cross_entropy: its gradient, softmax(x) - (1 - e) onehot - e / V over N, is cheap to
+    form while the softmax is at hand, so the forward builds it once (in the logits' dtype) and the
+    backward only scales it. Over V = 4096 classes that replaces log_softmax, its backward, the
+    smoothing sum, a fill and two full-size dtype casts.
+    """
+
+    @staticmethod
+    def forward(ctx, logits_NV: torch.Tensor, target_N: torch.Tensor, smoothing: float) -> torch.Tensor:
+        x_NV = logits_NV.float()
+        N, V = x_NV.shape
+        lse_N = torch.logsumexp(x_NV, dim=-1)
+        picked_N = x_NV.gather(1, target_N[:, None]).squeeze(1)
+        loss = (lse_N - (1.0 - smoothing) * picked_N - smoothing * x_NV.mean(-1)).mean()
+        grad_NV = (x_NV - lse_N[:, None]).exp_()
+        if smoothing:
+            grad_NV.sub_(smoothing / V)
+        grad_NV.scatter_add_(1, target_N[:, None], grad_NV.new_full((N, 1), smoothing - 1.0))
+        ctx.save_for_backward(grad_NV.div_(N).to(logits_NV.dtype))
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss: torch.Tensor):
+        (grad_NV,) = ctx.saved_tensors
+        return grad_NV * grad_loss.to(grad_NV.dtype), None, None
+
+
 def token_loss(logits_BLV: torch.Tensor, target_BL: torch.Tensor, label_smoothing: float) -> torch.Tensor:
-    return F.cross_entropy(logits_BLV.float().flatten(0, 1), target_BL.flatten(), label_smoothing=label_smoothing)
+    """Mean label-smoothed cross-entropy over all tokens (fp32 whatever the logits' dtype)."""
+    return SmoothedCrossEntropy.apply(logits_BLV.flatten(0, 1), target_BL.flatten(), float(label_smoothing))
 
 
 def forward_backward(fwd, quantizer: MultiScaleQuantizer, data: LatentSplit, items: torch.Tensor, scales,
@@ -196,7 +217,7 @@ def train_transformer(model: FlexVAR, quantizer: MultiScaleQuantizer, train: Lat
         net.compile_trunk(cfg.compile_bucket)
     train_net = distributed.wrap(net, parallelism, device, shard_units=net.blocks)   # ddp/fsdp: rank 0's weights
     opt = make_adamw(net, cfg)
-    lr_sched = warmup_cosine(opt, cfg)
+    lr_sched = lr_schedule(opt, cfg)   # cosine or the official lin0 (train_transformer.lr_schedule)
     latent_hw = train.latent_hw
     sampler = ScheduleSampler(schedule, latent_hw, seed)
     canonical = sampler.to_hw(sampler.cfg.canonical)

@@ -1,0 +1,115 @@
+"""What each CPU hot-path change of issue 18 buys: our bf16 train step with one change at a time put
+back to its previous formulation, all variants interleaved in one process, printed as JSON.
+
+    python benchmarks/ablate_cpu_step.py [--rounds 3] [--threads 1]
+
+Variants: `current`; `fp32 softmax` (attention logits cast to fp32 for the softmax and back);
+`F.normalize` (q/k normalised, then scaled, in two full-size passes); `mixed-dtype AdaLN` (the bf16
+modulation factors multiplied into the fp32 stream directly); `F.cross_entropy` (on logits cast to
+fp32); `foreach AdamW` (torch's default instead of fused). Each is the previous code's formula,
+swapped in through the module attribute the model calls. Same setting as bench_transformer.py.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.bench_transformer import ours  # noqa: E402
+from benchmarks.side_by_side import add_threads_arg, interleave, machine, set_threads, timing_key  # noqa: E402
+import flexvar.optim as O  # noqa: E402
+import flexvar.transformer.model as M  # noqa: E402
+import flexvar.transformer.training as T  # noqa: E402
+
+
+def fp32_softmax_attention(q, k, v, mask, dropout_p):
+    logits = (q @ k.transpose(-2, -1)).float()
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    return F.dropout(logits.softmax(-1), dropout_p).to(v.dtype) @ v
+
+
+def normalize_then_scale(x, scale=None):
+    x = F.normalize(x, dim=-1)
+    return x if scale is None else x * scale.to(x.dtype)
+
+
+def mixed_modulate(x, s, b):
+    return M.layer_norm(x) * (1 + s) + b
+
+
+def mixed_gated(x, h, g, p, training):
+    return x + M.drop_path(h * g, p, training)
+
+
+def plain_cross_entropy(logits, tgt, smoothing):
+    return F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), label_smoothing=smoothing)
+
+
+def foreach_adamw(model, cfg):
+    opt = ORIGINAL_MAKE_OPTIMIZER(model, cfg)
+    return torch.optim.AdamW(opt.param_groups, lr=cfg.lr, betas=tuple(cfg.betas), foreach=True)
+
+
+ORIGINAL_MAKE_OPTIMIZER = O.make_adamw
+PATCHES = {
+    "current": [],
+    "fp32 softmax": [(M, "attention", fp32_softmax_attention)],
+    "F.normalize": [(M, "unit_rows", normalize_then_scale)],
+    "mixed-dtype AdaLN": [(M, "modulate", mixed_modulate), (M, "gated", mixed_gated)],
+    "F.cross_entropy": [(T, "token_loss", plain_cross_entropy)],
+}
+
+
+@contextlib.contextmanager
+def patched(pairs):
+    saved = [(mod, name, getattr(mod, name)) for mod, name, _ in pairs]
+    for mod, name, fn in pairs:
+        setattr(mod, name, fn)
+    try:
+        yield
+    finally:
+        for mod, name, fn in saved:
+            setattr(mod, name, fn)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=8)
+    add_threads_arg(ap)
+    args = ap.parse_args(argv)
+    set_threads(args.threads)
+    variants = {}
+    for name, pairs in PATCHES.items():
+        with patched(pairs):                        # the step's token_loss is looked up at call time
+            step = ours(args.batch)["train_step"]
+
+        def run(step=step, pairs=pairs):
+            with patched(pairs):
+                step()
+        variants[name] = run
+    O.make_adamw = foreach_adamw
+    try:
+        variants["foreach AdamW"] = ours(args.batch)["train_step"]
+    finally:
+        O.make_adamw = ORIGINAL_MAKE_OPTIMIZER
+    mach = machine()
+    res = interleave(variants, args.rounds)
+    key = timing_key()
+    base = res["current"][key]
+    out = {"machine": mach, "timing": key, "results": res,
+           "change_buys": {k: f"{r[key] / base:.3f}x" for k, r in res.items() if k != "current"}}
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

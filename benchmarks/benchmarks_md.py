@@ -1,0 +1,64 @@
+"""Markdown tables for docs/benchmarks.md from the JSON of one run of the side-by-side benchmarks.
+
+    python benchmarks/benchmarks_md.py DIR   # DIR holds transformer.json sample.json tokenizer.json
+                                             # [profile.json ablate.json], as the scripts printed them
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.profile_steps import markdown as profile_markdown  # noqa: E402
+
+OURS = "ours bf16"
+
+
+def side_by_side(title: str, kinds: dict[str, dict], key: str) -> str:
+    """One row per measured kind: medians (wall spread) of every variant and ours' speed-up over each."""
+    variants = list(next(iter(kinds.values()))["results"])
+    others = [v for v in variants if v != OURS]
+    head = f"| {title} | " + " | ".join(variants) + " | " + " | ".join(f"ours vs {v}" for v in others) + " |"
+    lines = [head, "|---|" + "---:|" * (len(variants) + len(others))]
+    for kind, block in kinds.items():
+        res = block["results"]
+        cells = [f"{r[key]:.2f} s (wall {r['min_s']:.1f}..{r['max_s']:.1f})" for r in res.values()]
+        speed = [f"**{res[v][key] / res[OURS][key]:.2f}x**" for v in others]
+        lines.append(f"| {kind} | " + " | ".join(cells + speed) + " |")
+    return "\n".join(lines)
+
+
+def machine_line(d: dict) -> str:
+    m = d["machine"]
+    return (f"threads {m['threads']}, load average (1 min) {m['load_avg_1m']} at start and "
+            f"{m.get('load_avg_1m_end', '?')} at end; 1024³ matmul {m['matmul_gflops_fp32']} GFLOP/s fp32, "
+            f"{m['matmul_gflops_bf16']} GFLOP/s bf16 at start; {d.get('official', '')}")
+
+
+def main(argv=None) -> int:
+    folder = Path((argv or sys.argv[1:])[0])
+    out = []
+    for name, title, kinds in (("transformer", "transformer (batch 8)", ("train_step", "full_step")),
+                               ("sample", "sampling (batch 16)", ("end_to_end", "no_decode")),
+                               ("tokenizer", "tokenizer (VQ-16)", ("train", "infer"))):
+        path = folder / f"{name}.json"
+        if not path.exists() or not path.stat().st_size:   # a run that has not finished
+            continue
+        d = json.loads(path.read_text())
+        out += [f"### {name}", "", machine_line(d), "", side_by_side(title, {k: d[k] for k in kinds if k in d},
+                                                          "cpu_median_s" if d["machine"]["threads"] == 1 else "median_s"), ""]
+    if (folder / "profile.json").exists():
+        out += ["### profile", "", profile_markdown(json.loads((folder / "profile.json").read_text())["profiles"]), ""]
+    if (folder / "ablate.json").exists():
+        d = json.loads((folder / "ablate.json").read_text())
+        out += ["### ablation (train step with one change put back; >1x = the change helps)", "",
+                "| put back | step time vs current |", "|---|---:|"]
+        out += [f"| {k} | {v} |" for k, v in d["change_buys"].items()] + [""]
+    print("\n".join(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""Where the time goes: our bf16 train step and sampling step profiled by operator class, printed as
+JSON and as a markdown table, held against the matmul rate measured in the same run.
+
+    python benchmarks/profile_steps.py [--steps 2] [--what train sample]
+
+torch.profiler records every ATen operator's own (self) CPU time and, for matmuls and convolutions,
+its FLOPs. Operators are grouped into classes (matmul, attention, norms, activations, loss,
+optimizer, casts/copies, elementwise, sampling, decode convs, other). `headroom`: the step's time if
+every matmul/conv ran at the square-matmul rate measured here and everything else took no time —
+the floor no kernel fusion can beat. Same setting as benchmarks/bench_transformer.py and
+benchmarks/bench_sample.py (d6 / 384 / 6 heads, V 4096; batch 8 for training, 16 for sampling with the
+VQ-16 decoder at 128 px).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.bench_sample import build as build_sampler  # noqa: E402
+from benchmarks.bench_sample import sampler  # noqa: E402
+from benchmarks.bench_transformer import ours as our_train_steps  # noqa: E402
+from benchmarks.side_by_side import add_threads_arg, machine, set_threads  # noqa: E402
+
+# first match wins; names are ATen operator names as the profiler reports them
+CLASSES = [
+    ("decode convs", r"conv|upsample|group_norm|native_group_norm"),
+    ("matmul", r"^aten::(mm|addmm|bmm|baddbmm|linear|matmul|_addmm_activation)$|mkldnn.*(linear|matmul)"),
+    ("loss", r"log_softmax|nll_loss|cross_entropy"),
+    ("attention", r"^aten::(_?softmax|_softmax_backward_data|masked_fill)$|scaled_dot_product|flash"),
+    ("norms", r"layer_norm|linalg_vector_norm|norm\b|clamp_min|rsqrt"),
+    ("activations", r"gelu|silu|tanh"),
+    ("optimizer", r"adam|_foreach|lerp|addcdiv|addcmul|sqrt"),
+    ("casts/copies", r"^aten::(to|_to_copy|copy_|clone|contiguous|cat|empty_like)$"),
+    ("sampling", r"topk|multinomial|sort|argmax|gather|scatter|cumsum|index"),
+    ("elementwise", r"^aten::(add|add_|mul|mul_|div|div_|sub|rsub|neg|exp|where|fill_|zero_|sum|mean|pow)$"),
+]
+
+
+TOP = 0   # --top N: also list the N most expensive operators
+
+
+def op_class(name: str) -> str:
+    for cls, pattern in CLASSES:
+        if re.search(pattern, name):
+            return cls
+    return "other"
+
+
+def profiled(fn, steps: int) -> tuple[dict[str, float], float, float]:
+    """(seconds per step by class, matmul/conv FLOPs per step, wall seconds per step) of `fn`."""
+    fn()                                               # warm-up
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+        for _ in range(steps):
+            fn()
+    by_class: dict[str, float] = {}
+    flops = 0.0
+    for ev in prof.key_averages():
+        cls = op_class(ev.key)
+        by_class[cls] = by_class.get(cls, 0.0) + ev.self_cpu_time_total / 1e6 / steps
+        flops += (ev.flops or 0) / steps
+    if TOP:
+        top = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:TOP]
+        print("\n".join(f"{e.key:45s} {op_class(e.key):14s} {e.self_cpu_time_total / 1e6 / steps:.4f} s  x{e.count // steps}"
+                        for e in top), file=sys.stderr)
+    wall = sum(by_class.values())
+    return dict(sorted(by_class.items(), key=lambda kv: -kv[1])), flops, wall
+
+
+def report(name: str, fn, steps: int, peak_gflops: float) -> dict:
+    by_class, flops, total = profiled(fn, steps)
+    dense = by_class.get("matmul", 0.0) + by_class.get("decode convs", 0.0)
+    return {"step": name, "total_s": round(total, 4), "gflop": round(flops / 1e9, 1),
+            "by_class_s": {k: round(v, 4) for k, v in by_class.items()},
+            "share": {k: round(v / total, 3) for k, v in by_class.items()},
+            "matmul_conv_gflops_achieved": round(flops / max(dense, 1e-9) / 1e9, 1),
+            "floor_s_at_measured_peak": round(flops / (peak_gflops * 1e9), 4),
+            "headroom_x": round(total / (flops / (peak_gflops * 1e9)), 2)}
+
+
+def markdown(rows: list[dict]) -> str:
+    classes = sorted({c for r in rows for c in r["by_class_s"]}, key=lambda c: -max(r["by_class_s"].get(c, 0) for r in rows))
+    head = "| class | " + " | ".join(r["step"] for r in rows) + " |"
+    lines = [head, "|---|" + "---:|" * len(rows)]
+    for c in classes:
+        lines.append(f"| {c} | " + " | ".join(f"{r['by_class_s'].get(c, 0):.3f} s ({100 * r['share'].get(c, 0):.0f}%)"
+                                              for r in rows) + " |")
+    lines.append("| **total (profiled self time)** | " + " | ".join(f"**{r['total_s']:.3f} s**" for r in rows) + " |")
+    lines.append("| matmul/conv GFLOP | " + " | ".join(f"{r['gflop']}" for r in rows) + " |")
+    lines.append("| achieved matmul/conv GFLOP/s | " + " | ".join(f"{r['matmul_conv_gflops_achieved']}" for r in rows) + " |")
+    lines.append("| floor at measured bf16 peak | " + " | ".join(f"{r['floor_s_at_measured_peak']:.3f} s" for r in rows) + " |")
+    lines.append("| total / floor | " + " | ".join(f"{r['headroom_x']}x" for r in rows) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--what", nargs="+", default=["train", "sample"], choices=["train", "sample"])
+    ap.add_argument("--top", type=int, default=0, help="also list the N most expensive operators")
+    add_threads_arg(ap)
+    args = ap.parse_args(argv)
+    set_threads(args.threads)
+    global TOP
+    TOP = args.top
+    mach = machine()
+    rows = []
+    if "train" in args.what:
+        rows.append(report("train step (batch 8)", our_train_steps(8)["train_step"], args.steps, mach["matmul_gflops_bf16"]))
+    if "sample" in args.what:
+        model, vq = build_sampler(torch.device("cpu"))
+        for decode in (False, True):
+            rows.append(report(f"sampling {'with' if decode else 'without'} decode (batch 16)",
+                               sampler(model, vq, decode), args.steps, mach["matmul_gflops_bf16"]))
+    print(markdown(rows), file=sys.stderr)
+    print(json.dumps({"machine": mach, "profiles": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

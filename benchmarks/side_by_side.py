@@ -1,0 +1,116 @@
+"""Shared pieces of the side-by-side benchmarks: importing the official FlexVAR code from its folder,
+interleaving variants over rounds, and the machine's state (load, matmul rate) in the same run.
+
+The official code is never vendored: `official_modules()` imports it at run time from the folder
+named by FLEXVAR_OFFICIAL_DIR and returns None (with a one-line reason) when that is unset, missing
+or needs packages this environment lacks. Variants are timed in interleaved rounds (A B C, A B C,
+...) so that a change in the machine's load hits every variant alike; figures are medians with
+the spread (min..max) and the 1-minute load average before and after.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable
+
+import torch
+
+OFFICIAL_ENV = "FLEXVAR_OFFICIAL_DIR"
+
+
+def official_modules() -> tuple[SimpleNamespace | None, str]:
+    """(official FlexVAR modules, note). Modules: `FlexVAR` (transformer class), `VQ_16` (LlamaGen VQ-16
+    constructor), `sample_top_k_top_p` (their sampler). None with the reason when not importable."""
+    folder = os.environ.get(OFFICIAL_ENV, "")
+    if not folder:
+        return None, f"{OFFICIAL_ENV} is not set: official code not run, ours alone"
+    if not (Path(folder) / "models" / "flexvar.py").is_file():
+        return None, f"{OFFICIAL_ENV}={folder} holds no models/flexvar.py: official code not run, ours alone"
+    sys.path.insert(0, str(Path(folder).resolve()))
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            from models.flexvar import FlexVAR
+            from models.helpers import sample_with_top_k_top_p_
+            from models.vq_llama import VQ_16
+    except ImportError as e:
+        return None, f"official code at {folder} needs a missing package ({e}); pip install it to compare"
+    finally:
+        sys.path.remove(str(Path(folder).resolve()))
+    return SimpleNamespace(FlexVAR=FlexVAR, VQ_16=VQ_16, sample_top_k_top_p=sample_with_top_k_top_p_), f"official code from {folder}"
+
+
+def quiet(fn: Callable, *args, **kwargs):
+    """Call `fn` with its prints (the official constructors print parameter counts) swallowed."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return fn(*args, **kwargs)
+
+
+def bf16_autocast(enabled: bool):
+    """CPU bf16 autocast (the official trainer's `--fp16 2` setting, on this device) or nothing."""
+    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+
+
+def matmul_gflops(dtype: torch.dtype, n: int = 1024, reps: int = 6) -> float:
+    """This machine's square-matmul rate right now (the ceiling every figure is held against)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return round(2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9, 1)
+
+
+def add_threads_arg(ap) -> None:
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch CPU threads (0 = torch's default); 1 keeps ratios stable on a crowded machine")
+
+
+def set_threads(n: int) -> None:
+    if n:
+        torch.set_num_threads(n)
+
+
+def machine() -> dict:
+    return {"threads": torch.get_num_threads(), "load_avg_1m": round(os.getloadavg()[0], 2),
+            "matmul_gflops_fp32": matmul_gflops(torch.float32), "matmul_gflops_bf16": matmul_gflops(torch.bfloat16)}
+
+
+def interleave(variants: dict[str, Callable[[], None]], rounds: int, warmup: int = 1) -> dict[str, dict]:
+    """Time each variant once per round, in turn, after `warmup` untimed rounds.
+
+    Per variant: wall seconds (median, min, max, every round) and this process's CPU seconds
+    (`cpu_median_s`). On a crowded machine a single-threaded run's CPU time leaves out the time the
+    scheduler gave to other processes, so it is the steadier figure; `ratios` uses it when the run
+    has one thread, the wall time otherwise."""
+    for _ in range(warmup):
+        for fn in variants.values():
+            fn()
+    wall: dict[str, list[float]] = {name: [] for name in variants}
+    cpu: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            t, c = time.perf_counter(), time.process_time()
+            fn()
+            wall[name].append(time.perf_counter() - t)
+            cpu[name].append(time.process_time() - c)
+    return {name: {"median_s": round(statistics.median(ts), 4), "min_s": round(min(ts), 4), "max_s": round(max(ts), 4),
+                   "cpu_median_s": round(statistics.median(cpu[name]), 4), "rounds_s": [round(t, 4) for t in ts],
+                   "rounds_cpu_s": [round(t, 4) for t in cpu[name]]} for name, ts in wall.items()}
+
+
+def timing_key() -> str:
+    """The figure ratios are taken on: CPU seconds with one thread, wall seconds otherwise."""
+    return "cpu_median_s" if torch.get_num_threads() == 1 else "median_s"
+
+
+def ratios(results: dict[str, dict], ours: str) -> dict[str, float]:
+    """How many times faster `ours` is than every other variant (medians, on `timing_key()`)."""
+    key = timing_key()
+    base = results[ours][key]
+    return {f"{ours} vs {name}": round(r[key] / base, 2) for name, r in results.items() if name != ours}
