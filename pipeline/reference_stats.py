@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     params = load_params(args.params)
     check_out_dir(args.out)
     cfg = params.evaluate
-    check_in_dir(args.prepared, "--prepared", "dataset_dict.json", hint="run the prepare stage (dvc repro prepare)")
+    if not cfg.reference:   # evaluate.reference names another source: the prepared split is not read
+        check_in_dir(args.prepared, "--prepared", "dataset_dict.json", hint="run the prepare stage (dvc repro prepare)")
     if cfg.feature_space == "domain":
         check_in_file(args.feature_net, "--feature-net")
     device = setup_torch(params)

@@ -110,6 +110,7 @@ def test_evaluate_stage_records_the_protocol(local_files, tmp_path, monkeypatch)
               "schedule": {"canonical": [1, 2, 3, 4], "head": [1, 2], "groups": [[1, 3, 3]]},
               "sample": {"cfg": 2.5, "top_k": 900, "top_p": 0.95, "schedules": {"s4": {"scales": [1, 2, 3, 4]}}},
               "variants": {"depths": [2], "schedules": ["s4"]},
+              "sweep": {"eval_panel": {"s4": {"scales": [1, 2, 3, 4]}}},
               "evaluate": {"feature_space": "inception", "inception_weights": str(weights),
                            "reference": f"adm:{npz}", "metrics": ["fid", "isc"]},
               "tracking": {"experiment": "protocol"}}

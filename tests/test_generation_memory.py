@@ -16,7 +16,7 @@ from tests.tiny_checkpoint import tiny_models
 ROOT = Path(__file__).resolve().parents[1]
 
 MEASURE = """
-import json, resource, sys, torch
+import json, sys, torch
 sys.path.insert(0, {root!r})
 from flexvar.generation.generate import generate
 from flexvar.generation.memory import generation_bytes
@@ -24,9 +24,12 @@ from tests.tiny_checkpoint import tiny_models
 model, vq = tiny_models()
 scales, batch = [(s, s) for s in {scales!r}], {batch}
 labels = torch.zeros(batch, dtype=torch.int64)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def kib(field):   # a /proc/self/status field, bytes
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(field + ":"))
+open("/proc/self/clear_refs", "w").write("5")   # reset the peak RSS (VmHWM) to the current RSS
+before = kib("VmRSS")
 generate(model, vq, labels, scales, batch_size=batch, cfg=1.5, train_side=8)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+peak = kib("VmHWM") - before
 print(json.dumps({{"peak": peak, "estimate": generation_bytes(model, vq, scales, batch, True, batch)}}))
 """
 

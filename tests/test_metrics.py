@@ -129,6 +129,7 @@ PARAMS = {
     "schedule": {"canonical": [1, 2, 3, 4], "head": [1, 2], "groups": [[1, 3, 3]]},
     "sample": {"schedules": {"short": {"steps": 2}, "mid": {"steps": 3}, "large": {"steps": 3, "size": [48, 48]}}},
     "variants": {"depths": [2], "schedules": ["short", "mid", "large"]},
+    "sweep": {"eval_panel": {"short": {"steps": 2}, "mid": {"steps": 3}}},
     "evaluate": {"feature_net_steps": 20, "feature_net_batch_size": 32, "kid_subset_size": 20},
     "tracking": {"experiment": "stages"},
 }

@@ -30,7 +30,7 @@ from torch_fidelity.utils import create_feature_extractor, extract_featuresdict_
 
 from flexvar.config import EvaluateConfig
 from flexvar.evaluation.metrics import (
-    MetricsError, UInt8Images, _CachedOnly, feature_weights, reference_name,
+    MetricsError, UInt8Images, _CachedOnly, feature_weights, load_adm_reference, reference_name, reference_source,
 )
 
 LEVEL = 0.95
@@ -141,7 +141,12 @@ def sample_features(samples_NCHW: torch.Tensor, cfg: EvaluateConfig, feature_net
 
 def reference_statistics(reference_dir: str | os.PathLike, cfg: EvaluateConfig, feature_net_path,
                          device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and covariance of the cached reference features (reference_stats stage); never recomputed here."""
+    """Mean and covariance of the reference: an ADM reference batch's mu/sigma (evaluate.reference: adm:...)
+    or the cached reference features (reference_stats stage); never recomputed here."""
+    kind, path = reference_source(cfg)
+    if kind == "adm":
+        adm = load_adm_reference(path)
+        return adm["mu"], adm["sigma"]
     layer = FID_LAYER[cfg.feature_space]
     extractor, weights, cuda = _extractor(cfg, feature_net_path, [layer], device)
     name = reference_name(cfg, weights)
