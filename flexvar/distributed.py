@@ -45,12 +45,16 @@ def is_main() -> bool:
     return rank_world()[0] == 0
 
 
-def local_part(items: torch.Tensor) -> torch.Tensor:
-    """This worker's share of a global batch (rank r takes items r, r+N, ...); the global batch must divide."""
-    rank, world = rank_world()
+def rank_part(items: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """Rank `rank`'s share of a global batch (items rank, rank+world, ...); the batch must divide."""
     if len(items) % world:
         raise ValueError(f"global batch of {len(items)} does not split over {world} workers")
     return items[rank::world]
+
+
+def local_part(items: torch.Tensor) -> torch.Tensor:
+    """This worker's share of a global batch (`rank_part` for this process's rank)."""
+    return rank_part(items, *rank_world())
 
 
 def broadcast_params(module: torch.nn.Module) -> None:

@@ -19,6 +19,8 @@ from typing import Iterator
 import torch
 from torch.utils.data import Sampler
 
+from flexvar.distributed import rank_part
+
 
 def batch_indices(micro_step: int, batch_size: int, n_items: int, seed: int) -> torch.Tensor:
     """Items of global batch `micro_step`: a fresh seeded permutation of the n items per epoch,
@@ -30,13 +32,6 @@ def batch_indices(micro_step: int, batch_size: int, n_items: int, seed: int) -> 
     if len(take) < batch_size:   # fewer items than one batch: wrap around
         take = perm[torch.arange(pos * batch_size, (pos + 1) * batch_size) % n_items]
     return take
-
-
-def rank_part(items: torch.Tensor, rank: int, world: int) -> torch.Tensor:
-    """Rank `rank`'s share of a global batch (items rank, rank+world, ...); the batch must divide."""
-    if len(items) % world:
-        raise ValueError(f"global batch of {len(items)} does not split over {world} workers")
-    return items[rank::world]
 
 
 class StepBatchSampler(Sampler[list[int]]):
