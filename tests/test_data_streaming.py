@@ -56,6 +56,23 @@ def test_sampler_shards_disjointly_by_rank_and_resumes_by_step():
     assert list(RangeBatchSampler(10, 4)) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
 
 
+def test_batches_are_slices_of_one_seeded_randperm_per_epoch():
+    """The epoch permutation is cached, not recomputed per step; the batches must stay torch.randperm's
+    (so runs and resume checkpoints from before the cache continue identically)."""
+    n, B, seed = 50, 8, 3
+    per_epoch = n // B
+    for step in range(3 * per_epoch):
+        epoch, pos = divmod(step, per_epoch)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        got = batch_indices(step, B, n, seed)
+        assert got.dtype == torch.int64 and torch.equal(got, perm[pos * B:(pos + 1) * B])
+        got.fill_(-1)                                                  # a caller changing its batch
+    assert torch.equal(batch_indices(0, B, n, seed),                   # leaves the cached order intact
+                       torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003))[:B])
+    wrapped = torch.randperm(5, generator=torch.Generator().manual_seed(seed * 100_003 + 1))
+    assert torch.equal(batch_indices(1, 8, 5, seed), wrapped[torch.arange(8) % 5])   # fewer items than a batch
+
+
 def test_tokenizer_trains_identically_on_both_paths(tiny_prepared):
     tok = TokenizerConfig(ch=8, ch_mult=[1, 2], z_channels=8, codebook_dim=4, codebook_size=16)
     cfg = TrainTokenizerConfig(steps=3, batch_size=4, warmup_steps=1, precision="fp32", num_scales=2)
