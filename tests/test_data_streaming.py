@@ -56,6 +56,33 @@ def test_sampler_shards_disjointly_by_rank_and_resumes_by_step():
     assert list(RangeBatchSampler(10, 4)) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
 
 
+def mapped_rss_kb(buf) -> int:
+    """Resident kB of the memory mapping that holds `buf` (from /proc/self/smaps)."""
+    addr = np.frombuffer(buf, np.uint8).ctypes.data
+    inside = False
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= addr < hi
+        elif inside and head == "Rss:":
+            return int(line.split()[1])
+    raise AssertionError("mapping not found")
+
+
+def test_streamed_reads_release_the_mapped_pages(tiny_prepared):
+    """A worker reading a whole epoch must not keep the Arrow file resident in its own RSS."""
+    disk = load_split(tiny_prepared, "train", in_memory_mb=0)
+    every = disk.take(torch.arange(len(disk)))
+    assert every.shape == (256, 3, 32, 32)
+    mm = disk.arrow._maps[0]
+    assert mapped_rss_kb(mm) == 0                                      # released after the read
+    total = sum(mm[i] for i in range(0, len(mm), 4096))                # control: touching the pages shows them
+    assert total >= 0 and mapped_rss_kb(mm) >= len(mm) // 4096 * 4 // 2
+    again = pickle.loads(pickle.dumps(disk))                           # a worker gets paths, maps on first read
+    assert again.arrow._maps is None and torch.equal(again.take([3, 1]), every[[3, 1]])
+
+
 def test_batches_are_slices_of_one_seeded_randperm_per_epoch():
     """The epoch permutation is cached, not recomputed per step; the batches must stay torch.randperm's
     (so runs and resume checkpoints from before the cache continue identically)."""
