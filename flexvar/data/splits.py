@@ -60,10 +60,10 @@ class ArrowImages:
     def __init__(self, paths: Sequence[str | os.PathLike], num_rows: int):
         self.paths, self.num_rows = [str(p) for p in paths], num_rows
         self._maps: list[mmap.mmap] | None = None
-        self._column = None
+        self._chunks, self._starts = [], np.zeros(1, dtype=np.int64)
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_maps": None, "_column": None}
+        return {**self.__dict__, "_maps": None, "_chunks": [], "_starts": np.zeros(1, dtype=np.int64)}
 
     def _open(self) -> None:
         import pyarrow as pa
@@ -72,21 +72,20 @@ class ArrowImages:
         for path in self.paths:
             with open(path, "rb") as f:
                 maps.append(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
-            chunks += pa.ipc.open_stream(pa.py_buffer(maps[-1])).read_all().column("image").chunks
-        column = pa.chunked_array(chunks)
-        if len(column) != self.num_rows:
-            raise ValueError(f"{self.paths[0]}: {len(column)} images in the Arrow files, {self.num_rows} expected")
-        self._maps, self._column = maps, column
+            chunks += [c.field("bytes") for c in pa.ipc.open_stream(pa.py_buffer(maps[-1])).read_all()
+                       .column("image").chunks]                     # zero-copy views into the maps
+        starts = np.cumsum([0] + [len(c) for c in chunks])
+        if starts[-1] != self.num_rows:
+            raise ValueError(f"{self.paths[0]}: {starts[-1]} images in the Arrow files, {self.num_rows} expected")
+        self._maps, self._chunks, self._starts = maps, chunks, starts
 
     def take(self, idx: Sequence[int]) -> list[bytes]:
         """The encoded bytes of rows `idx` (copied out of the maps, whose pages are then released)."""
-        import pyarrow as pa
-
-        if not len(idx):
-            return []
-        if self._column is None:
+        if self._maps is None:
             self._open()
-        blobs = self._column.take(pa.array(idx, type=pa.int64())).combine_chunks().field("bytes").to_pylist()
+        chunk_B = np.searchsorted(self._starts, np.asarray(idx, dtype=np.int64), side="right") - 1
+        # item by item: Arrow's take on a chunked binary column would first concatenate every chunk
+        blobs = [self._chunks[k][int(i) - int(self._starts[k])].as_py() for k, i in zip(chunk_B.tolist(), idx)]
         for m in self._maps:
             if hasattr(mmap, "MADV_DONTNEED"):
                 m.madvise(mmap.MADV_DONTNEED)
