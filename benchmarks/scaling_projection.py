@@ -78,14 +78,22 @@ def d16_params() -> Params:
     return Params.model_validate(data)
 
 
+VGG16_PARAMS = 138_357_544   # torchvision's VGG16: the perceptual loss reads the whole file on the host
+
+
 def host_model_bytes(p: Params) -> dict[str, float]:
-    """fp32 bytes of the tokenizer and the transformer as built on the host (meta device: shapes only)."""
+    """fp32 bytes of the models as built on the host (meta device: shapes only) before they move to
+    the GPU: tokenizer, transformer, and for tokenizer training the discriminator and the VGG16 file."""
+    from flexvar.tokenizer.discriminator import PatchDiscriminator
+
     with torch.device("meta"):
         tok = sum(t.numel() for t in VQVAE(p.tokenizer).parameters())
+        disc = sum(t.numel() for t in PatchDiscriminator().parameters()) if p.train_tokenizer.gan_weight > 0 else 0
     depth = p.variants.depths[0]                                      # the preset's model: d16
     tr = build_flexvar(p.transformer.model_copy(update={"depth": depth}), p.tokenizer.codebook_size, p.tokenizer.codebook_dim, 1000,
                        p.transformer.pos_embed_size, device="meta").num_params()
-    return {"tokenizer": 4.0 * tok, "transformer": 4.0 * tr}
+    vgg = VGG16_PARAMS if p.train_tokenizer.perceptual_weight > 0 else 0
+    return {"tokenizer": 4.0 * tok, "transformer": 4.0 * tr, "discriminator": 4.0 * disc, "vgg16": 4.0 * vgg}
 
 
 def d16_data_bytes(p: Params) -> dict[str, tuple[float, str]]:
@@ -123,7 +131,7 @@ def private_mb(row: dict, main: bool) -> float:
     return max(kids, default=0.0)
 
 
-MODEL_OF = {"train_tokenizer": ("tokenizer",), "extract_latents": ("tokenizer",), "sample": ("tokenizer", "transformer"),
+MODEL_OF = {"train_tokenizer": ("tokenizer", "discriminator", "vgg16"), "extract_latents": ("tokenizer",), "sample": ("tokenizer", "transformer"),
             "train_transformer": ("transformer",)}
 
 
