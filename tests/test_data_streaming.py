@@ -83,6 +83,20 @@ def test_streamed_reads_release_the_mapped_pages(tiny_prepared):
     assert again.arrow._maps is None and torch.equal(again.take([3, 1]), every[[3, 1]])
 
 
+def test_latent_gathers_release_the_mapped_pages(tmp_path):
+    """A training worker gathering rows for an epoch must not keep the latent cache in its own RSS."""
+    z = torch.randn(512, 2, 8, 4, 4, generator=torch.Generator().manual_seed(1))   # 512 x 1 KB per image
+    save_latents(tmp_path / "train", z, torch.zeros(512, dtype=torch.long), ["a"], "sha", shard_items=256)
+    cache = load_latents(tmp_path, "train", in_memory_mb=0).latents_N2CHW
+    items = torch.randperm(1024, generator=torch.Generator().manual_seed(2))
+    for s in range(0, 1024, 64):                                       # one epoch of (image, flip) keys
+        batch = items[s:s + 64]
+        assert torch.equal(cache[batch // 2, batch % 2], z[batch // 2, batch % 2])
+    shard = cache.maps()[0]
+    assert mapped_rss_kb(shard._mmap) == 0                             # released after every gather
+    assert float(np.asarray(shard).sum()) != 0 and mapped_rss_kb(shard._mmap) >= 200   # control: reading shows
+
+
 def test_batches_are_slices_of_one_seeded_randperm_per_epoch():
     """The epoch permutation is cached, not recomputed per step; the batches must stay torch.randperm's
     (so runs and resume checkpoints from before the cache continue identically)."""
