@@ -101,10 +101,12 @@ def _commands(tok_out: str, d2_out: str) -> list[tuple[str, list[str], int]]:
 
 
 def smaps(pid: int) -> dict[str, int]:
-    """Rss, Pss and Pss_Anon of a process in bytes (/proc/<pid>/smaps_rollup). PSS splits pages shared
-    between processes (forked workers, the page cache of memory-mapped files) among them, so summing
-    PSS over a process tree counts every page once; Pss_Anon leaves out file-backed pages."""
-    out = {"Rss": 0, "Pss": 0, "Pss_Anon": 0}
+    """Rss, Pss, Pss_Anon and Private_Dirty of a process in bytes (/proc/<pid>/smaps_rollup). PSS splits
+    pages shared between processes (forked workers, the page cache of memory-mapped files) among them,
+    so summing PSS over a process tree counts every page once; Pss_Anon leaves out file-backed pages;
+    Private_Dirty is what only this process holds (a forked DataLoader worker's own allocations and
+    copied-on-write pages: what one more such worker adds)."""
+    out = {"Rss": 0, "Pss": 0, "Pss_Anon": 0, "Private_Dirty": 0}
     try:
         for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
             key, _, rest = line.partition(":")
@@ -115,10 +117,15 @@ def smaps(pid: int) -> dict[str, int]:
     return out
 
 
+TRAIN_WORKER_MARKS = ("RayTrainWorker", "dp_stage.py")   # a Ray Train worker / a torchrun rank running a stage
+
+
 class TreeMonitor(threading.Thread):
     """Polls a process and all its descendants: peak summed PSS (each page once), peak summed
     Pss_Anon (private memory: no mapped files / page cache), peak RSS of the largest single process,
-    and per-process peaks."""
+    per-process peaks, CPU seconds, and for every training worker (a process whose title names
+    TRAIN_WORKER_MARKS; Ray renames its worker processes, so every title seen is kept) the peaks of
+    the worker alone and of the worker with its DataLoader processes (its direct children)."""
 
     def __init__(self, pid: int, every: float = 0.2):
         super().__init__(daemon=True)
@@ -132,23 +139,55 @@ class TreeMonitor(threading.Thread):
                 procs = [self.root] + self.root.children(recursive=True)
             except psutil.NoSuchProcess:
                 break
-            pss = anon = 0
+            now = {}
             for p in procs:
                 try:
-                    name = " ".join(p.cmdline()[:4])[:80]
+                    name, ppid, cpu = " ".join(p.cmdline()[:4])[:80], p.ppid(), p.cpu_times()
                 except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                     continue
-                m = smaps(p.pid)
-                pss, anon = pss + m["Pss"], anon + m["Pss_Anon"]
-                self.peak_one = max(self.peak_one, m["Rss"])
-                rec = self.per_proc.setdefault(p.pid, {"cmd": name, "rss": 0, "pss": 0})
+                m = now[p.pid] = {**smaps(p.pid), "ppid": ppid}
+                rec = self.per_proc.setdefault(p.pid, {"names": [], "rss": 0, "pss": 0, "anon": 0, "own": 0,
+                                                       "cpu_s": 0.0, "tree_pss": 0, "tree_anon": 0})
+                if name not in rec["names"]:
+                    rec["names"].append(name)
+                rec["ppid"], rec["cpu_s"] = ppid, max(rec["cpu_s"], cpu.user + cpu.system)
                 rec["rss"], rec["pss"] = max(rec["rss"], m["Rss"]), max(rec["pss"], m["Pss"])
-            self.peak_pss, self.peak_anon = max(self.peak_pss, pss), max(self.peak_anon, anon)
+                rec["anon"], rec["own"] = max(rec["anon"], m["Pss_Anon"]), max(rec["own"], m["Private_Dirty"])
+            for pid, m in now.items():   # a training worker plus its DataLoader processes
+                if self.is_worker(pid):
+                    kids = [c for c in now.values() if c["ppid"] == pid]
+                    rec = self.per_proc[pid]
+                    rec["tree_pss"] = max(rec["tree_pss"], m["Pss"] + sum(c["Pss"] for c in kids))
+                    rec["tree_anon"] = max(rec["tree_anon"], m["Pss_Anon"] + sum(c["Pss_Anon"] for c in kids))
+            self.peak_pss = max(self.peak_pss, sum(m["Pss"] for m in now.values()))
+            self.peak_anon = max(self.peak_anon, sum(m["Pss_Anon"] for m in now.values()))
+            self.peak_one = max([self.peak_one] + [m["Rss"] for m in now.values()])
             time.sleep(self.every)
+
+    def is_worker(self, pid: int) -> bool:
+        """A training worker, not one of its forked DataLoader processes (which inherit its title)."""
+        def marked(q: int) -> bool:
+            return q in self.per_proc and any(k in n for n in self.per_proc[q]["names"] for k in TRAIN_WORKER_MARKS)
+        return marked(pid) and not marked(self.per_proc[pid].get("ppid", -1))
+
+    def processes(self, workers_only: bool = False, min_rss_mb: float = 50) -> list[dict]:
+        """Per-process peaks (processes above `min_rss_mb`, or the training workers with their loaders)."""
+        mb = lambda b: round(b / 2**20, 1)   # noqa: E731
+        rows = []
+        for pid, r in self.per_proc.items():
+            if workers_only and not self.is_worker(pid) or r["rss"] < min_rss_mb * 2**20:
+                continue
+            row = {"pid": pid, "ppid": r.get("ppid"), "title": " | ".join(r["names"])[:120],
+                   "peak_rss_mb": mb(r["rss"]), "peak_pss_mb": mb(r["pss"]), "peak_private_mb": mb(r["anon"]),
+                   "peak_private_dirty_mb": mb(r["own"]), "cpu_s": round(r["cpu_s"], 1)}
+            if workers_only:
+                row.update(peak_with_loaders_pss_mb=mb(r["tree_pss"]), peak_with_loaders_private_mb=mb(r["tree_anon"]))
+            rows.append(row)
+        return sorted(rows, key=lambda r: r["pid"])
 
 
 def run_stage(work: Path, argv: list[str], env: dict) -> dict:
-    t0 = time.perf_counter()
+    load0, t0 = os.getloadavg(), time.perf_counter()
     proc = subprocess.Popen([sys.executable, *argv], cwd=work, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     mon = TreeMonitor(proc.pid)
@@ -159,14 +198,14 @@ def run_stage(work: Path, argv: list[str], env: dict) -> dict:
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}):\n{out[-4000:]}")
-    workers = [r for r in mon.per_proc.values() if "ray::" in r["cmd"] or "RayTrainWorker" in r["cmd"]
-               or "_call_on_worker" in r["cmd"] or "dp_stage.py" in r["cmd"]]
-    return {"seconds": round(seconds, 1), "peak_tree_pss_mb": round(mon.peak_pss / 2**20, 1),
+    main = mon.per_proc.get(proc.pid, {})
+    return {"seconds": round(seconds, 1), "cpu_s": round(sum(r["cpu_s"] for r in mon.per_proc.values()), 1),
+            "load_avg_1m": [round(load0[0], 2), round(os.getloadavg()[0], 2)],
+            "peak_tree_pss_mb": round(mon.peak_pss / 2**20, 1),
             "peak_tree_private_mb": round(mon.peak_anon / 2**20, 1),
-            "peak_process_rss_mb": round(mon.peak_one / 2**20, 1), "processes": len(mon.per_proc),
-            "ray_workers": sorted(({"cmd": r["cmd"], "peak_rss_mb": round(r["rss"] / 2**20, 1),
-                                    "peak_pss_mb": round(r["pss"] / 2**20, 1)} for r in workers),
-                                  key=lambda r: -r["peak_rss_mb"])[:4],
+            "peak_process_rss_mb": round(mon.peak_one / 2**20, 1),
+            "peak_main_rss_mb": round(main.get("rss", 0) / 2**20, 1), "processes": len(mon.per_proc),
+            "train_workers": mon.processes(workers_only=True), "per_process": mon.processes(),
             "log_tail": out[-600:]}
 
 
@@ -176,8 +215,12 @@ def items_per_run(stage: str, n: int, args) -> int:
             "reference_stats": args.num_val, "sample": args.samples, "evaluate": args.samples}[stage]
 
 
-def disjoint_epochs(trace: Path, n: int, batch: int, steps: int) -> dict:
-    """From the tokenizer samplers' traces: items per rank per epoch, and whether the ranks overlapped."""
+def disjoint_epochs(trace: Path, n: int, batch: int, steps: int, seed: int) -> dict:
+    """From the tokenizer samplers' traces (what each worker's DataLoader actually read): items per
+    rank per epoch, how many the ranks shared, and whether at every traced step the ranks' parts
+    together are exactly the single-process global batch (flexvar.data.sampling.batch_indices)."""
+    from flexvar.data.sampling import batch_indices
+
     per_rank = {}
     for f in sorted(trace.glob("rank*.txt")):
         rows = [list(map(int, line.split())) for line in f.read_text().splitlines()]
@@ -185,11 +228,29 @@ def disjoint_epochs(trace: Path, n: int, batch: int, steps: int) -> dict:
     if len(per_rank) < 2:
         return {"ranks": list(per_rank)}
     per_epoch = n // batch
-    out = {"ranks": list(per_rank), "steps_traced": steps, "epochs": {}}
+    union_ok = all(sorted(sum((r.get(s, []) for r in per_rank.values()), [])) ==
+                   sorted(batch_indices(s, batch, n, seed).tolist()) for s in range(steps))
+    out = {"ranks": list(per_rank), "steps_traced": steps, "union_is_global_batch": union_ok, "epochs": {}}
     for epoch in sorted({s // per_epoch for s in range(steps)}):
         sets = [set(i for s, items in r.items() if s // per_epoch == epoch for i in items) for r in per_rank.values()]
         out["epochs"][epoch] = {"items_per_rank": [len(s) for s in sets],
                                 "overlap": len(set.intersection(*sets))}
+    return out
+
+
+def sampler_epochs(n: int, batch: int, seed: int, world: int, epochs: int = 2) -> dict:
+    """The same rule over whole epochs (the benchmark's few steps stay inside epoch 0): each rank's
+    StepBatchSampler for `epochs` epochs of n items; per epoch, items per rank, overlap, and coverage."""
+    from flexvar.data.sampling import StepBatchSampler
+
+    per_epoch = n // batch
+    ranks = [list(StepBatchSampler(n, batch, seed, steps=epochs * per_epoch, rank=r, world=world))
+             for r in range(world)]
+    out = {}
+    for e in range(epochs):
+        sets = [set(i for part in parts[e * per_epoch:(e + 1) * per_epoch] for i in part) for parts in ranks]
+        out[e] = {"items_per_rank": [len(s) for s in sets], "overlap": len(set.intersection(*sets)),
+                  "covered": len(set.union(*sets))}
     return out
 
 
@@ -247,14 +308,19 @@ def run_size(n: int, args) -> dict:
         r["items"] = items_per_run(stage, n, args)
         r["items_per_s"] = round(r["items"] / r["seconds"], 2)
         results[stage] = r
-        print(f"N={n} workers={args.train_workers} {stage}: {r['seconds']}s, peak tree PSS {r['peak_tree_pss_mb']} MB, "
+        print(f"N={n} workers={args.train_workers} {stage}: {r['seconds']}s ({r['cpu_s']} CPU s, load "
+              f"{r['load_avg_1m']}), peak tree PSS {r['peak_tree_pss_mb']} MB, "
               f"private {r['peak_tree_private_mb']} MB, largest process RSS {r['peak_process_rss_mb']} MB, "
               f"{r['items_per_s']} items/s", flush=True)
-        for w in r["ray_workers"]:
+        for w in r["train_workers"]:
             print(f"  worker {w}", flush=True)
         if stage == "train_tokenizer":
-            r["rank_items"] = disjoint_epochs(trace, n, 16, args.steps)
+            seed = params_for(n, args)["seed"]
+            r["rank_items"] = disjoint_epochs(trace, n, 16, args.steps, seed)
             print(f"  items read per rank and epoch: {r['rank_items']}", flush=True)
+            if args.train_workers > 1:
+                r["sampler_epochs"] = sampler_epochs(n, 16, seed, args.train_workers)
+                print(f"  sampler over 2 whole epochs: {r['sampler_epochs']}", flush=True)
         if stage == "extract_latents":
             r["fp16_token_agreement"] = token_agreement(work)
             print(f"  float16 storage vs float32: {r['fp16_token_agreement']}", flush=True)
@@ -264,45 +330,62 @@ def run_size(n: int, args) -> dict:
     return results
 
 
-MB = 2 ** 20
-D16 = dict(n=1_281_167, px=256, latent=16, cvae=32, workers=8, data_workers=8, tok_batch=128, tr_batch=768,
-           extract_batch=64, sample_batch=250, png_kb=120, jpeg_kb=110, fid_samples=50_000, inception_dim=2048)
-
-
-def project_d16(measured: dict[str, dict]) -> list[tuple[str, float, str]]:
-    """Host memory per process of the d16 preset on ImageNet-1k: the measured N-independent part of
-    each stage (its private memory at the largest N measured here: interpreter, torch, datasets,
-    MLflow, model) plus the data-path terms at 256 px, which are all O(batch). Returns
-    (stage, MB, what the data term is). GPU-resident weights / optimizer state are not host memory."""
-    p = D16
-    img = 3 * p["px"] ** 2
-    lat_item = 2 * p["cvae"] * p["latent"] ** 2 * 4
-    terms = {
-        "prepare": ((1000 * p["png_kb"] * 1024 + p["data_workers"] * 16 * 4 * (p["jpeg_kb"] + p["png_kb"]) * 1024
-                     + p["data_workers"] * 4 * 500 * 400 * 3),
-                    "Arrow writer batch (1000 PNGs) + task window (workers x 64 tasks: JPEG in, PNG out) "
-                    "+ one decoded source image per worker"),
-        "train_tokenizer": (2 * p["data_workers"] * (p["tok_batch"] // p["workers"]) * img * 5,
-                            "2 prefetched batches per data worker, uint8 + float copies, per training worker"),
-        "extract_latents": (2 * p["data_workers"] * p["extract_batch"] * img + p["extract_batch"] * (2 * img * 4 + lat_item),
-                            "prefetched image batches + one float batch and its latents"),
-        "train_transformer": ((p["tr_batch"] // p["workers"]) * lat_item * 4,
-                              "the worker's share of a batch gathered from the memory-mapped cache (float32, x4 "
-                              "for inputs/targets); the cache itself lives in the shared page cache"),
-        "train_feature_net": (2 * p["data_workers"] * 64 * img * 5, "prefetched batches of 64"),
-        "reference_stats": (64 * img * 5 + 50_000 * p["inception_dim"] * 8,
-                            "torch-fidelity batch + the reference features (ImageNet val 50k x 2048 float64)"),
-        "sample": (p["sample_batch"] * img * (1 + 4 * 2), "one batch: uint8 + float images (CFG doubles the batch)"),
-        "evaluate": (64 * img * 5 + p["fid_samples"] * p["inception_dim"] * 8,
-                     "torch-fidelity batch + 50k x 2048 float64 features (inherent to KID / precision-recall)"),
-    }
-    rows = []
-    for stage, (data_bytes, what) in terms.items():
-        base = measured.get(stage, {}).get("peak_tree_private_mb")
-        if base is None:
+def print_tables(allres: dict[int, dict], stages: list[str], sizes: list[int]) -> None:
+    """Markdown: memory per stage at each N with the largest-N / smallest-N ratios; time and load;
+    training workers (multi-worker runs)."""
+    lo, hi = sizes[0], sizes[-1]
+    cols = [("peak_tree_pss_mb", "tree PSS"), ("peak_tree_private_mb", "tree private"),
+            ("peak_process_rss_mb", "largest-process RSS")]
+    print("\n| stage | " + " | ".join(f"N={n} {name} MB" for n in sizes for _, name in cols)
+          + "".join(f" | {name} ratio" for _, name in cols) + " |")
+    print("|---" * (1 + len(sizes) * len(cols) + len(cols)) + "|")
+    for st in stages:
+        rows = [allres[n].get(st) for n in sizes]
+        if not all(rows):
             continue
-        rows.append((stage, round(base + data_bytes / MB, 0), f"{base} MB measured + {data_bytes / MB:.0f} MB: {what}"))
-    return rows
+        ratios = " | ".join(f"{rows[-1][k] / rows[0][k]:.2f}" for k, _ in cols)
+        print(f"| {st} | " + " | ".join(str(r[k]) for r in rows for k, _ in cols) + f" | {ratios} |")
+    print("\n| stage | " + " | ".join(f"N={n} wall s | CPU s | items/s | load 1 min (start, end)" for n in sizes) + " |")
+    print("|---" * (1 + 4 * len(sizes)) + "|")
+    for st in stages:
+        rows = [allres[n].get(st) for n in sizes]
+        if all(rows):
+            print(f"| {st} | " + " | ".join(f"{r['seconds']} | {r.get('cpu_s', '')} | {r['items_per_s']} | "
+                                            f"{r.get('load_avg_1m', '')}" for r in rows) + " |")
+    workers = [(n, st, w) for n in sizes for st in stages for w in (allres[n].get(st) or {}).get("train_workers", [])]
+    if workers:
+        print("\n| N | stage | worker | peak RSS MB | PSS MB | private MB | with its DataLoader worker: PSS MB "
+              "| private MB | CPU s |\n|---|---|---|---|---|---|---|---|---|")
+        for n, st, w in workers:
+            print(f"| {n} | {st} | pid {w['pid']} | {w['peak_rss_mb']} | {w['peak_pss_mb']} | {w['peak_private_mb']} "
+                  f"| {w['peak_with_loaders_pss_mb']} | {w['peak_with_loaders_private_mb']} | {w['cpu_s']} |")
+        if hi != lo:
+            print(f"(ratios N={hi} / N={lo} per stage: worker peak RSS " + ", ".join(
+                f"{st} {max(w['peak_rss_mb'] for w in allres[hi][st]['train_workers']) / max(w['peak_rss_mb'] for w in allres[lo][st]['train_workers']):.2f}"
+                for st in stages if all((allres[n].get(st) or {}).get("train_workers") for n in (lo, hi))) + ")")
+
+
+def loader_probe(prepared: Path, workers: int, batches: int = 40, batch: int = 64) -> dict:
+    """What each DataLoader worker adds at `workers` workers (the d16 presets use 8): stream `batches`
+    batches of a prepared split through a loader and record every worker's peak Private_Dirty and
+    Pss_Anon, and this process's."""
+    import torch
+
+    from flexvar.data.sampling import RangeBatchSampler
+    from flexvar.data.splits import load_split
+
+    torch.set_num_threads(1)
+    split = load_split(prepared, "train", in_memory_mb=0)
+    peaks: dict[int, dict] = {}
+    for k, _ in enumerate(split.loader(RangeBatchSampler(min(len(split), batches * batch), batch), workers)):
+        for child in psutil.Process().children():
+            m = smaps(child.pid)
+            rec = peaks.setdefault(child.pid, {"private_dirty_mb": 0.0, "pss_anon_mb": 0.0})
+            rec["private_dirty_mb"] = max(rec["private_dirty_mb"], round(m["Private_Dirty"] / 2**20, 1))
+            rec["pss_anon_mb"] = max(rec["pss_anon_mb"], round(m["Pss_Anon"] / 2**20, 1))
+    me = smaps(os.getpid())
+    return {"workers": workers, "batches": batches, "batch": batch, "per_worker": list(peaks.values()),
+            "main_pss_anon_mb": round(me["Pss_Anon"] / 2**20, 1)}
 
 
 def main() -> None:
@@ -319,32 +402,22 @@ def main() -> None:
                     help="launcher of multi-worker training: flows.ray_train (Ray Train) or torchrun + dp_stage.py")
     ap.add_argument("--tokenizer-ch", type=int, default=8, help="tokenizer.ch (small: a fast extract_latents)")
     ap.add_argument("--stages", nargs="*", default=None, help="only these stages (results are kept per folder)")
+    ap.add_argument("--loader-probe", type=int, default=0, metavar="WORKERS",
+                    help="only measure what each of WORKERS DataLoader workers adds, on <root>/n<largest N>")
     args = ap.parse_args()
+    if args.loader_probe:
+        out = loader_probe(Path(args.root) / f"n{max(args.sizes)}" / "data" / "prepared", args.loader_probe)
+        print(json.dumps(out, indent=1))
+        (Path(args.root) / "loader_probe.json").write_text(json.dumps(out, indent=1))
+        return
     global DP_LAUNCHER
     DP_LAUNCHER = args.dp
     allres = {n: run_size(n, args) for n in args.sizes}
     out = Path(args.root) / f"scale_memory_w{args.train_workers}.json"
     out.write_text(json.dumps({str(k): v for k, v in allres.items()}, indent=1))
-    stages = [s for s, _, _ in stage_commands(args.train_workers)]
-    print("\n| stage | " + " | ".join(f"N={n} tree PSS MB | private MB | largest RSS MB | items/s" for n in args.sizes)
-          + " | PSS ratio | largest-RSS ratio |")
-    print("|---" * (3 + 4 * len(args.sizes)) + "|")
-    for s in stages:
-        rows = [allres[n].get(s) for n in args.sizes]
-        if not all(rows):
-            continue
-        cells = " | ".join(f"{r['peak_tree_pss_mb']} | {r['peak_tree_private_mb']} | {r['peak_process_rss_mb']} | "
-                           f"{r['items_per_s']}" for r in rows)
-        ratio = rows[-1]["peak_tree_pss_mb"] / rows[0]["peak_tree_pss_mb"]
-        ratio1 = rows[-1]["peak_process_rss_mb"] / rows[0]["peak_process_rss_mb"]
-        print(f"| {s} | {cells} | {ratio:.2f} | {ratio1:.2f} |")
-    print("\nProjected host memory per training process, d16 on ImageNet-1k (8 workers / node):")
-    print(f"  disk: prepared Arrow ~{D16['n'] * D16['png_kb'] / 2**20:.0f} GB PNG; latent cache "
-          f"{D16['n'] * 2 * D16['cvae'] * D16['latent'] ** 2 * 4 / 2**30:.1f} GiB float32 "
-          f"({D16['n'] * 2 * D16['cvae'] * D16['latent'] ** 2 * 2 / 2**30:.1f} GiB float16), memory-mapped: page "
-          f"cache shared by all workers of a node, never copied per worker")
-    for stage, mb, why in project_d16(allres[args.sizes[-1]]):
-        print(f"  {stage}: ~{mb:.0f} MB  ({why})")
+    print_tables(allres, [s for s, _, _ in stage_commands(args.train_workers)], args.sizes)
+    print(f"\nprojection to the d16 preset on ImageNet: python benchmarks/scaling_projection.py --memory-json "
+          f"{Path(args.root) / 'scale_memory_w1.json'} --memory-dp-json {Path(args.root) / 'scale_memory_w2.json'}")
     print(f"\nwritten to {out}")
 
 

@@ -56,6 +56,64 @@ def test_sampler_shards_disjointly_by_rank_and_resumes_by_step():
     assert list(RangeBatchSampler(10, 4)) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
 
 
+def mapped_rss_kb(buf) -> int:
+    """Resident kB of the memory mapping that holds `buf` (from /proc/self/smaps)."""
+    addr = np.frombuffer(buf, np.uint8).ctypes.data
+    inside = False
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= addr < hi
+        elif inside and head == "Rss:":
+            return int(line.split()[1])
+    raise AssertionError("mapping not found")
+
+
+def test_streamed_reads_release_the_mapped_pages(tiny_prepared):
+    """A worker reading a whole epoch must not keep the Arrow file resident in its own RSS."""
+    disk = load_split(tiny_prepared, "train", in_memory_mb=0)
+    every = disk.take(torch.arange(len(disk)))
+    assert every.shape == (256, 3, 32, 32)
+    mm = disk.arrow._maps[0]
+    assert mapped_rss_kb(mm) == 0                                      # released after the read
+    total = sum(mm[i] for i in range(0, len(mm), 4096))                # control: touching the pages shows them
+    assert total >= 0 and mapped_rss_kb(mm) >= len(mm) // 4096 * 4 // 2
+    again = pickle.loads(pickle.dumps(disk))                           # a worker gets paths, maps on first read
+    assert again.arrow._maps is None and torch.equal(again.take([3, 1]), every[[3, 1]])
+
+
+def test_latent_gathers_release_the_mapped_pages(tmp_path):
+    """A training worker gathering rows for an epoch must not keep the latent cache in its own RSS."""
+    z = torch.randn(512, 2, 8, 4, 4, generator=torch.Generator().manual_seed(1))   # 512 x 1 KB per image
+    save_latents(tmp_path / "train", z, torch.zeros(512, dtype=torch.long), ["a"], "sha", shard_items=256)
+    cache = load_latents(tmp_path, "train", in_memory_mb=0).latents_N2CHW
+    items = torch.randperm(1024, generator=torch.Generator().manual_seed(2))
+    for s in range(0, 1024, 64):                                       # one epoch of (image, flip) keys
+        batch = items[s:s + 64]
+        assert torch.equal(cache[batch // 2, batch % 2], z[batch // 2, batch % 2])
+    shard = cache.maps()[0]
+    assert mapped_rss_kb(shard._mmap) == 0                             # released after every gather
+    assert float(np.asarray(shard).sum()) != 0 and mapped_rss_kb(shard._mmap) >= 200   # control: reading shows
+
+
+def test_batches_are_slices_of_one_seeded_randperm_per_epoch():
+    """The epoch permutation is cached, not recomputed per step; the batches must stay torch.randperm's
+    (so runs and resume checkpoints from before the cache continue identically)."""
+    n, B, seed = 50, 8, 3
+    per_epoch = n // B
+    for step in range(3 * per_epoch):
+        epoch, pos = divmod(step, per_epoch)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        got = batch_indices(step, B, n, seed)
+        assert got.dtype == torch.int64 and torch.equal(got, perm[pos * B:(pos + 1) * B])
+        got.fill_(-1)                                                  # a caller changing its batch
+    assert torch.equal(batch_indices(0, B, n, seed),                   # leaves the cached order intact
+                       torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003))[:B])
+    wrapped = torch.randperm(5, generator=torch.Generator().manual_seed(seed * 100_003 + 1))
+    assert torch.equal(batch_indices(1, 8, 5, seed), wrapped[torch.arange(8) % 5])   # fewer items than a batch
+
+
 def test_tokenizer_trains_identically_on_both_paths(tiny_prepared):
     tok = TokenizerConfig(ch=8, ch_mult=[1, 2], z_channels=8, codebook_dim=4, codebook_size=16)
     cfg = TrainTokenizerConfig(steps=3, batch_size=4, warmup_steps=1, precision="fp32", num_scales=2)

@@ -13,12 +13,14 @@ Layout of `{split}/` (written to a temp folder, renamed into place when complete
                        shard_items images each (the last one: the rest)
 Shards are written block by block (O(batch) memory) and read with np.load(mmap_mode='r'):
 training gathers random rows from the memory maps, so every worker on a node shares one copy of
-the cache through the page cache instead of holding its own. Splits whose float32 latents fit in
+the cache through the page cache instead of holding its own, and releases the pages it read from
+its own mapping after each gather (RSS bounded by the batch, not by what an epoch touched). Splits whose float32 latents fit in
 `data.in_memory_mb` are loaded into one tensor instead (the embedded default's fast path).
 """
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import shutil
 import tempfile
@@ -38,6 +40,15 @@ from flexvar.device import autocast_ctx
 LATENTS_KIND = "latents"
 SHARD_ITEMS = 4096
 META = "meta.json"
+
+
+def release(array: np.ndarray) -> None:
+    """Drop a memory-mapped array's pages from this process (madvise MADV_DONTNEED) once rows were
+    copied out: they stay in the page cache that every worker of the node shares, but a worker
+    gathering random rows for an epoch does not end up holding the whole cache in its RSS."""
+    mm = getattr(array, "_mmap", None)        # numpy.memmap's mmap.mmap
+    if mm is not None and hasattr(mmap, "MADV_DONTNEED"):
+        mm.madvise(mmap.MADV_DONTNEED)
 
 
 class MappedLatents:
@@ -74,6 +85,7 @@ class MappedLatents:
             off = offset_B[sel].numpy()
             block = maps[k][off, flips_B[sel].numpy()] if flips_B is not None else maps[k][off]
             out[sel] = torch.from_numpy(np.asarray(block, dtype=np.float32))
+            release(maps[k])
         return out
 
 

@@ -12,6 +12,7 @@ which items each data-parallel worker read). Off by default.
 """
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Iterator
@@ -22,16 +23,25 @@ from torch.utils.data import Sampler
 from flexvar.distributed import rank_part
 
 
+@functools.lru_cache(maxsize=2)   # this epoch's and (across an epoch boundary) the previous one's
+def epoch_permutation(n_items: int, seed: int, epoch: int) -> torch.Tensor:
+    """The seeded order of the n items in `epoch`, computed once per epoch rather than once per step:
+    one randperm of ImageNet's 2.56 M (image, flip) keys costs ~0.2-0.3 s of CPU, more than a d16
+    GPU step. Held as int32 (4 bytes per item: 10 MB for 2.56 M keys); the values are randperm's."""
+    perm = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return perm.to(torch.int32) if n_items < 2 ** 31 else perm
+
+
 def batch_indices(micro_step: int, batch_size: int, n_items: int, seed: int) -> torch.Tensor:
-    """Items of global batch `micro_step`: a fresh seeded permutation of the n items per epoch,
+    """Items (int64) of global batch `micro_step`: a fresh seeded permutation of the n items per epoch,
     cut into full batches (fewer items than one batch: wraps around)."""
     per_epoch = max(1, n_items // batch_size)
     epoch, pos = divmod(micro_step, per_epoch)
-    perm = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    perm = epoch_permutation(n_items, seed, epoch)
     take = perm[pos * batch_size:(pos + 1) * batch_size]
     if len(take) < batch_size:   # fewer items than one batch: wrap around
         take = perm[torch.arange(pos * batch_size, (pos + 1) * batch_size) % n_items]
-    return take
+    return take.to(torch.int64, copy=True)   # callers never see (or change) the cached permutation
 
 
 class StepBatchSampler(Sampler[list[int]]):

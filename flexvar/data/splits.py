@@ -3,9 +3,10 @@
 Two paths, chosen automatically by size (`data.in_memory_mb`):
 - small splits (the embedded default: 3,000 images of 64 px = 37 MB) are decoded once into one
   uint8 tensor: on 2 cores that beats decoding every batch;
-- larger splits are never stacked: the Arrow files written by `prepare` stay memory-mapped on
-  disk and each batch is read and PNG-decoded on demand, in DataLoader worker processes
-  (`data.num_workers`), so memory is bounded by the batch, not the dataset.
+- larger splits are never stacked: the Arrow files written by `prepare` stay on disk, each batch is
+  read through a memory map and PNG-decoded on demand, in DataLoader worker processes
+  (`data.num_workers`), and the map's pages are released after every read (ArrowImages), so memory
+  is bounded by the batch, not the dataset.
 Both give the same pixels for the same indices (tested), so the path never changes results.
 
 Item keys for flipped views: `SplitImages(split, flips=True)` reads key k as image k // 2,
@@ -16,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import mmap
 import os
 from pathlib import Path
 from typing import Sequence
@@ -47,8 +49,52 @@ def decode_png_NCHW(blobs: Sequence[bytes], hw: tuple[int, int] | None = None) -
     return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
 
 
+class ArrowImages:
+    """The encoded images of a prepared split, read straight from its Arrow files through this
+    process's own read-only memory maps, whose pages are dropped from the process after every read
+    (madvise MADV_DONTNEED). The pages stay in the kernel's page cache, shared by all readers, but a
+    DataLoader worker reading a whole epoch no longer accumulates the file in its RSS, as it would
+    through a table mapped by `datasets` (ImageNet at 256 px: a 147 GB file). Pickles as paths; each
+    process maps the files when it first reads."""
+
+    def __init__(self, paths: Sequence[str | os.PathLike], num_rows: int):
+        self.paths, self.num_rows = [str(p) for p in paths], num_rows
+        self._maps: list[mmap.mmap] | None = None
+        self._chunks, self._starts = [], np.zeros(1, dtype=np.int64)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_maps": None, "_chunks": [], "_starts": np.zeros(1, dtype=np.int64)}
+
+    def _open(self) -> None:
+        import pyarrow as pa
+
+        maps, chunks = [], []
+        for path in self.paths:
+            with open(path, "rb") as f:
+                maps.append(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+            chunks += [c.field("bytes") for c in pa.ipc.open_stream(pa.py_buffer(maps[-1])).read_all()
+                       .column("image").chunks]                     # zero-copy views into the maps
+        starts = np.cumsum([0] + [len(c) for c in chunks])
+        if starts[-1] != self.num_rows:
+            raise ValueError(f"{self.paths[0]}: {starts[-1]} images in the Arrow files, {self.num_rows} expected")
+        self._maps, self._chunks, self._starts = maps, chunks, starts
+
+    def take(self, idx: Sequence[int]) -> list[bytes]:
+        """The encoded bytes of rows `idx` (copied out of the maps, whose pages are then released)."""
+        if self._maps is None:
+            self._open()
+        chunk_B = np.searchsorted(self._starts, np.asarray(idx, dtype=np.int64), side="right") - 1
+        # item by item: Arrow's take on a chunked binary column would first concatenate every chunk
+        blobs = [self._chunks[k][int(i) - int(self._starts[k])].as_py() for k, i in zip(chunk_B.tolist(), idx)]
+        for m in self._maps:
+            if hasattr(mmap, "MADV_DONTNEED"):
+                m.madvise(mmap.MADV_DONTNEED)
+        return blobs
+
+
 class ImageSplit:
-    """Labels and class names in memory; images either in memory (`images_NCHW`) or on disk (`arrow`).
+    """Labels and class names in memory; images either in memory (`images_NCHW`) or on disk (`arrow`,
+    an ArrowImages).
 
     `take(idx)` returns the images of any indices on either path; `images_NCHW` exists only on
     the in-memory path (a large split raises instead of silently stacking itself)."""
@@ -88,8 +134,7 @@ class ImageSplit:
         idx = torch.as_tensor(idx, dtype=torch.long)
         if self.in_memory:
             return self._images_NCHW[idx]
-        rows = self.arrow[idx.tolist()]["image"]
-        return decode_png_NCHW([r["bytes"] for r in rows])
+        return decode_png_NCHW(self.arrow.take(idx.tolist()))
 
     def fingerprint(self) -> str:
         """Short identity of the images and labels (a checkpoint never resumes on other data)."""
@@ -162,8 +207,11 @@ def load_split(prepared_dir: str | os.PathLike, split: str, in_memory_mb: float 
         raise FileNotFoundError(f"{prepared_dir} is not a prepared dataset; run the prepare stage (dvc repro prepare)")
     ds = datasets.load_from_disk(str(prepared_dir))[split]
     class_names = list(ds.features["label"].names)
+    if ds._indices is not None:
+        raise ValueError(f"{prepared_dir}/{split}: an indices mapping over the Arrow files; prepare writes plain "
+                         f"files, rerun the prepare stage")
     labels_N = torch.as_tensor(np.asarray(ds.with_format("numpy")["label"]), dtype=torch.int64)
-    arrow = ds.cast_column("image", datasets.Image(decode=False))
+    arrow = ArrowImages([f["filename"] for f in ds.cache_files], len(ds))
     on_disk = ImageSplit(None, labels_N, class_names, arrow=arrow, fingerprint=f"{ds._fingerprint}:{len(ds)}")
     h, w = on_disk.image_hw
     if len(ds) * 3 * h * w > in_memory_mb * 2 ** 20:
