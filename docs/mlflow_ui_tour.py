@@ -8,7 +8,8 @@ PATH is a project after a finished `dvc repro` (its mlflow.db). The script start
 Debian's Chromium (/usr/bin/chromium, /usr/bin/chromedriver; apt packages `chromium chromium-driver`)
 through Selenium — nothing is downloaded at run time — along the README's steps:
 
-  1. open the UI, click "Model training" (top left; the browser remembers it), click `flexvar`;
+  1. open the experiment's runs page link (`pipeline.tracking.runs_page`, printed by every stage:
+     <ui>/#/experiments/<id>/runs?workflowType=machine_learning) in a fresh browser profile;
   2. search `tags.stage = 'evaluate'`, expand the pipeline run; Columns: tick fid_<space>, depth,
      schedule, steps                                   -> mlflow_runs_fid.png
   3. search `tags.flexvar_role = 'fid_curve'`, switch to the chart view
@@ -28,8 +29,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the project, when run as a script
+from pipeline.tracking import runs_page  # noqa: E402
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -83,6 +88,16 @@ def start_server(project: Path, port: int, log_path: Path) -> subprocess.Popen:
             proc.kill()
             raise TourError(f"mlflow server did not become healthy; see {log_path}")
         time.sleep(1)
+
+
+def experiment_id(url: str) -> str:
+    """The id of the experiment EXPERIMENT on the server at `url` (REST)."""
+    query = urllib.parse.urlencode({"experiment_name": EXPERIMENT})
+    try:
+        with urllib.request.urlopen(f"{url}/api/2.0/mlflow/experiments/get-by-name?{query}", timeout=30) as r:
+            return json.loads(r.read())["experiment"]["experiment_id"]
+    except OSError as e:
+        raise TourError(f"no experiment {EXPERIMENT!r} at {url}: {e}") from None
 
 
 # --------------------------------------------------------------------------- the browser
@@ -209,10 +224,7 @@ def tour(url: str, out: Path, feature_space: str = "domain") -> dict:
     profile = Path(tempfile.mkdtemp(prefix="flexvar-chromium-"))
     driver = chromium(profile)
     try:
-        driver.get(f"{url}/#/experiments")
-        wait_for(driver, "the 'Model training' switch", lambda: by_text(driver, "div", "Model training")).click()
-        time.sleep(1)
-        wait_for(driver, f"the experiment {EXPERIMENT}", lambda: by_text(driver, "a", EXPERIMENT)).click()
+        driver.get(runs_page(url, experiment_id(url)))
         wait_for(driver, "the runs page", lambda: "/runs" in driver.current_url and by_text(driver, "button", "Columns"))
         close_assistant(driver)
         search(driver, "tags.stage = 'evaluate'")

@@ -92,6 +92,10 @@ def init_ray(res: ResourcesConfig, root: Path, env: dict[str, str] | None = None
         # The embedded cluster lives in this process on this machine, so it needs no token; a remote
         # cluster (ray_address set) keeps Ray's token authentication as its operator configured it.
         os.environ.setdefault("RAY_AUTH_MODE", LOCAL_RAY_AUTH_MODE)
+        # Ray starts its workers at nice 15; on a machine shared with other work (or with a `dvc repro`)
+        # that starves the trials (a sweep trial measured ~3x slower beside normal-priority processes),
+        # so the embedded cluster's workers run at the priority of the command that started them.
+        os.environ.setdefault("RAY_worker_niceness", "0")
     kwargs = ray_init_kwargs(res, root, env)
     ray.init(res.ray_address or None, **kwargs)
     return True

@@ -99,15 +99,23 @@ def comparison_rows(params: Params, folders: dict[str, Path], depth: int) -> lis
     return rows
 
 
+def _with_interval(row: dict[str, Any], key: str) -> str:
+    """`value [low, high]` when evaluate wrote a bootstrap interval for `key`, else the value."""
+    lo, hi = row.get(f"{key}_ci_low"), row.get(f"{key}_ci_high")
+    return f"{row[key]:.3f}" + (f" [{lo:.2f}, {hi:.2f}]" if lo is not None and hi is not None else "")
+
+
 def comparison_table(rows: list[dict[str, Any]], space: str) -> str:
-    """Markdown: FID per schedule, default and best side by side, and the change."""
+    """Markdown: FID per schedule (95% bootstrap interval where evaluated), default and best side by side,
+    and the change."""
     key = f"fid_{space}"
     by = {(r["setting"], r["schedule"]): r for r in rows}
     scheds = list(dict.fromkeys(r["schedule"] for r in rows))
     lines = [f"| schedule | steps | size | {key} default | {key} best | best - default |", "|---|---:|---|---:|---:|---:|"]
     for s in scheds:
         d, b = by[("default", s)], by[("best", s)]
-        lines.append(f"| {s} | {d['steps']} | {d['size']} | {d[key]:.3f} | {b[key]:.3f} | {b[key] - d[key]:+.3f} |")
+        lines.append(f"| {s} | {d['steps']} | {d['size']} | {_with_interval(d, key)} | {_with_interval(b, key)} "
+                     f"| {b[key] - d[key]:+.3f} |")
     mean = {lab: sum(by[(lab, s)][key] for s in scheds) / len(scheds) for lab in LABELS}
     lines.append(f"| **mean** | | | {mean['default']:.3f} | {mean['best']:.3f} | {mean['best'] - mean['default']:+.3f} |")
     return "\n".join(lines) + "\n"

@@ -48,6 +48,11 @@ PROBE_TIMEOUT_S = 3
 # MLflow 3 experiment type tag: the UI opens a model-training experiment on its runs table, not on
 # the GenAI overview (values in mlflow's UI code: custom_model_development | genai_development | ...).
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+# ... but the UI's GenAI / Model training switch is kept in browser storage (GenAI on a first visit)
+# and does not follow that tag; the URL parameter workflowType=machine_learning sets it for the page,
+# so this link opens the experiment on its runs table in any browser (checked by docs/mlflow_ui_tour.py).
+RUNS_PAGE = "{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+MLFLOW_UI_BASE = "http://127.0.0.1:5000"   # where `mlflow ui` serves by default
 PARAM_CHUNK = 100     # MLflow's log_batch limit on params per call
 METRIC_CHUNK = 1000   # ... and on metrics per call
 
@@ -338,6 +343,13 @@ class UntrackedLogger(RunLogger):
         pass
 
 
+def runs_page(uri: str, experiment_id: str) -> str:
+    """The UI link that opens the experiment's runs table (a server URI is its own UI; a local store's
+    UI is `mlflow ui` on its default address)."""
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else MLFLOW_UI_BASE
+    return RUNS_PAGE.format(base=base, experiment_id=experiment_id)
+
+
 def open_run(stage: str, params: Params, param_keys: list[str], tags: dict | None = None,
              variant: str | None = None) -> RunLogger:
     """Start the stage's child run (see `stage_run`); caller closes it."""
@@ -365,7 +377,7 @@ def open_run(stage: str, params: Params, param_keys: list[str], tags: dict | Non
     logger = MlflowLogger(client, run.info.run_id, parent_id, uri, exp_id)
     logger.log_params(select(params, param_keys))
     print(f"[tracking] {name}: run {run.info.run_id} (parent {parent_id}) in '{params.tracking.experiment}' "
-          f"at {uri}", flush=True)
+          f"at {uri}; runs page: {runs_page(uri, exp_id)}", flush=True)
     return logger
 
 

@@ -7,6 +7,8 @@
    up to train_transformer (its matrix entries in parallel): the flow completes, `dvc status` is
    clean, `dvc repro` is a no-op, and MLflow holds one parent run with every stage run under it.
    (The whole graph on the smoke preset is timed against `dvc repro`, see docs/orchestration.md.)
+3. The embedded Ray's workers run at the driver's priority, not Ray's default nice 15 (which starves
+   sweep trials beside any other work on the machine).
 """
 from __future__ import annotations
 
@@ -166,3 +168,13 @@ def test_flow_on_project(ray_and_prefect, tmp_path):
     children = [t for t in by_run.values() if "stage" in t]
     assert len(parents) == 1 and by_run[parents[0]]["pipeline_run_id"].startswith("prefect-")
     assert len(children) == len(stages) and all(t["mlflow.parentRunId"] == parents[0] for t in children)
+
+
+def test_local_ray_workers_run_at_the_drivers_priority(ray_and_prefect):
+    import ray
+
+    @ray.remote(num_cpus=1)
+    def niceness() -> int:
+        return os.nice(0)
+
+    assert ray.get(niceness.remote()) == os.nice(0)

@@ -7,6 +7,7 @@
 - eval_panel members are validated like sample.schedules, naming sweep.eval_panel.<name>.
 - evaluate_panel scores a real (tiny) model on every panel schedule, including sizes beyond the
   cached latent, and the panel loss is their mean.
+- The transfer table puts each FID beside its bootstrap interval (where evaluated) and the change.
 """
 from __future__ import annotations
 
@@ -111,3 +112,18 @@ def test_evaluate_panel_on_a_tiny_model(tmp_path):
     assert out["val_loss/canonical"] == pytest.approx(canonical["val_loss"])
     assert out["val_loss_panel"] == pytest.approx(sum(out[f"val_loss/{k}"] for k in panel) / 3)
     assert all(0.0 < out[f"val_loss/{k}"] < 10.0 for k in panel)       # finite, near log(64) for a fresh model
+
+
+def test_transfer_table_shows_each_fid_with_its_interval_and_the_change():
+    from flows.transfer import comparison_table
+
+    rows = [{"setting": "default", "schedule": "short", "steps": 4, "size": "64x64", "fid_domain": 20.0,
+             "fid_domain_ci_low": 19.5, "fid_domain_ci_high": 21.25},
+            {"setting": "best", "schedule": "short", "steps": 4, "size": "64x64", "fid_domain": 18.5},
+            {"setting": "default", "schedule": "long", "steps": 8, "size": "64x64", "fid_domain": 16.0},
+            {"setting": "best", "schedule": "long", "steps": 8, "size": "64x64", "fid_domain": 17.0,
+             "fid_domain_ci_low": 16.0, "fid_domain_ci_high": 18.0}]
+    lines = comparison_table(rows, "domain").splitlines()
+    assert lines[2] == "| short | 4 | 64x64 | 20.000 [19.50, 21.25] | 18.500 | -1.500 |"
+    assert lines[3] == "| long | 8 | 64x64 | 16.000 | 17.000 [16.00, 18.00] | +1.000 |"
+    assert lines[4] == "| **mean** | | | 18.000 | 17.750 | -0.250 |"

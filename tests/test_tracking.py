@@ -17,7 +17,7 @@ import yaml
 
 from flexvar.config import load_params_dict, select
 from pipeline.common import set_offline_env
-from pipeline.tracking import TrackingError, UntrackedLogger, stage_run
+from pipeline.tracking import TrackingError, UntrackedLogger, runs_page, stage_run
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -221,3 +221,12 @@ def test_failed_stage_marks_run_failed(tmp_path, monkeypatch):
     run = client.get_run(run_id)
     assert run.info.status == "FAILED"
     assert client.get_run(run.data.tags["mlflow.parentRunId"]).info.status == "FAILED"
+
+
+def test_runs_page_link_sets_the_model_training_view():
+    """MLflow 3 takes its GenAI / Model training switch from the URL before browser storage; a local
+    store's UI is `mlflow ui` at its default address, a server is its own UI."""
+    assert runs_page("sqlite:////p/mlflow.db", "1") == \
+        "http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning"
+    assert runs_page("http://tracking.example:8080/", "7") == \
+        "http://tracking.example:8080/#/experiments/7/runs?workflowType=machine_learning"
