@@ -98,10 +98,17 @@ def run_setting(name: str, spec: str, raw: dict, steps: int, n_val: int, tmp: Pa
             "threads": torch.get_num_threads(), "curve": curve}
 
 
+def _with_ci(row: dict, key: str, digits: int) -> str:
+    """'value [low, high]' for a setting taken through a transformer (keys added to its row by hand), else '-'."""
+    if key not in row:
+        return "-"
+    return f"{row[key]:.{digits}f} [{row[key + '_ci_low']:.{digits}f}, {row[key + '_ci_high']:.{digits}f}]"
+
+
 def markdown(rows: list[dict]) -> str:
     """The frontier table: one row per setting, wall and CPU minutes, the load seen, PSNR at full scale and per scale."""
     head = ["setting", "overrides", "data", "steps", "latent", "tokens (full / canonical)", "params (M)", "train min (wall)", "train min (CPU)", "load",
-            "PSNR full (dB)", "PSNR per scale 1..n (dB)", "usage"]
+            "PSNR full (dB)", "PSNR per scale 1..n (dB)", "usage", "class acc d4 canonical [CI]", "FID domain [CI]"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         per_scale = " / ".join(f"{v:.1f}" for _, v in sorted(r["psnr_per_scale"].items(), key=lambda kv: int(kv[0])))
@@ -110,7 +117,8 @@ def markdown(rows: list[dict]) -> str:
             f"{r.get('source', 'builtin:shapes').split(':')[-1]} {r.get('resolution', 64)} px", str(r["steps"]), f"{r['latent']}x{r['latent']}",
             f"{r['latent'] ** 2} / {r.get('tokens_canonical') or ScheduleConfig().resolved(r['latent']).max_tokens}",
             f"{r['params_M']:.2f}", f"{r['train_minutes']:.1f}", f"{r['train_cpu_minutes']:.1f}",
-            f"{r['load_start']:.0f}-{r['load_end']:.0f}", f"{r['psnr_full']:.2f}", per_scale, f"{r['usage']:.3f}"]) + " |")
+            f"{r['load_start']:.0f}-{r['load_end']:.0f}", f"{r['psnr_full']:.2f}", per_scale, f"{r['usage']:.3f}",
+            _with_ci(r, "class_acc_domain", 3), _with_ci(r, "fid_domain", 2)]) + " |")
     return "\n".join(lines) + "\n"
 
 
