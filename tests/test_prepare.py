@@ -28,16 +28,17 @@ def _tree_digest(folder: Path) -> str:
     return h.hexdigest()
 
 
-def _builtin(tmp: Path, seed: int, name: str) -> tuple[dict, Path]:
+def _builtin(tmp: Path, seed: int, name: str, source: str = "builtin:shapes") -> tuple[dict, Path]:
     out = tmp / name
-    stats = prepare(DataConfig(resolution=RES, num_train=96, num_val=24), seed=seed, out_dir=out)
+    stats = prepare(DataConfig(source=source, resolution=RES, num_train=96, num_val=24), seed=seed, out_dir=out)
     return stats, out
 
 
-def test_builtin_deterministic_and_seed_dependent(tmp_path):
-    s1, o1 = _builtin(tmp_path, 0, "a")
-    s2, o2 = _builtin(tmp_path, 0, "b")
-    s3, o3 = _builtin(tmp_path, 1, "c")
+@pytest.mark.parametrize("source", ["builtin:shapes", "builtin:glyphs"])
+def test_builtin_deterministic_and_seed_dependent(tmp_path, source):
+    s1, o1 = _builtin(tmp_path, 0, "a", source)
+    s2, o2 = _builtin(tmp_path, 0, "b", source)
+    s3, o3 = _builtin(tmp_path, 1, "c", source)
     assert s1["content_hash"] == s2["content_hash"] != s3["content_hash"]
     assert _tree_digest(o1) == _tree_digest(o2)  # byte-identical on disk
     assert _tree_digest(o1) != _tree_digest(o3)

@@ -94,11 +94,11 @@ def _png(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _render_builtin(task: tuple[int, int], classes: list[str], resolution: int, seed: int
+def _render_builtin(task: tuple[int, int], classes: list[str], resolution: int, seed: int, dataset: str
                     ) -> tuple[str, int, bytes | None, str]:
     """Builtin image `i` of `label`: its own seeded RNG stream, so any worker renders it identically."""
     i, label = task
-    img = render_one(classes[label], resolution, np.random.default_rng([seed, i]))
+    img = render_one(classes[label], resolution, np.random.default_rng([seed, i]), dataset)
     return f"builtin[{i}]", label, _png(img), ""
 
 
@@ -119,7 +119,7 @@ def _builtin(name: str, cfg: DataConfig, seed: int) -> Source:
         raise DataError(f"data.source: unknown builtin dataset {name!r}; available: {', '.join(BUILTIN)}")
     classes = BUILTIN[name]
     n_cls = len(classes)
-    work = partial(_render_builtin, classes=classes, resolution=cfg.resolution)
+    work = partial(_render_builtin, classes=classes, resolution=cfg.resolution, dataset=name)
     return Source(classes, {
         "train": (cfg.num_train, ((i, i % n_cls) for i in range(cfg.num_train)), partial(work, seed=seed)),
         "val": (cfg.num_val, ((i, i % n_cls) for i in range(cfg.num_val)), partial(work, seed=seed + 1_000_003))})

@@ -18,8 +18,15 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 SHAPES_CLASSES = ["disc", "square", "triangle", "ring", "cross", "stripes", "checker", "two_discs"]
-BUILTIN = {"shapes": SHAPES_CLASSES}
+# builtin:glyphs: one flat-coloured glyph from a small palette on a softly shaded palette background.
+# Pairs of classes share their outline and differ inside it (disc / ring / target, square / frame), so
+# coarse scales fix position and colour, mid scales the outline, fine scales the holes and the dot.
+GLYPHS_CLASSES = ["disc", "ring", "target", "square", "frame", "triangle", "plus", "bars"]
+BUILTIN = {"shapes": SHAPES_CLASSES, "glyphs": GLYPHS_CLASSES}
 SUPERSAMPLE = 2  # draw at 2x and downsample: anti-aliased edges
+GLYPHS_SUPERSAMPLE = 4
+PALETTE = np.array([[230, 57, 70], [244, 162, 97], [233, 216, 96], [42, 157, 143], [69, 123, 157],
+                    [29, 53, 87], [241, 250, 238], [38, 38, 38], [155, 93, 229]], dtype=float)
 
 
 def _colour(rng: np.random.Generator) -> tuple[int, int, int]:
@@ -91,7 +98,75 @@ def _draw(cls: str, draw: ImageDraw.ImageDraw, rng: np.random.Generator, s: int,
         raise ValueError(f"unknown shapes class {cls!r}")
 
 
-def render_one(cls: str, resolution: int, rng: np.random.Generator) -> Image.Image:
+def _glyph_colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Background and glyph colour: two palette entries far enough apart to keep the glyph visible."""
+    while True:
+        b, g = rng.choice(len(PALETTE), 2, replace=False)
+        if np.abs(PALETTE[b] - PALETTE[g]).sum() > 150:
+            return PALETTE[b], PALETTE[g]
+
+
+def _shaded(colour: np.ndarray, rng: np.random.Generator, s: int) -> Image.Image:
+    """A flat colour with a soft linear shading (+-12% brightness) at a random angle."""
+    angle, amp = rng.uniform(0, 2 * math.pi), rng.uniform(0.0, 0.12)
+    yy, xx = np.mgrid[0:s, 0:s] / max(s - 1, 1) - 0.5
+    gain = 1 + amp * 2 * (xx * math.cos(angle) + yy * math.sin(angle))
+    return Image.fromarray((colour[None, None] * gain[..., None]).clip(0, 255).astype(np.uint8))
+
+
+def _polygon(cx: float, cy: float, r: float, n: int, a: float) -> list[tuple[float, float]]:
+    return [(cx + r * math.cos(a + k * 2 * math.pi / n), cy + r * math.sin(a + k * 2 * math.pi / n)) for k in range(n)]
+
+
+def _draw_glyph(cls: str, draw: ImageDraw.ImageDraw, rng: np.random.Generator, s: int, fg, bg) -> None:
+    """One glyph of class `cls` on an s x s canvas: size 40-76% of the image, random place and turn."""
+    r = rng.uniform(0.2, 0.38) * s
+    cx, cy = rng.uniform(r, s - r), rng.uniform(r, s - r)
+    a = rng.uniform(0, 2 * math.pi)
+    box = [cx - r, cy - r, cx + r, cy + r]
+    if cls in ("disc", "ring", "target"):
+        draw.ellipse(box, fill=fg)
+        if cls != "disc":
+            hole = r * rng.uniform(0.5, 0.62)
+            draw.ellipse([cx - hole, cy - hole, cx + hole, cy + hole], fill=bg)
+        if cls == "target":
+            dot = r * rng.uniform(0.2, 0.28)
+            draw.ellipse([cx - dot, cy - dot, cx + dot, cy + dot], fill=fg)
+    elif cls in ("square", "frame"):
+        draw.polygon(_polygon(cx, cy, r, 4, a), fill=fg)
+        if cls == "frame":
+            draw.polygon(_polygon(cx, cy, r * rng.uniform(0.5, 0.62), 4, a), fill=bg)
+    elif cls == "triangle":
+        draw.polygon(_polygon(cx, cy, r, 3, a), fill=fg)
+    elif cls == "plus":
+        w = r * rng.uniform(0.28, 0.38)
+        for arm in (0.0, math.pi / 2):
+            c, sn = math.cos(a + arm), math.sin(a + arm)
+            draw.polygon([(cx + u * r * c - v * w * sn, cy + u * r * sn + v * w * c)
+                          for u, v in ((-1, -1), (1, -1), (1, 1), (-1, 1))], fill=fg)
+    elif cls == "bars":
+        w = r * rng.uniform(0.18, 0.22)                   # three bars, gaps as wide as the bars' half-width
+        c, sn = math.cos(a), math.sin(a)
+        for off in (-3.2 * w, 0.0, 3.2 * w):
+            draw.polygon([(cx + u * r * c - (off + v * w) * sn, cy + u * r * sn + (off + v * w) * c)
+                          for u, v in ((-1, -1), (1, -1), (1, 1), (-1, 1))], fill=fg)
+    else:
+        raise ValueError(f"unknown glyphs class {cls!r}")
+
+
+def render_glyph(cls: str, resolution: int, rng: np.random.Generator) -> Image.Image:
+    """One builtin:glyphs image: flat palette glyph on a softly shaded palette background, anti-aliased."""
+    s = resolution * GLYPHS_SUPERSAMPLE
+    bg, fg = _glyph_colours(rng)
+    img = _shaded(bg, rng, s)
+    _draw_glyph(cls, ImageDraw.Draw(img), rng, s, tuple(int(v) for v in fg), tuple(int(v) for v in bg))
+    return img.resize((resolution, resolution), Image.Resampling.BOX)
+
+
+def render_one(cls: str, resolution: int, rng: np.random.Generator, dataset: str = "shapes") -> Image.Image:
+    """One image of class `cls` of builtin dataset `dataset`, drawn from `rng`."""
+    if dataset == "glyphs":
+        return render_glyph(cls, resolution, rng)
     s = resolution * SUPERSAMPLE
     img, bg_mean = _background(rng, s)
     fg = _contrasting(rng, bg_mean)
@@ -100,13 +175,13 @@ def render_one(cls: str, resolution: int, rng: np.random.Generator) -> Image.Ima
     return img.resize((resolution, resolution), Image.Resampling.BOX)
 
 
-def render_shapes(n: int, resolution: int, seed: int, classes: list[str] = SHAPES_CLASSES
-                  ) -> tuple[list[Image.Image], list[int]]:
+def render_shapes(n: int, resolution: int, seed: int, classes: list[str] = SHAPES_CLASSES,
+                  dataset: str = "shapes") -> tuple[list[Image.Image], list[int]]:
     """n images cycling through the classes (balanced), each from its own seeded RNG stream."""
     images, labels = [], []
     for i in range(n):
         label = i % len(classes)
         rng = np.random.default_rng([seed, i])
-        images.append(render_one(classes[label], resolution, rng))
+        images.append(render_one(classes[label], resolution, rng, dataset))
         labels.append(label)
     return images, labels

@@ -1,0 +1,50 @@
+"""builtin:glyphs: its classes told apart by shape, not colour (prepare's determinism: tests/test_prepare.py)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from flexvar.data.synthetic import GLYPHS_CLASSES, PALETTE, render_one
+
+
+def _colours_present(img: np.ndarray) -> np.ndarray:
+    """Which palette entries cover >= 4% of the image (nearest palette colour per pixel): colour alone, no shape."""
+    d = ((img.reshape(-1, 1, 3).astype(float) - PALETTE[None]) ** 2).sum(-1)
+    share = np.bincount(d.argmin(1), minlength=len(PALETTE)) / d.shape[0]
+    return (share >= 0.04).astype(float)
+
+
+def _render(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    labels = np.arange(n) % len(GLYPHS_CLASSES)
+    imgs = np.stack([np.asarray(render_one(GLYPHS_CLASSES[y], 32, np.random.default_rng([seed, i]), "glyphs"))
+                     for i, y in enumerate(labels)])
+    return imgs, labels
+
+
+def test_glyph_classes_are_not_separable_by_colour():
+    """A nearest-centroid classifier on the set of colours an image uses stays near chance (1/8)."""
+    train, y_train = _render(800, 0)
+    val, y_val = _render(400, 1)
+    f_train = np.stack([_colours_present(im) for im in train])
+    f_val = np.stack([_colours_present(im) for im in val])
+    assert f_train.sum(1).min() >= 2                         # background and glyph colour both found
+    centroids = np.stack([f_train[y_train == c].mean(0) for c in range(len(GLYPHS_CLASSES))])
+    pred = ((f_val[:, None] - centroids[None]) ** 2).sum(-1).argmin(1)
+    assert (pred == y_val).mean() < 0.25
+
+
+def test_glyph_pairs_share_outline_and_differ_inside():
+    """disc / ring / target and square / frame differ only inside the outline: same draw, same silhouette."""
+    def mask(cls: str) -> np.ndarray:
+        img = np.asarray(render_one(cls, 32, np.random.default_rng([0, 7]), "glyphs")).astype(float)
+        return np.abs(img - img[0, 0]).sum(-1) > 60       # differs from the (corner) background
+
+    disc, ring, target = mask("disc"), mask("ring"), mask("target")
+    assert ring.sum() < disc.sum() and ring.sum() < target.sum() < disc.sum()
+    assert (ring & ~disc).sum() == 0                         # the ring lies inside the disc's outline
+    assert (mask("frame") & ~mask("square")).sum() == 0 and mask("frame").sum() < mask("square").sum()
+
+
+def test_unknown_glyph_class_is_named():
+    with pytest.raises(ValueError, match="unknown glyphs class 'hexagon'"):
+        render_one("hexagon", 32, np.random.default_rng(0), "glyphs")
