@@ -82,9 +82,8 @@ def patched(pairs):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batch", type=int, default=8)
-    add_threads_arg(ap)
+    add_threads_arg(ap, rounds=3)
     args = ap.parse_args(argv)
     set_threads(args.threads)
     variants = {}

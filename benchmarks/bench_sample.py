@@ -72,8 +72,7 @@ def official_samplers(mods: SimpleNamespace) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=3, help="timed interleaved rounds (after one warm-up round)")
-    add_threads_arg(ap)
+    add_threads_arg(ap, rounds=3)
     args = ap.parse_args(argv)
     set_threads(args.threads)
     mods, note = official_modules()

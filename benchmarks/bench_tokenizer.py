@@ -108,8 +108,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--res", type=int, default=128, help="image side in pixels (a multiple of 16)")
     ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=3, help="timed interleaved rounds (after one warm-up round)")
-    add_threads_arg(ap)
+    add_threads_arg(ap, rounds=3)
     args = ap.parse_args(argv)
     set_threads(args.threads)
     if args.res % 16:

@@ -156,10 +156,9 @@ def loss_curves(steps: int) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=5, help="timed interleaved rounds (after one warm-up round)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--loss-curves", type=int, default=0, help="also compare fp32/bf16 loss curves over N steps")
-    add_threads_arg(ap)
+    add_threads_arg(ap, rounds=5)
     args = ap.parse_args(argv)
     set_threads(args.threads)
     mods, note = official_modules()

@@ -66,9 +66,12 @@ def matmul_gflops(dtype: torch.dtype, n: int = 1024, reps: int = 6) -> float:
     return round(2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9, 1)
 
 
-def add_threads_arg(ap) -> None:
+def add_threads_arg(ap, rounds: int | None = None) -> None:
+    """--threads, and with `rounds` the interleaved benchmarks' --rounds (its default)."""
     ap.add_argument("--threads", type=int, default=0,
                     help="torch CPU threads (0 = torch's default); 1 keeps ratios stable on a crowded machine")
+    if rounds is not None:
+        ap.add_argument("--rounds", type=int, default=rounds, help="timed interleaved rounds (after one warm-up round)")
 
 
 def set_threads(n: int) -> None:
