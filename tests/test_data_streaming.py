@@ -15,7 +15,7 @@ from flexvar.data.arrays import NpzWriter
 from flexvar.data.latent_cache import LatentWriter, MappedLatents, load_latents, save_latents
 from flexvar.data.prepare import prepare
 from flexvar.data.sampling import RangeBatchSampler, StepBatchSampler, batch_indices
-from flexvar.data.splits import load_split
+from flexvar.data.splits import ArrowImages, SplitError, load_split
 from flexvar.evaluation.metrics import load_samples
 from flexvar.tokenizer.training import TokenizerTrainer
 
@@ -81,6 +81,16 @@ def test_streamed_reads_release_the_mapped_pages(tiny_prepared):
     assert total >= 0 and mapped_rss_kb(mm) >= len(mm) // 4096 * 4 // 2
     again = pickle.loads(pickle.dumps(disk))                           # a worker gets paths, maps on first read
     assert again.arrow._maps is None and torch.equal(again.take([3, 1]), every[[3, 1]])
+
+
+def test_arrow_files_that_disagree_with_the_split_name_the_file_and_the_fix(tiny_prepared):
+    """Arrow files holding another number of images than the split says: a one-line error (exit 2 in a
+    stage), not a wrong read."""
+    disk = load_split(tiny_prepared, "train", in_memory_mb=0)
+    assert len(disk.arrow.take([0, 1])) == 2
+    wrong = ArrowImages(disk.arrow.paths, disk.arrow.num_rows + 1)
+    with pytest.raises(SplitError, match="256 images in the Arrow files, 257 expected; rerun the prepare stage"):
+        wrong.take([0])
 
 
 def test_latent_gathers_release_the_mapped_pages(tmp_path):

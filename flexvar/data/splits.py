@@ -26,7 +26,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from flexvar.errors import FlexvarError
+
 DEFAULT_IN_MEMORY_MB = 256
+
+
+class SplitError(FlexvarError, ValueError):
+    """A prepared split that does not read as `prepare` wrote it; the message says to rerun prepare."""
 
 
 def to_unit_range(images_NCHW: torch.Tensor) -> torch.Tensor:
@@ -76,7 +82,8 @@ class ArrowImages:
                        .column("image").chunks]                     # zero-copy views into the maps
         starts = np.cumsum([0] + [len(c) for c in chunks])
         if starts[-1] != self.num_rows:
-            raise ValueError(f"{self.paths[0]}: {starts[-1]} images in the Arrow files, {self.num_rows} expected")
+            raise SplitError(f"{self.paths[0]}: {starts[-1]} images in the Arrow files, {self.num_rows} expected; "
+                            f"rerun the prepare stage")
         self._maps, self._chunks, self._starts = maps, chunks, starts
 
     def take(self, idx: Sequence[int]) -> list[bytes]:
@@ -208,7 +215,7 @@ def load_split(prepared_dir: str | os.PathLike, split: str, in_memory_mb: float 
     ds = datasets.load_from_disk(str(prepared_dir))[split]
     class_names = list(ds.features["label"].names)
     if ds._indices is not None:
-        raise ValueError(f"{prepared_dir}/{split}: an indices mapping over the Arrow files; prepare writes plain "
+        raise SplitError(f"{prepared_dir}/{split}: an indices mapping over the Arrow files; prepare writes plain "
                          f"files, rerun the prepare stage")
     labels_N = torch.as_tensor(np.asarray(ds.with_format("numpy")["label"]), dtype=torch.int64)
     arrow = ArrowImages([f["filename"] for f in ds.cache_files], len(ds))
