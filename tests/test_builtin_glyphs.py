@@ -1,10 +1,10 @@
-"""builtin:glyphs: its classes told apart by shape, not colour (prepare's determinism: tests/test_prepare.py)."""
+"""builtin:glyphs and builtin:icons: their classes told apart by shape, not colour (prepare's determinism: tests/test_prepare.py)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from flexvar.data.synthetic import GLYPHS_CLASSES, PALETTE, render_one
+from flexvar.data.synthetic import GLYPHS_CLASSES, ICONS_CLASSES, PALETTE, render_one
 
 
 def _colours_present(img: np.ndarray) -> np.ndarray:
@@ -48,3 +48,33 @@ def test_glyph_pairs_share_outline_and_differ_inside():
 def test_unknown_glyph_class_is_named():
     with pytest.raises(ValueError, match="unknown glyphs class 'hexagon'"):
         render_one("hexagon", 32, np.random.default_rng(0), "glyphs")
+
+
+def _render_icons(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    labels = np.arange(n) % len(ICONS_CLASSES)
+    imgs = np.stack([np.asarray(render_one(ICONS_CLASSES[y], 16, np.random.default_rng([seed, i]), "icons"))
+                     for i, y in enumerate(labels)])
+    return imgs, labels
+
+
+def test_icon_classes_are_not_separable_by_colour():
+    """builtin:icons draws its two colours like glyphs, independently of the class: colour alone is near chance."""
+    train, y_train = _render_icons(800, 0)
+    val, y_val = _render_icons(400, 1)
+    f_train = np.stack([_colours_present(im) for im in train])
+    f_val = np.stack([_colours_present(im) for im in val])
+    centroids = np.stack([f_train[y_train == c].mean(0) for c in range(len(ICONS_CLASSES))])
+    pred = ((f_val[:, None] - centroids[None]) ** 2).sum(-1).argmin(1)
+    assert (pred == y_val).mean() < 0.25
+
+
+def test_icon_ring_and_frame_are_their_filled_shape_with_a_hole():
+    """ring / frame: the disc / square of the same draw with background inside (what the mid scales must get)."""
+    def mask(cls: str) -> np.ndarray:
+        img = np.asarray(render_one(cls, 32, np.random.default_rng([0, 3]), "icons")).astype(float)
+        return np.abs(img - img[0, 0]).sum(-1) > 60
+
+    for filled, holed in (("disc", "ring"), ("square", "frame")):
+        assert (mask(holed) & ~mask(filled)).sum() == 0 and mask(holed).sum() < 0.85 * mask(filled).sum()
+    with pytest.raises(ValueError, match="unknown icons class 'hexagon'"):
+        render_one("hexagon", 32, np.random.default_rng(0), "icons")
