@@ -6,8 +6,8 @@ Reads samples/d{depth}/{schedule}/samples.npz, scores it against the cached refe
 (reference_stats) in `evaluate.feature_space`, writes metrics/eval/d{depth}/{schedule}.json
 (DVC metrics; keys name the feature space: fid_domain, isc_domain, kid_domain, ...), plus the class
 accuracy of the samples (class_acc_domain; class_acc_inception needs evaluate.inception_label_map and
-ImageNet's 1000 classes, else one printed line says it is skipped and why), 95% bootstrap intervals (fid_domain_ci_low/_ci_high,
-class_acc_domain_ci_low/_ci_high), the classifier's accuracy on real val images (class_acc_domain_real,
+ImageNet's 1000 classes, else one printed line says it is skipped and why), 95% bootstrap intervals
+(fid_domain_ci_low/_ci_high, class_acc_domain_ci_low/_ci_high), the classifier's accuracy on real val images (class_acc_domain_real,
 the ceiling for class_acc_domain) and, with every FID, its protocol (reference, number of samples, cfg,
 top-k, top-p, steps, greedy rule): in the JSON as `protocol`, in MLflow as `protocol.*` params and the
 `protocol` tag.
