@@ -281,6 +281,9 @@ class SampleConfig(Section):
 class EvaluateConfig(Section):
     feature_space: Literal["domain", "inception"] = "domain"
     inception_weights: str = ""           # local path of torch-fidelity's inception-v3-compat weights
+    # local imagenet_2012_challenge_label_map_proto.pbtxt (shipped in the same inception-2015-12-05.tgz as the
+    # weights): maps Inception's 1008 logits to ImageNet's 1000 classes for class_acc_inception; "" = skip it
+    inception_label_map: str = ""
     metrics: list[Literal["fid", "isc", "kid", "prc"]] = Field(default_factory=lambda: ["fid", "isc", "kid", "prc"])
     reference_split: Literal["train", "val"] = "val"
     # "" = the prepared reference_split; adm:<file.npz> = the ADM evaluator's reference batch (mu/sigma of

@@ -5,8 +5,9 @@
 Reads samples/d{depth}/{schedule}/samples.npz, scores it against the cached reference
 (reference_stats) in `evaluate.feature_space`, writes metrics/eval/d{depth}/{schedule}.json
 (DVC metrics; keys name the feature space: fid_domain, isc_domain, kid_domain, ...), plus the class
-accuracy of the samples (class_acc_domain), 95% bootstrap intervals (fid_domain_ci_low/_ci_high,
-class_acc_domain_ci_low/_ci_high), the classifier's accuracy on real val images (class_acc_domain_real,
+accuracy of the samples (class_acc_domain; class_acc_inception needs evaluate.inception_label_map and
+ImageNet's 1000 classes, else one printed line says it is skipped and why), 95% bootstrap intervals
+(fid_domain_ci_low/_ci_high, class_acc_domain_ci_low/_ci_high), the classifier's accuracy on real val images (class_acc_domain_real,
 the ceiling for class_acc_domain) and, with every FID, its protocol (reference, number of samples, cfg,
 top-k, top-p, steps, greedy rule): in the JSON as `protocol`, in MLflow as `protocol.*` params and the
 `protocol` tag.
@@ -22,13 +23,14 @@ from pipeline.common import setup_torch, stage_args, write_json
 from flexvar.config import load_params
 from flexvar.errors import about, command
 from flexvar.evaluation.feature_net import feature_net_metrics
-from flexvar.evaluation.intervals import sample_intervals
+from flexvar.evaluation.intervals import class_acc_skipped, sample_intervals
 from flexvar.evaluation.metrics import compute_metrics, fid_protocol, load_samples
 from flexvar.outputs import check_in_dir, check_in_file, check_out_file
 from flexvar.transformer.schedules import schedule_steps
 from pipeline.tracking import stage_run
 
-PARAM_KEYS = ["seed", "evaluate.feature_space", "evaluate.inception_weights", "evaluate.metrics",
+PARAM_KEYS = ["seed", "evaluate.feature_space", "evaluate.inception_weights", "evaluate.inception_label_map",
+              "evaluate.metrics",
               "evaluate.reference_split", "evaluate.reference", "evaluate.kid_subset_size",
               "evaluate.bootstrap_samples",
               "sample.cfg", "sample.cfg_schedule", "sample.top_k", "sample.top_p", "sample.greedy_rule"]
@@ -64,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         check_in_file(args.feature_net, "--feature-net")
     with about("--samples"):
         images_NCHW, labels_N = load_samples(samples_path)
+    skipped = class_acc_skipped(cfg, labels_N)     # before any feature extraction: a bad label map stops here
+    if skipped:
+        print(f"evaluate {variant}: {skipped}")
     device = setup_torch(params)
     keys = PARAM_KEYS + [f"sample.schedules.{args.schedule}"]
     with stage_run("evaluate", params, keys, variant=variant, tags={"feature_space": cfg.feature_space}) as tracker:

@@ -1,10 +1,10 @@
-"""builtin:glyphs: its classes told apart by shape, not colour (prepare's determinism: tests/test_prepare.py)."""
+"""builtin:glyphs and builtin:icons: their classes told apart by shape, not colour (prepare's determinism: tests/test_prepare.py)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from flexvar.data.synthetic import GLYPHS_CLASSES, PALETTE, render_one
+from flexvar.data.synthetic import GLYPHS_CLASSES, ICONS_CLASSES, PALETTE, render_one
 
 
 def _colours_present(img: np.ndarray) -> np.ndarray:
@@ -14,21 +14,23 @@ def _colours_present(img: np.ndarray) -> np.ndarray:
     return (share >= 0.04).astype(float)
 
 
-def _render(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    labels = np.arange(n) % len(GLYPHS_CLASSES)
-    imgs = np.stack([np.asarray(render_one(GLYPHS_CLASSES[y], 32, np.random.default_rng([seed, i]), "glyphs"))
+def _render(dataset: str, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    classes, res = {"glyphs": (GLYPHS_CLASSES, 32), "icons": (ICONS_CLASSES, 16)}[dataset]
+    labels = np.arange(n) % len(classes)
+    imgs = np.stack([np.asarray(render_one(classes[y], res, np.random.default_rng([seed, i]), dataset))
                      for i, y in enumerate(labels)])
     return imgs, labels
 
 
-def test_glyph_classes_are_not_separable_by_colour():
+@pytest.mark.parametrize("dataset", ["glyphs", "icons"])
+def test_classes_are_not_separable_by_colour(dataset):
     """A nearest-centroid classifier on the set of colours an image uses stays near chance (1/8)."""
-    train, y_train = _render(800, 0)
-    val, y_val = _render(400, 1)
+    train, y_train = _render(dataset, 800, 0)
+    val, y_val = _render(dataset, 400, 1)
     f_train = np.stack([_colours_present(im) for im in train])
     f_val = np.stack([_colours_present(im) for im in val])
     assert f_train.sum(1).min() >= 2                         # background and glyph colour both found
-    centroids = np.stack([f_train[y_train == c].mean(0) for c in range(len(GLYPHS_CLASSES))])
+    centroids = np.stack([f_train[y_train == c].mean(0) for c in range(8)])
     pred = ((f_val[:, None] - centroids[None]) ** 2).sum(-1).argmin(1)
     assert (pred == y_val).mean() < 0.25
 
@@ -48,3 +50,15 @@ def test_glyph_pairs_share_outline_and_differ_inside():
 def test_unknown_glyph_class_is_named():
     with pytest.raises(ValueError, match="unknown glyphs class 'hexagon'"):
         render_one("hexagon", 32, np.random.default_rng(0), "glyphs")
+
+
+def test_icon_ring_and_frame_are_their_filled_shape_with_a_hole():
+    """ring / frame: the disc / square of the same draw with background inside (what the mid scales must get)."""
+    def mask(cls: str) -> np.ndarray:
+        img = np.asarray(render_one(cls, 32, np.random.default_rng([0, 3]), "icons")).astype(float)
+        return np.abs(img - img[0, 0]).sum(-1) > 60
+
+    for filled, holed in (("disc", "ring"), ("square", "frame")):
+        assert (mask(holed) & ~mask(filled)).sum() == 0 and mask(holed).sum() < 0.85 * mask(filled).sum()
+    with pytest.raises(ValueError, match="unknown icons class 'hexagon'"):
+        render_one("hexagon", 32, np.random.default_rng(0), "icons")

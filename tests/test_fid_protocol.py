@@ -18,6 +18,7 @@ import yaml
 from PIL import Image
 
 from flexvar.config import ConfigError, EvaluateConfig, load_params_dict
+from flexvar.evaluation.intervals import sample_intervals
 from flexvar.evaluation.metrics import MetricsError, compute_metrics, compute_reference
 
 CPU = torch.device("cpu")
@@ -96,7 +97,7 @@ def test_missing_or_unusable_reference_names_the_param(local_files, tmp_path):
         load_params_dict({"evaluate": {"reference": "http://example.org/ref.npz"}})
 
 
-def test_evaluate_stage_records_the_protocol(local_files, tmp_path, monkeypatch):
+def test_evaluate_stage_records_the_protocol(local_files, tmp_path, monkeypatch, capsys):
     from mlflow import MlflowClient
 
     from pipeline import evaluate, reference_stats, report
@@ -123,6 +124,10 @@ def test_evaluate_stage_records_the_protocol(local_files, tmp_path, monkeypatch)
          "top_p": 0.95, "greedy_rule": "official"}))
     assert evaluate.main(["--depth", "2", "--schedule", "s4"]) == 0
     result = json.loads((tmp_path / "metrics/eval/d2/s4.json").read_text())
+    skipped = [line for line in capsys.readouterr().out.splitlines() if "skipped" in line]
+    assert len(skipped) == 1 and skipped[0].startswith(
+        "evaluate d2/s4: class_acc_inception skipped: evaluate.inception_label_map is empty")
+    assert not any(k.startswith("class_acc") for k in result)
     assert result["protocol"] == (f"adm:{npz} · inception · n={N} · cfg 2.5 ramp · top-k 900 · top-p 0.95 · "
                                   f"4 steps · greedy official")
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -134,6 +139,29 @@ def test_evaluate_stage_records_the_protocol(local_files, tmp_path, monkeypatch)
             "scales": "1x1 2x2 3x3 4x4"}
     assert report.main([]) == 0
     assert result["protocol"] in (tmp_path / "reports/fid_table.md").read_text()
+
+
+def test_class_acc_inception_reads_logits_in_imagenet_order(local_files, tmp_path):
+    """The real inception-v3-compat forward (random weights) through a 1000-synset label map written
+    here: class k = synset n1000000k = node 1 + (7k mod 1000), so its logit is column 1 + (7k mod 1000)."""
+    import torch_fidelity.feature_extractor_inceptionv3 as tfi
+
+    weights, _, _, samples = local_files
+    (tmp_path / "map.pbtxt").write_text("".join(
+        f'entry {{\n  target_class: {1 + (7 * k) % 1000}\n  target_class_string: "n{10000000 + k:08d}"\n}}\n'
+        for k in range(1000)))
+    net = tfi.FeatureExtractorInceptionV3("inception-v3-compat", ["logits_unbiased"],
+                                          feature_extractor_weights_path=str(weights))
+    with torch.no_grad():
+        logits_NC = net(samples)[0].double().numpy()
+    by_class_N = logits_NC[:, [1 + (7 * k) % 1000 for k in range(1000)]].argmax(1)
+    assert (by_class_N != logits_NC[:, :1000].argmax(1)).any()    # the map matters for these images
+    labels_N = by_class_N.copy()
+    labels_N[-1] = 999 if by_class_N[-1] != 999 else 998              # one wrong, and 1000 classes spanned
+    cfg = EvaluateConfig(feature_space="inception", inception_weights=str(weights),
+                         inception_label_map=str(tmp_path / "map.pbtxt"), bootstrap_samples=0)
+    got = sample_intervals(samples, torch.from_numpy(labels_N), {}, tmp_path, cfg, None, CPU, seed=0)
+    assert got == {"class_acc_inception": pytest.approx((N - 1) / N)}
 
 
 class _Images(torch.utils.data.Dataset):

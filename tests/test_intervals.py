@@ -2,6 +2,8 @@
 and class accuracy, with a feature net trained a few steps on the tiny prepared split (fixtures of test_metrics)."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -10,8 +12,8 @@ from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics
 from flexvar.data.splits import load_split
 from flexvar.evaluation.feature_net import evaluate_feature_net, feature_net_metrics, load_feature_net
 from flexvar.evaluation.intervals import (
-    FrechetToReference, class_correct, fid_interval, mean_interval, reference_statistics, sample_features,
-    sample_intervals,
+    FrechetToReference, class_acc_skipped, class_correct, fid_interval, imagenet_logits, mean_interval,
+    read_inception_label_map, reference_statistics, sample_features, sample_intervals,
 )
 from flexvar.evaluation.metrics import MetricsError, compute_metrics
 from tests.test_metrics import CPU, _cfg, feature_net, reference  # noqa: F401  (fixtures)
@@ -90,3 +92,68 @@ def test_sample_intervals_keys_seeded_and_centred(tiny_prepared, feature_net, re
     assert m != sample_intervals(val.images_NCHW, val.labels_N, point, out, cfg, feature_net, CPU, seed=1)
     none = sample_intervals(val.images_NCHW, val.labels_N, point, out, _cfg(bootstrap_samples=0), feature_net, CPU, 0)
     assert set(none) == {"class_acc_domain"} and none["class_acc_domain"] == m["class_acc_domain"]
+
+
+# --------------------------------------------------------------------------- inception class order
+def _label_map(path, entries, header=True) -> str:
+    """A label map in the TF graph's .pbtxt layout (imagenet_2012_challenge_label_map_proto.pbtxt)."""
+    text = "# -*- protobuffer -*-\n# LabelMap from ImageNet 2012 full data set UID to int32 target class.\n" \
+        if header else ""
+    text += "".join(f'entry {{\n  target_class: {node}\n  target_class_string: "{synset}"\n}}\n'
+                    for node, synset in entries)
+    path.write_text(text)
+    return str(path)
+
+
+def _imagenet_map(path) -> str:
+    """1000 synsets n10000000 + k (class k), listed backwards, at node id 1 + (7k mod 1000)."""
+    return _label_map(path, [(1 + (7 * k) % 1000, f"n{10000000 + k:08d}") for k in reversed(range(1000))])
+
+
+def test_inception_label_map_orders_columns_by_sorted_synset(tmp_path):
+    # synsets in file order b, a, c at nodes 5, 2, 7 -> sorted a, b, c: class 0 = node 2, 1 = node 5, 2 = node 7
+    path = _label_map(tmp_path / "map.pbtxt", [(5, "n02000000"), (2, "n01000000"), (7, "n03000000")])
+    columns_K = read_inception_label_map(path, num_classes=3)
+    assert columns_K.tolist() == [2, 5, 7]
+    logits_NC = np.zeros((2, 1008))
+    logits_NC[0, 5], logits_NC[0, 0], logits_NC[0, 1] = 3.0, 9.0, 8.0   # background / unmapped nodes are ignored
+    logits_NC[1, 7], logits_NC[1, 2] = 1.0, 0.5
+    logits_NK = imagenet_logits(logits_NC, columns_K)
+    assert logits_NK.tolist() == [[0.0, 3.0, 0.0], [0.5, 0.0, 1.0]]
+    assert class_correct(logits_NK, np.array([1, 2])).tolist() == [1.0, 1.0]
+    assert read_inception_label_map(_imagenet_map(tmp_path / "imagenet.pbtxt")).tolist() == \
+        [1 + (7 * k) % 1000 for k in range(1000)]
+
+
+@pytest.mark.parametrize("entries, text", [
+    ([(5, "n02000000"), (2, "n01000000")], None),                          # 2 synsets, 3 expected
+    ([(5, "n02000000"), (2, "n02000000"), (7, "n03000000")], None),       # a synset twice
+    ([(5, "n02000000"), (5, "n01000000"), (7, "n03000000")], None),       # a node id twice
+    ([(0, "n02000000"), (2, "n01000000"), (7, "n03000000")], None),       # node 0 is the background
+    ([(1008, "n02000000"), (2, "n01000000"), (7, "n03000000")], None),    # past the 1008 logits
+    ([(5, "n02000000"), (2, "n01000000"), (7, "n03000000")], 'entry {\n  target_class: 9\n}\n'),  # no synset
+])
+def test_malformed_inception_label_map_names_the_key(tmp_path, entries, text):
+    path = _label_map(tmp_path / "map.pbtxt", entries)
+    if text:
+        with open(path, "a") as f:
+            f.write(text)
+    with pytest.raises(MetricsError, match=r"evaluate\.inception_label_map .*3 distinct synsets"):
+        read_inception_label_map(path, num_classes=3)
+    with pytest.raises(MetricsError, match=r"evaluate\.inception_label_map .*cannot be read"):
+        read_inception_label_map(tmp_path / "missing.pbtxt")
+
+
+def test_class_acc_skipped_says_which_metric_and_why(tmp_path):
+    imagenet_N = np.array([0, 999, 3])
+    assert class_acc_skipped(_cfg(), imagenet_N) == ""
+    inception = _cfg(feature_space="inception")
+    assert re.fullmatch(r"class_acc_inception skipped: evaluate\.inception_label_map is empty \(.*\)",
+                        class_acc_skipped(inception, imagenet_N))
+    mapped = _cfg(feature_space="inception", inception_label_map=_imagenet_map(tmp_path / "map.pbtxt"))
+    assert class_acc_skipped(mapped, imagenet_N) == ""
+    assert class_acc_skipped(mapped, np.arange(8)) == \
+        "class_acc_inception skipped: the samples' labels span 8 classes, not ImageNet's 1000"
+    bad = _cfg(feature_space="inception", inception_label_map=_label_map(tmp_path / "bad.pbtxt", [(5, "n02000000")]))
+    with pytest.raises(MetricsError, match=r"evaluate\.inception_label_map"):
+        class_acc_skipped(bad, imagenet_N)

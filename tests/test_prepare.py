@@ -34,7 +34,7 @@ def _builtin(tmp: Path, seed: int, name: str, source: str = "builtin:shapes") ->
     return stats, out
 
 
-@pytest.mark.parametrize("source", ["builtin:shapes", "builtin:glyphs"])
+@pytest.mark.parametrize("source", ["builtin:shapes", "builtin:glyphs", "builtin:icons"])
 def test_builtin_deterministic_and_seed_dependent(tmp_path, source):
     s1, o1 = _builtin(tmp_path, 0, "a", source)
     s2, o2 = _builtin(tmp_path, 0, "b", source)

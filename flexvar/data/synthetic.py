@@ -1,4 +1,4 @@
-"""The built-in dataset: class-labelled synthetic images with structure at every scale.
+"""The built-in datasets (shapes, glyphs, icons): class-labelled synthetic images with structure at every scale.
 
 `builtin:shapes` needs no download and is generated deterministically from the seed in
 seconds. Each class is a distinct kind of picture — a shape, a texture or a layout — drawn
@@ -22,7 +22,11 @@ SHAPES_CLASSES = ["disc", "square", "triangle", "ring", "cross", "stripes", "che
 # Pairs of classes share their outline and differ inside it (disc / ring / target, square / frame), so
 # coarse scales fix position and colour, mid scales the outline, fine scales the holes and the dot.
 GLYPHS_CLASSES = ["disc", "ring", "target", "square", "frame", "triangle", "plus", "bars"]
-BUILTIN = {"shapes": SHAPES_CLASSES, "glyphs": GLYPHS_CLASSES}
+# builtin:icons: one large, bold, upright icon in a flat palette colour on a flat palette background.
+# The classes differ in their layout at the mid scales (a hole, a bar, a corner, two blobs), so a small
+# model trained for minutes can make them recognisable; edges and corners still need the fine scales.
+ICONS_CLASSES = ["disc", "ring", "square", "frame", "triangle", "plus", "bars", "two_dots"]
+BUILTIN = {"shapes": SHAPES_CLASSES, "glyphs": GLYPHS_CLASSES, "icons": ICONS_CLASSES}
 SUPERSAMPLE = 2  # draw at 2x and downsample: anti-aliased edges
 GLYPHS_SUPERSAMPLE = 4
 PALETTE = np.array([[230, 57, 70], [244, 162, 97], [233, 216, 96], [42, 157, 143], [69, 123, 157],
@@ -163,10 +167,53 @@ def render_glyph(cls: str, resolution: int, rng: np.random.Generator) -> Image.I
     return img.resize((resolution, resolution), Image.Resampling.BOX)
 
 
+def _draw_icon(cls: str, draw: ImageDraw.ImageDraw, rng: np.random.Generator, s: int, fg, bg) -> None:
+    """One icon of class `cls` on an s x s canvas: 60-84% of the image wide, upright, at a random place."""
+    r = rng.uniform(0.30, 0.42) * s
+    cx, cy = rng.uniform(r, s - r), rng.uniform(r, s - r)
+    box = [cx - r, cy - r, cx + r, cy + r]
+    hole = r * rng.uniform(0.45, 0.55)
+    if cls in ("disc", "ring"):
+        draw.ellipse(box, fill=fg)
+        if cls == "ring":
+            draw.ellipse([cx - hole, cy - hole, cx + hole, cy + hole], fill=bg)
+    elif cls in ("square", "frame"):
+        draw.rectangle([cx - 0.85 * r, cy - 0.85 * r, cx + 0.85 * r, cy + 0.85 * r], fill=fg)
+        if cls == "frame":
+            draw.rectangle([cx - hole, cy - hole, cx + hole, cy + hole], fill=bg)
+    elif cls == "triangle":
+        draw.polygon([(cx, cy - r), (cx + r, cy + 0.8 * r), (cx - r, cy + 0.8 * r)], fill=fg)
+    elif cls == "plus":
+        w = r * rng.uniform(0.3, 0.38)
+        draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fg)
+        draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fg)
+    elif cls == "bars":                                   # two horizontal bars, the gap as wide as a bar
+        w = r * rng.uniform(0.28, 0.34)
+        for off in (-1.5 * w, 1.5 * w):
+            draw.rectangle([cx - r, cy + off - w, cx + r, cy + off + w], fill=fg)
+    elif cls == "two_dots":                               # two discs side by side
+        d = r * 0.5
+        for x in (cx - d, cx + d):
+            draw.ellipse([x - d * 0.95, cy - d * 0.95, x + d * 0.95, cy + d * 0.95], fill=fg)
+    else:
+        raise ValueError(f"unknown icons class {cls!r}")
+
+
+def render_icon(cls: str, resolution: int, rng: np.random.Generator) -> Image.Image:
+    """One builtin:icons image: a flat palette icon on a flat palette background, anti-aliased."""
+    s = resolution * GLYPHS_SUPERSAMPLE
+    bg, fg = _glyph_colours(rng)
+    img = Image.new("RGB", (s, s), tuple(int(v) for v in bg))
+    _draw_icon(cls, ImageDraw.Draw(img), rng, s, tuple(int(v) for v in fg), tuple(int(v) for v in bg))
+    return img.resize((resolution, resolution), Image.Resampling.BOX)
+
+
 def render_one(cls: str, resolution: int, rng: np.random.Generator, dataset: str = "shapes") -> Image.Image:
     """One image of class `cls` of builtin dataset `dataset`, drawn from `rng`."""
     if dataset == "glyphs":
         return render_glyph(cls, resolution, rng)
+    if dataset == "icons":
+        return render_icon(cls, resolution, rng)
     s = resolution * SUPERSAMPLE
     img, bg_mean = _background(rng, s)
     fg = _contrasting(rng, bg_mean)

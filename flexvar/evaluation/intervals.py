@@ -13,15 +13,17 @@ point estimate), which leaves an unbiased statistic's (class accuracy) percentil
 
 Class accuracy (`class_acc_<space>`) is the share of generated images that the feature space's
 classifier assigns to the class they were generated for. The `domain` space's classifier is the
-pipeline's feature net (its `logits`). Hook for `inception`: torch-fidelity's inception-v3-compat
-exposes 1008-way `logits_unbiased` of the 2015 TF graph, whose columns are not in ImageNet-1k
-class order; `CLASS_LOGITS` gets an `inception` entry once a column map (1008 -> 1000 ImageNet
-indices, from the graph's synset label map) is supplied. Until then class accuracy is computed in
-the domain space only.
+pipeline's feature net (its `logits`). The `inception` space's is torch-fidelity's inception-v3-compat
+(`logits_unbiased`, 1008 columns): the columns are the node ids of the 2015 TF graph (0 = background,
+1..1000 = ImageNet synsets, 1001..1007 unused), not ImageNet-1k class order, so `class_acc_inception`
+needs the graph's label map (`evaluate.inception_label_map`: node id -> synset); ImageNet class k is the
+k-th synset in sorted order. Without the map, or when the samples' classes are not ImageNet's 1000,
+the metric is skipped and `class_acc_skipped` says why.
 """
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +37,10 @@ from flexvar.evaluation.metrics import (
 
 LEVEL = 0.95
 FID_LAYER = {"domain": "features", "inception": "2048"}      # torch-fidelity's default FID layer per space
-CLASS_LOGITS = {"domain": "logits"}                           # see the module docstring for inception
+CLASS_LOGITS = {"domain": "logits", "inception": "logits_unbiased"}   # the class logits per space
+INCEPTION_LOGITS_WIDTH = 1008                                 # TF 2015 graph: node ids 0..1007
+IMAGENET_CLASSES = 1000
+_LABEL_MAP_ENTRY = re.compile(r'entry\s*\{\s*target_class:\s*(\d+)\s*target_class_string:\s*"(n\d{8})"\s*\}')
 
 
 # --------------------------------------------------------------------------- statistics
@@ -90,6 +95,47 @@ def class_correct(logits_NK: torch.Tensor | np.ndarray, labels_N: torch.Tensor |
     return (logits_NK.argmax(1) == labels_N).astype(np.float64)
 
 
+def read_inception_label_map(path: str | os.PathLike, num_classes: int = IMAGENET_CLASSES) -> np.ndarray:
+    """Inception logit column of each ImageNet class index, (num_classes,) int64, from the TF graph's
+    imagenet_2012_challenge_label_map_proto.pbtxt (`entry { target_class: <node id> target_class_string:
+    "<synset>" }`): class k is the k-th synset in sorted order, its column that synset's node id."""
+    key = f"evaluate.inception_label_map '{path}'"
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise MetricsError(f"{key} cannot be read ({type(e).__name__}: {e})") from None
+    entries = [(synset, int(node)) for node, synset in _LABEL_MAP_ENTRY.findall(text)]
+    blocks = len(re.findall(r"\bentry\s*\{", text))
+    synsets, nodes = {s for s, _ in entries}, {n for _, n in entries}
+    if not blocks == len(entries) == len(synsets) == len(nodes) == num_classes or \
+            not all(0 < n < INCEPTION_LOGITS_WIDTH for n in nodes):
+        raise MetricsError(f"{key} is not a label map of {num_classes} distinct synsets to distinct node ids in "
+                           f"1..{INCEPTION_LOGITS_WIDTH - 1} ({len(entries)} well-formed entries of {blocks}, "
+                           f"{len(synsets)} synsets); use the .pbtxt shipped in inception-2015-12-05.tgz")
+    return np.array([node for _, node in sorted(entries)], dtype=np.int64)
+
+
+def imagenet_logits(logits_NC: np.ndarray, columns_K: np.ndarray) -> np.ndarray:
+    """Inception's node-id-ordered logits (N, 1008) -> ImageNet class order (N, K): column k = node columns_K[k]."""
+    return np.asarray(logits_NC)[:, columns_K]
+
+
+def class_acc_skipped(cfg: EvaluateConfig, labels_N: torch.Tensor | np.ndarray) -> str:
+    """Why class_acc_<space> is not computed for these samples ('' = it is). Reads (so checks) the
+    inception label map when it is used, so a bad file stops the stage before any feature extraction."""
+    if cfg.feature_space != "inception":
+        return ""
+    if not cfg.inception_label_map:
+        return ("class_acc_inception skipped: evaluate.inception_label_map is empty (the label map .pbtxt from "
+                "inception-2015-12-05.tgz maps Inception's 1008 logits to ImageNet classes)")
+    num_classes = int(np.asarray(labels_N).max()) + 1 if len(labels_N) else 0
+    if num_classes != IMAGENET_CLASSES:
+        return (f"class_acc_inception skipped: the samples' labels span {num_classes} classes, "
+                f"not ImageNet's {IMAGENET_CLASSES}")
+    read_inception_label_map(cfg.inception_label_map)
+    return ""
+
+
 def interval(point: float, replicates: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
     """Bias-shifted percentile interval: [q_lo, q_hi] - (mean(replicates) - point)."""
     alpha = (1 - level) / 2
@@ -125,8 +171,7 @@ def _extractor(cfg: EvaluateConfig, feature_net_path, layers: list[str], device:
 def sample_features(samples_NCHW: torch.Tensor, cfg: EvaluateConfig, feature_net_path, device: torch.device,
                     batch_size: int = 64) -> dict[str, np.ndarray]:
     """The samples' FID-layer features (and class logits where the space has a classifier), extracted once."""
-    layers = [FID_LAYER[cfg.feature_space]] + ([CLASS_LOGITS[cfg.feature_space]]
-                                               if cfg.feature_space in CLASS_LOGITS else [])
+    layers = [FID_LAYER[cfg.feature_space], CLASS_LOGITS[cfg.feature_space]]
     extractor, _, cuda = _extractor(cfg, feature_net_path, layers, device)
     images = UInt8Images(samples_NCHW)
     out: dict[str, list[torch.Tensor]] = {k: [] for k in layers}
@@ -161,7 +206,8 @@ def reference_statistics(reference_dir: str | os.PathLike, cfg: EvaluateConfig, 
 def sample_intervals(samples_NCHW: torch.Tensor, labels_N: torch.Tensor, point: dict[str, float],
                      reference_dir: str | os.PathLike, cfg: EvaluateConfig, feature_net_path,
                      device: torch.device, seed: int) -> dict[str, float]:
-    """class_acc_<space> and <metric>_ci_low / _ci_high for FID and class accuracy, by bootstrap over samples.
+    """class_acc_<space> and <metric>_ci_low / _ci_high for FID and class accuracy, by bootstrap over samples
+    (class accuracy only where `class_acc_skipped` is empty).
 
     `point` holds the point estimates computed by torch-fidelity (compute_metrics); the FID interval is
     centred on its fid_<space>.
@@ -169,8 +215,11 @@ def sample_intervals(samples_NCHW: torch.Tensor, labels_N: torch.Tensor, point: 
     space, num = cfg.feature_space, cfg.bootstrap_samples
     feats = sample_features(samples_NCHW, cfg, feature_net_path, device)
     out: dict[str, float] = {}
-    if space in CLASS_LOGITS:
-        correct_N = class_correct(feats[CLASS_LOGITS[space]], labels_N)
+    if not class_acc_skipped(cfg, labels_N):
+        logits_NK = feats[CLASS_LOGITS[space]]
+        if space == "inception":
+            logits_NK = imagenet_logits(logits_NK, read_inception_label_map(cfg.inception_label_map))
+        correct_N = class_correct(logits_NK, labels_N)
         out[f"class_acc_{space}"] = float(correct_N.mean())
         if num:
             out[f"class_acc_{space}_ci_low"], out[f"class_acc_{space}_ci_high"] = mean_interval(correct_N, num, seed)

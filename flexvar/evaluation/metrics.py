@@ -4,7 +4,9 @@ Two feature spaces, and every metric key names the one it was computed in (`fid_
 `fid_inception`, ...; never plain `fid`):
 
 - `inception`: torch-fidelity's `inception-v3-compat`, the paper's protocol. Its weights are
-  loaded only from `evaluate.inception_weights` (a local file); nothing is downloaded.
+  loaded only from `evaluate.inception_weights` (a local file); nothing is downloaded. Its class
+  accuracy (`class_acc_inception`, flexvar/evaluation/intervals.py) also needs the graph's label map
+  (`evaluate.inception_label_map`, a local file) to put its 1008 logits in ImageNet class order.
 - `domain`: the pipeline's own classifier (flexvar/evaluation/feature_net.py), registered with
   torch-fidelity as the feature extractor `flexvar-domain`; needs no download.
 
