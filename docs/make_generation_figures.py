@@ -138,7 +138,7 @@ class Figures:
     def samples(self, npz: str, per_class: int = 8) -> Image.Image:
         """The first `per_class` images of each class of a `sample` stage's samples.npz, one row per class."""
         images_NCHW, labels_N = load_samples(npz)
-        rows = [(str(self.names[c]), images_NCHW[(labels_N == c).nonzero().flatten()[:per_class]].clone())
+        rows = [(str(self.names[c]), images_NCHW[(labels_N == c).nonzero().flatten()[:per_class]])
                 for c in self.classes]
         return labeled_rows(rows, ncol=per_class, zoom=self.zoom)
 

@@ -30,8 +30,7 @@ from flexvar.transformer.schedules import schedule_steps
 from pipeline.tracking import stage_run
 
 PARAM_KEYS = ["seed", "evaluate.feature_space", "evaluate.inception_weights", "evaluate.inception_label_map",
-              "evaluate.metrics",
-              "evaluate.reference_split", "evaluate.reference", "evaluate.kid_subset_size",
+              "evaluate.metrics", "evaluate.reference_split", "evaluate.reference", "evaluate.kid_subset_size",
               "evaluate.bootstrap_samples",
               "sample.cfg", "sample.cfg_schedule", "sample.top_k", "sample.top_p", "sample.greedy_rule"]
 

@@ -120,20 +120,25 @@ def imagenet_logits(logits_NC: np.ndarray, columns_K: np.ndarray) -> np.ndarray:
     return np.asarray(logits_NC)[:, columns_K]
 
 
-def class_acc_skipped(cfg: EvaluateConfig, labels_N: torch.Tensor | np.ndarray) -> str:
-    """Why class_acc_<space> is not computed for these samples ('' = it is). Reads (so checks) the
-    inception label map when it is used, so a bad file stops the stage before any feature extraction."""
+def class_logit_columns(cfg: EvaluateConfig, labels_N: torch.Tensor | np.ndarray) -> tuple[np.ndarray | None, str]:
+    """(logit columns in class order, why class_acc_<space> is skipped): (None, '') = the space's logits are
+    already in class order; (None, reason) = skipped. Reads (so checks) the inception label map when it
+    is used, so a bad file stops the stage before any feature extraction."""
     if cfg.feature_space != "inception":
-        return ""
+        return None, ""
     if not cfg.inception_label_map:
-        return ("class_acc_inception skipped: evaluate.inception_label_map is empty (the label map .pbtxt from "
-                "inception-2015-12-05.tgz maps Inception's 1008 logits to ImageNet classes)")
+        return None, ("class_acc_inception skipped: evaluate.inception_label_map is empty (the label map .pbtxt "
+                      "from inception-2015-12-05.tgz maps Inception's 1008 logits to ImageNet classes)")
     num_classes = int(np.asarray(labels_N).max()) + 1 if len(labels_N) else 0
     if num_classes != IMAGENET_CLASSES:
-        return (f"class_acc_inception skipped: the samples' labels span {num_classes} classes, "
-                f"not ImageNet's {IMAGENET_CLASSES}")
-    read_inception_label_map(cfg.inception_label_map)
-    return ""
+        return None, (f"class_acc_inception skipped: the samples' labels span {num_classes} classes, "
+                      f"not ImageNet's {IMAGENET_CLASSES}")
+    return read_inception_label_map(cfg.inception_label_map), ""
+
+
+def class_acc_skipped(cfg: EvaluateConfig, labels_N: torch.Tensor | np.ndarray) -> str:
+    """Why class_acc_<space> is not computed for these samples ('' = it is); see class_logit_columns."""
+    return class_logit_columns(cfg, labels_N)[1]
 
 
 def interval(point: float, replicates: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
@@ -215,10 +220,11 @@ def sample_intervals(samples_NCHW: torch.Tensor, labels_N: torch.Tensor, point: 
     space, num = cfg.feature_space, cfg.bootstrap_samples
     feats = sample_features(samples_NCHW, cfg, feature_net_path, device)
     out: dict[str, float] = {}
-    if not class_acc_skipped(cfg, labels_N):
+    columns_K, skipped = class_logit_columns(cfg, labels_N)
+    if not skipped:
         logits_NK = feats[CLASS_LOGITS[space]]
-        if space == "inception":
-            logits_NK = imagenet_logits(logits_NK, read_inception_label_map(cfg.inception_label_map))
+        if columns_K is not None:
+            logits_NK = imagenet_logits(logits_NK, columns_K)
         correct_N = class_correct(logits_NK, labels_N)
         out[f"class_acc_{space}"] = float(correct_N.mean())
         if num:
