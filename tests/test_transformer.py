@@ -177,3 +177,44 @@ def test_unit_rows_is_normalise_then_scale():
     scale = torch.rand(1, 3, 1, 1) + 0.5
     torch.testing.assert_close(unit_rows(x, scale), F.normalize(x, dim=-1) * scale)
     torch.testing.assert_close(unit_rows(x), F.normalize(x, dim=-1))
+
+
+def test_fused_linear_in_bf16_inference_matches_linear_then_gelu():
+    """Sampling on a bf16 CPU runs each Linear as one oneDNN matmul on cached bf16 weights (GELU fused
+    into the MLP's first); fp32 or with gradients on it is nn.Linear (then GELU), differentiable."""
+    from flexvar.transformer.fused_linear import Linear, cpu_bf16_inference
+    torch.manual_seed(0)
+    fc = Linear(32, 128)
+    x = torch.randn(4, 7, 32)
+    ref = torch.nn.functional.gelu(torch.nn.functional.linear(x, fc.weight, fc.bias), approximate="tanh")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert cpu_bf16_inference(x)
+        out = fc(x, act="gelu")
+        plain = fc(x, bias=torch.zeros(128))
+    assert out.dtype == plain.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(plain.float(), x @ fc.weight.T, rtol=2e-2, atol=2e-2)
+    with torch.no_grad():
+        fc.weight.mul_(2)                                    # the cached bf16 copy follows in-place updates
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.testing.assert_close(fc(x).float(), x @ fc.weight.T + fc.bias, rtol=2e-2, atol=4e-2)
+        assert not cpu_bf16_inference(x)                     # fp32 inference: exactly nn.Linear
+        torch.testing.assert_close(fc(x), torch.nn.functional.linear(x, fc.weight, fc.bias), rtol=0, atol=0)
+    x.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not cpu_bf16_inference(x)
+        fc(x, act="gelu").float().sum().backward()
+    assert x.grad is not None and fc.weight.grad is not None
+
+
+def test_adaln_modulation_is_cached_only_while_generating():
+    m = small_model()
+    cond = m.class_cond(torch.tensor([0, 1]))
+    blk = m.blocks[0]
+    assert blk.modulation(cond) is not blk.modulation(cond)      # training / teacher forcing: fresh each call
+    m.enable_kv_cache(True)
+    first = blk.modulation(cond)
+    assert blk.modulation(cond) is first
+    torch.testing.assert_close(first, blk.ada_lin(torch.nn.functional.silu(cond)))
+    m.enable_kv_cache(False)
+    assert blk.mod_cache is None

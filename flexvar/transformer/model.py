@@ -30,6 +30,7 @@ from einops import rearrange
 from torch import nn
 
 from flexvar.config import TransformerConfig
+from flexvar.transformer.fused_linear import Linear
 
 Scales = list[tuple[int, int]]
 LN_EPS = 1e-6
@@ -164,18 +165,18 @@ class SelfAttention(nn.Module):
     def __init__(self, width: int, heads: int, attn_drop: float, proj_drop: float):
         super().__init__()
         self.heads, self.attn_drop = heads, attn_drop
-        self.qkv = nn.Linear(width, 3 * width, bias=False)
+        self.qkv = Linear(width, 3 * width, bias=False)
         self.q_bias = nn.Parameter(torch.zeros(width))
         self.v_bias = nn.Parameter(torch.zeros(width))
         self.register_buffer("zero_k_bias", torch.zeros(width), persistent=False)
         self.log_scale_1H11 = nn.Parameter(torch.full((1, heads, 1, 1), math.log(4.0)))
-        self.proj = nn.Linear(width, width)
+        self.proj = Linear(width, width)
         self.proj_drop = nn.Dropout(proj_drop)
         self.kv_cache: list[torch.Tensor] | None = None   # [k_BHLc, v_BHLc] while caching
 
     def forward(self, x_BLC: torch.Tensor, mask_LL: torch.Tensor | None) -> torch.Tensor:
         bias = torch.cat([self.q_bias, self.zero_k_bias, self.v_bias])
-        qkv = F.linear(x_BLC, self.qkv.weight, bias)
+        qkv = self.qkv(x_BLC, bias=bias)
         q, k, v = rearrange(qkv, "b l (three h c) -> three b h l c", three=3, h=self.heads)
         q = unit_rows(q, self.log_scale_1H11.clamp(max=MAX_LOG_ATTN_SCALE).exp())
         k = unit_rows(k)
@@ -191,12 +192,12 @@ class SelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, width: int, hidden: int, drop: float):
         super().__init__()
-        self.fc1 = nn.Linear(width, hidden)
-        self.fc2 = nn.Linear(hidden, width)
+        self.fc1 = Linear(width, hidden)
+        self.fc2 = Linear(hidden, width)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x_BLC: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(F.gelu(self.fc1(x_BLC), approximate="tanh")))
+        return self.drop(self.fc2(self.fc1(x_BLC, act="gelu")))
 
 
 class AdaLNBlock(nn.Module):
@@ -205,13 +206,22 @@ class AdaLNBlock(nn.Module):
     def __init__(self, width: int, heads: int, mlp_ratio: float, drop: float, attn_drop: float, drop_path: float):
         super().__init__()
         self.width, self.drop_path = width, drop_path
-        self.ada_lin = nn.Linear(width, 6 * width)   # order: gamma1, gamma2, scale1, scale2, shift1, shift2
+        self.ada_lin = Linear(width, 6 * width)   # order: gamma1, gamma2, scale1, scale2, shift1, shift2
         self.attn = SelfAttention(width, heads, attn_drop, drop)
         self.mlp = MLP(width, round(width * mlp_ratio), drop)
+        self.mod_cache: torch.Tensor | None = None    # cached generation: the modulation of its condition
+
+    def modulation(self, cond_BD: torch.Tensor) -> torch.Tensor:
+        """(B, 6C) AdaLN vectors of the condition. While generating with the KV cache the condition is
+        the same at every step, so they are computed at the first step and reused (enable_kv_cache clears them)."""
+        if self.attn.kv_cache is None:
+            return self.ada_lin(F.silu(cond_BD))
+        if self.mod_cache is None:
+            self.mod_cache = self.ada_lin(F.silu(cond_BD))
+        return self.mod_cache
 
     def forward(self, x_BLC: torch.Tensor, cond_BD: torch.Tensor, mask_LL: torch.Tensor | None) -> torch.Tensor:
-        mod = self.ada_lin(F.silu(cond_BD))
-        g1, g2, s1, s2, b1, b2 = rearrange(mod, "b (six c) -> six b 1 c", six=6)
+        g1, g2, s1, s2, b1, b2 = rearrange(self.modulation(cond_BD), "b (six c) -> six b 1 c", six=6)
         x_BLC = gated(x_BLC, self.attn(modulate(x_BLC, s1, b1), mask_LL), g1, self.drop_path, self.training)
         return gated(x_BLC, self.mlp(modulate(x_BLC, s2, b2)), g2, self.drop_path, self.training)
 
@@ -234,7 +244,7 @@ class FlexVAR(nn.Module):
         self.class_dropout = cfg.class_dropout
         dpr = cfg.drop_path_rate if cfg.drop_path_rate is not None else 0.1 * cfg.depth / 24
 
-        self.word_embed = nn.Linear(codebook_dim, C)
+        self.word_embed = Linear(codebook_dim, C)
         self.class_emb = nn.Embedding(num_classes + 1, C)
         self.pos_start = nn.Parameter(torch.zeros(1, 1, C))
         pos = (sincos_2d if cfg.pos_embed_init == "halves" else sincos_2d_interleaved)(C, pe_size, pe_size)[None]
@@ -246,8 +256,8 @@ class FlexVAR(nn.Module):
             AdaLNBlock(C, self.heads, cfg.mlp_ratio, cfg.drop_rate, cfg.attn_drop_rate,
                        dpr * i / max(cfg.depth - 1, 1))
             for i in range(cfg.depth)])
-        self.head_ada_lin = nn.Linear(C, 2 * C)   # order: scale, shift
-        self.head = nn.Linear(C, vocab_size)
+        self.head_ada_lin = Linear(C, 2 * C)   # order: scale, shift
+        self.head = Linear(C, vocab_size)
         self.seq_bucket = 0         # > 0: sequences padded to a multiple of this (compile_trunk)
         self._compiled_trunk = None
         if not self.pos_1CPP.is_meta:
@@ -382,9 +392,11 @@ class FlexVAR(nn.Module):
 
     # ------------------------------------------------------------------ generation
     def enable_kv_cache(self, enabled: bool) -> None:
-        """Start (empty) or stop key/value caching in every block; generation calls this around a sample."""
+        """Start (empty) or stop key/value caching in every block (and the per-sample AdaLN modulation
+        cache); generation calls this around a sample."""
         for blk in self.blocks:
             blk.attn.kv_cache = [] if enabled else None
+            blk.mod_cache = None
 
     def step_logits(self, x_BlC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
         """Logits (B, h*w, V) of one step from its embedded inputs (`step_input`), attending to the
