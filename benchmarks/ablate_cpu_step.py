@@ -1,13 +1,18 @@
-"""What each CPU hot-path change of issue 18 buys: our bf16 train step with one change at a time put
-back to its previous formulation, all variants interleaved in one process, printed as JSON.
+"""What each CPU hot-path change of issue 18 buys: our bf16 train step and our bf16 sampling with one
+change at a time put back to its previous formulation, all variants interleaved in one process,
+printed as JSON.
 
-    python benchmarks/ablate_cpu_step.py [--rounds 3] [--threads 1]
+    python benchmarks/ablate_cpu_step.py [--rounds 3] [--threads 1] [--what train sample]
 
-Variants: `current`; `fp32 softmax` (attention logits cast to fp32 for the softmax and back);
-`F.normalize` (q/k normalised, then scaled, in two full-size passes); `mixed-dtype AdaLN` (the bf16
-modulation factors multiplied into the fp32 stream directly); `F.cross_entropy` (on logits cast to
-fp32); `foreach AdamW` (torch's default instead of fused). Each is the previous code's formula,
-swapped in through the module attribute the model calls. Same setting as bench_transformer.py.
+Train step variants: `current`; `fp32 softmax` (attention logits cast to fp32 for the softmax and
+back); `F.normalize` (q/k normalised, then scaled, in two full-size passes); `mixed-dtype AdaLN` (the
+bf16 modulation factors multiplied into the fp32 stream directly); `F.cross_entropy` (on logits cast
+to fp32); `foreach AdamW` (torch's default instead of fused). Same setting as bench_transformer.py.
+Sampling variants (with decode, same setting as bench_sample.py): `current`; `3x3 upsampling`
+(nearest 2x + 3x3 conv instead of the sub-pixel 2x2 convs); `Linear then GELU` (instead of the fused
+oneDNN linear + GELU); `AdaLN every step` (modulation recomputed at every step instead of once per
+sample); `one decoder call` (no chunks). Each is the previous code's formula, swapped in through the
+module attribute the code calls.
 """
 from __future__ import annotations
 
@@ -24,7 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_transformer import ours  # noqa: E402
 from benchmarks.side_by_side import add_threads_arg, interleave, machine, set_threads, timing_key  # noqa: E402
+from benchmarks.bench_sample import build as build_sampler, sampler  # noqa: E402
 import flexvar.optim as O  # noqa: E402
+import flexvar.tokenizer.bf16_decoder as BD  # noqa: E402
 import flexvar.transformer.model as M  # noqa: E402
 import flexvar.transformer.training as T  # noqa: E402
 
@@ -58,7 +65,22 @@ def foreach_adamw(model, cfg):
     return torch.optim.AdamW(opt.param_groups, lr=cfg.lr, betas=tuple(cfg.betas), foreach=True)
 
 
+def linear_then_gelu(x, fc):
+    return F.gelu(fc(x), approximate="tanh")
+
+
+def modulation_every_step(self, cond):
+    return self.ada_lin(F.silu(cond))
+
+
 ORIGINAL_MAKE_OPTIMIZER = O.make_adamw
+SAMPLE_PATCHES = {
+    "current": [],
+    "3x3 upsampling": [(BD, "SubpixelUpsample", lambda up: up)],
+    "Linear then GELU": [(M, "linear_gelu", linear_then_gelu)],
+    "AdaLN every step": [(M.AdaLNBlock, "modulation", modulation_every_step)],
+    "one decoder call": [(BD, "CPU_CHUNK_PIXELS", 1 << 40)],
+}
 PATCHES = {
     "current": [],
     "fp32 softmax": [(M, "attention", fp32_softmax_attention)],
@@ -80,16 +102,11 @@ def patched(pairs):
             setattr(mod, name, fn)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=8)
-    add_threads_arg(ap, rounds=3)
-    args = ap.parse_args(argv)
-    set_threads(args.threads)
+def train_variants(batch: int) -> dict:
     variants = {}
     for name, pairs in PATCHES.items():
         with patched(pairs):                        # the step's token_loss is looked up at call time
-            step = ours(args.batch)["train_step"]
+            step = ours(batch)["train_step"]
 
         def run(step=step, pairs=pairs):
             with patched(pairs):
@@ -97,15 +114,46 @@ def main(argv=None) -> int:
         variants[name] = run
     O.make_adamw = foreach_adamw
     try:
-        variants["foreach AdamW"] = ours(args.batch)["train_step"]
+        variants["foreach AdamW"] = ours(batch)["train_step"]
     finally:
         O.make_adamw = ORIGINAL_MAKE_OPTIMIZER
-    mach = machine()
-    res = interleave(variants, args.rounds)
+    return variants
+
+
+def sample_variants() -> dict:
+    """One model + tokenizer per variant (same weights): each keeps its own cached bf16 decoder."""
+    variants = {}
+    for name, pairs in SAMPLE_PATCHES.items():
+        model, vq = build_sampler(torch.device("cpu"))
+        step = sampler(model, vq, decode=True)
+
+        def run(step=step, pairs=pairs):
+            with patched(pairs):
+                step()
+        variants[name] = run
+    return variants
+
+
+def change_buys(variants: dict, rounds: int) -> dict:
+    res = interleave(variants, rounds)
     key = timing_key()
     base = res["current"][key]
-    out = {"machine": mach, "timing": key, "results": res,
-           "change_buys": {k: f"{r[key] / base:.3f}x" for k, r in res.items() if k != "current"}}
+    return {"timing": key, "results": res,
+            "change_buys": {k: f"{r[key] / base:.3f}x" for k, r in res.items() if k != "current"}}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--what", nargs="+", default=["train", "sample"], choices=["train", "sample"])
+    add_threads_arg(ap, rounds=3)
+    args = ap.parse_args(argv)
+    set_threads(args.threads)
+    out = {"machine": machine()}
+    if "train" in args.what:
+        out["train"] = change_buys(train_variants(args.batch), args.rounds)
+    if "sample" in args.what:
+        out["sample"] = change_buys(sample_variants(), args.rounds)
     print(json.dumps(out, indent=1))
     return 0
 

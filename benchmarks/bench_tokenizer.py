@@ -11,7 +11,8 @@ Setting: the official VQ-16 layout (base width 128, multipliers 1,1,2,2,4, 2 res
     optimiser. Official: `VQModel.forward(x, v_patch_nums)` (their multi-scale path) with that loss
     and Adam, fp32 and under CPU bf16 autocast; ours: `TokenizerTrainer.train_step` in bf16;
   - `infer`: encode, quantise at every scale 1..full, decode every scale, no grad. Official:
-    `encode_conti`, area-down + `quantize`, `decode`; ours: `encode`, `quantize_at`, `decode`.
+    `encode_conti`, area-down + `quantize`, `decode`; ours: `encode`, `quantize_at`, `decode_bf16` (the
+    cached bf16 decoder `evaluate_scales` decodes with in bf16).
 Without FLEXVAR_OFFICIAL_DIR only ours is timed.
 """
 from __future__ import annotations
@@ -33,6 +34,7 @@ from benchmarks.side_by_side import (add_threads_arg, bf16_autocast, interleave,
 import flexvar.tokenizer.training as tt  # noqa: E402
 from flexvar.config import TokenizerConfig, TrainTokenizerConfig  # noqa: E402
 from flexvar.device import autocast_ctx  # noqa: E402
+from flexvar.tokenizer.bf16_decoder import decode_bf16  # noqa: E402
 
 VQ16 = TokenizerConfig(ch=128, ch_mult=[1, 1, 2, 2, 4], num_res_blocks=2, z_channels=256, codebook_dim=32,
                        codebook_size=4096)
@@ -62,8 +64,7 @@ def ours(res: int, batch: int) -> dict:
             z = model.encode(x)
         for s in range(1, full + 1):
             _, zq = model.quantize_at(z.float(), (s, s))
-            with autocast_ctx(CPU, "bf16"):
-                model.decode(zq)
+            decode_bf16(model, zq)              # as tt.evaluate_scales decodes in bf16
 
     return {"train": trainer.train_step, "infer": infer}
 

@@ -8,7 +8,9 @@ schedule 1,2,3,4,5,6,8 (155 tokens), batch 8. Variants, timed in interleaved rou
   - `official fp32` / `official bf16`: the official FlexVAR transformer (models/flexvar.py) trained as
     its trainer does (label-smoothed per-token loss weighted 1/L, clip, fused AdamW), in fp32 and
     under CPU bf16 autocast — the strongest setting a user of the official code has here;
-  - `ours bf16`: this library's step (`forward_backward`, clip, AdamW) in its default precision.
+  - `ours bf16`: this library's step (`forward_backward`, clip, AdamW) in its default precision;
+  - `ours bf16 compiled` (with `--compiled`): the same with `train_transformer.compile: true` (the blocks
+    through torch.compile/inductor), `compile_bucket` COMPILE_BUCKET; compiling is in the warm-up round.
 `train_step`: forward, loss, backward, clip, optimiser on prepared inputs. `full_step`: the same plus
 making the inputs — ours quantises cached latents at every scale; the official trainer encodes the
 images (VQ-16 encoder at 128 px) and quantises. Without FLEXVAR_OFFICIAL_DIR only ours is timed.
@@ -46,6 +48,7 @@ SCALES = [(s, s) for s in SIDES]
 DEPTH, WIDTH, HEADS, VOCAB, CVAE, CLASSES = 6, 384, 6, 4096, 32, 1000
 CPU = torch.device("cpu")
 CFG = TrainTransformerConfig(precision="bf16")
+COMPILE_BUCKET = 16      # pad 155 tokens to 160 (the config's default 128 suits random schedules on GPUs)
 
 
 def cache(n: int, seed: int = 0) -> LatentSplit:
@@ -55,10 +58,12 @@ def cache(n: int, seed: int = 0) -> LatentSplit:
                        [str(i) for i in range(CLASSES)])
 
 
-def ours(batch: int) -> dict:
+def ours(batch: int, compiled: bool = False) -> dict:
     """Our train step on prepared inputs and our full step (quantise the cached latents, then the same)."""
     torch.manual_seed(0)
     model = FlexVAR(TransformerConfig(depth=DEPTH, width=WIDTH, heads=HEADS), VOCAB, CVAE, CLASSES, pe_size=8).train()
+    if compiled:
+        model.compile_trunk(COMPILE_BUCKET)             # what training does with train_transformer.compile
     opt, q, data = optim.make_adamw(model, CFG), MultiScaleQuantizer(VOCAB, CVAE), cache(max(4 * batch, 64))
     z, labels = get_batch(data, batch_indices(0, batch, 2 * len(data), 0), CPU)
     x, tgt = gt_inputs_targets(q, z, SCALES)
@@ -158,6 +163,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--loss-curves", type=int, default=0, help="also compare fp32/bf16 loss curves over N steps")
+    ap.add_argument("--compiled", action="store_true", help="also time our step with train_transformer.compile")
     add_threads_arg(ap, rounds=5)
     args = ap.parse_args(argv)
     set_threads(args.threads)
@@ -167,12 +173,18 @@ def main(argv=None) -> int:
                       "tokens": sum(s * s for s in SIDES), "batch": args.batch, "rounds": args.rounds},
            "official": note, "machine": machine()}
     mine = ours(args.batch)
+    mine_compiled = ours(args.batch, compiled=True) if args.compiled else {}
     theirs = official(mods, args.batch, mine["inputs"]) if mods else {}
     for kind in ("train_step", "full_step"):
         variants = {f"official {p}": theirs[f"{kind} {p}"] for p in ("fp32", "bf16") if theirs}
         variants["ours bf16"] = mine[kind]
+        if mine_compiled:
+            variants["ours bf16 compiled"] = mine_compiled[kind]
         res = interleave(variants, args.rounds)
-        out[kind] = {"results": res, "speedup": ratios(res, "ours bf16")}
+        speedup = ratios(res, "ours bf16")
+        if mine_compiled:
+            speedup |= {k: v for k, v in ratios(res, "ours bf16 compiled").items() if "vs official" in k}
+        out[kind] = {"results": res, "speedup": speedup}
         print(json.dumps({kind: out[kind]["speedup"]}), file=sys.stderr, flush=True)
     if args.loss_curves:
         out["loss_curves"] = loss_curves(args.loss_curves)

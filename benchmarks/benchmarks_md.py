@@ -13,19 +13,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.profile_steps import markdown as profile_markdown  # noqa: E402
 
-OURS = "ours bf16"
-
-
 def side_by_side(title: str, kinds: dict[str, dict], key: str) -> str:
-    """One row per measured kind: medians (wall spread) of every variant and ours' speed-up over each."""
+    """One row per measured kind: medians (wall spread) of every variant, and each of our variants'
+    speed-up over each official one."""
     variants = list(next(iter(kinds.values()))["results"])
-    others = [v for v in variants if v != OURS]
-    head = f"| {title} | " + " | ".join(variants) + " | " + " | ".join(f"ours vs {v}" for v in others) + " |"
-    lines = [head, "|---|" + "---:|" * (len(variants) + len(others))]
+    mine = [v for v in variants if v.startswith("ours")]
+    pairs = [(o, v) for o in mine for v in variants if v not in mine]
+    pairs = pairs or [(o, v) for o in mine[:1] for v in mine[1:]]
+    head = f"| {title} | " + " | ".join(variants) + " | " + " | ".join(f"{o} vs {v}" for o, v in pairs) + " |"
+    lines = [head, "|---|" + "---:|" * (len(variants) + len(pairs))]
     for kind, block in kinds.items():
         res = block["results"]
         cells = [f"{r[key]:.2f} s (wall {r['min_s']:.1f}..{r['max_s']:.1f})" for r in res.values()]
-        speed = [f"**{res[v][key] / res[OURS][key]:.2f}x**" for v in others]
+        speed = [f"**{res[v][key] / res[o][key]:.2f}x**" for o, v in pairs]
         lines.append(f"| {kind} | " + " | ".join(cells + speed) + " |")
     return "\n".join(lines)
 
@@ -53,9 +53,11 @@ def main(argv=None) -> int:
         out += ["### profile", "", profile_markdown(json.loads((folder / "profile.json").read_text())["profiles"]), ""]
     if (folder / "ablate.json").exists():
         d = json.loads((folder / "ablate.json").read_text())
-        out += ["### ablation (train step with one change put back; >1x = the change helps)", "",
-                "| put back | step time vs current |", "|---|---:|"]
-        out += [f"| {k} | {v} |" for k, v in d["change_buys"].items()] + [""]
+        for what, title in (("train", "train step (batch 8)"), ("sample", "sampling with decode (batch 16)")):
+            if what in d:
+                out += [f"### ablation: {title}, one change put back (>1x = the change helps)", "",
+                        "| put back | time vs current |", "|---|---:|"]
+                out += [f"| {k} | {v} |" for k, v in d[what]["change_buys"].items()] + [""]
     print("\n".join(out))
     return 0
 

@@ -9,7 +9,8 @@ optimizer, casts/copies, elementwise, sampling, decode convs, other). `headroom`
 every matmul/conv ran at the square-matmul rate measured here and everything else took no time —
 the floor no kernel fusion can beat. Same setting as benchmarks/bench_transformer.py and
 benchmarks/bench_sample.py (d6 / 384 / 6 heads, V 4096; batch 8 for training, 16 for sampling with the
-VQ-16 decoder at 128 px).
+VQ-16 decoder at 128 px). With FLEXVAR_OFFICIAL_DIR set, the official code's train step and sampling
+under bf16 autocast are profiled beside ours (its matmul seconds bound what any lead over it can be).
 """
 from __future__ import annotations
 
@@ -25,9 +26,10 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_sample import build as build_sampler  # noqa: E402
-from benchmarks.bench_sample import sampler  # noqa: E402
+from benchmarks.bench_sample import official_samplers, sampler  # noqa: E402
+from benchmarks.bench_transformer import official as official_train_steps  # noqa: E402
 from benchmarks.bench_transformer import ours as our_train_steps  # noqa: E402
-from benchmarks.side_by_side import add_threads_arg, machine, set_threads  # noqa: E402
+from benchmarks.side_by_side import add_threads_arg, machine, official_modules, set_threads  # noqa: E402
 
 # first match wins; names are ATen operator names as the profiler reports them
 CLASSES = [
@@ -111,16 +113,25 @@ def main(argv=None) -> int:
     global TOP
     TOP = args.top
     mach = machine()
-    rows = []
+    mods, note = official_modules()
+    print(f"[profile_steps] {note}", file=sys.stderr, flush=True)
+    peak, rows = mach["matmul_gflops_bf16"], []
     if "train" in args.what:
-        rows.append(report("train step (batch 8)", our_train_steps(8)["train_step"], args.steps, mach["matmul_gflops_bf16"]))
+        mine = our_train_steps(8)
+        rows.append(report("train step (batch 8)", mine["train_step"], args.steps, peak))
+        if mods:
+            theirs = official_train_steps(mods, 8, mine["inputs"])
+            rows.append(report("official bf16 train step", theirs["train_step bf16"], args.steps, peak))
     if "sample" in args.what:
         model, vq = build_sampler(torch.device("cpu"))
         for decode in (False, True):
             rows.append(report(f"sampling {'with' if decode else 'without'} decode (batch 16)",
-                               sampler(model, vq, decode), args.steps, mach["matmul_gflops_bf16"]))
+                               sampler(model, vq, decode), args.steps, peak))
+        if mods:
+            rows.append(report("official bf16 sampling with decode", official_samplers(mods)[("bf16", True)],
+                               args.steps, peak))
     print(markdown(rows), file=sys.stderr)
-    print(json.dumps({"machine": mach, "profiles": rows}, indent=1))
+    print(json.dumps({"machine": mach, "official": note, "profiles": rows}, indent=1))
     return 0
 
 
