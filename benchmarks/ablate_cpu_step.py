@@ -31,7 +31,7 @@ from benchmarks.bench_transformer import ours  # noqa: E402
 from benchmarks.side_by_side import add_threads_arg, interleave, machine, set_threads, timing_key  # noqa: E402
 from benchmarks.bench_sample import build as build_sampler, sampler  # noqa: E402
 import flexvar.optim as O  # noqa: E402
-import flexvar.tokenizer.bf16_decoder as BD  # noqa: E402
+import flexvar.tokenizer.bf16_copy as BD  # noqa: E402
 import flexvar.transformer.model as M  # noqa: E402
 import flexvar.transformer.training as T  # noqa: E402
 

@@ -11,8 +11,8 @@ Setting: the official VQ-16 layout (base width 128, multipliers 1,1,2,2,4, 2 res
     optimiser. Official: `VQModel.forward(x, v_patch_nums)` (their multi-scale path) with that loss
     and Adam, fp32 and under CPU bf16 autocast; ours: `TokenizerTrainer.train_step` in bf16;
   - `infer`: encode, quantise at every scale 1..full, decode every scale, no grad. Official:
-    `encode_conti`, area-down + `quantize`, `decode`; ours: `encode`, `quantize_at`, `decode_bf16` (the
-    cached bf16 decoder `evaluate_scales` decodes with in bf16).
+    `encode_conti`, area-down + `quantize`, `decode`; ours: `encode_bf16`, `quantize_at`, `decode_bf16` (the
+    cached bf16 encoder/decoder `evaluate_scales` uses in bf16).
 Without FLEXVAR_OFFICIAL_DIR only ours is timed.
 """
 from __future__ import annotations
@@ -33,8 +33,7 @@ from benchmarks.side_by_side import (add_threads_arg, bf16_autocast, interleave,
                                      quiet, ratios, set_threads)
 import flexvar.tokenizer.training as tt  # noqa: E402
 from flexvar.config import TokenizerConfig, TrainTokenizerConfig  # noqa: E402
-from flexvar.device import autocast_ctx  # noqa: E402
-from flexvar.tokenizer.bf16_decoder import decode_bf16  # noqa: E402
+from flexvar.tokenizer.bf16_copy import decode_bf16, encode_bf16  # noqa: E402
 
 VQ16 = TokenizerConfig(ch=128, ch_mult=[1, 1, 2, 2, 4], num_res_blocks=2, z_channels=256, codebook_dim=32,
                        codebook_size=4096)
@@ -60,11 +59,10 @@ def ours(res: int, batch: int) -> dict:
 
     @torch.no_grad()
     def infer():
-        with autocast_ctx(CPU, "bf16"):
-            z = model.encode(x)
+        z = encode_bf16(model, x)               # as tt.evaluate_scales encodes and decodes in bf16
         for s in range(1, full + 1):
             _, zq = model.quantize_at(z.float(), (s, s))
-            decode_bf16(model, zq)              # as tt.evaluate_scales decodes in bf16
+            decode_bf16(model, zq)
 
     return {"train": trainer.train_step, "infer": infer}
 

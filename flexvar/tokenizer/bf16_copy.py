@@ -1,23 +1,26 @@
-"""The decoder as sampling and tokenizer evaluation run it in bf16: a cached bf16 channels-last copy,
-sub-pixel upsampling, and decoding in chunks of a few images on CPU.
+"""The tokenizer's encoder and decoder as inference runs them in bf16 (latent caching, tokenizer
+evaluation, sampling): cached bf16 channels-last copies, sub-pixel upsampling in the decoder, and
+calls in chunks of a few images on CPU.
 
 Decoding the final token map is most of the time of sampling on a CPU (the VQ-16 decoder spends
-~1 TFLOP on 16 images at 128 px), so the bf16 path is built for it:
+~1 TFLOP on 16 images at 128 px), and encoding every training image and its flip is the latent
+cache's whole cost, so the bf16 paths are built for them:
 
-- **A cached bf16, channels-last copy** of post_quant_conv + decoder: no per-call weight casts (as
-  autocast makes), oneDNN's preferred layout. Rebuilt when the tokenizer's weights change.
+- **Cached bf16, channels-last copies** of encoder + quant_conv and of post_quant_conv + decoder: no
+  per-call weight casts (as autocast makes), oneDNN's preferred layout. Rebuilt when the
+  tokenizer's weights change.
 - **Sub-pixel upsampling** (`SubpixelUpsample`): nearest 2x upsampling followed by a 3x3 conv is
   the same linear map as four 2x2 convs on the small map, one per output phase (row parity a,
   column parity b), whose kernels are sums of the 3x3 kernel's taps. 4 x 4 taps at (h, w) instead
   of 9 taps at (2h, 2w): 2.25x fewer multiply-adds in every upsampling conv (a fifth of the
   VQ-16 decoder's), and no upsampled copy of the input.
-- **Chunks of at most `CPU_CHUNK_PIXELS` output pixels** on CPU: the decoder's activations are
+- **Chunks of at most `CPU_CHUNK_PIXELS` image pixels** on CPU: the activations are
   bounded by a few images (128 channels at 128 px: 4 MiB per image in bf16), whatever the batch;
   same speed within noise as one call (benchmarks/bench_sample.py setting).
 
 Values: the same linear maps with bf16 weights; the folded 2x2 kernels are summed in the tokenizer's precision before
-the cast, so they differ from the 3x3 path by bf16 rounding only. The fp32 path (`VQVAE.decode`),
-which the conformance tests compare with the official code, is untouched.
+the cast, so they differ from the 3x3 path by bf16 rounding only. The fp32 paths (`VQVAE.encode`,
+`VQVAE.decode`), which the conformance tests compare with the official code, are untouched.
 """
 from __future__ import annotations
 
@@ -73,29 +76,43 @@ class SubpixelUpsample(nn.Module):
         return out
 
 
-def bf16_decoder(vqvae) -> nn.Module:
-    """post_quant_conv + decoder as a bf16 channels-last copy with sub-pixel upsampling, cached per
-    tokenizer and rebuilt when its weights change (checked on the first and last conv)."""
-    stamp = tuple((p.data_ptr(), p._version) for p in (vqvae.post_quant_conv.weight, vqvae.decoder.conv_out.weight))
-    hit = _CACHE.get(vqvae)
-    if hit is None or hit[0] != stamp:
-        decoder = copy.deepcopy(vqvae.decoder)
-        for stage in decoder.conv_blocks:
-            if isinstance(getattr(stage, "upsample", None), Upsample):
-                stage.upsample = SubpixelUpsample(stage.upsample)
-        dec = nn.Sequential(copy.deepcopy(vqvae.post_quant_conv), decoder)
-        dec = dec.to(torch.bfloat16).to(memory_format=torch.channels_last).eval().requires_grad_(False)
-        _CACHE[vqvae] = hit = (stamp, dec)
-    return hit[1]
+def bf16_copy(vqvae, part: str) -> nn.Module:
+    """`part` 'encoder' (encoder + quant_conv) or 'decoder' (post_quant_conv + decoder, sub-pixel
+    upsampling) as a bf16 channels-last copy, cached per tokenizer and rebuilt when its weights change
+    (checked on the part's first and last conv)."""
+    first, last = ((vqvae.encoder.conv_in, vqvae.quant_conv) if part == "encoder"
+                   else (vqvae.post_quant_conv, vqvae.decoder.conv_out))
+    stamp = tuple((m.weight.data_ptr(), m.weight._version) for m in (first, last))
+    cached = _CACHE.setdefault(vqvae, {})
+    if part not in cached or cached[part][0] != stamp:
+        if part == "encoder":
+            net = nn.Sequential(copy.deepcopy(vqvae.encoder), copy.deepcopy(vqvae.quant_conv))
+        else:
+            decoder = copy.deepcopy(vqvae.decoder)
+            for stage in decoder.conv_blocks:
+                if isinstance(getattr(stage, "upsample", None), Upsample):
+                    stage.upsample = SubpixelUpsample(stage.upsample)
+            net = nn.Sequential(copy.deepcopy(vqvae.post_quant_conv), decoder)
+        net = net.to(torch.bfloat16).to(memory_format=torch.channels_last).eval().requires_grad_(False)
+        cached[part] = (stamp, net)
+    return cached[part][1]
+
+
+def run_chunked(net: nn.Module, x_BCHW: torch.Tensor, image_pixels: int) -> torch.Tensor:
+    """net(x) in bf16 channels-last, fp32 out; on CPU in chunks of at most CPU_CHUNK_PIXELS image pixels."""
+    x_BCHW = x_BCHW.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    chunk = max(1, CPU_CHUNK_PIXELS // image_pixels) if x_BCHW.device.type == "cpu" else len(x_BCHW)
+    return torch.cat([net(x).float() for x in x_BCHW.split(chunk)])
 
 
 @torch.no_grad()
 def decode_bf16(vqvae, z_BChw: torch.Tensor) -> torch.Tensor:
-    """Quantised latents (B, C, h, w) -> images (B, 3, f h, f w) in [-1, 1], fp32 on the latents' device;
-    on CPU in chunks of at most CPU_CHUNK_PIXELS output pixels (at least one image)."""
-    dec = bf16_decoder(vqvae)
-    z_BChw = z_BChw.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
-    B, _, h, w = z_BChw.shape
-    per_image = h * w * vqvae.downsample ** 2
-    chunk = max(1, CPU_CHUNK_PIXELS // per_image) if z_BChw.device.type == "cpu" else B
-    return torch.cat([dec(z).float().clamp_(-1, 1) for z in z_BChw.split(chunk)])
+    """Quantised latents (B, C, h, w) -> images (B, 3, f h, f w) in [-1, 1], fp32 on the latents' device."""
+    h, w = z_BChw.shape[-2:]
+    return run_chunked(bf16_copy(vqvae, "decoder"), z_BChw, h * w * vqvae.downsample ** 2).clamp_(-1, 1)
+
+
+@torch.no_grad()
+def encode_bf16(vqvae, img_BCHW: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] (B, 3, H, W) -> continuous latents (B, Cvae, H/f, W/f), fp32 on the images' device."""
+    return run_chunked(bf16_copy(vqvae, "encoder"), img_BCHW, img_BCHW.shape[-2] * img_BCHW.shape[-1])

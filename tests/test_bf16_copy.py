@@ -1,11 +1,11 @@
-"""The bf16 decoder of sampling and tokenizer evaluation: sub-pixel upsampling is the same linear map
-as nearest-upsample + 3x3 conv; the bf16 decode matches the fp32 decoder within bf16 rounding, in
-chunks or not, and follows the tokenizer's weights when they change."""
+"""The tokenizer's bf16 inference copies: sub-pixel upsampling is the same linear map as
+nearest-upsample + 3x3 conv; bf16 encode/decode match the fp32 encoder/decoder within bf16 rounding,
+in chunks or not, and follow the tokenizer's weights when they change."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-import flexvar.tokenizer.bf16_decoder as bd
+import flexvar.tokenizer.bf16_copy as bd
 from flexvar.config import TokenizerConfig
 from flexvar.tokenizer.vqvae import VQVAE, Upsample
 
@@ -35,7 +35,7 @@ def test_bf16_decode_matches_fp32_decoder():
     assert out.dtype == torch.float32 and out.shape == ref.shape == (5, 3, 12, 20)
     err = (out - ref).abs()
     assert err.mean() < 0.02 and err.max() < 0.2, (err.mean(), err.max())   # bf16 rounding, not a different map
-    assert not any(isinstance(getattr(s, "upsample", None), Upsample) for s in bd.bf16_decoder(vq)[1].conv_blocks)
+    assert not any(isinstance(getattr(s, "upsample", None), Upsample) for s in bd.bf16_copy(vq, "decoder")[1].conv_blocks)
 
 
 def test_chunked_decode_equals_one_call(monkeypatch):
@@ -57,3 +57,16 @@ def test_cached_copy_follows_weight_updates():
     after = bd.decode_bf16(vq, z)
     assert not torch.allclose(before, after)
     torch.testing.assert_close(after, torch.full_like(after, 0.25))
+
+
+def test_bf16_encode_matches_fp32_encoder(monkeypatch):
+    vq = tiny_vq()
+    x = torch.rand(5, 3, 12, 20) * 2 - 1
+    with torch.no_grad():
+        ref = vq.encode(x)
+    out = bd.encode_bf16(vq, x)
+    assert out.dtype == torch.float32 and out.shape == ref.shape == (5, 8, 3, 5)
+    err = (out - ref).abs()
+    assert err.mean() < 0.02 * ref.abs().mean() + 1e-3 and err.max() < 0.1 * ref.abs().max(), (err.mean(), err.max())
+    monkeypatch.setattr(bd, "CPU_CHUNK_PIXELS", 12 * 20)      # one image per call
+    torch.testing.assert_close(bd.encode_bf16(vq, x), out, rtol=0, atol=1e-2 * ref.abs().max().item())
