@@ -9,8 +9,9 @@ back); `F.normalize` (q/k normalised, then scaled, in two full-size passes); `mi
 bf16 modulation factors multiplied into the fp32 stream directly); `F.cross_entropy` (on logits cast
 to fp32); `foreach AdamW` (torch's default instead of fused). Same setting as bench_transformer.py.
 Sampling variants (with decode, same setting as bench_sample.py): `current`; `3x3 upsampling`
-(nearest 2x + 3x3 conv instead of the sub-pixel 2x2 convs); `Linear then GELU` (instead of the fused
-oneDNN linear + GELU); `AdaLN every step` (modulation recomputed at every step instead of once per
+(nearest 2x + 3x3 conv instead of the sub-pixel 2x2 convs); `autocast Linear, then GELU` (every Linear
+as autocast's addmm and GELU as its own pass, instead of oneDNN's linear on cached bf16 weights with
+GELU fused); `AdaLN every step` (modulation recomputed at every step instead of once per
 sample); `one decoder call` (no chunks). Each is the previous code's formula, swapped in through the
 module attribute the code calls.
 """
@@ -32,6 +33,7 @@ from benchmarks.side_by_side import add_threads_arg, interleave, machine, set_th
 from benchmarks.bench_sample import build as build_sampler, sampler  # noqa: E402
 import flexvar.optim as O  # noqa: E402
 import flexvar.tokenizer.bf16_copy as BD  # noqa: E402
+import flexvar.transformer.fused_linear as FL  # noqa: E402
 import flexvar.transformer.model as M  # noqa: E402
 import flexvar.transformer.training as T  # noqa: E402
 
@@ -65,10 +67,6 @@ def foreach_adamw(model, cfg):
     return torch.optim.AdamW(opt.param_groups, lr=cfg.lr, betas=tuple(cfg.betas), foreach=True)
 
 
-def linear_then_gelu(x, fc):
-    return F.gelu(fc(x), approximate="tanh")
-
-
 def modulation_every_step(self, cond):
     return self.ada_lin(F.silu(cond))
 
@@ -77,7 +75,7 @@ ORIGINAL_MAKE_OPTIMIZER = O.make_adamw
 SAMPLE_PATCHES = {
     "current": [],
     "3x3 upsampling": [(BD, "SubpixelUpsample", lambda up: up)],
-    "Linear then GELU": [(M, "linear_gelu", linear_then_gelu)],
+    "autocast Linear, then GELU": [(FL, "cpu_bf16_inference", lambda x: False)],
     "AdaLN every step": [(M.AdaLNBlock, "modulation", modulation_every_step)],
     "one decoder call": [(BD, "CPU_CHUNK_PIXELS", 1 << 40)],
 }

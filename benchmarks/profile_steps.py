@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -56,18 +57,32 @@ def op_class(name: str) -> str:
     return "other"
 
 
+def op_flops(prof) -> float:
+    """Matmul/conv FLOPs of a profile, each operator counted once: the profiler's own count, except that an
+    operator re-dispatched to itself (autocast's conv2d calls conv2d) is skipped, plus oneDNN's fused
+    linear (which the profiler does not count) from its recorded shapes."""
+    total = 0.0
+    for ev in prof.events():
+        parent = ev.cpu_parent
+        if ev.flops and not (parent is not None and parent.name == ev.name):
+            total += ev.flops
+        elif ev.name.endswith("_linear_pointwise") and ev.input_shapes:
+            x, w = ev.input_shapes[0], ev.input_shapes[1]
+            total += 2 * math.prod(x[:-1]) * x[-1] * w[0]
+    return total
+
+
 def profiled(fn, steps: int) -> tuple[dict[str, float], float, float]:
     """(seconds per step by class, matmul/conv FLOPs per step, wall seconds per step) of `fn`."""
     fn()                                               # warm-up
-    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True, record_shapes=True) as prof:
         for _ in range(steps):
             fn()
     by_class: dict[str, float] = {}
-    flops = 0.0
+    flops = op_flops(prof) / steps
     for ev in prof.key_averages():
         cls = op_class(ev.key)
         by_class[cls] = by_class.get(cls, 0.0) + ev.self_cpu_time_total / 1e6 / steps
-        flops += (ev.flops or 0) / steps
     if TOP:
         top = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:TOP]
         print("\n".join(f"{e.key:45s} {op_class(e.key):14s} {e.self_cpu_time_total / 1e6 / steps:.4f} s  x{e.count // steps}"
