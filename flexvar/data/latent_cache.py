@@ -35,8 +35,7 @@ from torch.utils.data import DataLoader
 from flexvar.checkpoint import CheckpointError
 from flexvar.data.arrays import NpyWriter
 from flexvar.data.splits import DEFAULT_IN_MEMORY_MB, to_unit_range
-from flexvar.device import resolve_precision
-from flexvar.tokenizer.bf16_copy import encode_bf16
+from flexvar.tokenizer.bf16_copy import encode_images
 
 LATENTS_KIND = "latents"
 SHARD_ITEMS = 4096
@@ -126,10 +125,7 @@ def encode_batches(vqvae: torch.nn.Module, loader: Iterable, device: torch.devic
     for images_BCHW, labels_B in loader:
         img_BCHW = to_unit_range(images_BCHW).to(device)
         both = torch.cat([img_BCHW, img_BCHW.flip(-1)])
-        if resolve_precision(torch.device(device), precision) == "bf16":
-            z = encode_bf16(vqvae, both).cpu()            # the tokenizer's cached bf16 encoder
-        else:
-            z = vqvae.encode(both).float().cpu()
+        z = encode_images(vqvae, both, precision).cpu()     # bf16: the tokenizer's cached bf16 encoder
         yield torch.stack(z.chunk(2), dim=1), labels_B
 
 

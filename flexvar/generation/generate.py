@@ -23,8 +23,8 @@ from typing import Iterator
 import torch
 from tqdm.auto import tqdm
 
-from flexvar.device import autocast_cache_scope, autocast_ctx, resolve_precision
-from flexvar.tokenizer.bf16_copy import decode_bf16
+from flexvar.device import autocast_cache_scope, autocast_ctx
+from flexvar.tokenizer.bf16_copy import decode_latents
 from flexvar.generation.sampling import greedy_step, guidance_scale, guide, sample_tokens
 from flexvar.transformer.schedules import PRESETS, _aspect, make_schedule
 from flexvar.transformer.teacher_forcing import ResidualCanvas, gt_next_input
@@ -190,13 +190,11 @@ def decode_tokens(vqvae, idx_Bhw: torch.Tensor, canvas: ResidualCanvas | None = 
                   precision: str = "fp32") -> torch.Tensor:
     """Final token map (or the residual canvas f_hat) -> images (B, 3, f h, f w) in [-1, 1], CPU fp32.
 
-    In bf16 the decoder runs as flexvar.tokenizer.bf16_copy.py builds it (a cached bf16 channels-last
+    In bf16 the decoder runs as flexvar/tokenizer/bf16_copy.py builds it (a cached bf16 channels-last
     copy with sub-pixel upsampling, in chunks on CPU); fp32 runs the tokenizer's own decoder.
     """
     z_BChw = canvas.f_hat if canvas is not None else vqvae.quantize.lookup(idx_Bhw)
-    if resolve_precision(z_BChw.device, precision) != "bf16":
-        return vqvae.decode(z_BChw.float()).float().clamp(-1, 1).cpu()
-    return decode_bf16(vqvae, z_BChw).cpu()
+    return decode_latents(vqvae, z_BChw, precision).clamp_(-1, 1).cpu()
 
 
 def generate(model, vqvae, labels_N: torch.Tensor, scales: Scales, *, batch_size: int = 32, seed: int = 0,

@@ -18,9 +18,10 @@ cache's whole cost, so the bf16 paths are built for them:
   bounded by a few images (128 channels at 128 px: 4 MiB per image in bf16), whatever the batch;
   same speed within noise as one call (benchmarks/bench_sample.py setting).
 
-Values: the same linear maps with bf16 weights; the folded 2x2 kernels are summed in the tokenizer's precision before
-the cast, so they differ from the 3x3 path by bf16 rounding only. The fp32 paths (`VQVAE.encode`,
-`VQVAE.decode`), which the conformance tests compare with the official code, are untouched.
+Values: the same linear maps with bf16 weights; the folded 2x2 kernels are summed in the tokenizer's
+precision before the cast, so they differ from the 3x3 path by bf16 rounding only. `encode_images` /
+`decode_latents` pick the path from the precision; their fp32 path is the tokenizer's own
+`VQVAE.encode` / `VQVAE.decode` (what the conformance tests compare with the official code), untouched.
 """
 from __future__ import annotations
 
@@ -32,9 +33,10 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from flexvar.device import resolve_precision
 from flexvar.tokenizer.vqvae import Upsample
 
-CPU_CHUNK_PIXELS = 4 * 128 * 128    # output pixels per decoder call on CPU (4 images at 128 px)
+CPU_CHUNK_PIXELS = 4 * 128 * 128    # image pixels per encoder / decoder call on CPU (4 images at 128 px)
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -107,12 +109,30 @@ def run_chunked(net: nn.Module, x_BCHW: torch.Tensor, image_pixels: int) -> torc
 
 @torch.no_grad()
 def decode_bf16(vqvae, z_BChw: torch.Tensor) -> torch.Tensor:
-    """Quantised latents (B, C, h, w) -> images (B, 3, f h, f w) in [-1, 1], fp32 on the latents' device."""
+    """Quantised latents (B, C, h, w) -> images (B, 3, f h, f w), roughly in [-1, 1], fp32 on the latents' device."""
     h, w = z_BChw.shape[-2:]
-    return run_chunked(bf16_copy(vqvae, "decoder"), z_BChw, h * w * vqvae.downsample ** 2).clamp_(-1, 1)
+    return run_chunked(bf16_copy(vqvae, "decoder"), z_BChw, h * w * vqvae.downsample ** 2)
 
 
 @torch.no_grad()
 def encode_bf16(vqvae, img_BCHW: torch.Tensor) -> torch.Tensor:
     """Images in [-1, 1] (B, 3, H, W) -> continuous latents (B, Cvae, H/f, W/f), fp32 on the images' device."""
     return run_chunked(bf16_copy(vqvae, "encoder"), img_BCHW, img_BCHW.shape[-2] * img_BCHW.shape[-1])
+
+
+@torch.no_grad()
+def encode_images(vqvae, img_BCHW: torch.Tensor, precision: str) -> torch.Tensor:
+    """Inference encode in `precision` ('auto' resolved on the images' device), fp32 latents: the cached
+    bf16 copy in bf16, the tokenizer's own encoder otherwise."""
+    if resolve_precision(img_BCHW.device, precision) == "bf16":
+        return encode_bf16(vqvae, img_BCHW)
+    return vqvae.encode(img_BCHW.float()).float()
+
+
+@torch.no_grad()
+def decode_latents(vqvae, z_BChw: torch.Tensor, precision: str) -> torch.Tensor:
+    """Inference decode in `precision` ('auto' resolved on the latents' device), fp32 images (not clamped):
+    the cached bf16 copy in bf16, the tokenizer's own decoder otherwise."""
+    if resolve_precision(z_BChw.device, precision) == "bf16":
+        return decode_bf16(vqvae, z_BChw)
+    return vqvae.decode(z_BChw.float()).float()

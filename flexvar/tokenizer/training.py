@@ -40,7 +40,7 @@ from flexvar.tokenizer.discriminator import PatchDiscriminator, hinge_d_loss, hi
 from flexvar.tokenizer.quantizer import downsample
 from flexvar.optim import ema_of, make_adamw, warmup_cosine
 from flexvar.run_logger import RunLogger
-from flexvar.tokenizer.bf16_copy import decode_bf16, encode_bf16
+from flexvar.tokenizer.bf16_copy import decode_latents, encode_images
 from flexvar.tokenizer.vqvae import VQVAE
 
 TRAIN_CKPT_KIND = "tokenizer_train_state"
@@ -102,15 +102,14 @@ def evaluate_scales(model: VQVAE, images_NCHW: torch.Tensor, scales: list[int], 
     sums = {s: [0.0, 0.0] for s in scales}
     counts_all = torch.zeros(model.cfg.codebook_size, dtype=torch.long)
     counts_full = torch.zeros_like(counts_all)
-    bf16 = resolve_precision(torch.device(device), precision) == "bf16"   # the cached bf16 encoder/decoder
     for i in range(0, len(images_NCHW), batch_size):
         x = to_unit_range(images_NCHW[i:i + batch_size]).to(device)
-        z = encode_bf16(model, x) if bf16 else model.encode(x)
+        z = encode_images(model, x, precision)          # bf16: the cached bf16 encoder / decoder
         full_hw = tuple(z.shape[-2:])
         for s in scales:
             hw = scale_hw(s, full_hw)
             idx, zq = model.quantize_at(z.float(), hw)
-            rec = decode_bf16(model, zq) if bf16 else model.decode(zq).float()
+            rec = decode_latents(model, zq, precision)
             target = resize_images(x, (hw[0] * f, hw[1] * f))
             sums[s][0] += psnr(rec, target).sum().item()
             sums[s][1] += (rec.clamp(-1, 1) - target).abs().flatten(1).mean(1).sum().item()
