@@ -2,12 +2,17 @@
 change at a time put back to its previous formulation, all variants interleaved in one process,
 printed as JSON.
 
-    python benchmarks/ablate_cpu_step.py [--rounds 3] [--threads 1] [--what train sample]
+    python benchmarks/ablate_cpu_step.py [--rounds 3] [--threads 1] [--what train compiled sample]
 
 Train step variants: `current`; `fp32 softmax` (attention logits cast to fp32 for the softmax and
 back); `F.normalize` (q/k normalised, then scaled, in two full-size passes); `mixed-dtype AdaLN` (the
 bf16 modulation factors multiplied into the fp32 stream directly); `F.cross_entropy` (on logits cast
 to fp32); `foreach AdamW` (torch's default instead of fused). Same setting as bench_transformer.py.
+Compiled train step variants (`train_transformer.compile`, as bench_transformer.py --compiled):
+`current`; `head and loss eager` (only the blocks compiled); `tanh GELU` (F.gelu traced instead of its
+sigmoid form); `addmm bias` (each Linear traced as one addmm); `norm unit rows` (q/k scaled by
+1 / max(norm, eps) instead of an fp32 rsqrt of the squared sum); `masked_fill mask` (the attention mask
+applied by masked_fill instead of an additive 0 / -inf).
 Sampling variants (with decode, same setting as bench_sample.py): `current`; `3x3 upsampling`
 (nearest 2x + 3x3 conv instead of the sub-pixel 2x2 convs); `autocast Linear, then GELU` (every Linear
 as autocast's addmm and GELU as its own pass, instead of oneDNN's linear on cached bf16 weights with
@@ -67,6 +72,23 @@ def foreach_adamw(model, cfg):
     return torch.optim.AdamW(opt.param_groups, lr=cfg.lr, betas=tuple(cfg.betas), foreach=True)
 
 
+def norm_unit_rows(x, scale=None):
+    inv = 1.0 / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return x * (inv if scale is None else inv * scale.to(inv.dtype))
+
+
+def masked_fill_attention(q, k, v, mask, dropout_p):
+    logits = q @ k.transpose(-2, -1)
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    return F.dropout(logits.softmax(-1), dropout_p) @ v
+
+
+def addmm_linear(x, weight, bias, act):
+    y = F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+    return F.gelu(y, approximate="tanh") if act == "gelu" else y
+
+
 def modulation_every_step(self, cond):
     return self.ada_lin(F.silu(cond))
 
@@ -85,6 +107,16 @@ PATCHES = {
     "F.normalize": [(M, "unit_rows", normalize_then_scale)],
     "mixed-dtype AdaLN": [(M, "modulate", mixed_modulate), (M, "gated", mixed_gated)],
     "F.cross_entropy": [(T, "token_loss", plain_cross_entropy)],
+}
+
+
+COMPILED_PATCHES = {
+    "current": [],
+    "head and loss eager": [(T, "compiled_token_loss", lambda: T.token_loss)],
+    "tanh GELU": [(FL, "tanh_gelu_as_sigmoid", lambda y: F.gelu(y, approximate="tanh"))],
+    "addmm bias": [(FL, "compiled_linear", addmm_linear)],
+    "norm unit rows": [(M, "unit_rows", norm_unit_rows)],
+    "masked_fill mask": [(M, "attention", masked_fill_attention)],
 }
 
 
@@ -118,6 +150,24 @@ def train_variants(batch: int) -> dict:
     return variants
 
 
+def compiled_variants(batch: int) -> dict:
+    """One compiled model per variant, each traced with its patch in place (dynamo keeps one graph per
+    variant: its guards include the patched functions)."""
+    torch._dynamo.config.cache_size_limit = 64
+    variants = {}
+    for name, pairs in COMPILED_PATCHES.items():
+        with patched(pairs):
+            built = ours(batch, compiled=True)
+        if name == "head and loss eager":
+            built["model"]._compiled_head = None
+
+        def run(step=built["train_step"], pairs=pairs):
+            with patched(pairs):
+                step()
+        variants[name] = run
+    return variants
+
+
 def sample_variants() -> dict:
     """One model + tokenizer per variant (same weights): each keeps its own cached bf16 decoder."""
     variants = {}
@@ -143,13 +193,15 @@ def change_buys(variants: dict, rounds: int) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--what", nargs="+", default=["train", "sample"], choices=["train", "sample"])
+    ap.add_argument("--what", nargs="+", default=["train", "compiled", "sample"], choices=["train", "compiled", "sample"])
     add_threads_arg(ap, rounds=3)
     args = ap.parse_args(argv)
     set_threads(args.threads)
     out = {"machine": machine()}
     if "train" in args.what:
         out["train"] = change_buys(train_variants(args.batch), args.rounds)
+    if "compiled" in args.what:
+        out["compiled"] = change_buys(compiled_variants(args.batch), args.rounds)
     if "sample" in args.what:
         out["sample"] = change_buys(sample_variants(), args.rounds)
     print(json.dumps(out, indent=1))

@@ -64,7 +64,9 @@ def ours(batch: int, compiled: bool = False) -> dict:
     model = FlexVAR(TransformerConfig(depth=DEPTH, width=WIDTH, heads=HEADS), VOCAB, CVAE, CLASSES, pe_size=8).train()
     if compiled:
         model.compile_trunk(COMPILE_BUCKET)             # what training does with train_transformer.compile
-    opt, q, data = optim.make_adamw(model, CFG), MultiScaleQuantizer(VOCAB, CVAE), cache(max(4 * batch, 64))
+    cfg = CFG.model_copy(update={"compile": compiled})
+    opt, q, data = optim.make_adamw(model, cfg), MultiScaleQuantizer(VOCAB, CVAE), cache(max(4 * batch, 64))
+    loss_fn = training.compiled_token_loss() if compiled else training.token_loss    # as forward_backward picks
     z, labels = get_batch(data, batch_indices(0, batch, 2 * len(data), 0), CPU)
     x, tgt = gt_inputs_targets(q, z, SCALES)
     state = {"i": 0}
@@ -77,16 +79,16 @@ def ours(batch: int, compiled: bool = False) -> dict:
     def train_step():
         with autocast_ctx(CPU, CFG.precision):
             logits = model(labels, x, SCALES)
-        training.token_loss(logits, tgt, CFG.label_smoothing).backward()
+        loss_fn(logits, tgt, cfg.label_smoothing).backward()
         finish()
 
     def full_step():
         state["i"] += 1
-        forward_backward(model, q, data, batch_indices(state["i"], batch, 2 * len(data), 0), SCALES, CFG,
+        forward_backward(model, q, data, batch_indices(state["i"], batch, 2 * len(data), 0), SCALES, cfg,
                          prediction="gt", device=CPU)
         finish()
 
-    return {"train_step": train_step, "full_step": full_step, "inputs": (labels, x, tgt)}
+    return {"train_step": train_step, "full_step": full_step, "inputs": (labels, x, tgt), "model": model}
 
 
 def official(mods: SimpleNamespace, batch: int, inputs) -> dict:
@@ -128,8 +130,9 @@ def official(mods: SimpleNamespace, batch: int, inputs) -> dict:
             "full_step fp32": lambda: step(False, *encode()), "full_step bf16": lambda: step(True, *encode())}
 
 
-def loss_curves(steps: int) -> dict:
-    """Same seed, data and schedule per step; fp32 vs bf16 autocast. Returns both curves."""
+def loss_curves(steps: int, compiled: bool = False) -> dict:
+    """Same seed, data and schedule per step; fp32 vs bf16 autocast (and, with `compiled`, bf16 with
+    train_transformer.compile). Returns the curves and each one's largest distance to fp32."""
     g = torch.Generator().manual_seed(1)
     protos = torch.randn(10, CVAE, 2, 2, generator=g)
     labels = torch.randint(0, 10, (512,), generator=g)
@@ -138,25 +141,33 @@ def loss_curves(steps: int) -> dict:
     torch.manual_seed(2)                 # the codebook's init draws from the global RNG: fix it too
     q = MultiScaleQuantizer(512, CVAE)
     curves = {}
-    for precision in ("fp32", "bf16"):
+    for variant in ("fp32", "bf16", "bf16 compiled")[:3 if compiled else 2]:
+        precision = variant.split()[0]
         torch.manual_seed(0)
         model = FlexVAR(TransformerConfig(depth=2), 512, CVAE, 10, pe_size=8).train()
+        loss_fn = training.token_loss
+        if variant == "bf16 compiled":
+            model.compile_trunk(COMPILE_BUCKET)
+            loss_fn = training.compiled_token_loss()
         opt = optim.make_adamw(model, TrainTransformerConfig(lr=1e-3))
         curve = []
         for i in range(steps):
             zb, lb = get_batch(data, batch_indices(i, 32, 1024, 0), CPU)
             x, tgt = gt_inputs_targets(q, zb, SCALES)
             with autocast_ctx(CPU, precision):
-                loss = training.token_loss(model(lb, x, SCALES), tgt, 0.0)
+                loss = loss_fn(model(lb, x, SCALES), tgt, 0.0)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             curve.append(round(float(loss.detach()), 4))
-        curves[precision] = curve
+        curves[variant] = curve
     tail = max(1, steps // 4)
-    return {"steps": steps, **curves, "max_abs_diff": max(abs(a - b) for a, b in zip(curves["fp32"], curves["bf16"])),
-            "final_fp32_mean_last_quarter": statistics.mean(curves["fp32"][-tail:]),
-            "final_bf16_mean_last_quarter": statistics.mean(curves["bf16"][-tail:])}
+    out = {"steps": steps, **curves}
+    for variant in list(curves)[1:]:
+        out[f"max_abs_diff {variant} vs fp32"] = max(abs(a - b) for a, b in zip(curves["fp32"], curves[variant]))
+    for variant in curves:
+        out[f"final_{variant.replace(' ', '_')}_mean_last_quarter"] = statistics.mean(curves[variant][-tail:])
+    return out
 
 
 def main(argv=None) -> int:
@@ -187,7 +198,7 @@ def main(argv=None) -> int:
         out[kind] = {"results": res, "speedup": speedup}
         print(json.dumps({kind: out[kind]["speedup"]}), file=sys.stderr, flush=True)
     if args.loss_curves:
-        out["loss_curves"] = loss_curves(args.loss_curves)
+        out["loss_curves"] = loss_curves(args.loss_curves, args.compiled)
     out["machine"]["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
     print(json.dumps(out, indent=1))
     return 0

@@ -49,11 +49,16 @@ def main(argv=None) -> int:
         d = json.loads(path.read_text())
         out += [f"### {name}", "", machine_line(d), "", side_by_side(title, {k: d[k] for k in kinds if k in d},
                                                           "cpu_median_s" if d["machine"]["threads"] == 1 else "median_s"), ""]
+        if "loss_curves" in d:
+            c = d["loss_curves"]
+            diffs = "; ".join(f"{k.removeprefix('max_abs_diff ')} {v:.4f}" for k, v in c.items() if k.startswith("max_abs_diff"))
+            out += [f"Loss curves (depth 2, {c['steps']} steps, same seed and data), largest |difference|: {diffs}.", ""]
     if (folder / "profile.json").exists():
         out += ["### profile", "", profile_markdown(json.loads((folder / "profile.json").read_text())["profiles"]), ""]
     if (folder / "ablate.json").exists():
         d = json.loads((folder / "ablate.json").read_text())
-        for what, title in (("train", "train step (batch 8)"), ("sample", "sampling with decode (batch 16)")):
+        for what, title in (("train", "train step (batch 8)"), ("compiled", "compiled train step (batch 8)"),
+                            ("sample", "sampling with decode (batch 16)")):
             if what in d:
                 out += [f"### ablation: {title}, one change put back (>1x = the change helps)", "",
                         "| put back | time vs current |", "|---|---:|"]

@@ -9,8 +9,10 @@ optimizer, casts/copies, elementwise, sampling, decode convs, other). `headroom`
 every matmul/conv ran at the square-matmul rate measured here and everything else took no time —
 the floor no kernel fusion can beat. Same setting as benchmarks/bench_transformer.py and
 benchmarks/bench_sample.py (d6 / 384 / 6 heads, V 4096; batch 8 for training, 16 for sampling with the
-VQ-16 decoder at 128 px). With FLEXVAR_OFFICIAL_DIR set, the official code's train step and sampling
-under bf16 autocast are profiled beside ours (its matmul seconds bound what any lead over it can be).
+VQ-16 decoder at 128 px). The compiled train step (`train_transformer.compile`) is profiled with
+inductor's kernel profiling on: its fused kernels are one class, its matmuls (extern calls) count as
+matmul. With FLEXVAR_OFFICIAL_DIR set, the official code's train step and sampling under bf16 autocast
+are profiled beside ours (its matmul seconds bound what any lead over it can be).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch._inductor.config
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -34,6 +37,7 @@ from benchmarks.side_by_side import add_threads_arg, machine, official_modules, 
 
 # first match wins; names are ATen operator names as the profiler reports them
 CLASSES = [
+    ("compiled fused kernels", r"^graph_\d+_cpp_fused|CompiledFxGraph"),   # inductor's kernels and graph wrapper
     ("decode convs", r"conv|upsample|group_norm|native_group_norm"),
     ("matmul", r"^aten::(mm|addmm|bmm|baddbmm|linear|matmul|_addmm_activation)$|mkldnn.*(linear|matmul)"),
     ("loss", r"log_softmax|nll_loss|cross_entropy"),
@@ -134,6 +138,10 @@ def main(argv=None) -> int:
     if "train" in args.what:
         mine = our_train_steps(8)
         rows.append(report("train step (batch 8)", mine["train_step"], args.steps, peak))
+        torch._inductor.config.cpp.enable_kernel_profile = True      # each fused kernel a profiler event
+        compiled = our_train_steps(8, compiled=True)
+        compiled["train_step"]()                                     # compile outside the profile
+        rows.append(report("compiled train step (batch 8)", compiled["train_step"], args.steps, peak))
         if mods:
             theirs = official_train_steps(mods, 8, mine["inputs"])
             rows.append(report("official bf16 train step", theirs["train_step bf16"], args.steps, peak))

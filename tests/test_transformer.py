@@ -207,6 +207,29 @@ def test_fused_linear_in_bf16_inference_matches_linear_then_gelu():
     assert x.grad is not None and fc.weight.grad is not None
 
 
+def test_compiled_linear_is_linear_then_tanh_gelu():
+    """What torch.compile traces for Linear (matmul, then bias, then GELU in its sigmoid form) is the same
+    function as F.linear + F.gelu(approximate='tanh'), values and gradients (fp64, so only the formula
+    is compared), with a bias, without one and without the activation."""
+    import torch.nn.functional as F
+
+    from flexvar.transformer.fused_linear import compiled_linear
+    torch.manual_seed(0)
+    x = (3 * torch.randn(5, 7, 16, dtype=torch.float64)).requires_grad_()
+    w = torch.randn(24, 16, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(24, dtype=torch.float64, requires_grad=True)
+    for bias, act in ((b, "gelu"), (None, "gelu"), (b, "none")):
+        ref = F.linear(x, w, bias)
+        ref = F.gelu(ref, approximate="tanh") if act == "gelu" else ref
+        out = compiled_linear(x, w, bias, act)
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+        g = torch.randn_like(ref)
+        grads = torch.autograd.grad(out, (x, w), g)
+        grads_ref = torch.autograd.grad(ref, (x, w), g)
+        for a, r in zip(grads, grads_ref):
+            torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-10)
+
+
 def test_adaln_modulation_is_cached_only_while_generating():
     m = small_model()
     cond = m.class_cond(torch.tensor([0, 1]))

@@ -47,11 +47,13 @@ def layer_norm(x_BLC: torch.Tensor) -> torch.Tensor:
 def unit_rows(x_BHLc: torch.Tensor, scale_1H11: torch.Tensor | None = None) -> torch.Tensor:
     """x / max(||x||, eps) over the last axis, times an optional per-head scale: F.normalize and the
     scale as one broadcast multiply by a (B, H, L, 1) factor (one full-size pass instead of two,
-    forward and backward)."""
-    inv_BHL1 = 1.0 / x_BHLc.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    forward and backward). The factor is rsqrt(max(sum x^2, eps^2)) summed in fp32: as fast as
+    `norm` eagerly, and under torch.compile its backward is a plain row reduction (inductor's
+    backward of `norm` was ~40% slower)."""
+    inv_BHL1 = torch.rsqrt(x_BHLc.float().square().sum(dim=-1, keepdim=True).clamp_min(1e-24))
     if scale_1H11 is not None:
-        inv_BHL1 = inv_BHL1 * scale_1H11.to(inv_BHL1.dtype)
-    return x_BHLc * inv_BHL1
+        inv_BHL1 = inv_BHL1 * scale_1H11
+    return x_BHLc * inv_BHL1.to(x_BHLc.dtype)
 
 
 def modulate(x_BLC: torch.Tensor, scale_B1C: torch.Tensor, shift_B1C: torch.Tensor) -> torch.Tensor:
@@ -151,8 +153,8 @@ def attention(q_BHLc: torch.Tensor, k_BHSc: torch.Tensor, v_BHSc: torch.Tensor, 
     if q_BHLc.device.type != "cpu":
         return F.scaled_dot_product_attention(q_BHLc, k_BHSc, v_BHSc, attn_mask=mask_LS, scale=1.0, dropout_p=dropout_p)
     logits_BHLS = q_BHLc @ k_BHSc.transpose(-2, -1)
-    if mask_LS is not None:
-        logits_BHLS = logits_BHLS.masked_fill(~mask_LS, float("-inf"))
+    if mask_LS is not None:   # additive 0 / -inf: the same values as masked_fill, ~10% faster here (eager and compiled)
+        logits_BHLS = logits_BHLS + torch.where(mask_LS, 0.0, float("-inf")).to(logits_BHLS.dtype)
     # the CPU softmax kernels accumulate bf16 in fp32 and round once, as an explicit fp32 softmax
     # followed by a cast would, without the two (B, H, L, S) casts forward and two backward
     probs_BHLS = F.dropout(logits_BHLS.softmax(dim=-1), dropout_p)
@@ -259,7 +261,7 @@ class FlexVAR(nn.Module):
         self.head_ada_lin = Linear(C, 2 * C)   # order: scale, shift
         self.head = Linear(C, vocab_size)
         self.seq_bucket = 0         # > 0: sequences padded to a multiple of this (compile_trunk)
-        self._compiled_trunk = None
+        self._compiled_trunk = self._compiled_head = None
         if not self.pos_1CPP.is_meta:
             self.init_weights()
 
@@ -364,7 +366,7 @@ class FlexVAR(nn.Module):
         x_BLC = F.pad(x_BLC, (0, 0, 0, L_pad - L))
         trunk = self._compiled_trunk or self.run_blocks
         x_BLC = trunk(x_BLC, cond_BD, self.attn_mask(tuple(map(tuple, scales)), x_BLC.device, L_pad))
-        return self.logits(x_BLC[:, :L], cond_BD)
+        return (self._compiled_head or self.logits)(x_BLC[:, :L], cond_BD)
 
     def run_blocks(self, x_BLC: torch.Tensor, cond_BD: torch.Tensor, mask_LL) -> torch.Tensor:
         """The transformer blocks (the part torch.compile compiles, see compile_trunk)."""
@@ -384,11 +386,16 @@ class FlexVAR(nn.Module):
         return block_causal_mask(scales, str(device), pad_to)
 
     def compile_trunk(self, seq_bucket: int, backend: str = "inductor") -> None:
-        """torch.compile the blocks for training with random schedules. seq_bucket > 0: pad every sequence
-        to a multiple of it and compile static shapes (one graph per bucket); 0: one graph with a dynamic
-        sequence length. The embeddings (a different interpolation per scale) stay eager."""
+        """torch.compile the blocks and the head for training with random schedules.
+
+        Blocks: seq_bucket > 0 pads every sequence to a multiple of it and compiles static shapes (one
+        graph per bucket); 0 compiles one graph with a dynamic sequence length. Head (AdaLN + the
+        V-way linear, on the real tokens only): one graph with a dynamic length — padding it too would
+        spend the widest matmul on tokens that are cut. The embeddings (a different interpolation per
+        scale) stay eager."""
         self.seq_bucket = seq_bucket
         self._compiled_trunk = torch.compile(self.run_blocks, dynamic=seq_bucket == 0, backend=backend)
+        self._compiled_head = torch.compile(self.logits, dynamic=True, backend=backend)
 
     # ------------------------------------------------------------------ generation
     def enable_kv_cache(self, enabled: bool) -> None:

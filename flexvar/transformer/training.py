@@ -19,6 +19,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
@@ -85,16 +86,25 @@ def token_loss(logits_BLV: torch.Tensor, target_BL: torch.Tensor, label_smoothin
     return SmoothedCrossEntropy.apply(logits_BLV.flatten(0, 1), target_BL.flatten(), float(label_smoothing))
 
 
+@lru_cache(maxsize=None)
+def compiled_token_loss(backend: str = "inductor"):
+    """token_loss through torch.compile with a dynamic token count (one graph for every schedule): the
+    V-way softmax, its gradient and the casts fused into two passes over the logits."""
+    return torch.compile(token_loss, dynamic=True, backend=backend)
+
+
 def forward_backward(fwd, quantizer: MultiScaleQuantizer, data: LatentSplit, items: torch.Tensor, scales,
                      cfg: TrainTransformerConfig, *, prediction: str, device) -> tuple[float, int]:
     """One micro-batch of training: the cached latents of `items` quantised at `scales` into inputs and
-    targets, forward in cfg.precision, label-smoothed loss / grad_accum, backward.
-    Returns (that loss, number of images); the optimiser step is the caller's."""
+    targets, forward in cfg.precision, label-smoothed loss / grad_accum (compiled with
+    train_transformer.compile), backward. Returns (that loss, number of images); the optimiser step is
+    the caller's."""
     z, labels = get_batch(data, items, device)
     x, tgt = inputs_targets(prediction, quantizer, z, scales)
     with autocast_ctx(device, cfg.precision):
         logits = fwd(labels, x, scales)
-    loss = token_loss(logits, tgt, cfg.label_smoothing) / cfg.grad_accum
+    loss_fn = compiled_token_loss() if cfg.compile else token_loss
+    loss = loss_fn(logits, tgt, cfg.label_smoothing) / cfg.grad_accum
     loss.backward()
     return float(loss.detach()), len(labels)
 
