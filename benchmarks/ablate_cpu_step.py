@@ -7,7 +7,8 @@ printed as JSON.
 Train step variants: `current`; `fp32 softmax` (attention logits cast to fp32 for the softmax and
 back); `F.normalize` (q/k normalised, then scaled, in two full-size passes); `mixed-dtype AdaLN` (the
 bf16 modulation factors multiplied into the fp32 stream directly); `F.cross_entropy` (on logits cast
-to fp32); `foreach AdamW` (torch's default instead of fused). Same setting as bench_transformer.py.
+to fp32); `foreach AdamW` (torch's default instead of fused); `norm unit rows` and `masked_fill mask`
+(as below). Same setting as bench_transformer.py.
 Compiled train step variants (`train_transformer.compile`, as bench_transformer.py --compiled):
 `current`; `head and loss eager` (only the blocks compiled); `tanh GELU` (F.gelu traced instead of its
 sigmoid form); `addmm bias` (each Linear traced as one addmm); `norm unit rows` (q/k scaled by
@@ -107,6 +108,8 @@ PATCHES = {
     "F.normalize": [(M, "unit_rows", normalize_then_scale)],
     "mixed-dtype AdaLN": [(M, "modulate", mixed_modulate), (M, "gated", mixed_gated)],
     "F.cross_entropy": [(T, "token_loss", plain_cross_entropy)],
+    "norm unit rows": [(M, "unit_rows", norm_unit_rows)],
+    "masked_fill mask": [(M, "attention", masked_fill_attention)],
 }
 
 
