@@ -3,6 +3,7 @@ change at a time put back to its previous formulation, all variants interleaved 
 printed as JSON.
 
     python benchmarks/ablate_cpu_step.py [--rounds 3] [--threads 1] [--what train compiled sample]
+        [--only VARIANT ...]   # e.g. --what compiled --only "all five (the previous compiled step)"
 
 Train step variants: `current`; `fp32 softmax` (attention logits cast to fp32 for the softmax and
 back); `F.normalize` (q/k normalised, then scaled, in two full-size passes); `mixed-dtype AdaLN` (the
@@ -13,7 +14,7 @@ Compiled train step variants (`train_transformer.compile`, as bench_transformer.
 `current`; `head and loss eager` (only the blocks compiled); `tanh GELU` (F.gelu traced instead of its
 sigmoid form); `addmm bias` (each Linear traced as one addmm); `norm unit rows` (q/k scaled by
 1 / max(norm, eps) instead of an fp32 rsqrt of the squared sum); `masked_fill mask` (the attention mask
-applied by masked_fill instead of an additive 0 / -inf).
+applied by masked_fill instead of an additive 0 / -inf); all five at once (the compiled step as it was).
 Sampling variants (with decode, same setting as bench_sample.py): `current`; `3x3 upsampling`
 (nearest 2x + 3x3 conv instead of the sub-pixel 2x2 convs); `autocast Linear, then GELU` (every Linear
 as autocast's addmm and GELU as its own pass, instead of oneDNN's linear on cached bf16 weights with
@@ -35,7 +36,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_transformer import ours  # noqa: E402
-from benchmarks.side_by_side import add_threads_arg, interleave, machine, set_threads, timing_key  # noqa: E402
+from benchmarks.side_by_side import (add_threads_arg, interleave, machine, paired_ratio, set_threads,  # noqa: E402
+                                     timing_key)
 from benchmarks.bench_sample import build as build_sampler, sampler  # noqa: E402
 import flexvar.optim as O  # noqa: E402
 import flexvar.tokenizer.bf16_copy as BD  # noqa: E402
@@ -121,6 +123,7 @@ COMPILED_PATCHES = {
     "norm unit rows": [(M, "unit_rows", norm_unit_rows)],
     "masked_fill mask": [(M, "attention", masked_fill_attention)],
 }
+COMPILED_PATCHES["all five (the previous compiled step)"] = [p for ps in COMPILED_PATCHES.values() for p in ps]
 
 
 @contextlib.contextmanager
@@ -135,9 +138,15 @@ def patched(pairs):
             setattr(mod, name, fn)
 
 
-def train_variants(batch: int) -> dict:
+def selected(patches: dict, only: list[str] | None) -> dict:
+    """`current` and the variants named in `only` (all when None): fewer variants per round means
+    same-round ratios taken closer together in time."""
+    return {k: v for k, v in patches.items() if only is None or k == "current" or k in only}
+
+
+def train_variants(batch: int, only: list[str] | None = None) -> dict:
     variants = {}
-    for name, pairs in PATCHES.items():
+    for name, pairs in selected(PATCHES, only).items():
         with patched(pairs):                        # the step's token_loss is looked up at call time
             step = ours(batch)["train_step"]
 
@@ -145,23 +154,24 @@ def train_variants(batch: int) -> dict:
             with patched(pairs):
                 step()
         variants[name] = run
-    O.make_adamw = foreach_adamw
-    try:
-        variants["foreach AdamW"] = ours(batch)["train_step"]
-    finally:
-        O.make_adamw = ORIGINAL_MAKE_OPTIMIZER
+    if only is None or "foreach AdamW" in only:
+        O.make_adamw = foreach_adamw
+        try:
+            variants["foreach AdamW"] = ours(batch)["train_step"]
+        finally:
+            O.make_adamw = ORIGINAL_MAKE_OPTIMIZER
     return variants
 
 
-def compiled_variants(batch: int) -> dict:
+def compiled_variants(batch: int, only: list[str] | None = None) -> dict:
     """One compiled model per variant, each traced with its patch in place (dynamo keeps one graph per
     variant: its guards include the patched functions)."""
     torch._dynamo.config.cache_size_limit = 64
     variants = {}
-    for name, pairs in COMPILED_PATCHES.items():
+    for name, pairs in selected(COMPILED_PATCHES, only).items():
         with patched(pairs):
             built = ours(batch, compiled=True)
-        if name == "head and loss eager":
+        if name.startswith(("head and loss eager", "all five")):
             built["model"]._compiled_head = None
 
         def run(step=built["train_step"], pairs=pairs):
@@ -171,10 +181,10 @@ def compiled_variants(batch: int) -> dict:
     return variants
 
 
-def sample_variants() -> dict:
+def sample_variants(only: list[str] | None = None) -> dict:
     """One model + tokenizer per variant (same weights): each keeps its own cached bf16 decoder."""
     variants = {}
-    for name, pairs in SAMPLE_PATCHES.items():
+    for name, pairs in selected(SAMPLE_PATCHES, only).items():
         model, vq = build_sampler(torch.device("cpu"))
         step = sampler(model, vq, decode=True)
 
@@ -186,27 +196,28 @@ def sample_variants() -> dict:
 
 
 def change_buys(variants: dict, rounds: int) -> dict:
+    """Each variant's time over `current`'s, as the median of same-round ratios (`paired_ratio`)."""
     res = interleave(variants, rounds)
     key = timing_key()
-    base = res["current"][key]
     return {"timing": key, "results": res,
-            "change_buys": {k: f"{r[key] / base:.3f}x" for k, r in res.items() if k != "current"}}
+            "change_buys": {k: f"{paired_ratio(res, k, 'current', key):.3f}x" for k in res if k != "current"}}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--what", nargs="+", default=["train", "compiled", "sample"], choices=["train", "compiled", "sample"])
+    ap.add_argument("--only", nargs="+", help="time only `current` and these variants")
     add_threads_arg(ap, rounds=3)
     args = ap.parse_args(argv)
     set_threads(args.threads)
     out = {"machine": machine()}
     if "train" in args.what:
-        out["train"] = change_buys(train_variants(args.batch), args.rounds)
+        out["train"] = change_buys(train_variants(args.batch, args.only), args.rounds)
     if "compiled" in args.what:
-        out["compiled"] = change_buys(compiled_variants(args.batch), args.rounds)
+        out["compiled"] = change_buys(compiled_variants(args.batch, args.only), args.rounds)
     if "sample" in args.what:
-        out["sample"] = change_buys(sample_variants(), args.rounds)
+        out["sample"] = change_buys(sample_variants(args.only), args.rounds)
     print(json.dumps(out, indent=1))
     return 0
 
