@@ -66,7 +66,7 @@ def ours(batch: int, compiled: bool = False) -> dict:
         model.compile_trunk(COMPILE_BUCKET)             # what training does with train_transformer.compile
     cfg = CFG.model_copy(update={"compile": compiled})
     opt, q, data = optim.make_adamw(model, cfg), MultiScaleQuantizer(VOCAB, CVAE), cache(max(4 * batch, 64))
-    loss_fn = training.compiled_token_loss() if compiled else training.token_loss    # as forward_backward picks
+    loss_fn = training.loss_for(compiled)                 # what forward_backward uses
     z, labels = get_batch(data, batch_indices(0, batch, 2 * len(data), 0), CPU)
     x, tgt = gt_inputs_targets(q, z, SCALES)
     state = {"i": 0}
@@ -145,10 +145,10 @@ def loss_curves(steps: int, compiled: bool = False) -> dict:
         precision = variant.split()[0]
         torch.manual_seed(0)
         model = FlexVAR(TransformerConfig(depth=2), 512, CVAE, 10, pe_size=8).train()
-        loss_fn = training.token_loss
-        if variant == "bf16 compiled":
+        compiled = variant == "bf16 compiled"
+        if compiled:
             model.compile_trunk(COMPILE_BUCKET)
-            loss_fn = training.compiled_token_loss()
+        loss_fn = training.loss_for(compiled)
         opt = optim.make_adamw(model, TrainTransformerConfig(lr=1e-3))
         curve = []
         for i in range(steps):

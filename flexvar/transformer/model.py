@@ -52,10 +52,11 @@ def unit_rows(x_BHLc: torch.Tensor, scale_1H11: torch.Tensor | None = None) -> t
     fused kernels); eager and compiled steps time the same as with `norm` (benchmarks/ablate_cpu_step.py).
     The product is taken in fp32 and rounded once to x's dtype: rounding the factor to bf16 first
     would scale whole rows of attention logits by up to 0.4%."""
-    inv_BHL1 = torch.rsqrt(x_BHLc.float().square().sum(dim=-1, keepdim=True).clamp_min(1e-24))
+    x32_BHLc = x_BHLc.float()                         # one cast (a no-op in fp32), used twice
+    inv_BHL1 = torch.rsqrt(x32_BHLc.square().sum(dim=-1, keepdim=True).clamp_min(1e-24))
     if scale_1H11 is not None:
         inv_BHL1 = inv_BHL1 * scale_1H11
-    return (x_BHLc.float() * inv_BHL1).to(x_BHLc.dtype)
+    return (x32_BHLc * inv_BHL1).to(x_BHLc.dtype)
 
 
 def modulate(x_BLC: torch.Tensor, scale_B1C: torch.Tensor, shift_B1C: torch.Tensor) -> torch.Tensor:

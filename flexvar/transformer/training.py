@@ -93,6 +93,11 @@ def compiled_token_loss(backend: str = "inductor"):
     return torch.compile(token_loss, dynamic=True, backend=backend)
 
 
+def loss_for(compiled: bool):
+    """The loss a training step uses: `token_loss`, or its compiled form under train_transformer.compile."""
+    return compiled_token_loss() if compiled else token_loss
+
+
 def forward_backward(fwd, quantizer: MultiScaleQuantizer, data: LatentSplit, items: torch.Tensor, scales,
                      cfg: TrainTransformerConfig, *, prediction: str, device) -> tuple[float, int]:
     """One micro-batch of training: the cached latents of `items` quantised at `scales` into inputs and
@@ -103,8 +108,7 @@ def forward_backward(fwd, quantizer: MultiScaleQuantizer, data: LatentSplit, ite
     x, tgt = inputs_targets(prediction, quantizer, z, scales)
     with autocast_ctx(device, cfg.precision):
         logits = fwd(labels, x, scales)
-    loss_fn = compiled_token_loss() if cfg.compile else token_loss
-    loss = loss_fn(logits, tgt, cfg.label_smoothing) / cfg.grad_accum
+    loss = loss_for(cfg.compile)(logits, tgt, cfg.label_smoothing) / cfg.grad_accum
     loss.backward()
     return float(loss.detach()), len(labels)
 
