@@ -6,7 +6,7 @@ from flexvar.config import TransformerConfig
 from flexvar.tokenizer.quantizer import MultiScaleQuantizer
 from flexvar.transformer.teacher_forcing import (ResidualCanvas, gt_inputs_targets, gt_next_input, inputs_targets,
                                      residual_inputs_targets)
-from flexvar.transformer.model import FlexVAR, attention, block_causal_mask, build_flexvar
+from flexvar.transformer.model import FlexVAR, attention, block_causal_bias, block_causal_mask, build_flexvar
 
 
 @pytest.mark.parametrize("depth, paper", [(16, 310e6), (20, 600e6), (24, 1.03e9)])
@@ -40,14 +40,19 @@ def small_model(**kw) -> FlexVAR:
     return m.eval()
 
 
-@pytest.mark.parametrize("masked", [True, False])
-def test_cpu_attention_matches_sdpa_forward_and_backward(masked):
-    """The explicit CPU attention path computes what scaled_dot_product_attention does, gradients included."""
+@pytest.mark.parametrize("mask_kind", ["bool", "additive", None])
+def test_cpu_attention_matches_sdpa_forward_and_backward(mask_kind):
+    """The explicit CPU attention path, given the bool mask or its additive form (what the model passes on
+    CPU), computes what scaled_dot_product_attention does with the bool mask, gradients included."""
     torch.manual_seed(0)
     scales = ((1, 1), (2, 2), (3, 3))
-    mask = block_causal_mask(scales) if masked else None
+    mask = block_causal_mask(scales) if mask_kind else None
+    given = block_causal_bias(scales) if mask_kind == "additive" else mask
+    if mask_kind == "additive":
+        assert given.dtype == torch.float32 and set(given.unique().tolist()) == {0.0, float("-inf")}
+        assert torch.equal(given == 0, mask)
     q, k, v = (torch.randn(2, 3, 14, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    ours = attention(q, k, v, mask, 0.0)
+    ours = attention(q, k, v, given, 0.0)
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
     torch.testing.assert_close(ours, ref)
     g_ours = torch.autograd.grad(ours.square().sum(), (q, k, v))

@@ -121,6 +121,15 @@ def block_causal_mask(scales: tuple[tuple[int, int], ...], device: str = "cpu", 
     return (level_L[:, None] >= level_L[None, :]).to(device)
 
 
+@lru_cache(maxsize=64)
+def block_causal_bias(scales: tuple[tuple[int, int], ...], device: str = "cpu", pad_to: int = 0) -> torch.Tensor:
+    """The block-causal mask as an additive fp32 (L, L) matrix: 0 where attending is allowed, -inf elsewhere.
+    What the CPU attention adds to its logits. Built here, outside torch.compile: inductor's CPU code
+    turns a bool mask inside the softmax kernel into a slow per-element select (the fused masked
+    softmax took 2.6 ms per block and call with the bool mask, 1.2 ms with this matrix)."""
+    return torch.where(block_causal_mask(scales, device, pad_to), 0.0, float("-inf"))
+
+
 @lru_cache(maxsize=256)
 def flex_block_mask(scales: tuple[tuple[int, int], ...], device: str, pad_to: int = 0):
     """The same block-causal structure as a FlexAttention BlockMask (built once per schedule and cached):
@@ -145,7 +154,8 @@ def _flex_kernel():
 
 def attention(q_BHLc: torch.Tensor, k_BHSc: torch.Tensor, v_BHSc: torch.Tensor, mask_LS, dropout_p: float) -> torch.Tensor:
     """softmax(q k^T + mask) v with q pre-scaled. `mask_LS`: a FlexAttention BlockMask (block-sparse kernel,
-    `transformer.attention: flex`), a dense bool (L, S) mask, or None.
+    `transformer.attention: flex`), a dense bool (L, S) mask (True = attend), its additive 0 / -inf
+    form (`block_causal_bias`), or None.
     Dense on CUDA: `scaled_dot_product_attention` (fused kernels). Dense on CPU: explicit matmuls and
     softmax in the input's precision — for FlexVAR's short sequences (<= a few thousand tokens) 2-3x faster than the CPU flash
     kernel in forward+backward (benchmarks/bench_transformer.py)."""
@@ -157,7 +167,8 @@ def attention(q_BHLc: torch.Tensor, k_BHSc: torch.Tensor, v_BHSc: torch.Tensor, 
         return F.scaled_dot_product_attention(q_BHLc, k_BHSc, v_BHSc, attn_mask=mask_LS, scale=1.0, dropout_p=dropout_p)
     logits_BHLS = q_BHLc @ k_BHSc.transpose(-2, -1)
     if mask_LS is not None:   # additive 0 / -inf: masked_fill's values; 5-10% faster for this function here
-        logits_BHLS = logits_BHLS + torch.where(mask_LS, 0.0, float("-inf")).to(logits_BHLS.dtype)
+        bias_LS = mask_LS if mask_LS.is_floating_point() else torch.where(mask_LS, 0.0, float("-inf"))
+        logits_BHLS = logits_BHLS + bias_LS.to(logits_BHLS.dtype)
     # the CPU softmax kernels accumulate bf16 in fp32 and round once, as an explicit fp32 softmax
     # followed by a cast would, without the two (B, H, L, S) casts forward and two backward
     probs_BHLS = F.dropout(logits_BHLS.softmax(dim=-1), dropout_p)
@@ -181,8 +192,10 @@ class SelfAttention(nn.Module):
 
     def forward(self, x_BLC: torch.Tensor, mask_LL: torch.Tensor | None) -> torch.Tensor:
         bias = torch.cat([self.q_bias, self.zero_k_bias, self.v_bias])
-        qkv = self.qkv(x_BLC, bias=bias)
-        q, k, v = rearrange(qkv, "b l (three h c) -> three b h l c", three=3, h=self.heads)
+        # chunk, not one rearrange to (3, B, H, L, c) and unbind: the backward of chunk is a concatenation,
+        # which inductor writes part by part; that of unbind was one kernel evaluating all three
+        # gradients for every element (1.5 instead of 2.5 ms per block, same values)
+        q, k, v = (rearrange(t, "b l (h c) -> b h l c", h=self.heads) for t in self.qkv(x_BLC, bias=bias).chunk(3, dim=-1))
         q = unit_rows(q, self.log_scale_1H11.clamp(max=MAX_LOG_ATTN_SCALE).exp())
         k = unit_rows(k)
         if self.kv_cache is not None:
@@ -379,14 +392,16 @@ class FlexVAR(nn.Module):
 
     def attn_mask(self, scales: tuple[tuple[int, int], ...], device: torch.device, pad_to: int = 0):
         """Block-causal mask for `scales` in the form `transformer.attention` picks: a FlexAttention BlockMask
-        ('flex'; 'auto' on CUDA without attention dropout) or a dense bool matrix ('sdpa'; 'auto' on CPU)."""
+        ('flex'; 'auto' on CUDA without attention dropout) or a dense matrix ('sdpa'; 'auto' on CPU): bool
+        for scaled_dot_product_attention, additive 0 / -inf for the CPU attention (`block_causal_bias`)."""
         kind = self.cfg.attention
         if kind == "auto":
             no_dropout = not (self.training and self.cfg.attn_drop_rate > 0)
             kind = "flex" if device.type == "cuda" and no_dropout else "sdpa"
         if kind == "flex":
             return flex_block_mask(scales, str(device), pad_to)
-        return block_causal_mask(scales, str(device), pad_to)
+        dense = block_causal_bias if device.type == "cpu" else block_causal_mask
+        return dense(scales, str(device), pad_to)
 
     def compile_trunk(self, seq_bucket: int, backend: str = "inductor") -> None:
         """torch.compile the blocks and the head for training with random schedules.
