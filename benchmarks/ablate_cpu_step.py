@@ -3,7 +3,7 @@ change at a time put back to its previous formulation, all variants interleaved 
 printed as JSON.
 
     python benchmarks/ablate_cpu_step.py [--rounds 3] [--threads 1] [--what train compiled sample]
-        [--only VARIANT ...]   # e.g. --what compiled --only "all five (the previous compiled step)"
+        [--only VARIANT ...]   # e.g. --what compiled --only "both new (6f9310a's compiled step)"
 
 Train step variants: `current`; `fp32 softmax` (attention logits cast to fp32 for the softmax and
 back); `F.normalize` (q/k normalised, then scaled, in two full-size passes); `mixed-dtype AdaLN` (the
@@ -14,7 +14,10 @@ Compiled train step variants (`train_transformer.compile`, as bench_transformer.
 `current`; `head and loss eager` (only the blocks compiled); `tanh GELU` (F.gelu traced instead of its
 sigmoid form); `addmm bias` (each Linear traced as one addmm); `norm unit rows` (q/k scaled by
 1 / max(norm, eps) instead of an fp32 rsqrt of the squared sum); `masked_fill mask` (the attention mask
-applied by masked_fill instead of an additive 0 / -inf); all five at once (the compiled step as it was).
+applied by masked_fill instead of an additive 0 / -inf); `bool mask in the graph` (the bool mask passed into
+the compiled blocks and made additive there, instead of the additive matrix built outside);
+`unbind q, k, v` (q, k, v split by one rearrange to (3, B, H, L, c) instead of chunk); both new at once
+(the compiled step of 6f9310a); all seven at once (the compiled step of c8a3981).
 Sampling variants (with decode, same setting as bench_sample.py): `current`; `3x3 upsampling`
 (nearest 2x + 3x3 conv instead of the sub-pixel 2x2 convs); `autocast Linear, then GELU` (every Linear
 as autocast's addmm and GELU as its own pass, instead of oneDNN's linear on cached bf16 weights with
@@ -32,11 +35,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_transformer import ours  # noqa: E402
-from benchmarks.side_by_side import (add_threads_arg, interleave, machine, paired_ratio, set_threads,  # noqa: E402
+from benchmarks.side_by_side import (add_threads_arg, interleave, machine, paired_ratio, setup_process,  # noqa: E402
                                      timing_key)
 from benchmarks.bench_sample import build as build_sampler, sampler  # noqa: E402
 import flexvar.optim as O  # noqa: E402
@@ -46,10 +50,15 @@ import flexvar.transformer.model as M  # noqa: E402
 import flexvar.transformer.training as T  # noqa: E402
 
 
+def allowed(mask):
+    """The bool form of a bool or additive (0 / -inf) mask."""
+    return mask if mask.dtype == torch.bool else mask == 0
+
+
 def fp32_softmax_attention(q, k, v, mask, dropout_p):
     logits = (q @ k.transpose(-2, -1)).float()
     if mask is not None:
-        logits = logits.masked_fill(~mask, float("-inf"))
+        logits = logits.masked_fill(~allowed(mask), float("-inf"))
     return F.dropout(logits.softmax(-1), dropout_p).to(v.dtype) @ v
 
 
@@ -83,13 +92,22 @@ def norm_unit_rows(x, scale=None):
 def masked_fill_attention(q, k, v, mask, dropout_p):
     logits = q @ k.transpose(-2, -1)
     if mask is not None:
-        logits = logits.masked_fill(~mask, float("-inf"))
+        logits = logits.masked_fill(~allowed(mask), float("-inf"))
     return F.dropout(logits.softmax(-1), dropout_p) @ v
 
 
 def addmm_linear(x, weight, bias, act):
     y = F.linear(x, weight, None if bias is None else bias.to(x.dtype))
     return F.gelu(y, approximate="tanh") if act == "gelu" else y
+
+
+def unbind_qkv_forward(self, x_BLC, mask_LL):
+    """SelfAttention.forward with q, k, v split by one rearrange to (3, B, H, L, c) (its backward: a stack)."""
+    qkv = self.qkv(x_BLC, bias=torch.cat([self.q_bias, self.zero_k_bias, self.v_bias]))
+    q, k, v = rearrange(qkv, "b l (three h c) -> three b h l c", three=3, h=self.heads)
+    q = M.unit_rows(q, self.log_scale_1H11.clamp(max=M.MAX_LOG_ATTN_SCALE).exp())
+    out = M.attention(q, M.unit_rows(k), v, mask_LL, self.attn_drop if self.training else 0.0)
+    return self.proj_drop(self.proj(rearrange(out, "b h l c -> b l (h c)")))
 
 
 def modulation_every_step(self, cond):
@@ -122,8 +140,13 @@ COMPILED_PATCHES = {
     "addmm bias": [(FL, "compiled_linear", addmm_linear)],
     "norm unit rows": [(M, "unit_rows", norm_unit_rows)],
     "masked_fill mask": [(M, "attention", masked_fill_attention)],
+    "bool mask in the graph": [(M, "block_causal_bias", M.block_causal_mask)],
+    "unbind q, k, v": [(M.SelfAttention, "forward", unbind_qkv_forward)],
 }
-COMPILED_PATCHES["all five (the previous compiled step)"] = [p for ps in COMPILED_PATCHES.values() for p in ps]
+COMPILED_PATCHES["both new (6f9310a's compiled step)"] = (COMPILED_PATCHES["bool mask in the graph"]
+                                                          + COMPILED_PATCHES["unbind q, k, v"])
+COMPILED_PATCHES["all seven (c8a3981's compiled step)"] = [p for k, ps in COMPILED_PATCHES.items()
+                                                           if not k.startswith("both") for p in ps]
 
 
 @contextlib.contextmanager
@@ -171,7 +194,7 @@ def compiled_variants(batch: int, only: list[str] | None = None) -> dict:
     for name, pairs in selected(COMPILED_PATCHES, only).items():
         with patched(pairs):
             built = ours(batch, compiled=True)
-        if name.startswith(("head and loss eager", "all five")):
+        if name.startswith(("head and loss eager", "all seven")):
             built["model"]._compiled_head = None
 
         def run(step=built["train_step"], pairs=pairs):
@@ -210,7 +233,7 @@ def main(argv=None) -> int:
     ap.add_argument("--only", nargs="+", help="time only `current` and these variants")
     add_threads_arg(ap, rounds=3)
     args = ap.parse_args(argv)
-    set_threads(args.threads)
+    setup_process(args)
     out = {"machine": machine()}
     if "train" in args.what:
         out["train"] = change_buys(train_variants(args.batch, args.only), args.rounds)

@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.side_by_side import (add_threads_arg, bf16_autocast, interleave, machine, official_modules,  # noqa: E402
-                                     quiet, ratios, set_threads)
+                                     quiet, ratios, setup_process)
 from flexvar.config import TokenizerConfig, TransformerConfig  # noqa: E402
 from flexvar.generation.generate import generate_batch, make_generator  # noqa: E402
 from flexvar.tokenizer.vqvae import VQVAE  # noqa: E402
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_threads_arg(ap, rounds=3)
     args = ap.parse_args(argv)
-    set_threads(args.threads)
+    setup_process(args)
     mods, note = official_modules()
     print(f"[bench_sample] {note}", file=sys.stderr, flush=True)
     out = {"config": {"batch": BATCH, "cfg": CFG, "top_k": TOP_K, "schedule": SIDES, "depth": DEPTH, "width": WIDTH,

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.side_by_side import (add_threads_arg, bf16_autocast, interleave, machine, official_modules,  # noqa: E402
-                                     quiet, ratios, set_threads)
+                                     quiet, ratios, setup_process)
 import flexvar.tokenizer.training as tt  # noqa: E402
 from flexvar.config import TokenizerConfig, TrainTokenizerConfig  # noqa: E402
 from flexvar.tokenizer.bf16_copy import decode_bf16, encode_bf16  # noqa: E402
@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=2)
     add_threads_arg(ap, rounds=3)
     args = ap.parse_args(argv)
-    set_threads(args.threads)
+    setup_process(args)
     if args.res % 16:
         print(f"bench_tokenizer: --res {args.res} is not a multiple of 16", file=sys.stderr)
         return 2

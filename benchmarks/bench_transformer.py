@@ -32,7 +32,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.side_by_side import (add_threads_arg, bf16_autocast, interleave, machine, official_modules,  # noqa: E402
-                                     quiet, ratios, set_threads)
+                                     quiet, ratios, setup_process)
 from flexvar.config import TrainTransformerConfig, TransformerConfig  # noqa: E402
 from flexvar.data.latent_cache import LatentSplit  # noqa: E402
 from flexvar.device import autocast_ctx  # noqa: E402
@@ -177,7 +177,7 @@ def main(argv=None) -> int:
     ap.add_argument("--compiled", action="store_true", help="also time our step with train_transformer.compile")
     add_threads_arg(ap, rounds=5)
     args = ap.parse_args(argv)
-    set_threads(args.threads)
+    setup_process(args)
     mods, note = official_modules()
     print(f"[bench_transformer] {note}", file=sys.stderr, flush=True)
     out = {"config": {"depth": DEPTH, "width": WIDTH, "heads": HEADS, "vocab": VOCAB, "schedule": SIDES,

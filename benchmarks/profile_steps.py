@@ -33,7 +33,7 @@ from benchmarks.bench_sample import build as build_sampler  # noqa: E402
 from benchmarks.bench_sample import official_samplers, sampler  # noqa: E402
 from benchmarks.bench_transformer import official as official_train_steps  # noqa: E402
 from benchmarks.bench_transformer import ours as our_train_steps  # noqa: E402
-from benchmarks.side_by_side import add_threads_arg, machine, official_modules, set_threads  # noqa: E402
+from benchmarks.side_by_side import add_threads_arg, machine, official_modules, setup_process  # noqa: E402
 
 # first match wins; names are ATen operator names as the profiler reports them
 CLASSES = [
@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     ap.add_argument("--top", type=int, default=0, help="also list the N most expensive operators")
     add_threads_arg(ap)
     args = ap.parse_args(argv)
-    set_threads(args.threads)
+    setup_process(args)
     global TOP
     TOP = args.top
     mach = machine()

@@ -21,6 +21,8 @@ from typing import Callable
 
 import torch
 
+from flexvar.device import retain_freed_memory
+
 OFFICIAL_ENV = "FLEXVAR_OFFICIAL_DIR"
 
 
@@ -70,6 +72,9 @@ def add_threads_arg(ap, rounds: int | None = None) -> None:
     """--threads, and with `rounds` the interleaved benchmarks' --rounds (its default)."""
     ap.add_argument("--threads", type=int, default=0,
                     help="torch CPU threads (0 = torch's default); 1 keeps ratios stable on a crowded machine")
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="keep glibc malloc's defaults instead of flexvar.device.retain_freed_memory (what the "
+                         "pipeline stages set); either way the setting is process-wide, shared by both codes")
     if rounds is not None:
         ap.add_argument("--rounds", type=int, default=rounds, help="timed interleaved rounds (after one warm-up round)")
 
@@ -79,8 +84,19 @@ def set_threads(n: int) -> None:
         torch.set_num_threads(n)
 
 
+MALLOC = {"setting": "glibc default"}
+
+
+def setup_process(args) -> None:
+    """What a pipeline stage sets up (pipeline/common.setup_torch), from --threads and --default-malloc."""
+    set_threads(args.threads)
+    if not args.default_malloc and retain_freed_memory():
+        MALLOC["setting"] = "freed memory retained (both codes)"
+
+
 def machine() -> dict:
     return {"threads": torch.get_num_threads(), "load_avg_1m": round(os.getloadavg()[0], 2),
+            "malloc": MALLOC["setting"],
             "matmul_gflops_fp32": matmul_gflops(torch.float32), "matmul_gflops_bf16": matmul_gflops(torch.bfloat16)}
 
 
