@@ -1,7 +1,8 @@
 """Markdown tables for docs/benchmarks.md from the JSON of one run of the side-by-side benchmarks.
 
     python benchmarks/benchmarks_md.py DIR   # DIR holds transformer.json sample.json tokenizer.json
-                                             # [profile.json ablate.json], as the scripts printed them
+                                             # [transformer_default_malloc.json profile.json ablate.json],
+                                             # as the scripts printed them
 """
 from __future__ import annotations
 
@@ -43,6 +44,8 @@ def main(argv=None) -> int:
     folder = Path((argv or sys.argv[1:])[0])
     out = []
     for name, title, kinds in (("transformer", "transformer (batch 8)", ("train_step", "full_step")),
+                               ("transformer_default_malloc", "transformer (batch 8), glibc malloc defaults",
+                                ("train_step", "full_step")),
                                ("sample", "sampling (batch 16)", ("end_to_end", "no_decode")),
                                ("tokenizer", "tokenizer (VQ-16)", ("train", "infer"))):
         path = folder / f"{name}.json"
