@@ -1,7 +1,8 @@
 """Markdown tables for docs/benchmarks.md from the JSON of one run of the side-by-side benchmarks.
 
     python benchmarks/benchmarks_md.py DIR   # DIR holds transformer.json sample.json tokenizer.json
-                                             # [transformer_default_malloc.json profile.json ablate.json],
+                                             # [transformer_default_malloc.json sample_default_malloc.json
+                                             #  profile.json ablate.json],
                                              # as the scripts printed them
 """
 from __future__ import annotations
@@ -47,6 +48,8 @@ def main(argv=None) -> int:
                                ("transformer_default_malloc", "transformer (batch 8), glibc malloc defaults",
                                 ("train_step", "full_step")),
                                ("sample", "sampling (batch 16)", ("end_to_end", "no_decode")),
+                               ("sample_default_malloc", "sampling (batch 16), glibc malloc defaults",
+                                ("end_to_end", "no_decode")),
                                ("tokenizer", "tokenizer (VQ-16)", ("train", "infer"))):
         path = folder / f"{name}.json"
         if not path.exists() or not path.stat().st_size:   # a run that has not finished
