@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -30,8 +29,8 @@ def faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def callables(what: str) -> tuple[dict, int, int]:
-    """({name: one call}, calls per timed block, warm-up calls): ours and the official code's, for `what`."""
+def callables(what: str) -> tuple[dict, int]:
+    """({name: one call}, calls per block): ours and the official code's, for `what`."""
     from benchmarks import bench_sample, bench_tokenizer, bench_transformer
     from benchmarks.side_by_side import official_modules
 
@@ -41,22 +40,23 @@ def callables(what: str) -> tuple[dict, int, int]:
         fns = {"ours bf16 compiled": mine["train_step"]}
         if mods is not None:
             fns["official bf16"] = bench_transformer.official(mods, 8, mine["inputs"])["train_step bf16"]
-        return fns, 3, 3
+        return fns, 3
     if what == "tokenizer":
         fns = {"ours bf16": bench_tokenizer.ours(96, 1)["train"]}
         if mods is not None:
             fns["official bf16"] = bench_tokenizer.official(mods, 96, 1)["train bf16"]
-        return fns, 2, 2
+        return fns, 2
     model, vq = bench_sample.build(torch.device("cpu"))
     fns = {"ours bf16": bench_sample.sampler(model, vq, decode=True)}
     if mods is not None:
         fns["official bf16"] = bench_sample.official_samplers(mods)[("bf16", True)]
-    return fns, 1, 1
+    return fns, 1
 
 
 def one_process(mode: str, threads: int, whats: list[str]) -> dict:
-    """Build the calls in this process with `mode` ('default' or 'retain') and time them."""
-    from benchmarks.side_by_side import set_threads
+    """Build the calls in this process with `mode` ('default' or 'retain') and time them with
+    side_by_side.interleave (one warm-up block, three timed blocks of calls), counting page faults per block."""
+    from benchmarks.side_by_side import interleave, set_threads
     from flexvar.device import retain_freed_memory
 
     set_threads(threads)
@@ -64,20 +64,20 @@ def one_process(mode: str, threads: int, whats: list[str]) -> dict:
         return {"mode": mode, "error": "retain_freed_memory is a no-op here (not glibc)"}
     out = {"mode": mode}
     for what in whats:
-        fns, per_block, warmup = callables(what)
-        for f in fns.values():
-            for _ in range(warmup):
-                f()
-        secs, flt = {k: [] for k in fns}, {k: 0.0 for k in fns}
-        for _ in range(3):
-            for k, f in fns.items():
-                f0, t = faults(), time.process_time()
+        fns, per_block = callables(what)
+        block_faults = {k: [] for k in fns}
+
+        def block(name, fn):
+            def run():
+                f0 = faults()
                 for _ in range(per_block):
-                    f()
-                secs[k].append((time.process_time() - t) / per_block)
-                flt[k] += (faults() - f0) / (3 * per_block)
-        out[what] = {k: {"cpu_s": round(statistics.median(v), 4), "faults_per_call": round(flt[k])}
-                     for k, v in secs.items()}
+                    fn()
+                block_faults[name].append(faults() - f0)
+            return run
+        res = interleave({k: block(k, f) for k, f in fns.items()}, rounds=3, warmup=1)
+        out[what] = {k: {"cpu_s": round(r["cpu_median_s"] / per_block, 4),
+                         "faults_per_call": round(sum(block_faults[k][-3:]) / (3 * per_block))}
+                     for k, r in res.items()}
     return out
 
 

@@ -195,7 +195,8 @@ class SelfAttention(nn.Module):
         # chunk, not one rearrange to (3, B, H, L, c) and unbind: the backward of chunk is a concatenation,
         # which inductor writes part by part; that of unbind was one kernel evaluating all three
         # gradients for every element (1.5 instead of 2.5 ms per block, same values)
-        q, k, v = (rearrange(t, "b l (h c) -> b h l c", h=self.heads) for t in self.qkv(x_BLC, bias=bias).chunk(3, dim=-1))
+        qkv_BL3C = self.qkv(x_BLC, bias=bias)
+        q, k, v = (rearrange(t, "b l (h c) -> b h l c", h=self.heads) for t in qkv_BL3C.chunk(3, dim=-1))
         q = unit_rows(q, self.log_scale_1H11.clamp(max=MAX_LOG_ATTN_SCALE).exp())
         k = unit_rows(k)
         if self.kv_cache is not None:
