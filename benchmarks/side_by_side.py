@@ -74,7 +74,7 @@ def add_threads_arg(ap, rounds: int | None = None) -> None:
                     help="torch CPU threads (0 = torch's default); 1 keeps ratios stable on a crowded machine")
     ap.add_argument("--default-malloc", action="store_true",
                     help="keep glibc malloc's defaults instead of flexvar.device.retain_freed_memory (what the "
-                         "pipeline stages set); either way the setting is process-wide, shared by both codes")
+                         "transformer training stage sets); either way the setting is process-wide, shared by both codes")
     if rounds is not None:
         ap.add_argument("--rounds", type=int, default=rounds, help="timed interleaved rounds (after one warm-up round)")
 
@@ -88,7 +88,8 @@ MALLOC = {"setting": "glibc default"}
 
 
 def setup_process(args) -> None:
-    """What a pipeline stage sets up (pipeline/common.setup_torch), from --threads and --default-malloc."""
+    """--threads, and freed memory retained for both codes unless --default-malloc (as the transformer
+    training stage retains it)."""
     set_threads(args.threads)
     if not args.default_malloc and retain_freed_memory():
         MALLOC["setting"] = "freed memory retained (both codes)"

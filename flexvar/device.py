@@ -66,10 +66,11 @@ def retain_freed_memory() -> bool:
     every step page-faults them in again: 25-35k faults per step of the benchmark transformer (d6, batch 8),
     100k per sampled batch of 16 images. Serving blocks up to 32 MiB from the heap and never trimming it
     removes nearly all of them: transformer train steps 4-12% faster here (the official code's 2-7%;
-    benchmarks/bench_malloc.py, docs/benchmarks.md). The cost:
-    the process keeps its peak heap, which the next step needs again anyway. Process-wide (it speeds up
-    any code in the process, the official code beside ours in a benchmark included); a no-op returning
-    False where the C library is not glibc. Called by the pipeline stages (pipeline/common.setup_torch)."""
+    benchmarks/bench_malloc.py, docs/benchmarks.md). The cost: the process keeps its peak heap, which
+    the next step needs again anyway. Process-wide (it speeds up any code in the process, the official
+    code beside ours in a benchmark included); a no-op returning False where the C library is not glibc.
+    Called by the transformer training stage only (pipeline/train_transformer.py): the tokenizer's
+    train step measured 8-11% slower with it in two of three paired processes, and sampling did not move."""
     if not sys.platform.startswith("linux"):
         return False
     try:

@@ -166,10 +166,8 @@ def _check_memory(args, model, vqvae, scales, num_images: int) -> None:
 def _load(args):
     """(model, vqvae, meta, device); missing or unusable checkpoints are --checkpoint errors."""
     from flexvar.checkpoint import CheckpointError
-    from flexvar.device import pick_device, retain_freed_memory
+    from flexvar.device import pick_device
     from flexvar.transformer.checkpoint import flexvar_path, load_flexvar_with_tokenizer
-
-    retain_freed_memory()   # a process entry point, as the pipeline stages (fewer page faults in the decoder)
 
     if not flexvar_path(args.checkpoint).is_file():
         raise _usage("--checkpoint", f"{args.checkpoint} has no flexvar.pt (train one: dvc repro train_transformer, "
