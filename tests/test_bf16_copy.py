@@ -39,6 +39,26 @@ def test_bf16_decode_matches_fp32_decoder():
     assert not any(isinstance(getattr(s, "upsample", None), Upsample) for s in stages)   # sub-pixel everywhere
 
 
+def test_one_stage_decoder_has_no_upsample_to_split():
+    torch.manual_seed(2)
+    vq = VQVAE(TokenizerConfig(ch=16, ch_mult=[2], z_channels=16, codebook_dim=8, codebook_size=32)).eval()
+    z = torch.randn(3, 8, 5, 4)
+    assert vq.decoder.trunk_upsampling == 1
+    with torch.no_grad():
+        ref = vq.decode(z)
+    out = bd.decode_bf16(vq, z)
+    assert out.shape == ref.shape == (3, 3, 5, 4)
+    assert (out - ref).abs().max() < 0.2
+
+
+def test_trunk_stops_below_the_last_upsample():
+    vq = tiny_vq()                                      # ch_mult [1, 2, 2]: f = 4
+    z = torch.randn(2, 16, 3, 5)
+    with torch.no_grad():
+        feats = vq.decoder.trunk(z)
+    assert feats.shape[-2:] == (6, 10) and vq.decoder.trunk_upsampling == 2     # half of the 12 x 20 image
+
+
 def test_chunked_decode_equals_one_call(monkeypatch):
     vq = tiny_vq()
     z = torch.randn(7, 8, 4, 4)

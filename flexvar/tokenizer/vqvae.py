@@ -200,13 +200,31 @@ class Decoder(nn.Module):
         return self.conv_out.weight
 
     def forward(self, z_BChw: torch.Tensor) -> torch.Tensor:
+        return self.finish(self.trunk(z_BChw))
+
+    @property
+    def trunk_upsampling(self) -> int:
+        """How much smaller than the image the trunk's output is per side: 2 with an upsample left for
+        `finish`, 1 for a one-stage decoder."""
+        return 2 if len(self.conv_blocks) > 1 else 1
+
+    def trunk(self, z_BChw: torch.Tensor) -> torch.Tensor:
+        """conv_in, mid and every stage but the last, without the last upsample: the decoder up to
+        half the output resolution (bf16_copy runs it in larger chunks than `finish`)."""
         h = self.conv_in(z_BChw)
         for block in self.mid:
             h = block(h)
-        for stage in self.conv_blocks:
+        for stage in self.conv_blocks[:-1]:
             h = run_stage(stage, h)
-            if hasattr(stage, "upsample"):
+            if stage is not self.conv_blocks[-2]:
                 h = stage.upsample(h)
+        return h
+
+    def finish(self, h: torch.Tensor) -> torch.Tensor:
+        """The last upsample, the last stage and the output conv: the full-resolution part."""
+        if len(self.conv_blocks) > 1:
+            h = self.conv_blocks[-2].upsample(h)
+        h = run_stage(self.conv_blocks[-1], h)
         return self.conv_out(swish(self.norm_out(h)))
 
 
