@@ -22,7 +22,8 @@ Sampling variants (with decode, same setting as bench_sample.py): `current`; `3x
 (nearest 2x + 3x3 conv instead of the sub-pixel 2x2 convs); `autocast Linear, then GELU` (every Linear
 as autocast's addmm and GELU as its own pass, instead of oneDNN's linear on cached bf16 weights with
 GELU fused); `AdaLN every step` (modulation recomputed at every step instead of once per
-sample); `one decoder call` (no chunks). Each is the previous code's formula, swapped in through the
+sample); `one decoder call` (no chunks); `trunk in chunks of the finish` (the decoder's low-resolution
+trunk chunked by the output's pixels, as the full-resolution finish, instead of its own). Each is the previous code's formula, swapped in through the
 module attribute the code calls.
 """
 from __future__ import annotations
@@ -46,6 +47,7 @@ from benchmarks.bench_sample import build as build_sampler, sampler  # noqa: E40
 import flexvar.optim as O  # noqa: E402
 import flexvar.tokenizer.bf16_copy as BD  # noqa: E402
 import flexvar.transformer.fused_linear as FL  # noqa: E402
+import flexvar.tokenizer.vqvae as VQ  # noqa: E402
 import flexvar.transformer.model as M  # noqa: E402
 import flexvar.transformer.training as T  # noqa: E402
 
@@ -121,6 +123,7 @@ SAMPLE_PATCHES = {
     "autocast Linear, then GELU": [(FL, "cpu_bf16_inference", lambda x: False)],
     "AdaLN every step": [(M.AdaLNBlock, "modulation", modulation_every_step)],
     "one decoder call": [(BD, "CPU_CHUNK_PIXELS", 1 << 40)],
+    "trunk in chunks of the finish": [(VQ.Decoder, "trunk_upsampling", property(lambda self: 1))],
 }
 PATCHES = {
     "current": [],
