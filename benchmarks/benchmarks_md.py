@@ -41,6 +41,13 @@ def machine_line(d: dict) -> str:
             f"{d.get('official', '')}")
 
 
+def finished_json(path: Path) -> dict | None:
+    """A benchmark's JSON, or None while it is missing or empty (a run that has not finished)."""
+    if not path.exists() or not path.stat().st_size:
+        return None
+    return json.loads(path.read_text())
+
+
 def main(argv=None) -> int:
     folder = Path((argv or sys.argv[1:])[0])
     out = []
@@ -51,20 +58,18 @@ def main(argv=None) -> int:
                                ("sample_default_malloc", "sampling (batch 16), glibc malloc defaults",
                                 ("end_to_end", "no_decode")),
                                ("tokenizer", "tokenizer (VQ-16)", ("train", "infer"))):
-        path = folder / f"{name}.json"
-        if not path.exists() or not path.stat().st_size:   # a run that has not finished
+        d = finished_json(folder / f"{name}.json")
+        if d is None:
             continue
-        d = json.loads(path.read_text())
         out += [f"### {name}", "", machine_line(d), "", side_by_side(title, {k: d[k] for k in kinds if k in d},
                                                           "cpu_median_s" if d["machine"]["threads"] == 1 else "median_s"), ""]
         if "loss_curves" in d:
             c = d["loss_curves"]
             diffs = "; ".join(f"{k.removeprefix('max_abs_diff ')} {v:.4f}" for k, v in c.items() if k.startswith("max_abs_diff"))
             out += [f"Loss curves (depth 2, {c['steps']} steps, same seed and data), largest |difference|: {diffs}.", ""]
-    if (folder / "profile.json").exists():
-        out += ["### profile", "", profile_markdown(json.loads((folder / "profile.json").read_text())["profiles"]), ""]
-    if (folder / "ablate.json").exists():
-        d = json.loads((folder / "ablate.json").read_text())
+    if (d := finished_json(folder / "profile.json")) is not None:
+        out += ["### profile", "", profile_markdown(d["profiles"]), ""]
+    if (d := finished_json(folder / "ablate.json")) is not None:
         for what, title in (("train", "train step (batch 8)"), ("compiled", "compiled train step (batch 8)"),
                             ("sample", "sampling with decode (batch 16)")):
             if what in d:
