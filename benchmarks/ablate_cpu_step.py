@@ -22,9 +22,9 @@ Sampling variants (with decode, same setting as bench_sample.py): `current`; `3x
 (nearest 2x + 3x3 conv instead of the sub-pixel 2x2 convs); `autocast Linear, then GELU` (every Linear
 as autocast's addmm and GELU as its own pass, instead of oneDNN's linear on cached bf16 weights with
 GELU fused); `AdaLN every step` (modulation recomputed at every step instead of once per
-sample); `one decoder call` (no chunks); `trunk in chunks of the finish` (the decoder's low-resolution
-trunk chunked by the output's pixels, as the full-resolution finish, instead of its own). Each is the previous code's formula, swapped in through the
-module attribute the code calls.
+sample); `one decoder call` (no chunks); `trunk in chunks of the finish` (the decoder's
+low-resolution trunk chunked by the output's pixels, as the full-resolution finish, instead of by its
+own). Each is the previous code's formula, swapped in through the module attribute the code calls.
 """
 from __future__ import annotations
 
@@ -46,8 +46,8 @@ from benchmarks.side_by_side import (add_threads_arg, interleave, machine, paire
 from benchmarks.bench_sample import build as build_sampler, sampler  # noqa: E402
 import flexvar.optim as O  # noqa: E402
 import flexvar.tokenizer.bf16_copy as BD  # noqa: E402
-import flexvar.transformer.fused_linear as FL  # noqa: E402
 import flexvar.tokenizer.vqvae as VQ  # noqa: E402
+import flexvar.transformer.fused_linear as FL  # noqa: E402
 import flexvar.transformer.model as M  # noqa: E402
 import flexvar.transformer.training as T  # noqa: E402
 
