@@ -222,7 +222,7 @@ class Decoder(nn.Module):
 
     def finish(self, h: torch.Tensor) -> torch.Tensor:
         """The last upsample, the last stage and the output conv: the full-resolution part."""
-        if len(self.conv_blocks) > 1:
+        if self.trunk_upsampling > 1:
             h = self.conv_blocks[-2].upsample(h)
         h = run_stage(self.conv_blocks[-1], h)
         return self.conv_out(swish(self.norm_out(h)))
