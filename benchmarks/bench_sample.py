@@ -72,7 +72,7 @@ def official_samplers(mods: SimpleNamespace) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_threads_arg(ap, rounds=3)
+    add_threads_arg(ap, rounds=3, malloc="default")   # glibc defaults, as the sample stage runs
     args = ap.parse_args(argv)
     setup_process(args)
     mods, note = official_modules()

@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--res", type=int, default=128, help="image side in pixels (a multiple of 16)")
     ap.add_argument("--batch", type=int, default=2)
-    add_threads_arg(ap, rounds=3)
+    add_threads_arg(ap, rounds=3, malloc="default")   # glibc defaults, as the tokenizer stages run
     args = ap.parse_args(argv)
     setup_process(args)
     if args.res % 16:

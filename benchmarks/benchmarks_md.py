@@ -1,7 +1,7 @@
 """Markdown tables for docs/benchmarks.md from the JSON of one run of the side-by-side benchmarks.
 
     python benchmarks/benchmarks_md.py DIR   # DIR holds transformer.json sample.json tokenizer.json
-                                             # [transformer_default_malloc.json sample_default_malloc.json
+                                             # [transformer_default_malloc.json sample_retained_malloc.json
                                              #  profile.json ablate.json],
                                              # as the scripts printed them
 """
@@ -52,15 +52,14 @@ def main(argv=None) -> int:
     folder = Path((argv or sys.argv[1:])[0])
     out = []
     for name, title, kinds in (("transformer", "transformer (batch 8)", ("train_step", "full_step")),
-                               ("transformer_default_malloc", "transformer (batch 8), glibc malloc defaults",
-                                ("train_step", "full_step")),
+                               ("transformer_default_malloc", "transformer (batch 8)", ("train_step", "full_step")),
                                ("sample", "sampling (batch 16)", ("end_to_end", "no_decode")),
-                               ("sample_default_malloc", "sampling (batch 16), glibc malloc defaults",
-                                ("end_to_end", "no_decode")),
+                               ("sample_retained_malloc", "sampling (batch 16)", ("end_to_end", "no_decode")),
                                ("tokenizer", "tokenizer (VQ-16)", ("train", "infer"))):
         d = finished_json(folder / f"{name}.json")
         if d is None:
             continue
+        title += ", freed memory retained" if "retained" in d["machine"].get("malloc", "") else ", glibc malloc defaults"
         out += [f"### {name}", "", machine_line(d), "", side_by_side(title, {k: d[k] for k in kinds if k in d},
                                                           "cpu_median_s" if d["machine"]["threads"] == 1 else "median_s"), ""]
         if "loss_curves" in d:

@@ -74,13 +74,16 @@ def matmul_gflops(dtype: torch.dtype, n: int = 1024, reps: int = 4, trials: int 
     return round(2 * n ** 3 * reps / best / 1e9, 1)
 
 
-def add_threads_arg(ap, rounds: int | None = None) -> None:
-    """--threads, and with `rounds` the interleaved benchmarks' --rounds (its default)."""
+def add_threads_arg(ap, rounds: int | None = None, malloc: str = "retained") -> None:
+    """--threads, --malloc (default `malloc`: the setting of the pipeline stage the workload belongs to),
+    and with `rounds` the interleaved benchmarks' --rounds (its default)."""
     ap.add_argument("--threads", type=int, default=0,
                     help="torch CPU threads (0 = torch's default); 1 keeps ratios stable on a crowded machine")
-    ap.add_argument("--default-malloc", action="store_true",
-                    help="keep glibc malloc's defaults instead of flexvar.device.retain_freed_memory (what the "
-                         "transformer training stage sets); either way the setting is process-wide, shared by both codes")
+    ap.add_argument("--malloc", choices=("retained", "default"), default=malloc,
+                    help="glibc malloc for both codes (process-wide): 'retained' keeps freed memory for reuse "
+                         "(flexvar.device.retain_freed_memory, as the transformer training stage runs), 'default' "
+                         "keeps glibc's defaults (as the sampling and tokenizer stages run); default here: "
+                         f"{malloc}, as this workload's stage")
     if rounds is not None:
         ap.add_argument("--rounds", type=int, default=rounds, help="timed interleaved rounds (after one warm-up round)")
 
@@ -94,10 +97,9 @@ MALLOC = {"setting": "glibc default"}
 
 
 def setup_process(args) -> None:
-    """--threads, and freed memory retained for both codes unless --default-malloc (as the transformer
-    training stage retains it)."""
+    """--threads, and --malloc retained: freed memory kept for reuse, for both codes."""
     set_threads(args.threads)
-    if not args.default_malloc and retain_freed_memory():
+    if args.malloc == "retained" and retain_freed_memory():
         MALLOC["setting"] = "freed memory retained (both codes)"
 
 
