@@ -49,7 +49,6 @@ from benchmarks.side_by_side import (add_threads_arg, interleave, machine, paire
 from benchmarks.bench_sample import build as build_sampler, sampler  # noqa: E402
 import flexvar.optim as O  # noqa: E402
 import flexvar.tokenizer.bf16_copy as BD  # noqa: E402
-import flexvar.tokenizer.vqvae as VQ  # noqa: E402
 import flexvar.transformer.fused_linear as FL  # noqa: E402
 import flexvar.transformer.model as M  # noqa: E402
 import flexvar.transformer.training as T  # noqa: E402
@@ -120,13 +119,22 @@ def modulation_every_step(self, cond):
 
 
 ORIGINAL_MAKE_OPTIMIZER = O.make_adamw
+@torch.no_grad()
+def trunk_in_finish_chunks(vqvae, z_BChw):
+    """decode_bf16 with the trunk chunked by the output image's pixels, as the finish is (before e12881b)."""
+    post_quant_conv, decoder = BD.bf16_copy(vqvae, "decoder")
+    pixels = z_BChw.shape[-2] * z_BChw.shape[-1] * vqvae.downsample ** 2
+    feats_BCHW = BD.run_chunked(lambda z: decoder.trunk(post_quant_conv(z)), z_BChw, pixels, torch.bfloat16)
+    return BD.run_chunked(decoder.finish, feats_BCHW, pixels)
+
+
 SAMPLE_PATCHES = {
     "current": [],
     "3x3 upsampling": [(BD, "SubpixelUpsample", lambda up: up)],
     "autocast Linear, then GELU": [(FL, "cpu_bf16_inference", lambda x: False)],
     "AdaLN every step": [(M.AdaLNBlock, "modulation", modulation_every_step)],
     "one decoder call": [(BD, "CPU_CHUNK_PIXELS", 1 << 40)],
-    "trunk in chunks of the finish": [(VQ.Decoder, "trunk_upsampling", property(lambda self: 1))],
+    "trunk in chunks of the finish": [(BD, "decode_bf16", trunk_in_finish_chunks)],
 }
 PATCHES = {
     "current": [],
