@@ -119,6 +119,8 @@ def modulation_every_step(self, cond):
 
 
 ORIGINAL_MAKE_OPTIMIZER = O.make_adamw
+
+
 @torch.no_grad()
 def trunk_in_finish_chunks(vqvae, z_BChw):
     """decode_bf16 with the trunk chunked by the output image's pixels, as the finish is (before e12881b)."""

@@ -26,9 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import benchmarks.bench_transformer as BT  # noqa: E402
 from benchmarks.side_by_side import add_threads_arg, machine, setup_process  # noqa: E402
-from flexvar.config import ScheduleConfig  # noqa: E402
+from flexvar.config import ScheduleConfig, TransformerConfig  # noqa: E402
 from flexvar.device import autocast_ctx  # noqa: E402
 from flexvar.tokenizer.quantizer import MultiScaleQuantizer  # noqa: E402
+from flexvar.transformer.model import FlexVAR  # noqa: E402
 from flexvar.transformer.schedules import ScheduleSampler, num_tokens  # noqa: E402
 from flexvar.transformer.teacher_forcing import gt_inputs_targets  # noqa: E402
 from flexvar.transformer.training import batch_indices, get_batch, loss_for  # noqa: E402
@@ -38,8 +39,8 @@ import flexvar.optim as optim  # noqa: E402
 def compiled_step(bucket: int, batch: int):
     """A train step function (scales -> None) of a fresh compiled model with `compile_bucket` = bucket."""
     torch.manual_seed(0)
-    model = BT.FlexVAR(BT.TransformerConfig(depth=BT.DEPTH, width=BT.WIDTH, heads=BT.HEADS), BT.VOCAB, BT.CVAE,
-                       BT.CLASSES, pe_size=8).train()
+    model = FlexVAR(TransformerConfig(depth=BT.DEPTH, width=BT.WIDTH, heads=BT.HEADS), BT.VOCAB, BT.CVAE,
+                    BT.CLASSES, pe_size=8).train()
     model.compile_trunk(bucket)
     cfg = BT.CFG.model_copy(update={"compile": True})
     opt, q, data = optim.make_adamw(model, cfg), MultiScaleQuantizer(BT.VOCAB, BT.CVAE), BT.cache(64)
