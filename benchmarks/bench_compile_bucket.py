@@ -5,7 +5,7 @@ one graph per bucket) against one graph with a dynamic length (`compile_bucket: 
 
 Same model and batch as bench_transformer.py (d6 / 384 / 6 heads, V 4096, batch 8 on an 8x8 latent);
 the schedules are drawn by the trainer's `ScheduleSampler` with the default `ScheduleConfig` (lengths
-78..155 tokens). One compiled model per bucket setting. Every schedule is first run once by each model
+78..155 tokens). One compiled model per bucket setting (`bench_transformer.ours`). Every schedule is first run once by each model
 (compiling every graph it needs, untimed); then each schedule is timed on every model in turn (one
 full train step: forward, loss, backward, clip, AdamW), so a change in the machine's speed hits every
 setting alike. Reports each setting's total and median CPU seconds and the ratio of totals.
@@ -26,35 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import benchmarks.bench_transformer as BT  # noqa: E402
 from benchmarks.side_by_side import add_threads_arg, machine, setup_process  # noqa: E402
-from flexvar.config import ScheduleConfig, TransformerConfig  # noqa: E402
-from flexvar.device import autocast_ctx  # noqa: E402
-from flexvar.tokenizer.quantizer import MultiScaleQuantizer  # noqa: E402
-from flexvar.transformer.model import FlexVAR  # noqa: E402
+from flexvar.config import ScheduleConfig  # noqa: E402
 from flexvar.transformer.schedules import ScheduleSampler, num_tokens  # noqa: E402
-from flexvar.transformer.teacher_forcing import gt_inputs_targets  # noqa: E402
-from flexvar.transformer.training import batch_indices, get_batch, loss_for  # noqa: E402
-import flexvar.optim as optim  # noqa: E402
-
-
-def compiled_step(bucket: int, batch: int):
-    """A train step function (scales -> None) of a fresh compiled model with `compile_bucket` = bucket."""
-    torch.manual_seed(0)
-    model = FlexVAR(TransformerConfig(depth=BT.DEPTH, width=BT.WIDTH, heads=BT.HEADS), BT.VOCAB, BT.CVAE,
-                    BT.CLASSES, pe_size=8).train()
-    model.compile_trunk(bucket)
-    cfg = BT.CFG.model_copy(update={"compile": True})
-    opt, q, data = optim.make_adamw(model, cfg), MultiScaleQuantizer(BT.VOCAB, BT.CVAE), BT.cache(64)
-    z, labels = get_batch(data, batch_indices(0, batch, 2 * len(data), 0), BT.CPU)
-
-    def step(scales) -> None:
-        x, tgt = gt_inputs_targets(q, z, scales)
-        with autocast_ctx(BT.CPU, cfg.precision):
-            logits = model(labels, x, scales)
-        loss_for(True)(logits, tgt, cfg.label_smoothing).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return step
 
 
 def main(argv=None) -> int:
@@ -68,7 +41,7 @@ def main(argv=None) -> int:
     torch._dynamo.config.cache_size_limit = 64           # one graph per bucket and model
     sampler = ScheduleSampler(ScheduleConfig(), (8, 8), 0)
     schedules = [sampler.sample() for _ in range(args.schedules)]
-    steps = {b: compiled_step(b, args.batch) for b in args.buckets}
+    steps = {b: BT.ours(args.batch, compiled=True, bucket=b)["step_on"] for b in args.buckets}
     out = {"config": {"batch": args.batch, "schedules": args.schedules,
                       "lengths": sorted({num_tokens(s) for s in schedules})}, "machine": machine()}
     for scales in schedules:                              # compile every graph, untimed

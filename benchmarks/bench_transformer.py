@@ -59,12 +59,14 @@ def cache(n: int, seed: int = 0) -> LatentSplit:
                        [str(i) for i in range(CLASSES)])
 
 
-def ours(batch: int, compiled: bool = False) -> dict:
-    """Our train step on prepared inputs and our full step (quantise the cached latents, then the same)."""
+def ours(batch: int, compiled: bool = False, bucket: int | None = None) -> dict:
+    """Our train step on prepared inputs, the same step on the same batch for any schedule (`step_on`),
+    and our full step (quantise the cached latents, then the same). Compiled with `compile_bucket`
+    `bucket` (default COMPILE_BUCKET)."""
     torch.manual_seed(0)
     model = FlexVAR(TransformerConfig(depth=DEPTH, width=WIDTH, heads=HEADS), VOCAB, CVAE, CLASSES, pe_size=8).train()
-    if compiled:
-        model.compile_trunk(COMPILE_BUCKET)             # what training does with train_transformer.compile
+    if compiled:                                          # what training does with train_transformer.compile
+        model.compile_trunk(COMPILE_BUCKET if bucket is None else bucket)
     cfg = CFG.model_copy(update={"compile": compiled})
     opt, q, data = optim.make_adamw(model, cfg), MultiScaleQuantizer(VOCAB, CVAE), cache(max(4 * batch, 64))
     loss_fn = training.loss_for(compiled)                 # what forward_backward uses
@@ -77,10 +79,10 @@ def ours(batch: int, compiled: bool = False) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    def train_step():
+    def step(x_BLCv, tgt_BL, scales):
         with autocast_ctx(CPU, CFG.precision):
-            logits = model(labels, x, SCALES)
-        loss_fn(logits, tgt, cfg.label_smoothing).backward()
+            logits = model(labels, x_BLCv, scales)
+        loss_fn(logits, tgt_BL, cfg.label_smoothing).backward()
         finish()
 
     def full_step():
@@ -89,7 +91,8 @@ def ours(batch: int, compiled: bool = False) -> dict:
                          prediction="gt", device=CPU)
         finish()
 
-    return {"train_step": train_step, "full_step": full_step, "inputs": (labels, x, tgt), "model": model}
+    return {"train_step": lambda: step(x, tgt, SCALES), "full_step": full_step, "inputs": (labels, x, tgt),
+            "model": model, "step_on": lambda scales: step(*gt_inputs_targets(q, z, scales), scales)}
 
 
 def official(mods: SimpleNamespace, batch: int, inputs) -> dict:
