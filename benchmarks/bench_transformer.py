@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.side_by_side import (add_threads_arg, bf16_autocast, interleave, machine, official_modules,  # noqa: E402
                                      quiet, ratios, setup_process)
+from flexvar import distributed  # noqa: E402
 from flexvar.config import TrainTransformerConfig, TransformerConfig  # noqa: E402
 from flexvar.data.latent_cache import LatentSplit  # noqa: E402
 from flexvar.device import autocast_ctx  # noqa: E402
@@ -74,9 +75,8 @@ def ours(batch: int, compiled: bool = False, bucket: int | None = None) -> dict:
     x, tgt = gt_inputs_targets(q, z, SCALES)
     state = {"i": 0}
 
-    def finish():
-        torch.nn.utils.clip_grad_norm_(model.parameters(), CFG.grad_clip)
-        opt.step()
+    def finish():                                         # what training does after each step's backward
+        distributed.clipped_step(opt, model.parameters(), CFG.grad_clip)
         opt.zero_grad(set_to_none=True)
 
     def step(x_BLCv, tgt_BL, scales):

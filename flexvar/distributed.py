@@ -142,9 +142,28 @@ def is_sharded(model: nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
-def clip_grad_norm(params: Iterable[nn.Parameter], max_norm: float) -> torch.Tensor:
-    """Total gradient norm (a plain tensor, also over sharded gradients) after clipping to max_norm."""
-    norm = nn.utils.clip_grad_norm_(list(params), max_norm)
+def clipped_step(opt: torch.optim.Optimizer, params: Iterable[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """opt.step() on the gradients clipped to total norm `max_norm` (no clipping when it is <= 0).
+    Returns the total norm before clipping (a plain tensor, also over sharded gradients; 0 unclipped).
+
+    A fused optimiser (`optim.make_adamw`'s) on plain tensors gets the clip as the `grad_scale` its
+    kernel divides every gradient by (the attribute torch.amp.GradScaler hands it), so the gradients
+    are read once less: over the 18M fp32 gradients of a d6 model that pass is ~1% of a CPU step.
+    Values: g / (1 / c) instead of g * c, fp32 rounding when clipping, identical otherwise."""
+    params = [p for p in params if p.grad is not None]
+    if max_norm <= 0:
+        opt.step()
+        return torch.zeros(())
+    if all(g.get("fused") for g in opt.param_groups) and not any(isinstance(p, DTensor) for p in params):
+        norm = nn.utils.get_total_norm([p.grad for p in params])
+        opt.grad_scale = (norm + 1e-6).div(max_norm).clamp(min=1.0)   # 1 / clip_grad_norm_'s clamped factor
+        try:
+            opt.step()
+        finally:
+            del opt.grad_scale
+        return norm
+    norm = nn.utils.clip_grad_norm_(params, max_norm)
+    opt.step()
     return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 

@@ -248,9 +248,9 @@ class TokenizerTrainer:
             logs[f"recon_s{s}"] = terms["recon"].detach()
         self.opt.zero_grad(set_to_none=True)
         total.backward()
+        grad_norm = distributed.clipped_step(self.opt, self.model.parameters(), cfg.grad_clip)
         if cfg.grad_clip > 0:
-            logs["grad_norm"] = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        self.opt.step()
+            logs["grad_norm"] = grad_norm
         if gan_on:
             logs["d_loss"] = self.disc_step(pairs)
         logs["lr"] = self.opt.param_groups[0]["lr"]
@@ -268,9 +268,7 @@ class TokenizerTrainer:
         loss = self.disc_loss(pairs)
         self.disc_opt.zero_grad(set_to_none=True)
         loss.backward()
-        if self.cfg.grad_clip > 0:
-            nn.utils.clip_grad_norm_(self.disc.parameters(), self.cfg.grad_clip)
-        self.disc_opt.step()
+        distributed.clipped_step(self.disc_opt, self.disc.parameters(), self.cfg.grad_clip)
         return float(loss.detach())
 
     def update_ema(self) -> None:

@@ -273,9 +273,7 @@ def train_transformer(model: FlexVAR, quantizer: MultiScaleQuantizer, train: Lat
             toks += num_tokens(scales) * n_images
             imgs += n_images
         loss_sum = distributed.mean_across(loss_sum)
-        grad_norm = (distributed.clip_grad_norm(net.parameters(), cfg.grad_clip) if cfg.grad_clip > 0
-                     else torch.zeros(()))
-        opt.step()
+        grad_norm = distributed.clipped_step(opt, net.parameters(), cfg.grad_clip)
         opt.zero_grad(set_to_none=True)
         lr_sched.step()
         if ema is not None:
