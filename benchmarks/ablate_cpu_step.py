@@ -8,8 +8,8 @@ printed as JSON.
 Train step variants: `current`; `fp32 softmax` (attention logits cast to fp32 for the softmax and
 back); `F.normalize` (q/k normalised, then scaled, in two full-size passes); `mixed-dtype AdaLN` (the
 bf16 modulation factors multiplied into the fp32 stream directly); `F.cross_entropy` (on logits cast
-to fp32); `foreach AdamW` (torch's default instead of fused); `norm unit rows` and `masked_fill mask`
-(as below). Same setting as bench_transformer.py.
+to fp32); `foreach AdamW` (torch's default instead of fused); `norm unit rows`, `masked_fill mask` and
+`clip, then step` (as below). Same setting as bench_transformer.py.
 Compiled train step variants (`train_transformer.compile`, as bench_transformer.py --compiled):
 `current`; `head and loss eager` (only the blocks compiled); `tanh GELU` (F.gelu traced instead of its
 sigmoid form); `addmm bias` (each Linear traced as one addmm); `norm unit rows` (q/k scaled by
@@ -18,8 +18,9 @@ applied by masked_fill instead of an additive 0 / -inf); `bool mask in the graph
 the compiled blocks and made additive there, instead of the additive matrix built outside);
 `unbind q, k, v` (q, k, v split by one rearrange to (3, B, H, L, c) instead of chunk); `16-token length
 bucket` (the blocks compiled for static shapes, 155 tokens padded to 160, instead of one graph with a
-dynamic length); both new at once with that bucket (the compiled step of 6f9310a); all seven with it
-(the compiled step of c8a3981).
+dynamic length); `clip, then step` (the gradients clipped in place by clip_grad_norm_, then AdamW,
+instead of the clip handed to fused AdamW as its grad_scale); both new at once with the bucket and the
+separate clip (the compiled step of 6f9310a); all of them (the compiled step of c8a3981).
 Sampling variants (with decode, same setting as bench_sample.py): `current`; `3x3 upsampling`
 (nearest 2x + 3x3 conv instead of the sub-pixel 2x2 convs); `autocast Linear, then GELU` (every Linear
 as autocast's addmm and GELU as its own pass, instead of oneDNN's linear on cached bf16 weights with
@@ -47,6 +48,7 @@ from benchmarks.bench_transformer import ours  # noqa: E402
 from benchmarks.side_by_side import (add_threads_arg, interleave, machine, paired_ratio, setup_process,  # noqa: E402
                                      timing_key)
 from benchmarks.bench_sample import build as build_sampler, sampler  # noqa: E402
+import flexvar.distributed as D  # noqa: E402
 import flexvar.optim as O  # noqa: E402
 import flexvar.tokenizer.bf16_copy as BD  # noqa: E402
 import flexvar.transformer.fused_linear as FL  # noqa: E402
@@ -86,6 +88,12 @@ def plain_cross_entropy(logits, tgt, smoothing):
 def foreach_adamw(model, cfg):
     opt = ORIGINAL_MAKE_OPTIMIZER(model, cfg)
     return torch.optim.AdamW(opt.param_groups, lr=cfg.lr, betas=tuple(cfg.betas), foreach=True)
+
+
+def clip_then_step(opt, params, max_norm):
+    norm = torch.nn.utils.clip_grad_norm_(list(params), max_norm)
+    opt.step()
+    return norm
 
 
 def norm_unit_rows(x, scale=None):
@@ -146,6 +154,7 @@ PATCHES = {
     "F.cross_entropy": [(T, "token_loss", plain_cross_entropy)],
     "norm unit rows": [(M, "unit_rows", norm_unit_rows)],
     "masked_fill mask": [(M, "attention", masked_fill_attention)],
+    "clip, then step": [(D, "clipped_step", clip_then_step)],
 }
 
 
@@ -159,12 +168,13 @@ COMPILED_PATCHES = {
     "bool mask in the graph": [(M, "block_causal_bias", M.block_causal_mask)],
     "unbind q, k, v": [(M.SelfAttention, "forward", unbind_qkv_forward)],
     "16-token length bucket": [(BT, "COMPILE_BUCKET", 16)],
+    "clip, then step": PATCHES["clip, then step"],
 }
-BUCKET_16 = COMPILED_PATCHES["16-token length bucket"]      # what the earlier compiled steps were timed with
+EARLIER = COMPILED_PATCHES["16-token length bucket"] + PATCHES["clip, then step"]   # in every earlier compiled step
 COMPILED_PATCHES["both new (6f9310a's compiled step)"] = (COMPILED_PATCHES["bool mask in the graph"]
-                                                          + COMPILED_PATCHES["unbind q, k, v"] + BUCKET_16)
-COMPILED_PATCHES["all seven (c8a3981's compiled step)"] = [p for k, ps in COMPILED_PATCHES.items()
-                                                           if not k.startswith("both") for p in ps]
+                                                          + COMPILED_PATCHES["unbind q, k, v"] + EARLIER)
+COMPILED_PATCHES["all of them (c8a3981's compiled step)"] = [p for k, ps in COMPILED_PATCHES.items()
+                                                             if not k.startswith("both") for p in ps]
 
 
 @contextlib.contextmanager
@@ -212,7 +222,7 @@ def compiled_variants(batch: int, only: list[str] | None = None) -> dict:
     for name, pairs in selected(COMPILED_PATCHES, only).items():
         with patched(pairs):
             built = ours(batch, compiled=True)
-        if name.startswith(("head and loss eager", "all seven")):
+        if name.startswith(("head and loss eager", "all of them")):
             built["model"]._compiled_head = None
 
         def run(step=built["train_step"], pairs=pairs):

@@ -1,9 +1,9 @@
 """Markdown tables for docs/benchmarks.md from the JSON of one run of the side-by-side benchmarks.
 
-    python benchmarks/benchmarks_md.py DIR   # DIR holds transformer.json sample.json tokenizer.json
-                                             # [transformer_default_malloc.json sample_retained_malloc.json
-                                             #  profile.json ablate.json],
-                                             # as the scripts printed them
+    python benchmarks/benchmarks_md.py DIR   # DIR holds transformer.json sample.json tokenizer.json and
+                                             # optionally the same names with a suffix (_default_malloc,
+                                             # _retained_malloc, _threads2: the other settings), profile.json
+                                             # and ablate.json, as the scripts printed them
 """
 from __future__ import annotations
 
@@ -48,20 +48,25 @@ def finished_json(path: Path) -> dict | None:
     return json.loads(path.read_text())
 
 
+BENCHMARKS = (("transformer", "transformer (batch 8)", ("train_step", "full_step")),
+              ("sample", "sampling (batch 16)", ("end_to_end", "no_decode")),
+              ("tokenizer", "tokenizer (VQ-16)", ("train", "infer")))
+SETTINGS = ("", "_default_malloc", "_retained_malloc", "_threads2")   # file-name suffixes, in table order
+
+
 def main(argv=None) -> int:
     folder = Path((argv or sys.argv[1:])[0])
     out = []
-    for name, title, kinds in (("transformer", "transformer (batch 8)", ("train_step", "full_step")),
-                               ("transformer_default_malloc", "transformer (batch 8)", ("train_step", "full_step")),
-                               ("sample", "sampling (batch 16)", ("end_to_end", "no_decode")),
-                               ("sample_retained_malloc", "sampling (batch 16)", ("end_to_end", "no_decode")),
-                               ("tokenizer", "tokenizer (VQ-16)", ("train", "infer"))):
+    runs = [(bench + suffix, title, kinds) for bench, title, kinds in BENCHMARKS for suffix in SETTINGS]
+    for name, title, kinds in runs:
         d = finished_json(folder / f"{name}.json")
         if d is None:
             continue
+        threads = d["machine"]["threads"]
+        title += f", {threads} thread{'s' * (threads != 1)}"
         title += ", freed memory retained" if "retained" in d["machine"].get("malloc", "") else ", glibc malloc defaults"
         out += [f"### {name}", "", machine_line(d), "", side_by_side(title, {k: d[k] for k in kinds if k in d},
-                                                          "cpu_median_s" if d["machine"]["threads"] == 1 else "median_s"), ""]
+                                                          "cpu_median_s" if threads == 1 else "median_s"), ""]
         if "loss_curves" in d:
             c = d["loss_curves"]
             diffs = "; ".join(f"{k.removeprefix('max_abs_diff ')} {v:.4f}" for k, v in c.items() if k.startswith("max_abs_diff"))
