@@ -27,7 +27,7 @@ def side_by_side(title: str, kinds: dict[str, dict], key: str) -> str:
     lines = [head, "|---|" + "---:|" * (len(variants) + len(pairs))]
     for kind, block in kinds.items():
         res = block["results"]
-        cells = [f"{r[key]:.2f} s (wall {r['min_s']:.1f}..{r['max_s']:.1f})" for r in res.values()]
+        cells = [f"{r[key]:.2f} s (wall {r['min_s']:.2f}..{r['max_s']:.2f})" for r in res.values()]
         speed = [f"**{res[v][key] / res[o][key]:.2f}x**" for o, v in pairs]
         lines.append(f"| {kind} | " + " | ".join(cells + speed) + " |")
     return "\n".join(lines)
