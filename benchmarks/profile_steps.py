@@ -3,8 +3,8 @@ JSON and as a markdown table, held against the matmul rate measured in the same 
 
     python benchmarks/profile_steps.py [--steps 2] [--what train sample]
 
-torch.profiler records every ATen operator's own (self) CPU time and, for matmuls and convolutions,
-its FLOPs. Operators are grouped into classes (matmul, attention, norms, activations, loss,
+torch.profiler records every ATen operator's own (self) CPU time and, in one more profiled step that
+records shapes, the FLOPs of matmuls and convolutions. Operators are grouped into classes (matmul, attention, norms, activations, loss,
 optimizer, casts/copies, elementwise, sampling, decode convs, other). `headroom`: the step's time if
 every matmul/conv ran at the square-matmul rate measured here and everything else took no time —
 the floor no kernel fusion can beat. Same setting as benchmarks/bench_transformer.py and
@@ -77,13 +77,19 @@ def op_flops(prof) -> float:
 
 
 def profiled(fn, steps: int) -> tuple[dict[str, float], float, float]:
-    """(seconds per step by class, matmul/conv FLOPs per step, wall seconds per step) of `fn`."""
+    """(seconds per step by class, matmul/conv FLOPs per step, profiled seconds per step) of `fn`.
+
+    Times come from a plain profile; the FLOPs from one more step profiled with shapes and FLOPs
+    recorded. Recording shapes slows some operators by itself (our decoder's convolutions ~1.7x, its
+    group norms ~12x on one thread), so a profile that records them misstates where the time goes."""
     fn()                                               # warm-up
-    with profile(activities=[ProfilerActivity.CPU], with_flops=True, record_shapes=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             fn()
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True, record_shapes=True) as counted:
+        fn()
+    flops = op_flops(counted)
     by_class: dict[str, float] = {}
-    flops = op_flops(prof) / steps
     for ev in prof.key_averages():
         cls = op_class(ev.key)
         by_class[cls] = by_class.get(cls, 0.0) + ev.self_cpu_time_total / 1e6 / steps
