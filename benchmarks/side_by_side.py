@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import platform
 import statistics
 import sys
 import time
@@ -103,8 +104,21 @@ def setup_process(args) -> None:
         MALLOC["setting"] = "freed memory retained (both codes)"
 
 
+def cpu_model() -> str:
+    """The CPU's name and x86 family/model from /proc/cpuinfo (e.g. "AMD EPYC, family 26 model 2"):
+    machines sold under one name differ by generation, and with it by their matmul rate and by ratios
+    (a vendor's family number tells the generations apart). platform.processor() elsewhere."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
+    except OSError:
+        return platform.processor() or "unknown"
+    info = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    family = f", family {info['cpu family']} model {info.get('model', '?')}" if "cpu family" in info else ""
+    return info.get("model name", platform.processor() or "unknown") + family
+
+
 def machine() -> dict:
-    return {"threads": torch.get_num_threads(), "load_avg_1m": round(os.getloadavg()[0], 2),
+    return {"cpu": cpu_model(), "threads": torch.get_num_threads(), "load_avg_1m": round(os.getloadavg()[0], 2),
             "malloc": MALLOC["setting"],
             "matmul_gflops_fp32": matmul_gflops(torch.float32), "matmul_gflops_bf16": matmul_gflops(torch.bfloat16)}
 
