@@ -1,7 +1,7 @@
 """Where the time goes: our bf16 train step and sampling step profiled by operator class, printed as
 JSON and as a markdown table, held against the matmul rate measured in the same run.
 
-    python benchmarks/profile_steps.py [--steps 2] [--what train sample]
+    python benchmarks/profile_steps.py [--steps 5] [--what train sample]
 
 torch.profiler records every ATen operator's own (self) CPU time and, in one more profiled step that
 records shapes, the FLOPs of matmuls and convolutions. Operators are grouped into classes (matmul, attention, norms, activations, loss,
@@ -129,7 +129,7 @@ def markdown(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=5, help="profiled steps averaged per variant (after one warm-up step)")
     ap.add_argument("--what", nargs="+", default=["train", "sample"], choices=["train", "sample"])
     ap.add_argument("--top", type=int, default=0, help="also list the N most expensive operators")
     add_threads_arg(ap)
