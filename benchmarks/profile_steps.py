@@ -4,15 +4,16 @@ JSON and as a markdown table, held against the matmul rate measured in the same 
     python benchmarks/profile_steps.py [--steps 5] [--what train sample]
 
 torch.profiler records every ATen operator's own (self) CPU time and, in one more profiled step that
-records shapes, the FLOPs of matmuls and convolutions. Operators are grouped into classes (matmul, attention, norms, activations, loss,
-optimizer, casts/copies, elementwise, sampling, decode convs, other). `headroom`: the step's time if
-every matmul/conv ran at the square-matmul rate measured here and everything else took no time —
-the floor no kernel fusion can beat. Same setting as benchmarks/bench_transformer.py and
-benchmarks/bench_sample.py (d6 / 384 / 6 heads, V 4096; batch 8 for training, 16 for sampling with the
-VQ-16 decoder at 128 px). The compiled train step (`train_transformer.compile`) is profiled with
-inductor's kernel profiling on: its fused kernels are one class, its matmuls (extern calls) count as
-matmul. With FLEXVAR_OFFICIAL_DIR set, the official code's train step and sampling under bf16 autocast
-are profiled beside ours (its matmul seconds bound what any lead over it can be).
+records shapes, the FLOPs of matmuls and convolutions. Operators are grouped into classes (matmul,
+attention, norms, activations, loss, optimizer, casts/copies, elementwise, sampling, decode convs,
+other). `headroom`: the step's time if every matmul/conv ran at the square-matmul rate measured here
+and everything else took no time — the floor no kernel fusion can beat. Same setting as
+benchmarks/bench_transformer.py and benchmarks/bench_sample.py (d6 / 384 / 6 heads, V 4096; batch 8
+for training, 16 for sampling with the VQ-16 decoder at 128 px). The compiled train step
+(`train_transformer.compile`) is profiled with inductor's kernel profiling on: its fused kernels are
+one class, its matmuls (extern calls) count as matmul. With FLEXVAR_OFFICIAL_DIR set, the official
+code's train step and sampling under bf16 autocast are profiled beside ours (its matmul seconds bound
+what any lead over it can be).
 """
 from __future__ import annotations
 
