@@ -137,9 +137,14 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+def any_sharded(params: Iterable[torch.Tensor]) -> bool:
+    """True when any of `params` is an FSDP2 shard (a DTensor)."""
+    return any(isinstance(p, DTensor) for p in params)
+
+
 def is_sharded(model: nn.Module) -> bool:
     """True for an FSDP2 module: every worker must take part in its forward passes (evaluation too)."""
-    return any(isinstance(p, DTensor) for p in model.parameters())
+    return any_sharded(model.parameters())
 
 
 def clipped_step(opt: torch.optim.Optimizer, params: Iterable[nn.Parameter], max_norm: float) -> torch.Tensor:
@@ -154,7 +159,7 @@ def clipped_step(opt: torch.optim.Optimizer, params: Iterable[nn.Parameter], max
     if max_norm <= 0:
         opt.step()
         return torch.zeros(())
-    if all(g.get("fused") for g in opt.param_groups) and not any(isinstance(p, DTensor) for p in params):
+    if all(g.get("fused") for g in opt.param_groups) and not any_sharded(params):
         norm = nn.utils.get_total_norm([p.grad for p in params])
         opt.grad_scale = (norm + 1e-6).div(max_norm).clamp(min=1.0)   # 1 / clip_grad_norm_'s clamped factor
         try:
