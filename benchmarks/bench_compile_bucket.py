@@ -5,10 +5,11 @@ one graph per bucket) against one graph with a dynamic length (`compile_bucket: 
 
 Same model and batch as bench_transformer.py (d6 / 384 / 6 heads, V 4096, batch 8 on an 8x8 latent);
 the schedules are drawn by the trainer's `ScheduleSampler` with the default `ScheduleConfig` (lengths
-78..155 tokens). One compiled model per bucket setting (`bench_transformer.ours`). Every schedule is first run once by each model
-(compiling every graph it needs, untimed); then each schedule is timed on every model in turn (one
-full train step: the schedule's inputs quantised from the same cached latents, forward, loss, backward,
-clip, AdamW), so a change in the machine's speed hits every setting alike. Reports each setting's total and median CPU seconds and the ratio of totals.
+78..155 tokens). One compiled model per bucket setting (`bench_transformer.ours`). Every schedule is
+first run once by each model (compiling every graph it needs, untimed); then each schedule is timed on
+every model in turn (one full train step: the schedule's inputs quantised from the same cached latents,
+forward, loss, backward, clip, AdamW), so a change in the machine's speed hits every setting alike.
+Reports each setting's total and median CPU seconds and the ratio of totals.
 """
 from __future__ import annotations
 

@@ -35,8 +35,8 @@ def side_by_side(title: str, kinds: dict[str, dict], key: str) -> str:
 
 def machine_line(d: dict) -> str:
     m = d["machine"]
-    return (f"{m.get('cpu', 'CPU not recorded')}; threads {m['threads']}, load average (1 min) {m['load_avg_1m']} at start and "
-            f"{m.get('load_avg_1m_end', '?')} at end; 1024³ matmul {m['matmul_gflops_fp32']} GFLOP/s fp32, "
+    return (f"{m.get('cpu', 'CPU not recorded')}; threads {m['threads']}, load average (1 min) "
+            f"{m['load_avg_1m']} at start and {m.get('load_avg_1m_end', '?')} at end; 1024³ matmul {m['matmul_gflops_fp32']} GFLOP/s fp32, "
             f"{m['matmul_gflops_bf16']} GFLOP/s bf16 at start; malloc: {m.get('malloc', 'glibc default')}; "
             f"{d.get('official', '')}")
 
