@@ -52,10 +52,9 @@ def document(metrics: dict, args: argparse.Namespace) -> str:
 
 The paper's Fig. 3 claim at our scale: a VQVAE trained with K random scales per batch (always
 including the full size) reconstructs well at every scale, one trained only at the full scale
-(K=1) degrades at the coarse scales it never saw. Both runs: the embedded default `params.yaml`
-(builtin shapes, 64 px, 8x8 latent) with `train_tokenizer.steps` = {m['steps']}, differing only in
-`train_tokenizer.num_scales`; val PSNR (dB) on {m['val_images']} val images, each scale compared with
-the input area-resized to that scale's resolution (8*s px).
+(K=1) degrades at the coarse scales it never saw. Both runs: the same `params.yaml` with
+`train_tokenizer.steps` = {m['steps']}, differing only in `train_tokenizer.num_scales`; val PSNR (dB)
+on {m['val_images']} val images, each scale compared with the input area-resized to that scale's resolution.
 
 {table(m, k1)}
 
