@@ -1,20 +1,23 @@
 """Image grids for docs, reports and MLflow artifacts."""
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from PIL import Image, ImageDraw
-from torchvision.utils import make_grid
 
 
 def image_grid(images_NCHW: torch.Tensor, ncol: int, pad: int = 2) -> Image.Image:
-    """uint8 (N, 3, H, W) -> one PIL image, row-major with `ncol` columns, `pad` white pixels between
-    images (torchvision's make_grid, without its outer border)."""
-    if len(images_NCHW) < ncol:   # keep `ncol` columns even for fewer images (make_grid would shrink)
-        blank = images_NCHW.new_full((ncol - len(images_NCHW), *images_NCHW.shape[1:]), 255)
-        images_NCHW = torch.cat([images_NCHW, blank])
-    grid_CHW = make_grid(images_NCHW, nrow=ncol, padding=pad, pad_value=255)
-    grid_CHW = grid_CHW[:, pad:grid_CHW.shape[1] - pad, pad:grid_CHW.shape[2] - pad]
+    """uint8 (N, 3, H, W) -> one PIL image, row-major with `ncol` columns (kept even for fewer images),
+    `pad` white pixels between images and none around them: rows*H + (rows-1)*pad pixels tall, and
+    one image is returned at its own size."""
+    n, rows = len(images_NCHW), max(1, math.ceil(len(images_NCHW) / ncol))
+    blank = images_NCHW.new_full((rows * ncol - n, *images_NCHW.shape[1:]), 255)   # fill the last row
+    tiles_NCHW = F.pad(torch.cat([images_NCHW, blank]), (0, pad, 0, pad), value=255)   # pad right and bottom
+    grid_CHW = rearrange(tiles_NCHW, "(r c) ch h w -> ch (r h) (c w)", c=ncol)
+    grid_CHW = grid_CHW[:, :grid_CHW.shape[1] - pad, :grid_CHW.shape[2] - pad]   # no pad after the last row/column
     return Image.fromarray(rearrange(grid_CHW, "c h w -> h w c").numpy())
 
 
