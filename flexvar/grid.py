@@ -8,6 +8,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from PIL import Image, ImageDraw
 
+GRID_MAX_CLASSES = 16   # a class grid shows at most this many classes, chosen evenly (ImageNet has 1,000)
+LABEL_WIDTH = 72        # pixels left of a class grid for the class names
+
 
 def image_grid(images_NCHW: torch.Tensor, ncol: int, pad: int = 2) -> Image.Image:
     """uint8 (N, 3, H, W) -> one PIL image, row-major with `ncol` columns (kept even for fewer images),
@@ -21,12 +24,26 @@ def image_grid(images_NCHW: torch.Tensor, ncol: int, pad: int = 2) -> Image.Imag
     return Image.fromarray(rearrange(grid_CHW, "c h w -> h w c").numpy())
 
 
+def shown_classes(num_classes: int, max_classes: int = GRID_MAX_CLASSES) -> list[int]:
+    """At most `max_classes` class ids spread evenly over 0 .. num_classes-1, first and last included."""
+    k = min(num_classes, max_classes)
+    return torch.linspace(0, num_classes - 1, k).round().long().tolist() if k > 1 else list(range(k))
+
+
+def class_grid_size(num_rows: int, per_class: int, h: int, w: int, pad: int = 2,
+                    label_width: int = LABEL_WIDTH) -> tuple[int, int]:
+    """(height, width) in pixels of a class grid with `num_rows` classes of `per_class` (h, w) images."""
+    return num_rows * (h + pad) - pad, label_width + per_class * (w + pad) - pad
+
+
 def class_grid(images_NCHW: torch.Tensor, labels_N: torch.Tensor, class_names: list[str], per_class: int,
-               label_width: int = 72) -> Image.Image:
-    """One row per class (first `per_class` images of it), class name written on the left."""
+               classes: list[int] | None = None, label_width: int = LABEL_WIDTH) -> Image.Image:
+    """One row per shown class (first `per_class` images of it), class name written on the left.
+    `classes` (default: at most GRID_MAX_CLASSES chosen evenly) bounds the grid whatever the class count."""
+    classes = shown_classes(len(class_names)) if classes is None else classes
     h = images_NCHW.shape[-2]
     rows = []
-    for c in range(len(class_names)):
+    for c in classes:
         sel = images_NCHW[labels_N == c][:per_class]
         if len(sel) < per_class:
             sel = torch.cat([sel, torch.full((per_class - len(sel), *images_NCHW.shape[1:]), 255, dtype=torch.uint8)])
@@ -35,6 +52,6 @@ def class_grid(images_NCHW: torch.Tensor, labels_N: torch.Tensor, class_names: l
     out = Image.new("RGB", (grid.width + label_width, grid.height), "white")
     out.paste(grid, (label_width, 0))
     draw = ImageDraw.Draw(out)
-    for c, name in enumerate(class_names):
-        draw.text((4, c * (h + 2) + h // 2 - 5), name[:11], fill="black")
+    for r, c in enumerate(classes):
+        draw.text((4, r * (h + 2) + h // 2 - 5), class_names[c][:11], fill="black")
     return out
