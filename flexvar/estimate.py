@@ -22,6 +22,8 @@ inside training, data loading, bootstrap intervals) is in the fixed STAGE_OVERHE
 """
 from __future__ import annotations
 
+import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +36,7 @@ from flexvar.config import Params
 STAGE_OVERHEAD_S = 10.0       # assumed per stage process: imports, MLflow run, checkpoints, in-training eval
 PREPARE_S_PER_IMAGE = 0.004   # assumed: PIL decode + resize + PNG encode of one image, one core
 ASSUMED_GPU_FLOPS = {"tokenizer": 1.0e14, "transformer": 2.0e14}   # assumed H100-class bf16, 10% / 20% of peak
-PROBE_FLOPS = 3e10            # a rate probe's forward is kept under this many FLOPs (a fraction of a second)
+PROBE_FLOPS = 4e10            # a rate probe's forward is kept under this many FLOPs (a fraction of a second)
 
 
 @dataclass
@@ -144,8 +146,9 @@ def _time(fn, repeats: int = 2) -> float:
 
 def measure_rates(params: Params, num_classes: int, device: torch.device) -> dict[str, float]:
     """FLOP/s of forward + backward of the params' tokenizer (full size) and smallest transformer
-    (the sampler's token cap), on `device`, at the stages' precision; shapes shrunk to keep a probe
-    under PROBE_FLOPS (the tokenizer at a smaller side, the transformer over fewer tokens)."""
+    (the sampler's token cap), on `device`, at the stages' precision and batch sizes; shapes shrunk to
+    keep a probe under PROBE_FLOPS (smaller batch, then the tokenizer at a smaller side, the transformer
+    over fewer tokens). What the machine gives now: other processes' load counts."""
     from flexvar.device import autocast_ctx, resolve_precision
     from flexvar.tokenizer.vqvae import VQVAE
     from flexvar.transformer.model import FlexVAR
@@ -157,12 +160,12 @@ def measure_rates(params: Params, num_classes: int, device: torch.device) -> dic
     while side > 2 * f and sum(tokenizer_flops(vq_meta, side)) > PROBE_FLOPS:
         side //= 2
     enc, dec = tokenizer_flops(vq_meta, side)
-    batch = max(1, min(8, int(PROBE_FLOPS // (enc + dec))))
+    batch = max(1, min(params.train_tokenizer.batch_size, int(PROBE_FLOPS // (enc + dec))))
     tokens, m = params.schedule.resolved(n).max_tokens, n
     while m > 1 and transformer_flops(model_meta, token_scales(tokens * m * m // (n * n), m)) > PROBE_FLOPS:
         m -= max(1, m // 4)
     scales = token_scales(tokens * m * m // (n * n), m)
-    t_batch = max(1, min(8, int(PROBE_FLOPS // transformer_flops(model_meta, scales))))
+    t_batch = max(1, min(params.train_transformer.batch_size, int(PROBE_FLOPS // transformer_flops(model_meta, scales))))
     vq = VQVAE(params.tokenizer).to(device)
     model = FlexVAR(params.transformer_for_depth(min(params.variants.depths)), vocab_size=params.tokenizer.codebook_size,
                     codebook_dim=params.tokenizer.codebook_dim, num_classes=num_classes,
@@ -246,18 +249,27 @@ def _fmt(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
+def parse_rates(text: str) -> dict[str, float]:
+    """'G' (both) or 'G_TOKENIZER,G_TRANSFORMER' in GFLOP/s -> rates; ValueError if not positive numbers."""
+    parts = [float(x) for x in text.split(",")]
+    if len(parts) not in (1, 2) or not all(x > 0 and math.isfinite(x) for x in parts):
+        raise ValueError(text)
+    return {"tokenizer": parts[0] * 1e9, "transformer": parts[-1] * 1e9}
+
+
 def rates_for(params: Params, num_classes: int, budget: str | None = None,
-              rate_gflops: float | None = None) -> tuple[dict[str, float], str]:
+              rate_gflops: str | None = None) -> tuple[dict[str, float], str]:
     """(rates, how they were obtained): given, measured on this machine's device, or assumed for a GPU."""
     from flexvar.device import pick_device
 
     if rate_gflops is not None:
-        return {"tokenizer": rate_gflops * 1e9, "transformer": rate_gflops * 1e9}, "given"
+        return parse_rates(rate_gflops), "given"
     device = pick_device(params.resources.device)
     if budget == "gpu" and device.type != "cuda":
         return dict(ASSUMED_GPU_FLOPS), "assumed for a GPU (none here)"
-    return measure_rates(params, num_classes, device), f"measured on this machine ({device.type})"
+    load = f", load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores" if hasattr(os, "getloadavg") else ""
+    return measure_rates(params, num_classes, device), f"measured on this machine ({device.type}{load})"
 
 
 __all__ = ["DataCounts", "StageCost", "stage_costs", "measure_rates", "estimate", "compute_seconds", "data_counts",
-           "format_estimate", "rates_for"]
+           "format_estimate", "parse_rates", "rates_for"]

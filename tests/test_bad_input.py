@@ -144,6 +144,10 @@ def _cases() -> list[tuple[str, str, list[str], str]]:
         ("init-no-images", "flexvar", ["init", "imagefolder:{root}/no_images"], "SOURCE"),
         ("init-not-a-folder-source", "flexvar", ["init", "hf:mnist"], "SOURCE"),
         ("init-bad-minutes", "flexvar", ["init", "imagefolder:{root}/no_images", "--minutes", "0"], "--minutes"),
+        ("init-bad-rate", "flexvar", ["init", "imagefolder:{root}/no_images", "--rate-gflops", "1,2,3"],
+         "--rate-gflops"),
+        ("check-bad-rate", "flexvar", ["check", "--params", "{root}/params.yaml", "--rate-gflops", "-5"],
+         "--rate-gflops"),
         ("check-bad-batch-type", "flexvar", ["check", "--params", "{root}/params_bad_batch.yaml"], "sample.batch_size"),
         # every stage
         ("prepare-out-dot", "prepare", stage_p + ["--out", "."], "--out"),

@@ -118,15 +118,16 @@ def test_budget_and_minutes_scale_the_choices(folders, tmp_path, capsys):
 
 def test_check_prints_the_same_estimate(folders, tmp_path, capsys):
     out = tmp_path / "p.yaml"
-    _, init_out, _ = run(["init", f"imagefolder:{folders['small']}", "--params", str(out), "--rate-gflops", "40"],
+    _, init_out, _ = run(["init", f"imagefolder:{folders['small']}", "--params", str(out), "--rate-gflops", "40,80"],
                          capsys)
-    rc, check_out, err = run(["check", "--params", str(out), "--rate-gflops", "40"], capsys)
+    rc, check_out, err = run(["check", "--params", str(out), "--rate-gflops", "40,80"], capsys)
     assert rc == 0, err
     line = next(s for s in check_out.splitlines() if s.startswith("estimated dvc repro time"))
     assert line in init_out.splitlines()
+    assert "given: tokenizer 40 GFLOP/s, transformer 80 GFLOP/s" in check_out
     rc, measured, err = run(["check", "--params", str(EMBEDDED)], capsys)   # builtin source, rates measured here
     assert rc == 0, err
-    assert "estimated dvc repro time" in measured and "measured on this machine (cpu)" in measured
+    assert "estimated dvc repro time" in measured and "measured on this machine (cpu" in measured
 
 
 def test_flop_count_matches_the_transformer_formula():

@@ -217,8 +217,9 @@ def _add_init(p: argparse.ArgumentParser) -> None:
     p.add_argument("--minutes", type=float, default=None,
                    help="time for the whole dvc repro (default: 30 for cpu, 600 for gpu)")
     p.add_argument("--params", default="params.yaml", help="params file to write (default: params.yaml)")
-    p.add_argument("--rate-gflops", type=float, default=None,
-                   help="compute rate for the estimate (default: measured here, or assumed for gpu without one)")
+    p.add_argument("--rate-gflops", default=None,
+                   help="compute rate for the estimate, GFLOP/s: one number, or TOKENIZER,TRANSFORMER (default: "
+                        "measured on this machine, or assumed for a gpu budget without a GPU)")
 
 
 def _run_init(args: argparse.Namespace) -> int:
@@ -230,8 +231,7 @@ def _run_init(args: argparse.Namespace) -> int:
         raise usage("--resolution", f"{args.resolution} must be an even number of pixels, at least 8")
     if args.minutes is not None and args.minutes <= 0:
         raise usage("--minutes", f"{args.minutes} must be > 0")
-    if args.rate_gflops is not None and args.rate_gflops <= 0:
-        raise usage("--rate-gflops", f"{args.rate_gflops} must be > 0")
+    check_rates(args.rate_gflops)
     out = Path(args.params)
     if out.is_dir():
         raise usage("--params", f"{out} is a folder; give the params file to write")
@@ -316,6 +316,16 @@ def _set(doc: Any, key: str, value: Any, why: str) -> None:
         value.fa.set_flow_style()
     doc[section][name] = value
     doc[section].yaml_add_eol_comment(f"flexvar init: {why}", name, column=32)
+
+
+def check_rates(text: str | None) -> None:
+    from flexvar.estimate import parse_rates
+
+    try:
+        text is None or parse_rates(text)
+    except ValueError:
+        raise usage("--rate-gflops", f"{text!r} must be one positive number or two, comma-separated "
+                                     f"(tokenizer,transformer GFLOP/s)") from None
 
 
 def _spec_text(spec: dict) -> str:

@@ -30,16 +30,17 @@ def _run_preset(args: argparse.Namespace) -> int:
 def _add_check(p: argparse.ArgumentParser) -> None:
     one_line_parser_errors(p)
     p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    p.add_argument("--rate-gflops", type=float, default=None,
-                   help="compute rate for the time estimate (default: measured on this machine)")
+    p.add_argument("--rate-gflops", default=None,
+                   help="compute rate for the time estimate, GFLOP/s: one number, or TOKENIZER,TRANSFORMER "
+                        "(default: measured on this machine)")
 
 
 def _run_check(args: argparse.Namespace) -> int:
+    from flexvar.cli.init import check_rates
     from flexvar.config import load_params
     from flexvar.estimate import data_counts, estimate, format_estimate, rates_for
     params = load_params(args.params)
-    if args.rate_gflops is not None and args.rate_gflops <= 0:
-        raise usage("--rate-gflops", f"{args.rate_gflops} must be > 0")
+    check_rates(args.rate_gflops)
     print(f"{args.params}: valid (latent {params.latent_size}x{params.latent_size}, "
           f"depths {params.variants.depths}, schedules {params.variants.schedules})")
     counts = data_counts(params)
