@@ -127,7 +127,8 @@ def stage_costs(params: Params, counts: DataCounts) -> list[StageCost]:
         fnet = FeatureNet(counts.classes, res)
     fwd = _flops(lambda: fnet(torch.empty(1, 3, res, res)))
     ev = params.evaluate
-    out.append(StageCost("train_feature_net", "tokenizer", ev.feature_net_steps * ev.feature_net_batch_size * 3.0 * fwd))
+    out.append(StageCost("train_feature_net", "tokenizer",
+                         ev.feature_net_steps * ev.feature_net_batch_size * 3.0 * fwd))
     out.append(StageCost("reference_stats", "tokenizer", counts.val * fwd))
     for depth in params.variants.depths:
         for name in params.variants.schedules:
@@ -165,15 +166,17 @@ def measure_rates(params: Params, num_classes: int, device: torch.device) -> dic
     while m > 1 and transformer_flops(model_meta, token_scales(tokens * m * m // (n * n), m)) > PROBE_FLOPS:
         m -= max(1, m // 4)
     scales = token_scales(tokens * m * m // (n * n), m)
-    t_batch = max(1, min(params.train_transformer.batch_size, int(PROBE_FLOPS // transformer_flops(model_meta, scales))))
+    t_flops = transformer_flops(model_meta, scales)
+    t_batch = max(1, min(params.train_transformer.batch_size, int(PROBE_FLOPS // t_flops)))
     vq = VQVAE(params.tokenizer).to(device)
-    model = FlexVAR(params.transformer_for_depth(min(params.variants.depths)), vocab_size=params.tokenizer.codebook_size,
-                    codebook_dim=params.tokenizer.codebook_dim, num_classes=num_classes,
+    model = FlexVAR(params.transformer_for_depth(min(params.variants.depths)),
+                    vocab_size=params.tokenizer.codebook_size, codebook_dim=params.tokenizer.codebook_dim,
+                    num_classes=num_classes,
                     pe_size=params.transformer.pos_embed_size or n).to(device)
     x = torch.randn(batch, 3, side, side, device=device)
     L = sum(h * w for h, w in scales)
     labels = torch.zeros(t_batch, dtype=torch.long, device=device)
-    x_BLCv = torch.randn(t_batch, L - 1, params.tokenizer.codebook_dim, device=device)
+    x_BLCv = torch.randn(t_batch, L - scales[0][0] * scales[0][1], params.tokenizer.codebook_dim, device=device)
 
     def tok_step():
         with autocast_ctx(device, resolve_precision(device, params.train_tokenizer.precision)):
@@ -193,7 +196,7 @@ def measure_rates(params: Params, num_classes: int, device: torch.device) -> dic
         return run
 
     return {"tokenizer": 3.0 * batch * (enc + dec) / _time(synced(tok_step)),
-            "transformer": 3.0 * t_batch * transformer_flops(model_meta, scales) / _time(synced(tf_step))}
+            "transformer": 3.0 * t_batch * t_flops / _time(synced(tf_step))}
 
 
 def estimate(params: Params, counts: DataCounts, rates: dict[str, float]) -> list[StageCost]:

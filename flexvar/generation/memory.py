@@ -9,7 +9,8 @@ batch (KV cache, attention scores, MLP activations, logits and their sorted copy
 widest feature maps and its attention), plus the finished images the caller holds at once (one
 batch for a caller that streams batches to disk, like the `sample` stage; all of them for
 `flexvar generate`'s single grid), plus what the caller keeps for the whole run (`held_bytes`:
-the `sample` stage's labels and grid, bounded whatever the number of samples), times SLACK for the allocator; it is meant to be above the measured peak (tests/test_generation_memory.py
+the `sample` stage's labels and grid, bounded whatever the number of samples), times SLACK for
+the allocator; it is meant to be above the measured peak (tests/test_generation_memory.py
 measures it), not exact. Measured on CPU (peak RSS growth vs estimate): 8x8 batch 32 on the
 embedded default's models 0.17 vs 0.28 GB; up to 24x24 batch 16: 0.96 vs 1.63 GB; tiny models up to
 48x48 batch 16: 4.22 vs 5.33 GB.
