@@ -128,6 +128,10 @@ def test_check_prints_the_same_estimate(folders, tmp_path, capsys):
     rc, measured, err = run(["check", "--params", str(EMBEDDED)], capsys)   # builtin source, rates measured here
     assert rc == 0, err
     assert "estimated dvc repro time" in measured and "measured on this machine (cpu" in measured
+    rc, gpu, err = run(["check", "--params", str(EMBEDDED), "--budget", "gpu"], capsys)
+    assert rc == 0, err
+    import torch
+    assert ("measured on this machine (cuda" if torch.cuda.is_available() else "assumed for a GPU (none here)") in gpu
 
 
 def test_flop_count_matches_the_transformer_formula():

@@ -33,6 +33,8 @@ def _add_check(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rate-gflops", default=None,
                    help="compute rate for the time estimate, GFLOP/s: one number, or TOKENIZER,TRANSFORMER "
                         "(default: measured on this machine)")
+    p.add_argument("--budget", choices=["cpu", "gpu"], default="cpu",
+                   help="gpu: estimate with assumed GPU rates when this machine has no GPU (default: cpu)")
 
 
 def _run_check(args: argparse.Namespace) -> int:
@@ -47,7 +49,7 @@ def _run_check(args: argparse.Namespace) -> int:
     if counts is None:
         print(f"no time estimate: the size of {params.data.source} is known only after prepare")
         return 0
-    rates, how = rates_for(params, counts.classes, rate_gflops=args.rate_gflops)
+    rates, how = rates_for(params, counts.classes, args.budget, args.rate_gflops)
     print(format_estimate(estimate(params, counts, rates), rates, how))
     return 0
 
