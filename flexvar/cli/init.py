@@ -5,8 +5,8 @@
 
 The folder is the layout `prepare` reads (<dir>/train/<class>/*.png|jpg|..., optional <dir>/val/).
 Every file is opened once, in turn (header, then a reduced decode that finds truncated files), so
-memory does not grow with the folder; what is kept is counts, a histogram of sizes and a few bad
-file names. The choices, each printed with its reason:
+memory does not grow with the folder; what is kept is counts, a histogram of short sides and a few
+bad file names (one class folder's file list at a time). The choices, each printed with its reason:
 
   data.resolution       the largest of 16, 32, 64, ... at most the images' median short side, capped
                         by the budget (cpu 64, gpu 256), unless --resolution is given
@@ -56,7 +56,6 @@ class FolderStats:
     classes: list[str]
     counts: dict[str, Counter] = field(default_factory=dict)   # split -> class -> good images
     short_sides: Counter = field(default_factory=Counter)      # short side (px) -> images
-    sizes: Counter = field(default_factory=Counter)            # (w, h) -> images
     bad: int = 0
     bad_examples: list[str] = field(default_factory=list)
     other_files: int = 0
@@ -115,7 +114,6 @@ def scan_folder(source: str) -> FolderStats:
                         stats.bad_examples.append(f"{file.relative_to(root)} ({type(e).__name__})")
                     continue
                 counts[c] += 1
-                stats.sizes[size] += 1
                 stats.short_sides[min(size)] += 1
     stats.seconds = time.perf_counter() - t0
     if stats.train == 0:
