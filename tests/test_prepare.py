@@ -97,8 +97,8 @@ def make_folder(root: Path, with_bad: bool = True, with_val: bool = False) -> di
 def test_imagefolder_with_planted_bad_files(tmp_path):
     planted = make_folder(tmp_path / "src")
     out = tmp_path / "prepared"
-    stats = prepare(DataConfig(source=f"imagefolder:{tmp_path / 'src'}", resolution=RES, val_fraction=0.25),
-                    seed=0, out_dir=out)
+    stats = prepare(DataConfig(source=f"imagefolder:{tmp_path / 'src'}", resolution=RES, val_fraction=0.25,
+                               upscale_small=False), seed=0, out_dir=out)
     skipped = {Path(s["file"]).name: s["reason"] for s in stats["skipped"]}
     assert set(skipped) == {n for n, o in planted.items() if o == "skip"}
     assert stats["num_skipped"] == 3
@@ -125,8 +125,8 @@ def test_fail_mode_stops_cleanly(tmp_path):
     make_folder(tmp_path / "src")
     out = tmp_path / "prepared"
     with pytest.raises(DataError, match=r"bad image .*(truncated|notimage|tiny).*on_bad_image"):
-        prepare(DataConfig(source=f"imagefolder:{tmp_path / 'src'}", resolution=RES, on_bad_image="fail"),
-                seed=0, out_dir=out)
+        prepare(DataConfig(source=f"imagefolder:{tmp_path / 'src'}", resolution=RES, on_bad_image="fail",
+                           upscale_small=False), seed=0, out_dir=out)
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".prepared")]  # no temp leftovers
 
@@ -146,7 +146,8 @@ def test_missing_path_empty_class_no_valid_images(tmp_path):
         for i in range(3):
             _save(tmp_path / "src" / "train" / c / f"s{i}.png", _rgb(i, size=8))
     with pytest.raises(DataError, match="no valid images"):
-        prepare(DataConfig(source=f"imagefolder:{tmp_path / 'src'}", resolution=RES), seed=0, out_dir=tmp_path / "o")
+        prepare(DataConfig(source=f"imagefolder:{tmp_path / 'src'}", resolution=RES, upscale_small=False), seed=0,
+                out_dir=tmp_path / "o")
     assert not (tmp_path / "o").exists()
 
 
