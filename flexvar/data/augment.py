@@ -70,11 +70,12 @@ def view_rng(seed: int, index: int, view: int) -> random.Random:
     return random.Random(f"flexvar-augment:{seed}:{index}:{view}")
 
 
-def official_view(img: Image.Image, size: int, rng: random.Random) -> Image.Image:
-    """One official training view: a horizontal flip with probability 1/2, then the random crop."""
-    if rng.random() < 0.5:
-        img = ImageOps.mirror(img)
-    return random_crop(img, size, rng)[0]
+def official_view(img: Image.Image, size: int, rng: random.Random, flip: bool | None = None) -> Image.Image:
+    """One official training view: a horizontal flip with probability 1/2 (drawn first from `rng`
+    unless given), then the random crop with the next draws of `rng`."""
+    if flip is None:
+        flip = rng.random() < 0.5
+    return random_crop(ImageOps.mirror(img) if flip else img, size, rng)[0]
 
 
 class AugmentedViews(Dataset):
@@ -102,3 +103,19 @@ class AugmentedViews(Dataset):
     def __getitem__(self, key: int) -> tuple[torch.Tensor, torch.Tensor]:
         images_BCHW, labels_B = self.__getitems__([key])
         return images_BCHW[0], labels_B[0]
+
+
+def views_loader(split, views: int, size: int, seed: int, batch_images: int, num_workers: int = 0):
+    """DataLoader over all official views in order, `batch_images` images (x `views` views) per batch:
+    (uint8 (B*V, 3, size, size) image-major, labels (B*V,))."""
+    from torch.utils.data import DataLoader
+
+    from flexvar.data.sampling import RangeBatchSampler
+
+    return DataLoader(AugmentedViews(split, views, size, seed), collate_fn=_as_is, num_workers=num_workers,
+                      batch_sampler=RangeBatchSampler(len(split) * views, batch_images * views),
+                      prefetch_factor=2 if num_workers else None, generator=torch.Generator().manual_seed(0))
+
+
+def _as_is(batch):
+    return batch
