@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from flexvar.config import DataConfig
@@ -174,3 +176,52 @@ def test_stage_cli_error_is_one_line(tmp_path, project_root):
     r = subprocess.run([sys.executable, "-m", "pipeline.prepare", "--params", str(params), "--out",
                         str(tmp_path / "out")], capture_output=True, text=True, cwd=project_root)
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_generated_imagenet_folder_keeps_small_skips_corrupt_and_writes_beside(tmp_path, monkeypatch):
+    """prepare on a CI-sized generated ImageNet-layout folder (flexvar/data/rehearsal.py): 4 classes,
+    40 JPEGs, 8 with a short side under the resolution, 2 corrupt. Small images are resized up (kept),
+    the corrupt ones skipped and counted; with data.augment official the stored short side is
+    ceil(64 / 0.88) = 73 and readers get 64 x 64 centre crops; nothing is written to the system temp
+    folder (tempfile points at a file, so any temp folder there fails) and nothing is left beside the output;
+    the main process decodes no image for the content hash (workers hash what they decoded)."""
+    import os
+    import tempfile
+
+    import datasets
+
+    import flexvar.data.prepare as prepare_mod
+    import flexvar.grid  # noqa: F401  (imports torchvision -> torch._dynamo, which makes its cache folder in the temp dir)
+    from flexvar.data.rehearsal import make_imagenet_like
+
+    made = make_imagenet_like(tmp_path / "src", classes=4, train_per_class=8, val_per_class=2, resolution=64,
+                              small_fraction=0.2, corrupt=2, seed=0)
+    assert (made["train"], made["val"], len(made["small"]), len(made["corrupt"])) == (32, 8, 8, 2)
+    assert sorted(p.name for p in (tmp_path / "src" / "train").iterdir()) == sorted(
+        p.name for p in (tmp_path / "src" / "val").iterdir())
+    no_temp = tmp_path / "no-system-temp"               # a file, not a folder: any use of the system temp fails
+    no_temp.write_text("")
+    monkeypatch.setattr(tempfile, "tempdir", str(no_temp))
+    monkeypatch.setenv("TMPDIR", str(no_temp))
+    main_pid, opened, at_preview = os.getpid(), [], []
+    real_open, real_preview = Image.open, prepare_mod.preview_grid
+    monkeypatch.setattr(Image, "open", lambda *a, **k: (opened.append(os.getpid()), real_open(*a, **k))[1])
+    monkeypatch.setattr(prepare_mod, "preview_grid",
+                        lambda *a: (at_preview.append(opened.count(main_pid)), real_preview(*a))[1])
+
+    out = tmp_path / "work" / "prepared"
+    stats = prepare(DataConfig(source=f"imagefolder:{tmp_path / 'src'}", resolution=64, augment="official",
+                               num_workers=2), seed=0, out_dir=out)
+    assert at_preview == [0]                             # no decode in the main process while streaming
+    assert stats["num_skipped"] == 2 and sorted(s["file"] for s in stats["skipped"]) == sorted(made["corrupt"])
+    assert stats["totals"] == {"train": 31, "val": 7} and stats["stored_short_side"] == 73
+    assert sorted(p.name for p in out.parent.iterdir()) == ["prepared"]     # no temp folder left beside it
+    stored = datasets.load_from_disk(str(out))["train"]
+    assert {min(Image.open(io.BytesIO(r["bytes"])).size) for r in stored.cast_column(
+        "image", datasets.Image(decode=False))["image"]} == {73}
+    split = load_split(out, "train", in_memory_mb=0)
+    assert split.take(torch.arange(len(split))).shape == (31, 3, 64, 64)
+
+    center = prepare(DataConfig(source=f"imagefolder:{tmp_path / 'src'}", resolution=64), seed=0,
+                     out_dir=tmp_path / "work" / "center")
+    assert center["num_skipped"] == 2 and load_split(tmp_path / "work" / "center", "val").images_NCHW.shape == (7, 3, 64, 64)

@@ -6,7 +6,8 @@ costs a tiny fraction of an encoder pass. So `extract_latents` stage encodes V v
 once, and training reads one of them per image and step from `data/latents/{split}/`. The views
 (`data.augment`, flexvar/data/augment.py): center = the centre crop and its horizontal flip (V = 2);
 official = `data.augment_views` official random crops + flips, each seeded by (seed, image, view)
-(LlamaGen's extract_codes_c2i.py caches ten crops the same way).
+(LlamaGen's extract_codes_c2i.py --ten-crop also caches ten views per image, there TenCrop's five
+fixed crops of a 1.1x centre crop and their flips; here ten draws of FlexVAR's own random crop).
 
 Layout of `{split}/` (written to a temp folder, renamed into place when complete):
     meta.json          kind "latents", num_images, shard_items, shape (V, Cvae, h, w), dtype,
