@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from einops import rearrange
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from flexvar.checkpoint import CheckpointError
 from flexvar.data.arrays import NpyWriter
@@ -226,8 +227,10 @@ def extract_split(vqvae: torch.nn.Module, loader: DataLoader, out_dir: str | os.
     writer = None
     batches = (encode_batches(vqvae, loader, device, precision) if views is None
                else encode_view_batches(vqvae, loader, views, device, precision))
+    progress = tqdm(total=num_images, desc=f"extract_latents {Path(out_dir).name}", unit="img", mininterval=10)
     try:
         for z_BVCHW, labels_B in batches:
+            progress.update(len(labels_B))
             if writer is None:
                 writer = LatentWriter(out_dir, num_images, tuple(z_BVCHW.shape[1:]), class_names, tokenizer_sha256,
                                       dtype, augment="center" if views is None else "official")
@@ -236,6 +239,8 @@ def extract_split(vqvae: torch.nn.Module, loader: DataLoader, out_dir: str | os.
         if writer is not None:
             writer.abort()
         raise
+    finally:
+        progress.close()
     if writer is None:
         raise ValueError(f"{out_dir}: no images to encode")
     return writer.close()
