@@ -215,6 +215,7 @@ def test_generated_imagenet_folder_keeps_small_skips_corrupt_and_writes_beside(t
     assert at_preview == [0]                             # no decode in the main process while streaming
     assert stats["num_skipped"] == 2 and sorted(s["file"] for s in stats["skipped"]) == sorted(made["corrupt"])
     assert stats["totals"] == {"train": 31, "val": 7} and stats["stored_short_side"] == 73
+    assert sum(stats["resized_up"].values()) == len(made["small"]) == 8      # every small image kept, resized up
     assert sorted(p.name for p in out.parent.iterdir()) == ["prepared"]     # no temp folder left beside it
     stored = datasets.load_from_disk(str(out))["train"]
     assert {min(Image.open(io.BytesIO(r["bytes"])).size) for r in stored.cast_column(

@@ -66,7 +66,7 @@ class Source:
     splits: dict[str, tuple[int, Iterable[Any], Callable[[Any], "Result"]]]
 
 
-# (name, label, png bytes or None, reason why not, sha256 of the cleaned image's size and pixels)
+# (name, label, png bytes or None, reason why not (kept: "" or RESIZED_UP), sha256 of the cleaned image's size and pixels)
 Result = tuple[str, int, bytes | None, str, bytes]
 
 
@@ -112,8 +112,11 @@ def pixel_digest(img: Image.Image) -> bytes:
     return hashlib.sha256(repr(pixels.shape).encode() + pixels.tobytes()).digest()
 
 
-def _encoded(name: str, label: int, img: Image.Image) -> Result:
-    return name, label, _png(img), "", pixel_digest(img)
+RESIZED_UP = "resized up"   # a kept image whose short side was below data.resolution
+
+
+def _encoded(name: str, label: int, img: Image.Image, note: str = "") -> Result:
+    return name, label, _png(img), note, pixel_digest(img)
 
 
 def _render_builtin(task: tuple[int, int], classes: list[str], resolution: int, seed: int, dataset: str) -> Result:
@@ -128,7 +131,8 @@ def _clean_file(task: tuple[str, bytes | str, int], resolution: int, upscale_sma
     name, src, label = task
     try:
         img = Image.open(io.BytesIO(src) if isinstance(src, bytes) else src)
-        return _encoded(name, label, clean(img, resolution, upscale_small, augment))
+        small = min(img.size) < resolution
+        return _encoded(name, label, clean(img, resolution, upscale_small, augment), RESIZED_UP if small else "")
     except Exception as e:  # PIL raises many types for bad files
         return name, label, None, (f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)), b""
 
@@ -253,6 +257,7 @@ class _Tally:
     counts: dict[str, Counter] = field(default_factory=dict)
     skipped: list[dict[str, str]] = field(default_factory=list)
     preview: dict[int, list[bytes]] = field(default_factory=dict)
+    resized_up: dict[str, int] = field(default_factory=dict)
 
 
 def _write_split(source: Source, split: str, cfg: DataConfig, num_workers: int, features, arrow_path: Path,
@@ -273,6 +278,7 @@ def _write_split(source: Source, split: str, cfg: DataConfig, num_workers: int, 
                 log.warning("skipping %s: %s", name, reason)
                 tally.skipped.append({"split": split, "file": name, "reason": reason})
                 continue
+            tally.resized_up[split] = tally.resized_up.get(split, 0) + (reason == RESIZED_UP)
             tally.hash.update(digest)            # the worker's digest of the pixels: no second decode here
             tally.hash.update(int(label).to_bytes(8, "little"))
             writer.write({"image": {"bytes": png, "path": None}, "label": label})
@@ -346,7 +352,8 @@ def prepare(cfg: DataConfig, seed: int, out_dir: str | os.PathLike) -> dict:
             "stored_short_side": stored_short_side(cfg.resolution, cfg.augment), "classes": names,
             "counts": {split: {names[c]: n for c, n in sorted(tally.counts[split].items())} for split in splits},
             "totals": {split: sum(tally.counts[split].values()) for split in splits},
-            "skipped": tally.skipped, "num_skipped": len(tally.skipped), "content_hash": digest,
+            "skipped": tally.skipped, "num_skipped": len(tally.skipped), "resized_up": tally.resized_up,
+            "content_hash": digest,
         }
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
         preview_grid(tally.preview, names, cfg.resolution).save(tmp / "preview.png")
