@@ -268,7 +268,9 @@ def _write_split(source: Source, split: str, cfg: DataConfig, num_workers: int, 
     total, tasks, work = source.splits[split]
     counts = tally.counts.setdefault(split, Counter())
     tally.hash.update(split.encode())
-    with ArrowWriter(features=features, path=str(arrow_path), writer_batch_size=1000) as writer:
+    # 100 rows per Arrow record batch (datasets' own size for images): the rows waiting in the writer stay
+    # a few tens of MB at 291 px, and the file is what save_to_disk wrote (the same record batches)
+    with ArrowWriter(features=features, path=str(arrow_path), writer_batch_size=100) as writer:
         for name, label, png, reason, digest in tqdm(run_tasks(work, tasks, num_workers), total=total,
                                                      desc=f"prepare {split}", unit="img", mininterval=5):
             if png is None:
