@@ -41,7 +41,9 @@ class DataConfig(Section):
     hf_split_train: str = "train"
     hf_split_val: str = "validation"
     on_bad_image: Literal["skip", "fail"] = "skip"
-    upscale_small: bool = False             # images smaller than resolution: upscale (true) or skip
+    upscale_small: bool = True              # images smaller than resolution: resize up as the official code does, or skip
+    augment: Literal["center", "official"] = "center"   # training views: centre crop + its flip | official random crop + flip
+    augment_views: int = Field(10, ge=1)    # official: augmented views cached per image (LlamaGen: ten crops)
     num_workers: int = Field(0, ge=0)       # worker processes: prepare's decode/clean/encode, DataLoader decoding
     in_memory_mb: float = Field(256, ge=0)  # splits whose pixels fit in this many MB are decoded once into RAM;
                                             # larger ones stream from disk (0 = always stream)

@@ -45,9 +45,10 @@ RESUME_KIND = "flexvar_train_state"
 
 # --------------------------------------------------------------------------- pieces
 def get_batch(data: LatentSplit, items: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Latents (B, C, H, W) and labels (B,) of (image, flip) items i -> (i // 2, i % 2)."""
-    z = data.latents_N2CHW[items // 2, items % 2]
-    return z.to(device), data.labels_N[items // 2].to(device)
+    """Latents (B, C, H, W) and labels (B,) of items i -> (image i // V, view i % V), V cached views per image."""
+    V = data.num_views
+    z = data.latents_N2CHW[items // V, items % V]
+    return z.to(device), data.labels_N[items // V].to(device)
 
 
 class SmoothedCrossEntropy(torch.autograd.Function):
@@ -257,7 +258,7 @@ def train_transformer(model: FlexVAR, quantizer: MultiScaleQuantizer, train: Lat
                      "ema": ema.state_dict() if ema is not None else None},
                     out_dir / RESUME_FILE)
 
-    n_items = 2 * len(train)
+    n_items = train.num_views * len(train)      # every (image, view) once per epoch of the permutation
     t0, toks, imgs, last_metrics = time.perf_counter(), 0, 0, {}
     end = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)
     while step < end:
