@@ -236,10 +236,19 @@ class TrainTokenizerConfig(OptimConfig):
 class TrainTransformerConfig(OptimConfig):
     label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
     lr_schedule: Literal["cosine", "lin0"] = "cosine"   # lin0: the official FlexVAR/VAR schedule (min_lr_ratio = its wpe)
-    grad_accum: int = Field(1, ge=1)
+    # per-device micro-batch: batch_size (global) = workers x micro_batch x accumulation steps (derived);
+    # auto = the largest that divides batch_size / workers and fits the device (transformer/train_memory.py)
+    micro_batch: int | Literal["auto"] = "auto"
     compile: bool = False
     compile_bucket: int = Field(128, ge=0)   # compiled: pad sequences to a multiple of this; 0 = dynamic shapes
     val_batches: int = Field(4, ge=1)
+
+    @field_validator("micro_batch")
+    @classmethod
+    def _micro(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be a positive number of images per device, or auto")
+        return v
 
 
 # --------------------------------------------------------------------------- sampling, evaluation
@@ -326,11 +335,20 @@ class ResourcesConfig(Section):
     num_threads: int = Field(0, ge=0)     # torch CPU threads; 0 = torch default
     ray_address: str = ""                 # empty = start Ray locally
     ray_num_cpus: int = Field(0, ge=0)    # local Ray only: CPUs it may use; 0 = all
-    train_workers: int = Field(1, ge=1)
+    # data-parallel training processes; auto = the GPUs visible (1 without a GPU): `dvc repro` launches them
+    # with torchrun inside the stage, the flow as Ray Train workers (num_gpus per worker: stages.<stage>)
+    train_workers: int | Literal["auto"] = 1
     parallelism: Literal["ddp", "fsdp"] = "ddp"   # multi-worker training: DDP, or FSDP2 sharding (transformer)
     retries: int = Field(1, ge=0)
     retry_delay_s: float = Field(5.0, ge=0.0)
     stages: dict[str, StageResources] = Field(default_factory=dict)
+
+    @field_validator("train_workers")
+    @classmethod
+    def _workers(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be a positive number of workers, or auto")
+        return v
 
     def for_stage(self, stage: str) -> StageResources:
         """Resources of a dvc.yaml stage: its own entry ("train_transformer@d2"), else its matrix
