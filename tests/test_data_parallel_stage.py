@@ -1,0 +1,137 @@
+"""`dvc repro` uses the whole node: a training stage with `resources.train_workers: 2` re-launches itself on 2
+gloo processes through torchrun (pipeline/data_parallel.py), and the global batch means the same whatever
+the split into workers x micro-batch x accumulation.
+
+  * the train_transformer stage on 2 workers (micro-batch 4, no accumulation) ends with the weights of the
+    1-worker run with micro-batch 4 and 2 accumulation steps (same global batch 8): a few AdamW steps,
+    compared to 1e-6 (measured 1.5e-8); rank 0 alone evaluates and writes;
+  * each worker draws its own dropout masks while the workers split one global data order
+    (tests/dp_masks_worker.py, the library loop under the real torchrun);
+  * evaluation in micro-batches gives the full-batch val loss, and the loop evaluates in micro-batches;
+  * a global batch that does not divide is refused with one line naming the keys, exit 2.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.flows_support import stage_workdir
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = {"steps": 4, "micro_batch": 4, "eval_every": 4, "checkpoint_every": 4}   # global batch 8 (stage_workdir)
+
+
+def run_stage(work: Path, params: str, out: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    return subprocess.run([sys.executable, "-m", "pipeline.train_transformer", "--depth", "1", "--params", params,
+                           "--latents", "lat", "--tokenizer", "tok", "--out", f"{out}/model", "--metrics",
+                           f"{out}/m.json", "--plots", f"{out}/plots"],
+                          cwd=work, env=env, capture_output=True, text=True, timeout=300)
+
+
+def with_resources(work: Path, name: str, **resources) -> str:
+    p = yaml.safe_load((work / "params.yaml").read_text())
+    p["resources"].update(resources)
+    (work / name).write_text(yaml.safe_dump(p))
+    return name
+
+
+def test_two_workers_equal_one_worker_with_accumulation(tmp_path):
+    work = stage_workdir(tmp_path, {"train_transformer": TRAIN})
+    two = run_stage(work, with_resources(work, "p2.yaml", train_workers=2), "two")
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
+    assert "data-parallel on 2 workers" in two.stdout
+    assert "global batch 8 = 2 worker(s) x micro-batch 4 x 1 accumulation step(s)" in two.stdout
+    assert two.stdout.count("train_transformer: d1 wrote") == 1        # rank 1 neither re-evaluated nor wrote
+    one = run_stage(work, with_resources(work, "p1.yaml", train_workers=1), "one")
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "global batch 8 = 1 worker(s) x micro-batch 4 x 2 accumulation step(s)" in one.stdout
+    w1, w2 = (torch.load(work / r / "model" / "flexvar.pt", weights_only=True)["model"] for r in ("one", "two"))
+    assert w1.keys() == w2.keys()
+    diff = max((w1[k].float() - w2[k].float()).abs().max().item() for k in w1)
+    print(f"max |w_2workers - w_1worker_accum2| = {diff:.2e}")
+    assert diff <= 1e-6
+    m1, m2 = (json.loads((work / r / "m.json").read_text()) for r in ("one", "two"))
+    assert m1["steps"] == m2["steps"] == 4 and abs(m1["val_loss"] - m2["val_loss"]) <= 1e-5
+
+
+def test_workers_draw_their_own_dropout_masks_over_one_data_order(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    script = str(ROOT / "tests" / "dp_masks_worker.py")
+    for out, cmd in ((tmp_path / "one", [script]),
+                     (tmp_path / "two", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script])):
+        out.mkdir()
+        r = subprocess.run([sys.executable, *cmd, str(out)], env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "rank0.json").read_text())       # 2 steps x 2 micro-batches of 8
+    r0, r1 = (json.loads((tmp_path / "two" / f"rank{r}.json").read_text()) for r in (0, 1))   # 2 steps x 8 each
+    assert len(one) == 4 and len(r0) == len(r1) == 2
+    for step in range(2):
+        global_batch = one[2 * step]["labels"] + one[2 * step + 1]["labels"]
+        assert r0[step]["labels"] == global_batch[0::2] and r1[step]["labels"] == global_batch[1::2]
+        assert r0[step]["dropped"] != r1[step]["dropped"]                 # rank-distinct class dropout
+        assert any(r0[step]["dropped"]) and not all(r0[step]["dropped"])
+    assert r0[0]["dropped"] != r0[1]["dropped"]
+
+
+def tiny_model_and_val(n: int):
+    from flexvar.config import TransformerConfig
+    from flexvar.data.latent_cache import LatentSplit
+    from flexvar.tokenizer.quantizer import MultiScaleQuantizer
+    from flexvar.transformer.model import FlexVAR
+
+    torch.manual_seed(0)
+    z = torch.randn(n, 8, 8, 8)
+    data = LatentSplit(torch.stack([z, z.flip(-1)], 1), torch.arange(n) % 4, list("abcd"))
+    model = FlexVAR(TransformerConfig(depth=1, width=32, heads=2), 64, 8, 4, pe_size=8)
+    with torch.no_grad():   # away from the near-uniform init, so per-image losses differ
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return model, MultiScaleQuantizer(64, 8), data
+
+
+def test_evaluation_in_micro_batches_equals_the_full_batch():
+    from flexvar.transformer.training import evaluate
+
+    model, quantizer, val = tiny_model_and_val(24)
+    scales = [(1, 1), (2, 2), (4, 4), (8, 8)]
+    full = evaluate(model, quantizer, val, scales, "gt", 10, 2, torch.device("cpu"), "fp32")   # 20 images
+    for micro in (4, 3, 7):    # 20 = 5 x 4 = 6 x 3 + 2 = 2 x 7 + 6: uneven last chunks too
+        part = evaluate(model, quantizer, val, scales, "gt", 10, 2, torch.device("cpu"), "fp32", micro)
+        assert part.keys() == full.keys()
+        assert max(abs(part[k] - full[k]) for k in full) <= 1e-6, micro
+
+
+def test_training_loop_evaluates_in_micro_batches(tmp_path):
+    from flexvar.config import ScheduleConfig, TrainTransformerConfig
+    from flexvar.transformer.training import train_transformer
+
+    model, quantizer, data = tiny_model_and_val(32)
+    eval_batches: list[int] = []
+    model.register_forward_pre_hook(lambda m, args: None if m.training else eval_batches.append(len(args[0])))
+    cfg = TrainTransformerConfig(steps=1, batch_size=16, micro_batch=4, warmup_steps=0, eval_every=1, val_batches=2,
+                                 precision="fp32")
+    result = train_transformer(model, quantizer, data, data, cfg, ScheduleConfig(), prediction="gt", seed=0,
+                               device=torch.device("cpu"), out_dir=tmp_path)
+    assert eval_batches == [4] * 8 and "val_loss" in result.metrics     # 2 x 16 val images, 4 at a time
+
+
+@pytest.mark.parametrize("batch, micro, names", [
+    (8, 3, ["train_transformer.batch_size = 8", "resources.train_workers = 2", "train_transformer.micro_batch = 3"]),
+    (7, "auto", ["train_transformer.batch_size = 7", "resources.train_workers = 2"]),
+])
+def test_global_batch_that_does_not_divide_is_refused_naming_the_keys(tmp_path, batch, micro, names):
+    work = stage_workdir(tmp_path, {"train_transformer": {"batch_size": batch, "micro_batch": micro}})
+    r = run_stage(work, "params.yaml", "out")
+    assert r.returncode == 2, r.stderr[-3000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and all(n in lines[0] for n in names), r.stderr
+    assert not (work / "out" / "model" / "flexvar.pt").exists() and "torch.distributed.run" not in r.stderr
