@@ -50,6 +50,13 @@ def parse(argv):
                       stop_after={"type": int, "default": None, "help": "stop after this many steps (tests)"})
 
 
+def batch_checks(params) -> list[tuple[int, int | None, str]]:
+    """(global batch, per-device micro-batch or None for auto, section): checked against the workers
+    before they start (pipeline/data_parallel.py, flows/ray_train.py)."""
+    cfg = params.train_transformer
+    return [(cfg.batch_size, None if cfg.micro_batch == "auto" else cfg.micro_batch, "train_transformer")]
+
+
 @command("train_transformer")
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
@@ -62,9 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     check_out_dir(plots, "--plots", replaces=False)
     check_out_file(metrics_path, "--metrics", {".json"})
     cfg = params.train_transformer
-    micro = None if cfg.micro_batch == "auto" else cfg.micro_batch
-    rc = relaunch("pipeline.train_transformer", argv, params.resources.train_workers,
-                  [(cfg.batch_size, micro, "train_transformer")])
+    rc = relaunch("pipeline.train_transformer", argv, params.resources.train_workers, batch_checks(params))
     if rc is not None:
         return rc
     device = distributed.init_from_env(setup_torch(params))   # torchrun's worker: join the group, own GPU

@@ -12,7 +12,10 @@ forward (`ScalesForward`: encode once, quantise and decode at every scale) and t
 (`DiscriminatorLoss`) run as single DistributedDataParallel forwards, so their gradient buckets are
 averaged across workers while backward runs. The discriminator's BatchNorm becomes SyncBatchNorm on
 CUDA (global-batch statistics, as in one process); on CPU (gloo; SyncBatchNorm is GPU-only) each worker
-normalises with its own half-batch statistics, the one difference from the 1-worker run.
+normalises with its own half-batch statistics, the one difference from the 1-worker run. Every worker
+draws the same scales (the trainer's generator) over one global data order, and its own dropout masks
+(global RNG reseeded per step and rank: distributed.seed_rank_step); rank 0 alone evaluates, logs and
+writes the checkpoint.
 
 Resume without loss: `TokenizerTrainer.save(path)` captures model, optimiser, LR schedule,
 EMA, discriminator, every RNG (global ones and the explicit generator that draws the scales) and
@@ -174,6 +177,7 @@ class TokenizerTrainer:
         self.data = (train_images_NCHW if isinstance(train_images_NCHW, ImageSplit) else   # uint8 images, CPU
                      ImageSplit(train_images_NCHW, torch.zeros(len(train_images_NCHW), dtype=torch.long), []))
         self.num_workers, self._batches = num_workers, None
+        distributed.split_batch(cfg.batch_size, distributed.rank_world()[1], None, "train_tokenizer")
         if len(self.data) < cfg.batch_size:
             raise ValueError(f"train_tokenizer.batch_size = {cfg.batch_size} exceeds the {len(self.data)} "
                              f"training images")
@@ -221,6 +225,7 @@ class TokenizerTrainer:
         """One optimiser step on one batch at K random scales; returns scalar logs."""
         cfg, f = self.cfg, self.model.downsample
         x = to_unit_range(self.next_batch()).to(self.device)   # this worker's share of the global batch
+        distributed.seed_rank_step(self.seed, self.step)       # multi-worker: rank-distinct dropout
         gan_on = self.disc is not None and self.step >= cfg.gan_start_step
         full_hw = (x.shape[-2] // f, x.shape[-1] // f)   # the encoder's latent size
         scales = sample_scales(max(full_hw), cfg.num_scales, self.gen)
@@ -324,22 +329,23 @@ class TokenizerTrainer:
         """Train until `cfg.steps`, logging every `log_every`, evaluating every `eval_every` and
         checkpointing every `checkpoint_every` steps (and at the end)."""
         cfg, logger, val_logger = self.cfg, logger or RunLogger(), val_logger or logger or RunLogger()
+        main = distributed.is_main()   # rank 0 alone logs, evaluates and writes the checkpoint
         full = None
         if distributed.active():   # multi-worker: all workers continue from rank 0's (possibly resumed) state
             self.load_state(distributed.from_main(self.state()))
         while self.step < cfg.steps:
             logs = self.train_step()
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+            if main and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
                 logger.log_metrics(logs, step=self.step)
                 if progress:
                     progress(self.step, logs)
-            if val_images_NCHW is not None and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
+            if main and val_images_NCHW is not None and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
                 full = full or max(self.data.image_hw) // self.model.downsample
                 ev = evaluate_scales(self.model, val_images_NCHW, list(range(1, full + 1)), self.device,
                                      self.precision)
                 val_logger.log_metrics({**{f"val_psnr_s{s}": e.psnr for s, e in ev["per_scale"].items()},
                                         "val_usage": ev["usage"]}, step=self.step)
-            if ckpt_path is not None and (self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps):
+            if main and ckpt_path is not None and (self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps):
                 self.save(ckpt_path)
         self.close()
 
