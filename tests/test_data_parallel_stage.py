@@ -135,3 +135,48 @@ def test_global_batch_that_does_not_divide_is_refused_naming_the_keys(tmp_path, 
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and all(n in lines[0] for n in names), r.stderr
     assert not (work / "out" / "model" / "flexvar.pt").exists() and "torch.distributed.run" not in r.stderr
+
+
+def tokenizer_workdir(d: Path, prepared: Path, batch: int = 8) -> Path:
+    p = {"data": {"resolution": 32}, "tokenizer": {"ch": 8, "ch_mult": [1, 2, 2], "z_channels": 8, "codebook_dim": 4,
+                                                    "codebook_size": 32, "norm_min_group_channels": 4},
+         "train_tokenizer": {"steps": 4, "batch_size": batch, "warmup_steps": 1, "num_scales": 2, "precision": "fp32",
+                             "checkpoint_every": 2, "eval_every": 4, "log_every": 1, "val_images": 8},
+         "resources": {"num_threads": 1, "train_workers": 2}, "variants": {"depths": [1]}}
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "params.yaml").write_text(yaml.safe_dump(p))
+    (d / "prepared").symlink_to(prepared)
+    return d
+
+
+def run_tokenizer_stage(work: Path, params: str, out: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "pipeline.train_tokenizer", "--params", params, "--data", "prepared",
+                           "--out", f"{out}/tok", "--metrics", f"{out}/m.json", "--plots", f"{out}/plots",
+                           "--ckpt-dir", f"{out}/ckpt"], cwd=work, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_tokenizer_stage_on_two_workers_follows_one_worker(tmp_path, tiny_prepared):
+    """train_tokenizer with train_workers 2: torchrun, rank 0 alone logs and writes, and the global-batch loss
+    of every step equals the 1-worker run's (4 AdamW steps; the weights then agree to ~4e-5, Adam's
+    normalisation amplifying float summation order on near-zero gradients)."""
+    import csv
+
+    work = tokenizer_workdir(tmp_path / "w", tiny_prepared)
+    two = run_tokenizer_stage(work, with_resources(work, "p2.yaml", train_workers=2), "two")
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
+    assert "data-parallel on 2 workers" in two.stdout and two.stdout.count("train_tokenizer: wrote") == 1
+    assert two.stdout.count("step 4/4") == 1                                  # rank 1 logs nothing
+    one = run_tokenizer_stage(work, with_resources(work, "p1.yaml", train_workers=1), "one")
+    assert one.returncode == 0, one.stderr[-3000:]
+    l1, l2 = ([float(r["loss"]) for r in csv.DictReader(open(work / o / "plots" / "loss.csv"))] for o in ("one", "two"))
+    assert len(l1) == len(l2) == 4 and max(abs(a - b) for a, b in zip(l1, l2)) <= 1e-5
+    assert not (work / "two" / "ckpt" / "train_state.pt").exists()          # removed after success, by rank 0
+
+
+def test_tokenizer_batch_that_does_not_divide_is_refused(tmp_path, tiny_prepared):
+    work = tokenizer_workdir(tmp_path / "w", tiny_prepared, batch=7)
+    r = run_tokenizer_stage(work, "params.yaml", "out")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert "train_tokenizer.batch_size = 7" in lines[0] and "resources.train_workers = 2" in lines[0]
