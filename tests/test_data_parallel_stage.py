@@ -180,3 +180,28 @@ def test_tokenizer_batch_that_does_not_divide_is_refused(tmp_path, tiny_prepared
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert "train_tokenizer.batch_size = 7" in lines[0] and "resources.train_workers = 2" in lines[0]
+
+
+def test_auto_workers_are_the_gpus_visible(tmp_path):
+    """`auto` resolves to the GPUs a launcher sees: torch's CUDA devices under `dvc repro` (none here: 1), and the
+    Ray cluster's GPUs over the stage's num_gpus per worker under the flow (a local Ray declaring 4 GPUs)."""
+    from flexvar.distributed import resolve_workers
+
+    assert resolve_workers("auto") == (torch.cuda.device_count() if torch.cuda.is_available() else 1)
+    assert resolve_workers(3) == 3
+    code = """
+import ray
+from flexvar.config import load_params_dict
+from flows.ray_train import train_workers
+ray.init(num_cpus=1, num_gpus=4, include_dashboard=False)
+res = lambda gpus: {"train_workers": "auto", "stages": {"train_transformer": {"num_gpus": gpus}}}
+print(train_workers(load_params_dict({"resources": res(1)}), "train_transformer@16"),
+      train_workers(load_params_dict({"resources": res(2)}), "train_transformer@16"),
+      train_workers(load_params_dict({"resources": res(0)}), "train_transformer@16"),
+      train_workers(load_params_dict({"resources": {"train_workers": 3}}), "train_transformer@16"))
+ray.shutdown()
+"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split()[-4:] == ["4", "2", "1", "3"]
