@@ -202,7 +202,11 @@ _VAR_SCALES = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)   # VAR / FlexVAR 256 px canonic
 # --------------------------------------------------------------------------- training
 class OptimConfig(Section):
     steps: int = Field(300, ge=1)
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=1)                  # global: workers x micro_batch x accumulation steps
+    # images per device per forward; the accumulation steps are derived (flexvar/distributed.py split_batch).
+    # auto: transformer = the largest dividing batch_size / workers that fits the device (train_memory.py);
+    # tokenizer = each worker's whole share (no accumulation)
+    micro_batch: int | Literal["auto"] = "auto"
     lr: float = Field(3e-4, gt=0.0)
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)   # cosine decay ends at lr * min_lr_ratio
     warmup_steps: int = Field(20, ge=0)
@@ -214,6 +218,13 @@ class OptimConfig(Section):
     checkpoint_every: int = Field(100, ge=1)
     eval_every: int = Field(100, ge=1)
     log_every: int = Field(10, ge=1)
+
+    @field_validator("micro_batch")
+    @classmethod
+    def _micro(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be a positive number of images per device, or auto")
+        return v
 
     @field_validator("betas")
     @classmethod
@@ -236,19 +247,9 @@ class TrainTokenizerConfig(OptimConfig):
 class TrainTransformerConfig(OptimConfig):
     label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
     lr_schedule: Literal["cosine", "lin0"] = "cosine"   # lin0: the official FlexVAR/VAR schedule (min_lr_ratio = its wpe)
-    # per-device micro-batch: batch_size (global) = workers x micro_batch x accumulation steps (derived);
-    # auto = the largest that divides batch_size / workers and fits the device (transformer/train_memory.py)
-    micro_batch: int | Literal["auto"] = "auto"
     compile: bool = False
     compile_bucket: int = Field(128, ge=0)   # compiled: pad sequences to a multiple of this; 0 = dynamic shapes
     val_batches: int = Field(4, ge=1)
-
-    @field_validator("micro_batch")
-    @classmethod
-    def _micro(cls, v: int | str) -> int | str:
-        if isinstance(v, int) and v < 1:
-            raise ValueError("must be a positive number of images per device, or auto")
-        return v
 
 
 # --------------------------------------------------------------------------- sampling, evaluation

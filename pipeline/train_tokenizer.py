@@ -8,8 +8,8 @@ Resumable: a training checkpoint is written every `train_tokenizer.checkpoint_ev
 or kill continues from it and ends with the same weights. It is deleted once the stage succeeds.
 
 Data-parallel with `resources.train_workers` > 1 or auto (pipeline/data_parallel.py: torchrun inside
-the stage; Ray Train in the flow): `train_tokenizer.batch_size` is the global batch, split evenly over
-the workers (no accumulation). Rank 0 alone evaluates and writes.
+the stage; Ray Train in the flow): `train_tokenizer.batch_size` is the global batch, split into
+workers x `micro_batch` x accumulation steps. Rank 0 alone evaluates and writes.
 """
 from __future__ import annotations
 
@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def batch_checks(params) -> list[tuple[int, int | None, str]]:
     """(global batch, per-device micro-batch, section), checked against the workers before they start."""
-    return [(params.train_tokenizer.batch_size, None, "train_tokenizer")]
+    cfg = params.train_tokenizer
+    return [(cfg.batch_size, None if cfg.micro_batch == "auto" else cfg.micro_batch, "train_tokenizer")]
 
 
 def run(params, args: argparse.Namespace) -> None:

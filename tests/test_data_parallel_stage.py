@@ -13,6 +13,7 @@ the split into workers x micro-batch x accumulation.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -140,7 +141,7 @@ def test_global_batch_that_does_not_divide_is_refused_naming_the_keys(tmp_path, 
 def tokenizer_workdir(d: Path, prepared: Path, batch: int = 8) -> Path:
     p = {"data": {"resolution": 32}, "tokenizer": {"ch": 8, "ch_mult": [1, 2, 2], "z_channels": 8, "codebook_dim": 4,
                                                     "codebook_size": 32, "norm_min_group_channels": 4},
-         "train_tokenizer": {"steps": 4, "batch_size": batch, "warmup_steps": 1, "num_scales": 2, "precision": "fp32",
+         "train_tokenizer": {"steps": 4, "batch_size": batch, "micro_batch": 4, "warmup_steps": 1, "num_scales": 2, "precision": "fp32",
                              "checkpoint_every": 2, "eval_every": 4, "log_every": 1, "val_images": 8},
          "resources": {"num_threads": 1, "train_workers": 2}, "variants": {"depths": [1]}}
     d.mkdir(parents=True, exist_ok=True)
@@ -157,9 +158,10 @@ def run_tokenizer_stage(work: Path, params: str, out: str) -> subprocess.Complet
 
 
 def test_tokenizer_stage_on_two_workers_follows_one_worker(tmp_path, tiny_prepared):
-    """train_tokenizer with train_workers 2: torchrun, rank 0 alone logs and writes, and the global-batch loss
-    of every step equals the 1-worker run's (4 AdamW steps; the weights then agree to ~4e-5, Adam's
-    normalisation amplifying float summation order on near-zero gradients)."""
+    """train_tokenizer with train_workers 2 (micro-batch 4, no accumulation): torchrun, rank 0 alone logs and
+    writes, and the global-batch loss of every step equals the 1-worker run's with micro-batch 4 and 2
+    accumulation steps (4 AdamW steps; the weights then agree to ~4e-5, Adam's normalisation amplifying
+    float summation order on near-zero gradients)."""
     import csv
 
     work = tokenizer_workdir(tmp_path / "w", tiny_prepared)
@@ -175,11 +177,12 @@ def test_tokenizer_stage_on_two_workers_follows_one_worker(tmp_path, tiny_prepar
 
 
 def test_tokenizer_batch_that_does_not_divide_is_refused(tmp_path, tiny_prepared):
-    work = tokenizer_workdir(tmp_path / "w", tiny_prepared, batch=7)
+    work = tokenizer_workdir(tmp_path / "w", tiny_prepared, batch=6)
     r = run_tokenizer_stage(work, "params.yaml", "out")
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1, r.stderr
-    assert "train_tokenizer.batch_size = 7" in lines[0] and "resources.train_workers = 2" in lines[0]
+    assert all(k in lines[0] for k in ("train_tokenizer.batch_size = 6", "resources.train_workers = 2",
+                                       "train_tokenizer.micro_batch = 4"))
 
 
 def test_auto_workers_are_the_gpus_visible(tmp_path):
@@ -205,3 +208,28 @@ ray.shutdown()
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.split()[-4:] == ["4", "2", "1", "3"]
+
+
+def test_tokenizer_accumulation_follows_one_pass():
+    """TokenizerTrainer: global batch 8 as 2 micro-batches of 4 gives the losses of one pass of 8 (no GAN: every
+    term is a per-image mean); with the GAN term the discriminator also steps over accumulated micro-batches."""
+    from flexvar.config import TokenizerConfig, TrainTokenizerConfig
+    from flexvar.tokenizer.training import TokenizerTrainer
+
+    images = (torch.rand(16, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    model_cfg = TokenizerConfig(ch=8, ch_mult=[1, 2], z_channels=8, codebook_dim=4, codebook_size=32)
+
+    def run(micro, gan_weight=0.0):
+        cfg = TrainTokenizerConfig(steps=4, batch_size=8, micro_batch=micro, warmup_steps=1, num_scales=2,
+                                   precision="fp32", gan_weight=gan_weight, gan_start_step=1)
+        t = TokenizerTrainer(model_cfg, cfg, 0, images, torch.device("cpu"))
+        return t, [t.train_step() for _ in range(4)]
+
+    (t8, one), (t4, acc) = run("auto"), run(4)
+    assert (t8.accum, t4.accum) == (1, 2)
+    for key in ("loss", "recon", "codebook", "commit"):
+        assert max(abs(a[key] - b[key]) for a, b in zip(one, acc)) <= 1e-6, key
+    tg, logs = run(4, gan_weight=0.1)
+    disc0 = TokenizerTrainer(model_cfg, tg.cfg, 0, images, torch.device("cpu")).disc.state_dict()
+    assert all(map(math.isfinite, (r["d_loss"] for r in logs[1:]))) and "d_loss" not in logs[0]
+    assert any(not torch.equal(v, disc0[k]) for k, v in tg.disc.state_dict().items() if "running" not in k)
