@@ -227,8 +227,8 @@ def test_tokenizer_accumulation_follows_one_pass():
 
     (t8, one), (t4, acc) = run("auto"), run(4)
     assert (t8.accum, t4.accum) == (1, 2)
-    for key in ("loss", "recon", "codebook", "commit"):
-        assert max(abs(a[key] - b[key]) for a, b in zip(one, acc)) <= 1e-6, key
+    for key in ("loss", "recon", "codebook", "commit", "grad_norm"):   # grad_norm: the summed gradient, before clipping
+        assert max(abs(a[key] - b[key]) / max(abs(a[key]), 1e-3) for a, b in zip(one, acc)) <= 1e-5, key
     tg, logs = run(4, gan_weight=0.1)
     disc0 = TokenizerTrainer(model_cfg, tg.cfg, 0, images, torch.device("cpu")).disc.state_dict()
     assert all(map(math.isfinite, (r["d_loss"] for r in logs[1:]))) and "d_loss" not in logs[0]
