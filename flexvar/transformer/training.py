@@ -259,7 +259,7 @@ def train_transformer(model: FlexVAR, quantizer: MultiScaleQuantizer, train: Lat
     sampler = ScheduleSampler(schedule, latent_hw, seed)
     canonical = sampler.to_hw(sampler.cfg.canonical)
     micro_batch, accum = plan_batches(model, cfg, sampler.cfg.max_tokens, device)
-    rank, world = distributed.rank_world()
+    _, world = distributed.rank_world()
     if distributed.is_main():
         print(f"train_transformer: global batch {cfg.batch_size} = {world} worker(s) x micro-batch {micro_batch} "
               f"x {accum} accumulation step(s)", flush=True)
