@@ -8,7 +8,10 @@ the split into workers x micro-batch x accumulation.
   * each worker draws its own dropout masks while the workers split one global data order
     (tests/dp_masks_worker.py, the library loop under the real torchrun);
   * evaluation in micro-batches gives the full-batch val loss, and the loop evaluates in micro-batches;
-  * a global batch that does not divide is refused with one line naming the keys, exit 2.
+  * a global batch that does not divide is refused with one line naming the keys, exit 2;
+  * the train_tokenizer stage likewise (2 workers = 1 worker x 2 accumulation steps, one writer), and the
+    tokenizer's accumulation gives the one-pass losses and gradient norm;
+  * `auto` workers = the GPUs visible: torch's under `dvc repro`, the Ray cluster's / num_gpus under the flow.
 """
 from __future__ import annotations
 
