@@ -17,9 +17,9 @@ Cost (`BootstrapFrechet`): a replicate is the draw counts w (N,) of the rows, ne
 The centred features are projected once onto S = sqrt(Σ_ref) (Z = (X - μ) S), so a replicate's
 tr sqrt(S Σ_b S) is the eigenvalue sum of the w-weighted covariance of Z's k ≈ 0.63 N drawn rows:
 one (k x D) Gram product and one min(k, D)-sized eigendecomposition, instead of a gather, an
-(N x D)(D x D) projection and an N-row Gram per replicate (at 2048 features and 50,000 samples
-about 4x fewer multiply-adds), in float64 on the evaluation's device (CUDA when the stage has it).
-Replicates equal the gathered-rows Fréchet distance to float64 rounding (tested against torch-fidelity).
+(N x D)(D x D) projection and an N-row Gram per replicate, in float64 on the evaluation's device (CUDA
+when the stage has it). Replicates equal the gathered-rows Fréchet distance to float64 rounding (tested
+against torch-fidelity); `python -m benchmarks.bench_fid_interval` measures both side by side.
 
 Class accuracy (`class_acc_<space>`) is the share of generated images that the feature space's
 classifier assigns to the class they were generated for. The `domain` space's classifier is the
@@ -194,12 +194,15 @@ class BootstrapFrechet:
         trace_x = (w_N @ self.sq_N - n * mx_D @ mx_D) / (n - 1)
         diff_D = self.mu_diff_D + mx_D
         drawn_K = torch.nonzero(w_N).squeeze(1)
-        w_K = w_N[drawn_K]
-        mz_D = w_K @ self.z_ND[drawn_K] / n
-        a_KD = (self.z_ND[drawn_K] - mz_D) * (w_K / (n - 1)).sqrt()[:, None]   # S Σ_b S = aᵀ a
-        gram = a_KD @ a_KD.T if len(drawn_K) < a_KD.shape[1] else a_KD.T @ a_KD
-        tr_covmean = torch.linalg.eigvalsh(gram).clamp(min=0).sqrt().sum()
-        return float(diff_D @ diff_D + trace_x + self.ref_trace - 2 * tr_covmean)
+        w_K, a_KD = w_N[drawn_K], self.z_ND[drawn_K]
+        a_KD.sub_(w_K @ a_KD / n).mul_((w_K / (n - 1)).sqrt()[:, None])   # weighted, centred: S Σ_b S = aᵀ a
+        small = len(drawn_K) < a_KD.shape[1]
+        if a_KD.device.type == "cpu":   # numpy's aᵀ a is one symmetric rank-k update (syrk): half a GEMM
+            a = a_KD.numpy()
+            tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh(a @ a.T if small else a.T @ a), 0, None)).sum()
+        else:
+            tr_covmean = float(torch.linalg.eigvalsh(a_KD @ a_KD.T if small else a_KD.T @ a_KD).clamp(min=0).sqrt().sum())
+        return float(diff_D @ diff_D + trace_x) + self.ref_trace - 2 * float(tr_covmean)
 
 
 def fid_interval(features_ND: np.ndarray, frechet: FrechetToReference, point: float, num: int, seed: int,
