@@ -174,7 +174,8 @@ class BootstrapFrechet:
     each given by its draw counts (see the module docstring); float64 on `device`."""
 
     def __init__(self, features_ND: np.ndarray, frechet: FrechetToReference, device: torch.device | None = None):
-        f64 = dict(dtype=torch.float64, device=device or torch.device("cpu"))
+        on_cuda = device is not None and device.type == "cuda"            # float64: CUDA or the CPU (not MPS)
+        f64 = dict(dtype=torch.float64, device=device if on_cuda else torch.device("cpu"))
         x_ND = torch.as_tensor(np.asarray(features_ND), **f64)
         self.n = len(x_ND)
         if self.n < 2:
