@@ -110,6 +110,8 @@ def status_kb(key):
 entry, argv, headroom_mb = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
 main = importlib.import_module("flexvar.cli" if entry == "flexvar" else "pipeline." + entry).main
 import numpy, PIL.Image, torch, torch.nn.functional  # noqa: E401  the libraries a command loads lazily (mapped, not allocated)
+from flexvar.seeding import seed_everything
+seed_everything(0)   # process setup every stage does (use_deterministic_algorithms loads ~150 MB once), not the request
 cap = status_kb("VmSize") * 1024 + headroom_mb * 2 ** 20
 resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
 peak_before = status_kb("VmHWM")
