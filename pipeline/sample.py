@@ -30,7 +30,8 @@ from flexvar.outputs import check_out_dir, replace_dir
 from flexvar.transformer.checkpoint import load_flexvar_with_tokenizer
 from pipeline.tracking import stage_run
 
-PARAM_KEYS = ["seed", "sample"]
+PARAM_KEYS = ["seed", "sample.per_class", "sample.batch_size", "sample.cfg", "sample.cfg_schedule", "sample.top_k",
+              "sample.top_p", "sample.precision", "sample.greedy_rule", "sample.max_memory_gb"]   # + its schedule
 GRID_PER_CLASS = 8
 
 
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     check_generation_memory(model, vqvae, scales, min(cfg.batch_size, len(labels)), cfg.cfg > 0, cfg.max_memory_gb,
                             what=f"sample.schedules.{name} with sample.batch_size {cfg.batch_size}",
                             setting="sample.max_memory_gb", num_images=len(labels))
-    with stage_run("sample", params, PARAM_KEYS, variant=f"d{d}/{name}") as log:
+    with stage_run("sample", params, PARAM_KEYS + [f"sample.schedules.{name}"], variant=f"d{d}/{name}") as log:
         t0 = time.perf_counter()
         with replace_dir(out, "sample") as tmp:
             writer = SampleWriter(tmp, labels, class_names)
