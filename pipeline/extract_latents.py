@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from pipeline.common import setup_torch, stage_args, write_json
 
 from flexvar.checkpoint import file_sha256
@@ -27,6 +29,7 @@ from pipeline.tracking import stage_run
 
 PARAM_KEYS = ["seed", "tokenizer", "data.latent_dtype"]
 BATCH = 64
+PROGRESS_S = 5.0   # at most one progress line every 5 s (also readable in a log file)
 
 
 @command("extract_latents")
@@ -48,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             images = load_split(args.prepared, split, params.data.in_memory_mb)
             loader = images.loader(RangeBatchSampler(len(images), BATCH), params.data.num_workers)
+            loader = tqdm(loader, desc=f"extract_latents {split}", unit="batch", mininterval=PROGRESS_S)
             extract_split(vqvae, loader, tmp / split, len(images), images.class_names, sha, device,
                           dtype=params.data.latent_dtype, precision="fp32")
             h, w = images.image_hw

@@ -27,7 +27,8 @@ from flexvar.generation.generate import ScheduleError, class_labels, generate_ba
 from flexvar.generation.memory import check_generation_memory
 from flexvar.grid import class_grid
 from flexvar.outputs import check_out_dir, replace_dir
-from flexvar.transformer.checkpoint import load_flexvar_with_tokenizer
+from flexvar.checkpoint import file_sha256
+from flexvar.transformer.checkpoint import flexvar_path, load_flexvar_with_tokenizer
 from pipeline.tracking import stage_run
 
 PARAM_KEYS = ["seed", "sample.per_class", "sample.batch_size", "sample.cfg", "sample.cfg_schedule", "sample.top_k",
@@ -128,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
                     "size": list(part.images.shape[-2:]), "num_images": len(labels), "seconds": seconds,
                     "images_per_s": len(labels) / seconds, "device": str(device), "precision": cfg.precision,
                     "cfg": cfg.cfg, "cfg_schedule": cfg.cfg_schedule, "top_k": cfg.top_k, "top_p": cfg.top_p,
-                    "greedy_rule": cfg.greedy_rule}
+                    "greedy_rule": cfg.greedy_rule,
+                    "model_sha256": file_sha256(flexvar_path(model_dir))}   # evaluate tags the registered version
             write_json(tmp / "info.json", info)
         log.log_metrics({"images_per_s": info["images_per_s"], "sample_seconds": seconds,
                          "num_images": len(labels), "steps": len(scales)})
