@@ -290,10 +290,13 @@ class MlflowLogger(RunLogger):
         self.status = "FINISHED"
         self.monitor = None    # MLflow's SystemMetricsMonitor on training stages (`system_metrics`)
 
-    def system_metrics(self, interval_s: float = SYSTEM_METRICS_INTERVAL_S) -> None:
-        """Record CPU/memory/disk/network (and GPU where there is one) as `system/*` metrics until close."""
+    def system_metrics(self, interval_s: float | None = None) -> None:
+        """Record CPU/memory/disk/network (and GPU where there is one) as `system/*` metrics until close,
+        one sample every SYSTEM_METRICS_INTERVAL_S (MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides)."""
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+        interval_s = interval_s or float(os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL")
+                                         or SYSTEM_METRICS_INTERVAL_S)
         self.monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval_s, samples_before_logging=1,
                                             tracking_uri=self.tracking_uri)
         self.monitor.start()
@@ -352,6 +355,7 @@ class MlflowLogger(RunLogger):
         reqs = [f"torch=={torch.__version__.split('+')[0]}", "einops", "flexvar-pipeline"]
         with mlflow.start_run(run_id=self.run_id):
             info = mlflow.pytorch.log_model(model, name=name, signature=signature, pip_requirements=reqs,
+                                            serialization_format="pickle",   # any forward, no tracing
                                             registered_model_name=registered_name, await_registration_for=60)
         self.client.update_run(self.run_id, status="RUNNING")   # the stage is not over; close() ends it
         version = str(info.registered_model_version)
@@ -428,7 +432,7 @@ class UntrackedLogger(RunLogger):
     def set_tags(self, tags: dict[str, Any]) -> None:
         pass
 
-    def system_metrics(self, interval_s: float = SYSTEM_METRICS_INTERVAL_S) -> None:
+    def system_metrics(self, interval_s: float | None = None) -> None:
         pass
 
     def log_input(self, dataset, name: str, source: str, context: str) -> None:

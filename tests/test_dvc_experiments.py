@@ -83,6 +83,7 @@ def test_exp_run_set_param_then_exp_show_and_plots(project_root, tmp_path):
             assert props["title"] in json.dumps(shown_plot["content"]["title"])
 
     # one schedule edited: only its sample and evaluate stages are stale, not the other schedule's
+    params = yaml.safe_load((repo / "params.yaml").read_text())   # as the experiment left it (lr set)
     params["sample"]["schedules"]["canonical"] = {"steps": 6}
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     stale = set(json.loads(run(dvc + ["status", "--json"], repo).stdout))
