@@ -25,15 +25,19 @@ pytestmark = pytest.mark.slow   # real Ray Tune + Prefect + MLflow
 
 METRIC = "val_loss_panel"
 SWEEP = {"num_samples": 3, "steps": 8, "grace_steps": 8, "report_every": 4, "cpus_per_trial": 1.0,
-         "max_failures": 1, "seeds": [0, 1], "search_space": {"schedule.canonical_prob": [0.0, 0.5]},
+         "max_failures": 1, "seeds": [0, 1], "search_space": {"schedule.canonical_prob": [0.0, 1.0], "schedule.max_drops": [0, 4]},
          "eval_panel": {"canonical": {"scales": [1, 2, 3, 4, 5, 6, 8]}, "short": {"steps": 4}}}
 
 
 def kill_after_first_checkpoint(exp_dir: Path, killed: list, stop: threading.Event) -> None:
-    """SIGKILL the worker of the first trial with a Tune checkpoint in storage; delete its start folder."""
+    """SIGKILL the worker of the first trial whose Tune checkpoint is registered (its report is in the trial's
+    result.json, which Tune writes after registering the report's checkpoint); delete its start folder."""
     work = exp_dir / "work"
     while not stop.is_set():
         for ckpt in sorted(exp_dir.glob("*/checkpoint_000000")):
+            result = ckpt.parent / "result.json"
+            if not (result.is_file() and result.read_text().strip()):
+                continue
             trial_id = next(t.name for t in work.iterdir() if t.name in ckpt.parent.name)
             pid = int((work / trial_id / "pids").read_text().split()[0])
             os.kill(pid, signal.SIGKILL)
@@ -72,7 +76,7 @@ def test_tpe_asha_two_seeds_and_resume_from_tune_checkpoint(tmp_path_factory):
         assert m[f"{METRIC}_std"] == pytest.approx(statistics.stdev(seeds))
     best = (exp_dir / "best_params.yaml").read_text()
     assert f"{out['best_value']:.5f} +- {out['best_std']:.5f} (mean +- s.d. over 2 seeds: seed0 " in best
-    assert set(yaml.safe_load(best)["schedule"]) == {"canonical_prob"}
+    assert set(yaml.safe_load(best)["schedule"]) == {"canonical_prob", "max_drops"}
     # the search algorithm is Optuna's (its study is in Tune's saved searcher state)
     (state,) = exp_dir.glob("searcher-state-*.pkl")
     assert b"optuna" in state.read_bytes() and b"TPESampler" in state.read_bytes()
