@@ -124,13 +124,13 @@ def _store(params: Params, root: Path):
 
 def sweep_run(params: Params, root: Path, exp_dir: Path, name: str) -> str:
     """The sweep's parent MLflow run: created once, its id kept in the experiment folder for --resume."""
-    from pipeline.tracking import git_commit
+    from pipeline.tracking import create_run, git_commit
 
     marker = exp_dir / "mlflow_parent_run"
     if marker.is_file():
         return marker.read_text().strip()
     client, exp_id = _store(params, root)
-    run = client.create_run(exp_id, run_name=f"sweep {name}", tags={
+    run = create_run(client, exp_id, root, f"sweep {name}", {   # with MLflow's standard tags
         "flexvar_role": "sweep", "sweep_name": name, "git_commit": git_commit(root)})
     from pipeline.tracking import MlflowLogger
 
@@ -149,10 +149,11 @@ def trial_run(ctx: dict, params: Params, work: Path, trial_id: str, overrides: d
         run_id = marker.read_text().strip()
         client.update_run(run_id, status="RUNNING")
         return client, run_id
-    run = client.create_run(exp_id, run_name=f"trial {trial_id}", tags={
+    from pipeline.tracking import MlflowLogger, create_run
+
+    run = create_run(client, exp_id, Path(ctx["root"]), f"trial {trial_id}", {
         "mlflow.parentRunId": ctx["parent_run_id"], "flexvar_role": "sweep_trial", "trial_id": trial_id,
         "sweep_name": ctx["name"], "depth": str(ctx["depth"])})
-    from pipeline.tracking import MlflowLogger
 
     MlflowLogger(client, run.info.run_id, ctx["parent_run_id"], "", exp_id).log_params(
         {**overrides, "steps": params.sweep.steps, "depth": ctx["depth"]})

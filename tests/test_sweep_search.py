@@ -81,6 +81,15 @@ def test_tpe_asha_two_seeds_and_resume_from_tune_checkpoint(tmp_path_factory):
     (state,) = exp_dir.glob("searcher-state-*.pkl")
     assert b"optuna" in state.read_bytes() and b"TPESampler" in state.read_bytes()
 
+    from mlflow import MlflowClient   # the sweep's runs carry MLflow's standard tags
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("flexvar").experiment_id])
+    assert len(runs) == 4                                                  # the sweep and its 3 trials
+    for r in runs:
+        assert r.data.tags["mlflow.user"] and r.data.tags["mlflow.source.type"] == "LOCAL"
+        assert r.data.tags["mlflow.runName"] == r.info.run_name
+
     # the killed trial restarted once and resumed at its checkpointed step, from the Tune checkpoint
     assert killed, "no trial was killed"
     trial_id, trial_dir = killed[0]
