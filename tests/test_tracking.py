@@ -251,15 +251,15 @@ MODEL_SCRIPT = textwrap.dedent("""
             ds = datasets.Dataset.from_dict({"label": [0, 1, 2, 3], "x": [0.5, 1.5, 2.5, 3.5]})
             log.log_input(ds, "builtin:test/train", "builtin:test", "train")
     elif stage == "train":
-        depth = int(sys.argv[2])
+        depth, seed = int(sys.argv[2]), int(sys.argv[3])
         with stage_run("train_transformer", params, ["seed"], variant=f"d{depth}", system_metrics=True) as log:
-            model, _ = tiny_models(seed=depth)
-            path = save_flexvar(f"models/d{depth}", model, latent_hw=(8, 8), downsample=2, tokenizer_dir="tok")
+            model, _ = tiny_models(seed=seed)
+            path = save_flexvar(f"models/d{depth}_{seed}", model, latent_hw=(8, 8), downsample=2, tokenizer_dir="tok")
             time.sleep(2.5)                                 # the monitor samples every second here
             print("VERSION", log_transformer(log, model, depth, file_sha256(path), {"val_loss": 1.25}))
     else:
-        depth = int(sys.argv[2])
-        sha = file_sha256(f"models/d{depth}/flexvar.pt")
+        depth, seed = int(sys.argv[2]), int(sys.argv[3])
+        sha = file_sha256(f"models/d{depth}_{seed}/flexvar.pt")
         with stage_run("evaluate", params, ["seed"], variant=f"d{depth}/short") as log:
             print("TAGGED", tag_model_version(log, depth, sha, {"fid_domain/short": 3.5}))
 """)
@@ -284,24 +284,27 @@ def test_standard_tags_registered_models_dataset_and_system_metrics(mlflow_serve
     env = _env(MLFLOW_TRACKING_URI=mlflow_server, FLEXVAR_PIPELINE_RUN_ID="models-1",
                MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1")
     out = {}
-    for args in (["prepare"], ["train", "2"], ["train", "4"], ["evaluate", "2"]):
+    # d2 trained twice: evaluate's samples come from the first, which is not the latest version
+    for args in (["prepare"], ["train", "2", "2"], ["train", "4", "4"], ["train", "2", "7"], ["evaluate", "2", "2"]):
         r = subprocess.run([PY, "stage.py", *args], cwd=project, env=env, capture_output=True, text=True)
         assert r.returncode == 0, r.stderr[-3000:]
         out[" ".join(args)] = r.stdout
-    assert "VERSION 1" in out["train 2"] and "VERSION 1" in out["train 4"] and "TAGGED 1" in out["evaluate 2"]
+    assert "VERSION 1" in out["train 2 2"] and "VERSION 1" in out["train 4 4"] and "VERSION 2" in out["train 2 7"]
+    assert "TAGGED 1" in out["evaluate 2 2"]
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)   # for the fluent model API below
     client = MlflowClient(tracking_uri=mlflow_server)
     exp = client.get_experiment_by_name("models")
     runs = client.search_runs([exp.experiment_id], "tags.pipeline_run_id = 'models-1'")
-    assert len(runs) == 5   # the parent and four stages
+    assert len(runs) == 6   # the parent and five stages
     for run in runs:
         tags = run.data.tags
         assert tags["mlflow.user"] and tags["mlflow.source.type"] == "LOCAL", tags
         assert tags["mlflow.source.name"].endswith("stage.py"), tags
         assert tags["mlflow.source.git.commit"] == head
         assert tags["mlflow.runName"] == run.info.run_name
-    by_stage = {(r.data.tags.get("stage"), r.data.tags.get("variant")): r for r in runs}
+    by_stage = {(r.data.tags.get("stage"), r.data.tags.get("variant")): r for r in runs}   # d2: the later run
+    trains = sorted((r for r in runs if r.data.tags.get("stage") == "train_transformer"), key=lambda r: r.info.start_time)
 
     # the prepared dataset as a run input
     inputs = client.get_run(by_stage[("prepare", None)].info.run_id).inputs.dataset_inputs
@@ -310,9 +313,8 @@ def test_standard_tags_registered_models_dataset_and_system_metrics(mlflow_serve
     assert [(t.key, t.value) for t in inputs[0].tags] == [("mlflow.data.context", "train")]
 
     # one registered model per depth, its version from the training run, with signature and tags
-    for depth in (2, 4):
-        (version,) = client.search_model_versions(f"name = 'flexvar-d{depth}'")
-        train_run = by_stage[("train_transformer", f"d{depth}")]
+    for depth, train_run, number in ((2, trains[0], "1"), (4, trains[1], "1"), (2, trains[2], "2")):
+        version = client.get_model_version(f"flexvar-d{depth}", number)
         assert version.run_id == train_run.info.run_id
         assert version.tags["weights_sha256"] and version.tags["depth"] == str(depth)
         info = mlflow.models.get_model_info(version.source)
@@ -321,7 +323,8 @@ def test_standard_tags_registered_models_dataset_and_system_metrics(mlflow_serve
         assert "system/cpu_utilization_percentage" in system, system
     d2 = client.get_model_version("flexvar-d2", "1")
     assert d2.tags["fid_domain/short"] == "3.5"
-    assert "fid_domain/short" not in client.get_model_version("flexvar-d4", "1").tags   # other weights: untouched
+    assert "fid_domain/short" not in client.get_model_version("flexvar-d2", "2").tags   # other weights: untouched
+    assert "fid_domain/short" not in client.get_model_version("flexvar-d4", "1").tags
     loaded = mlflow.pytorch.load_model("models:/flexvar-d2/1")
     assert type(loaded).__name__ == "FlexVAR" and loaded.vocab_size == 32
     assert tracking.registered_name(2) == "flexvar-d2"
