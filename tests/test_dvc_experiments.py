@@ -41,7 +41,7 @@ def declared_plots(repo) -> dict[str, dict]:
     from dvc.repo import Repo
 
     with Repo(str(repo)) as r:
-        return {str(o.fs_path).removeprefix(str(repo) + "/"): dict(o.plot)
+        return {str(o.fs_path).removeprefix(str(repo) + "/"): dict(o.plot) if isinstance(o.plot, dict) else {}
                 for st in r.index.stages for o in st.outs if o.plot and not str(o).endswith(".png")}
 
 
