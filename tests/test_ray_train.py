@@ -56,7 +56,8 @@ def tiny_training(out_dir: str, steps: int = STEPS, parallelism: str = "ddp", gr
     quantizer = MultiScaleQuantizer(64, 8)
     tcfg = TransformerConfig(depth=1, width=32, heads=2, drop_path_rate=0.0, class_dropout=0.0)
     model = FlexVAR(tcfg, 64, 8, 4, pe_size=8)
-    cfg = TrainTransformerConfig(steps=steps, batch_size=8 // grad_accum, grad_accum=grad_accum, warmup_steps=2,
+    # global batch 8; micro-batch 4 // grad_accum: 2 workers accumulate grad_accum steps, 1 worker 2 x as many
+    cfg = TrainTransformerConfig(steps=steps, batch_size=8, micro_batch=4 // grad_accum, warmup_steps=2,
                                  log_every=1, eval_every=steps, checkpoint_every=checkpoint_every, val_batches=1,
                                  precision="fp32")
     rank, _ = rank_world()
