@@ -383,6 +383,9 @@ class SweepConfig(Section):
     cpus_per_trial: float = Field(1.0, gt=0.0)
     gpus_per_trial: float = Field(0.0, ge=0.0)
     max_failures: int = Field(2, ge=0)
+    # every configuration is trained once per seed (model init, data order, step draws); Tune sees the
+    # mean over seeds as `metric` and its s.d. as `<metric>_std`, so a winner is told from seed noise
+    seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)
     eval_panel: dict[str, ScheduleSpec] = Field(default_factory=_default_panel, min_length=1)
     search_space: dict[str, list[float]] = Field(default_factory=lambda: {
         "schedule.canonical_prob": [0.0, 0.5], "schedule.drop_probs.0": [0.1, 0.6],

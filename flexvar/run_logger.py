@@ -28,7 +28,9 @@ class RunLogger:
 
 
 class CsvLogger(RunLogger):
-    """Appends one row per log_metrics call to a CSV (columns fixed by the first row): a DVC plot.
+    """Appends one row per log_metrics call to a CSV: a DVC plot. Never drops a column: a key not in the
+    header yet (val metrics that first appear at the last step) rewrites the file once with the wider
+    header, earlier rows left empty in the new column. The rewrite streams row by row (memory: one row).
 
     `resume_from_step` drops rows at or after that step, so a resumed run does not duplicate them.
     """
@@ -40,26 +42,30 @@ class CsvLogger(RunLogger):
         if resume_from_step is None or not self.path.exists():
             self.path.unlink(missing_ok=True)
         else:
-            self._truncate(resume_from_step)
+            self._rewrite(None, keep=lambda r: int(r["step"]) < resume_from_step)
 
-    def _truncate(self, step: int) -> None:
-        with open(self.path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        self.fields = list(rows[0].keys()) if rows else None
-        kept = [r for r in rows if int(r["step"]) < step]
-        with open(self.path, "w", newline="") as f:
-            if self.fields:
-                w = csv.DictWriter(f, fieldnames=self.fields)
+    def _rewrite(self, fields: list[str] | None, keep=lambda row: True) -> None:
+        """Copy the file through a temp file with header `fields` (None: its own), keeping rows `keep` accepts."""
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(self.path, newline="") as src, open(tmp, "w", newline="") as dst:
+            reader = csv.DictReader(src)
+            fields = fields or list(reader.fieldnames or [])
+            if fields:
+                w = csv.DictWriter(dst, fieldnames=fields)
                 w.writeheader()
-                w.writerows(kept)
+                w.writerows(r for r in reader if keep(r))
+        tmp.replace(self.path)
+        self.fields = fields or None
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         row = {"step": step if step is not None else 0, **{k: float(v) for k, v in metrics.items()}}
         new = self.fields is None
         if new:
             self.fields = list(row)
+        elif any(k not in self.fields for k in row):
+            self._rewrite(self.fields + [k for k in row if k not in self.fields])
         with open(self.path, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
+            w = csv.DictWriter(f, fieldnames=self.fields)
             if new:
                 w.writeheader()
             w.writerow(row)

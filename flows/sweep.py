@@ -14,8 +14,14 @@ loss on every `sweep.eval_panel` schedule and their mean `val_loss_panel` (the d
 `sweep.metric`), so the winner is the setting that is good at every schedule; ASHA stops the weak trials after `sweep.grace_steps`. Trial resources: `sweep.cpus_per_trial`,
 `sweep.gpus_per_trial` (fractions allowed: 0.25 = four trials per GPU).
 
-Fault tolerance: a trial whose worker dies is restarted up to `sweep.max_failures` times and
-continues from its own last checkpoint (the library's resume file in the trial's work folder);
+Search: Optuna's TPE (`ray.tune.search.optuna.OptunaSearch`, a few random startup trials, then
+model-based), with ASHA. Each configuration trains once per `sweep.seeds` seed, in step: Tune sees the
+mean over seeds as `sweep.metric` and its s.d. as `<metric>_std`, and best_params.yaml states the
+winner's mean +- s.d. with each seed's value, so a difference inside seed noise is visible as such.
+
+Fault tolerance: every report carries a Tune checkpoint (each seed's resume state, kept by Tune in the
+run's storage); a trial whose worker dies is restarted up to `sweep.max_failures` times and starts
+from `tune.get_checkpoint()` in a fresh folder, so it resumes at the checkpointed step on any node;
 an interrupted sweep (Ctrl-C, driver killed) continues with `--resume` (Tuner.restore).
 Tracking: one MLflow run for the sweep, each trial a child run of it (a restarted trial keeps its run).
 Storage: ray_results/<name>/ in the project (git- and dvc-ignored); on a cluster it must be on the
@@ -27,6 +33,7 @@ import argparse
 import copy
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -117,13 +124,13 @@ def _store(params: Params, root: Path):
 
 def sweep_run(params: Params, root: Path, exp_dir: Path, name: str) -> str:
     """The sweep's parent MLflow run: created once, its id kept in the experiment folder for --resume."""
-    from pipeline.tracking import git_commit
+    from pipeline.tracking import create_run, git_commit
 
     marker = exp_dir / "mlflow_parent_run"
     if marker.is_file():
         return marker.read_text().strip()
     client, exp_id = _store(params, root)
-    run = client.create_run(exp_id, run_name=f"sweep {name}", tags={
+    run = create_run(client, exp_id, root, f"sweep {name}", {   # with MLflow's standard tags
         "flexvar_role": "sweep", "sweep_name": name, "git_commit": git_commit(root)})
     from pipeline.tracking import MlflowLogger
 
@@ -142,10 +149,11 @@ def trial_run(ctx: dict, params: Params, work: Path, trial_id: str, overrides: d
         run_id = marker.read_text().strip()
         client.update_run(run_id, status="RUNNING")
         return client, run_id
-    run = client.create_run(exp_id, run_name=f"trial {trial_id}", tags={
+    from pipeline.tracking import MlflowLogger, create_run
+
+    run = create_run(client, exp_id, Path(ctx["root"]), f"trial {trial_id}", {
         "mlflow.parentRunId": ctx["parent_run_id"], "flexvar_role": "sweep_trial", "trial_id": trial_id,
         "sweep_name": ctx["name"], "depth": str(ctx["depth"])})
-    from pipeline.tracking import MlflowLogger
 
     MlflowLogger(client, run.info.run_id, ctx["parent_run_id"], "", exp_id).log_params(
         {**overrides, "steps": params.sweep.steps, "depth": ctx["depth"]})
@@ -153,22 +161,10 @@ def trial_run(ctx: dict, params: Params, work: Path, trial_id: str, overrides: d
     return client, run.info.run_id
 
 
-class TuneReporter(RunLogger):
-    """Val metrics of the library loop -> Tune (ASHA decides on them) and the trial's MLflow run."""
-
-    def __init__(self, tracker: RunLogger):
-        self.tracker = tracker
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        from ray import tune
-
-        self.tracker.log_metrics(metrics, step)
-        tune.report({**metrics, "step": int(step or 0)})
-
-
 # --------------------------------------------------------------------------- one trial (a Tune worker)
 def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
-    """Short transformer training with the sampled settings; reports val metrics every report_every steps."""
+    """Short transformer training with the sampled settings, once per `sweep.seeds` seed; every report_every
+    steps reports the val metrics averaged over seeds (and the score's s.d.) with a Tune checkpoint."""
     import torch
     from ray import tune
 
@@ -191,34 +187,95 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     with open(work / "pids", "a") as f:   # one line per (re)start of this trial
         f.write(f"{os.getpid()}\n")
     torch.set_num_threads(max(1, int(params.sweep.cpus_per_trial)))
-    seed_everything(params.seed)
     device = pick_device(params.resources.device)
     train, val = load_latents(ctx["latents"], "train"), load_latents(ctx["latents"], "val")
     quantizer = load_tokenizer(ctx["tokenizer"], "cpu").quantize
     tcfg = params.transformer_for_depth(ctx["depth"])
     panel = {name: spec_scales(spec, train.latent_hw, params.tokenizer.downsample)
              for name, spec in params.sweep.eval_panel.items()}
-    model = FlexVAR(tcfg, quantizer.codebook_size, quantizer.codebook_dim, train.num_classes,
-                    pe_size=tcfg.pos_embed_size or max(train.latent_hw))
     sw = params.sweep
     cfg = params.train_transformer.model_copy(update={
         "steps": sw.steps, "eval_every": sw.report_every, "checkpoint_every": sw.report_every,
         "log_every": min(params.train_transformer.log_every, sw.report_every)})
     client, run_id = trial_run(ctx, params, work, trial_id, config)
     tracker = MlflowLogger(client, run_id, ctx["parent_run_id"], "", "")
-    train_transformer(model, quantizer, train, val, cfg, params.schedule, prediction=tcfg.prediction,
-                      seed=params.seed, device=device, out_dir=work, logger=tracker,
-                      val_logger=TuneReporter(tracker), val_panel=panel,
-                      fingerprint=build_fingerprint(transformer=tcfg, train=cfg, schedule=params.schedule,
-                                                    seed=params.seed, panel=panel))
+    # this start's training state: a fresh folder filled from the trial's last Tune checkpoint only, so a
+    # trial restarted on another node (nothing of the first start on its disk) resumes where it reported
+    scratch = work / f"start-{os.getpid()}"
+    start = restore_checkpoint(scratch)
+    step = start
+    while step < sw.steps:
+        target = min(step + sw.report_every, sw.steps)
+        per_seed = {}
+        for seed in sw.seeds:   # each seed trains to the same step, then Tune sees their mean
+            seed_everything(seed)
+            model = FlexVAR(tcfg, quantizer.codebook_size, quantizer.codebook_dim, train.num_classes,
+                            pe_size=tcfg.pos_embed_size or max(train.latent_hw))
+            last = LastMetrics()
+            train_transformer(model, quantizer, train, val, cfg, params.schedule, prediction=tcfg.prediction,
+                              seed=seed, device=device, out_dir=scratch / f"seed{seed}",
+                              logger=tracker if seed == sw.seeds[0] else None, val_logger=last, val_panel=panel,
+                              stop_after=target - step,
+                              fingerprint=build_fingerprint(transformer=tcfg, train=cfg, schedule=params.schedule,
+                                                            seed=seed, panel=panel))
+            per_seed[seed] = last.metrics
+        step = target
+        metrics = over_seeds(per_seed, sw.metric)
+        tracker.log_metrics(metrics, step)
+        (scratch / CHECKPOINT_STEP).write_text(str(step))
+        tune.report({**metrics, "step": step, "start_step": start},
+                    checkpoint=tune.Checkpoint.from_directory(str(scratch)))
     client.set_terminated(run_id, "FINISHED")
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+CHECKPOINT_STEP = "step"   # file in a trial checkpoint: the step every seed's resume.pt is at
+
+
+def restore_checkpoint(scratch: Path) -> int:
+    """Fill `scratch` from the trial's last Tune checkpoint (`tune.get_checkpoint()`); its step, 0 if none."""
+    from ray import tune
+
+    scratch.mkdir(parents=True, exist_ok=True)
+    ckpt = tune.get_checkpoint()
+    if ckpt is None:
+        return 0
+    with ckpt.as_directory() as d:
+        shutil.copytree(d, scratch, dirs_exist_ok=True)
+    step = int((scratch / CHECKPOINT_STEP).read_text())
+    print(f"sweep trial: restored from Tune checkpoint {ckpt.path} at step {step}", flush=True)
+    return step
+
+
+class LastMetrics(RunLogger):
+    """Keeps the last val metrics the library loop logged (one seed's, at the step it stopped)."""
+
+    def __init__(self):
+        self.metrics: dict[str, float] = {}
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.metrics = dict(metrics)
+
+
+def over_seeds(per_seed: dict[int, dict[str, float]], metric: str) -> dict[str, float]:
+    """Mean over seeds of every val metric; for `metric` also its s.d. (`<metric>_std`, n-1; 0 for one seed)
+    and each seed's value (`<metric>/seed<s>`)."""
+    import statistics
+
+    keys = set.intersection(*(set(m) for m in per_seed.values()))
+    out = {k: statistics.fmean(m[k] for m in per_seed.values()) for k in sorted(keys)}
+    values = [m[metric] for m in per_seed.values()]
+    out[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    out |= {f"{metric}/seed{s}": m[metric] for s, m in per_seed.items()}
+    return out
 
 
 # --------------------------------------------------------------------------- the sweep (driver)
 def make_tuner(params: Params, ctx: dict, exp_dir: Path, resume: bool):
+    import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search import BasicVariantGenerator
+    from ray.tune.search.optuna import OptunaSearch
 
     sw = params.sweep
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),
@@ -229,12 +286,20 @@ def make_tuner(params: Params, ctx: dict, exp_dir: Path, resume: bool):
         return tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=True)
     scheduler = ASHAScheduler(time_attr="step", max_t=sw.steps, grace_period=min(sw.grace_steps, sw.steps),
                               reduction_factor=2)
+    # model-based search: Optuna's TPE on the seed-averaged score, after a few random startup trials
+    tpe = optuna.samplers.TPESampler(seed=params.seed, n_startup_trials=startup_trials(sw.num_samples))
     return tune.Tuner(
         trainable, param_space=search_space(params),
         tune_config=tune.TuneConfig(metric=sw.metric, mode="min", num_samples=sw.num_samples, scheduler=scheduler,
-                                    search_alg=BasicVariantGenerator(random_state=params.seed)),
+                                    search_alg=OptunaSearch(sampler=tpe)),
         run_config=tune.RunConfig(name=exp_dir.name, storage_path=str(exp_dir.parent),
-                                  failure_config=tune.FailureConfig(max_failures=sw.max_failures), verbose=1))
+                                  failure_config=tune.FailureConfig(max_failures=sw.max_failures),
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=1))
+
+
+def startup_trials(num_samples: int) -> int:
+    """Random trials before TPE models the results: a third of the budget, at least 2, at most 10."""
+    return min(10, max(2, num_samples // 3))
 
 
 def unfinished_trials(exp_dir: Path) -> int:
@@ -262,12 +327,19 @@ def _rounded(v: Any) -> Any:
     return [_rounded(x) for x in v] if isinstance(v, (list, tuple)) else v
 
 
-def best_config_yaml(settings: dict[str, Any], metric: str, value: float) -> str:
-    """The winner as a partial params file (nested keys) for `flexvar preset FILE`."""
+def best_config_yaml(settings: dict[str, Any], metric: str, value: float,
+                     per_seed: dict[str, float] | None = None, std: float | None = None) -> str:
+    """The winner as a partial params file (nested keys) for `flexvar preset FILE`; its score as the mean
+    +- s.d. over seeds with each seed's value in the header."""
     from flows.transfer import apply_settings
 
     nested = apply_settings({}, settings)
-    head = f"# best sweep trial: {metric} = {value:.5f}\n# apply: flexvar preset <this file>   or   dvc exp run {dvc_set_args(settings)}\n"
+    spread = ""
+    if per_seed:
+        spread = (f" +- {std:.5f} (mean +- s.d. over {len(per_seed)} seeds: "
+                  + ", ".join(f"{k} {v:.5f}" for k, v in per_seed.items()) + ")")
+    head = (f"# best sweep trial: {metric} = {value:.5f}{spread}\n"
+            f"# apply: flexvar preset <this file>   or   dvc exp run {dvc_set_args(settings)}\n")
     return head + yaml.safe_dump(nested, sort_keys=False, default_flow_style=None)
 
 
@@ -278,13 +350,13 @@ def dvc_set_args(settings: dict[str, Any]) -> str:
 
 def trials_table(trials: list[dict[str, Any]], space: list[str], panel: list[str], metric: str) -> str:
     """Markdown: one row per trial (settings, steps reached, panel loss, each member's val loss), best first."""
-    head = ["trial", *space, "steps", metric, "val_loss (canonical)", *(f"val_loss/{n}" for n in panel)]
+    head = ["trial", *space, "steps", metric, "s.d. over seeds", "val_loss (canonical)", *(f"val_loss/{n}" for n in panel)]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---:" for _ in head) + "|"]
     rank = sorted(trials, key=lambda t: (t["metrics"].get(metric) is None, t["metrics"].get(metric) or 0.0))
     for t in rank:
         m = t["metrics"]
         cells = [t["trial_id"], *(_cell(t["config"].get(k)) for k in space), _cell(m.get("step")), _cell(m.get(metric)),
-                 _cell(m.get("val_loss")), *(_cell(m.get(f"val_loss/{n}")) for n in panel)]
+                 _cell(m.get(f"{metric}_std")), _cell(m.get("val_loss")), *(_cell(m.get(f"val_loss/{n}")) for n in panel)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -303,23 +375,25 @@ def finish(grid, params: Params, root: Path, exp_dir: Path, parent_run_id: str, 
         work = exp_dir / "work" / r.metrics.get("trial_id", "") if r.metrics else None
         if work and (work / "mlflow_run").is_file():   # ASHA-stopped trials end here
             client.set_terminated((work / "mlflow_run").read_text().strip(), "FINISHED")
-        keep = ("step", "val_loss", "val_loss_panel", "val_acc_panel", metric)
+        keep = ("step", "start_step", "val_loss", "val_loss_panel", "val_acc_panel", metric, f"{metric}_std")
         trials.append({"trial_id": (r.metrics or {}).get("trial_id", ""), "config": r.config,
                        "metrics": {k: v for k, v in (r.metrics or {}).items() if k in keep or "/" in k},
                        "error": str(r.error) if r.error else None})
     best = grid.get_best_result(metric=metric, mode="min", scope="last")
-    value = best.metrics[metric]
+    value, std = best.metrics[metric], best.metrics.get(f"{metric}_std")
+    per_seed = {k.split("/")[-1]: v for k, v in best.metrics.items() if k.startswith(f"{metric}/seed")}
     settings = settings_of(base, best.config)
-    (exp_dir / "best_params.yaml").write_text(best_config_yaml(settings, metric, value))
+    (exp_dir / "best_params.yaml").write_text(best_config_yaml(settings, metric, value, per_seed, std))
     (exp_dir / "trials.md").write_text(trials_table(trials, list(params.sweep.search_space),
                                                     list(params.sweep.eval_panel), metric))
     tracker = MlflowLogger(client, parent_run_id, parent_run_id, "", exp_id)
-    tracker.log_metrics({f"best_{metric}": value})
+    tracker.log_metrics({f"best_{metric}": value, **({f"best_{metric}_std": std} if std is not None else {})})
     tracker.log_params({f"best.{k}": v for k, v in best.config.items()})
     tracker.log_artifact(exp_dir / "best_params.yaml")
     tracker.log_artifact(exp_dir / "trials.md")
     client.set_terminated(parent_run_id, "FINISHED")
-    return {"best_config": best.config, "best_settings": settings, "best_value": value, "trials": trials,
+    return {"best_config": best.config, "best_settings": settings, "best_value": value, "best_std": std,
+            "best_per_seed": per_seed, "trials": trials,
             "parent_run_id": parent_run_id,
             "best_file": str(exp_dir / "best_params.yaml"), "dvc_args": dvc_set_args(settings)}
 
@@ -389,7 +463,8 @@ def main(argv: list[str] | None = None) -> int:
         out = run_sweep(args.root, name, args.params, args.resume, latents=args.latents, tokenizer=args.tokenizer,
                         depth=args.depth)
         print((Path(out["best_file"]).parent / "trials.md").read_text())
-        print(json.dumps({k: out[k] for k in ("best_settings", "best_value", "best_file")}, indent=2))
+        print(json.dumps({k: out[k] for k in ("best_settings", "best_value", "best_std", "best_per_seed", "best_file")},
+                         indent=2))
         print(f"apply with:  flexvar preset {out['best_file']}\n        or:  dvc exp run {out['dvc_args']}")
         if args.transfer:
             from flows.transfer import transfer

@@ -8,10 +8,12 @@ runner that turns a FlexvarError into one stderr line and exit 2), `args = stage
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from filelock import FileLock
 
@@ -65,3 +67,12 @@ def file_lock(path: Path) -> FileLock:
     """An exclusive lock on `path` (its folder created), across processes: `with file_lock(p): ...`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     return FileLock(path)
+
+
+@contextlib.contextmanager
+def phase(what: str) -> Iterator[None]:
+    """Progress for a step that runs inside a library call: a line when it starts and one with its time."""
+    print(f"{what} ...", flush=True)
+    t0 = time.perf_counter()
+    yield
+    print(f"{what}: done in {time.perf_counter() - t0:.1f}s", flush=True)

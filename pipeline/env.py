@@ -1,7 +1,9 @@
 """Quiet, offline, self-contained tool environment for every stage, flow and test.
 
-Telemetry off (DVC, MLflow, Prefect, Ray, HF), HF offline, and tool state kept inside the
-project's `.cache/` instead of the home folder. `pipeline/__init__.py` calls `setup()` once,
+Telemetry off (DVC, MLflow, Prefect, Ray, HF), tool state kept inside the project's `.cache/`
+instead of the home folder, and the Hugging Face hub offline unless the params file names an
+`hf:` data source (`data.source: hf:<id>` downloads where the network is; the built-in and
+image-folder sources never need the hub, so they stay offline). A value the user set wins. `pipeline/__init__.py` calls `setup()` once,
 before any stage, flow or test imports those tools. Security settings are not touched here:
 Ray's token authentication stays on (flows/cluster.py switches it off only for the Ray it
 starts inside this process, which listens on this machine alone).
@@ -19,11 +21,33 @@ TELEMETRY_OFF = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "RAY_USAGE_STATS_ENABLED": "0",
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "TOKENIZERS_PARALLELISM": "false",
 }
+
+
+HUB_OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def uses_hub(argv: list[str] | None = None, cwd: Path | None = None) -> bool:
+    """Whether the params file this command reads (`--params PATH`, default params.yaml) has an hf: source."""
+    import sys
+
+    import yaml
+
+    argv = sys.argv if argv is None else argv
+    path = Path("params.yaml")
+    for i, a in enumerate(argv):
+        if a == "--params" and i + 1 < len(argv):
+            path = Path(argv[i + 1])
+        elif a.startswith("--params="):
+            path = Path(a.split("=", 1)[1])
+    path = path if path.is_absolute() else (cwd or Path.cwd()) / path
+    try:
+        source = ((yaml.safe_load(path.read_text()) or {}).get("data") or {}).get("source", "")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return False
+    return isinstance(source, str) and source.startswith("hf:")
 
 
 def state_dirs(root: Path) -> dict[str, str]:
@@ -39,6 +63,8 @@ def state_dirs(root: Path) -> dict[str, str]:
 
 
 def setup(root: Path | None = None) -> None:
-    """Set telemetry-off and state-dir variables unless the user already set them."""
-    for k, v in {**TELEMETRY_OFF, **state_dirs(root or PROJECT_ROOT)}.items():
+    """Set telemetry-off, state-dir and (unless an hf: source is used) hub-offline variables, each unless
+    the user already set it."""
+    offline = {} if uses_hub() else HUB_OFFLINE
+    for k, v in {**TELEMETRY_OFF, **offline, **state_dirs(root or PROJECT_ROOT)}.items():
         os.environ.setdefault(k, v)

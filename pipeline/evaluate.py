@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline.common import setup_torch, stage_args, write_json
+from pipeline.common import phase, setup_torch, stage_args, write_json
 
 from flexvar.config import load_params
 from flexvar.errors import about, command
@@ -27,7 +27,7 @@ from flexvar.evaluation.intervals import class_acc_skipped, sample_intervals
 from flexvar.evaluation.metrics import compute_metrics, fid_protocol, load_samples
 from flexvar.outputs import check_in_dir, check_in_file, check_out_file
 from flexvar.transformer.schedules import schedule_steps
-from pipeline.tracking import stage_run
+from pipeline.tracking import stage_run, tag_model_version
 
 PARAM_KEYS = ["seed", "evaluate.feature_space", "evaluate.inception_weights", "evaluate.inception_label_map",
               "evaluate.metrics", "evaluate.reference_split", "evaluate.reference", "evaluate.kid_subset_size",
@@ -47,6 +47,12 @@ def sampling_settings(params, schedule: str, samples_dir: Path) -> dict:
         out |= {k: info[k] for k in ("cfg_schedule", "top_k", "top_p", "greedy_rule", "steps", "scales") if k in info}
         out["cfg_scale"] = info.get("cfg", out["cfg_scale"])
     return out
+
+
+def model_sha256(samples_dir: Path) -> str:
+    """sha256 of the transformer checkpoint the samples were drawn with (the sample stage's info.json)."""
+    info = samples_dir / "info.json"
+    return json.loads(info.read_text()).get("model_sha256", "") if info.is_file() else ""
 
 
 @command("evaluate")
@@ -72,9 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     keys = PARAM_KEYS + [f"sample.schedules.{args.schedule}"]
     with stage_run("evaluate", params, keys, variant=variant, tags={"feature_space": cfg.feature_space}) as tracker:
         reference = Path(args.reference) / cfg.feature_space
-        metrics = compute_metrics(images_NCHW, reference, cfg, args.feature_net, device, params.seed)
-        metrics.update(sample_intervals(images_NCHW, labels_N, metrics, reference, cfg, args.feature_net,
-                                        device, params.seed))
+        with phase(f"evaluate {variant}: {', '.join(cfg.metrics)} of {len(images_NCHW)} samples"):
+            metrics = compute_metrics(images_NCHW, reference, cfg, args.feature_net, device, params.seed)
+        with phase(f"evaluate {variant}: class accuracy and {cfg.bootstrap_samples} bootstrap resamples"):
+            metrics.update(sample_intervals(images_NCHW, labels_N, metrics, reference, cfg, args.feature_net,
+                                            device, params.seed))
         if cfg.feature_space == "domain":   # the ceiling: the same classifier on real val images
             metrics["class_acc_domain_real"] = feature_net_metrics(args.feature_net)["val_accuracy"]
         metrics["num_samples"] = len(images_NCHW)
@@ -83,7 +91,14 @@ def main(argv: list[str] | None = None) -> int:
         protocol = fid_protocol(cfg, num_samples=len(images_NCHW),
                                 **sampling_settings(params, args.schedule, samples_path.parent))
         tracker.log_metrics(metrics)
+        # params too: the UI's chart view and parallel coordinates compare evaluate runs by depth/steps
+        tracker.log_params({"depth": args.depth, "steps": metrics["steps"], "schedule": args.schedule})
         tracker.log_params({f"protocol.{k}": v for k, v in protocol.items()})
+        fid_key = f"fid_{cfg.feature_space}"
+        if fid_key in metrics:   # the registry: the flexvar-d{depth} version these samples came from
+            tag_model_version(tracker, args.depth, model_sha256(samples_path.parent),
+                              {f"{fid_key}/{args.schedule}": metrics[fid_key],
+                               f"evaluate_run/{args.schedule}": tracker.run_id})
         tracker.set_tags({"protocol": protocol["summary"]})
         metrics["protocol"] = protocol["summary"]
         write_json(out, metrics)

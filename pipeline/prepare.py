@@ -15,6 +15,8 @@ from flexvar.data.prepare import prepare
 from flexvar.errors import command
 from flexvar.outputs import check_out_dir, mark_ours
 from flexvar.seeding import seed_everything
+from datasets import load_from_disk
+
 from pipeline.tracking import stage_run
 
 PARAM_KEYS = ["seed", "data"]
@@ -34,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
                         {"num_skipped": stats["num_skipped"], "num_resized_up": sum(stats["resized_up"].values())})
         for name in ("stats.json", "preview.png"):
             log.log_artifact(Path(args.out) / name)
+        prepared = load_from_disk(args.out)        # memory-mapped Arrow: nothing is read into RAM here
+        for split in prepared:
+            log.log_input(prepared[split], f"{params.data.source}/{split}", params.data.source, split)
     print(f"prepare: wrote {args.out}: " + ", ".join(f"{k}={v}" for k, v in stats["totals"].items())
           + f", skipped={stats['num_skipped']}, resized up={sum(stats['resized_up'].values())}"
           + f", hash={stats['content_hash'][:12]}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pipeline.common import setup_torch, stage_args
+from pipeline.common import phase, setup_torch, stage_args
 
 from flexvar.config import load_params
 from flexvar.data.splits import ImagesOnly, load_split
@@ -44,8 +44,10 @@ def main(argv: list[str] | None = None) -> int:
                 reference = load_split(args.prepared, cfg.reference_split, params.data.in_memory_mb)
                 images = reference.images_NCHW if reference.in_memory else ImagesOnly(reference)   # large: from disk
                 workers = not reference.in_memory and params.data.num_workers > 0
-            info = compute_reference(images, tmp / cfg.feature_space, cfg, args.feature_net, device, params.seed,
-                                     workers=workers)
+            what = f"{len(images)} {cfg.reference_split} images" if images is not None else cfg.reference
+            with phase(f"reference_stats: {cfg.feature_space} features and statistics of {what}"):
+                info = compute_reference(images, tmp / cfg.feature_space, cfg, args.feature_net, device,
+                                         params.seed, workers=workers)
         tracker.log_metrics({f"reference_{k}": v for k, v in info["self_metrics"].items()})
         tracker.log_metrics({"reference_images": info["num_images"] or 0})
         tracker.log_artifact(out_dir / "reference.json")

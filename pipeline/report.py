@@ -7,7 +7,9 @@ reports/class_acc_vs_steps.png (its companion: class accuracy of samples, real-i
 reports/fid_vs_steps.csv (DVC plot with pipeline/fid_vs_steps.vega.json: x = steps, one line per depth).
 Both PNGs draw the 95% bootstrap intervals as error bars.
 MLflow: the report run and the pipeline's parent run both get the files and the per-variant metrics
-(`fid_<space>_d{depth}_{schedule}`, ...); one top-level `FID vs steps d{depth}` run per depth holds the curve.
+(`fid_<space>_d{depth}_{schedule}`, ...). FID across depths and steps is compared in the UI on the
+evaluate runs themselves (params depth, steps, schedule; metric fid_<space>): chart view or parallel
+coordinates, no extra runs.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from flexvar.evaluation.report import (
 )
 from flexvar.outputs import check_in_dir, check_out_dir
 from flexvar.transformer.schedules import schedule_size, schedule_steps
-from pipeline.tracking import parent_logger, stage_run, summary_run
+from pipeline.tracking import parent_logger, stage_run
 
 PARAM_KEYS = ["variants", "sample.schedules", "data.resolution", "evaluate.feature_space"]
 
@@ -62,19 +64,6 @@ def collect(params, metrics_dir: Path) -> list[dict]:
     return sort_rows(rows)
 
 
-def log_curves(tracker, rows: list[dict], space: str) -> None:
-    """One run per depth, `FID vs steps d{depth}`, whose metric `fid_<space>_vs_steps` has the FID of
-    each schedule at step = its number of steps (other output sizes: `..._vs_steps_<HxW>`). In the
-    MLflow UI's chart view these runs draw FID against steps, one line per depth (README)."""
-    for depth in sorted({r["depth"] for r in rows}):
-        curve = summary_run(tracker, f"FID vs steps d{depth}", {"flexvar_role": "fid_curve", "depth": str(depth),
-                                                                 "feature_space": space})
-        for r in sorted((r for r in rows if r["depth"] == depth), key=lambda r: r["steps"]):
-            key = f"fid_{space}_vs_steps" + ("" if r["size"] == r["train_size"] else f"_{r['size']}")
-            curve.log_metrics({key: r[f"fid_{space}"]}, step=r["steps"])
-        curve.close()
-
-
 @command("report")
 def main(argv: list[str] | None = None) -> int:
     args = stage_args(__doc__, argv, metrics_dir={"default": "metrics/eval"}, out={"default": "reports"})
@@ -98,7 +87,6 @@ def main(argv: list[str] | None = None) -> int:
             for name in ("fid_table.md", "fid_table.json", "fid_vs_steps.png", "class_acc_vs_steps.png",
                          "fid_vs_steps.csv"):
                 log.log_artifact(out / name)
-        log_curves(tracker, rows, space)
     print(table)
     return 0
 

@@ -30,10 +30,12 @@ from flexvar.generation.generate import ScheduleError, class_labels, generate_ba
 from flexvar.generation.memory import check_generation_memory
 from flexvar.grid import GRID_MAX_CLASSES, class_grid, class_grid_size, shown_classes
 from flexvar.outputs import check_out_dir, replace_dir
-from flexvar.transformer.checkpoint import load_flexvar_with_tokenizer
+from flexvar.checkpoint import file_sha256
+from flexvar.transformer.checkpoint import flexvar_path, load_flexvar_with_tokenizer
 from pipeline.tracking import stage_run
 
-PARAM_KEYS = ["seed", "sample"]
+PARAM_KEYS = ["seed", "sample.per_class", "sample.batch_size", "sample.cfg", "sample.cfg_schedule", "sample.top_k",
+              "sample.top_p", "sample.precision", "sample.greedy_rule", "sample.max_memory_gb"]   # + its schedule
 GRID_PER_CLASS = 8
 
 
@@ -134,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     class_names = list(meta.get("class_names") or [str(c) for c in range(meta["num_classes"])])
     labels = class_labels(meta["num_classes"], cfg.per_class)
     memory = check_memory(cfg, name, model, vqvae, scales, len(labels), len(class_names))
-    with stage_run("sample", params, PARAM_KEYS, variant=f"d{d}/{name}") as log:
+    with stage_run("sample", params, PARAM_KEYS + [f"sample.schedules.{name}"], variant=f"d{d}/{name}") as log:
         t0 = time.perf_counter()
         with replace_dir(out, "sample") as tmp:
             writer = SampleWriter(tmp, labels, class_names)
@@ -149,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
                     "size": list(part.images.shape[-2:]), "num_images": len(labels), "seconds": seconds,
                     "images_per_s": len(labels) / seconds, "device": str(device), "precision": cfg.precision,
                     "cfg": cfg.cfg, "cfg_schedule": cfg.cfg_schedule, "top_k": cfg.top_k, "top_p": cfg.top_p,
-                    "greedy_rule": cfg.greedy_rule, "grid": grid, "memory_estimate_gb": memory / 1024 ** 3}
+                    "greedy_rule": cfg.greedy_rule, "grid": grid, "memory_estimate_gb": memory / 1024 ** 3,
+                    "model_sha256": file_sha256(flexvar_path(model_dir))}   # evaluate tags the registered version
             write_json(tmp / "info.json", info)
         log.log_metrics({"images_per_s": info["images_per_s"], "sample_seconds": seconds,
                          "num_images": len(labels), "steps": len(scales)})

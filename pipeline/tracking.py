@@ -17,22 +17,33 @@ A server that does not answer fails the stage within seconds, naming the URI, un
 One parent run per pipeline execution. Each stage is its own process, so the parent is found by
 a *pipeline run id* that all stages of one execution agree on:
   - FLEXVAR_PARENT_RUN_ID set: that run is the parent (orchestrators that create it themselves);
-  - else FLEXVAR_PIPELINE_RUN_ID set: that string is the pipeline run id (Prefect/Ray flows, tests);
-  - else under `dvc repro` / `dvc exp run` (DVC_STAGE is set): the id of the dvc process itself
-    (boot id + pid + start time from /proc, the first ancestor without DVC_STAGE in its environment),
-    so every stage of one `dvc repro` shares it and the next `dvc repro` gets a new one;
+  - else FLEXVAR_PIPELINE_RUN_ID set: that string is the pipeline run id (the Prefect/Ray flow sets it
+    for every stage it runs; tests);
+  - else under `dvc repro` / `dvc exp run` (DVC_STAGE is set; dvc gives its stages no per-execution id):
+    the dvc process itself, found with psutil (Linux, macOS, Windows): pid + start time of the first
+    ancestor without DVC_STAGE in its environment, so every stage of one `dvc repro` shares it and the
+    next `dvc repro` gets a new one;
   - else this process alone (a stage run by hand gets its own parent).
 The parent is the run tagged `pipeline_run_id=<id>, flexvar_role=pipeline` in the experiment,
 created by the first stage (under a file lock in .flexvar/, so concurrent stages make one).
 The parent is marked finished after each stage ends, so its end time is the last stage's.
+
+Every run carries MLflow's standard tags (mlflow.user, mlflow.source.name/type, mlflow.source.git.commit,
+mlflow.runName: `standard_tags`, resolved by MLflow's own run-context registry, as `mlflow.start_run`
+does). Training stages record system metrics (MLflow's SystemMetricsMonitor: CPU, memory, GPU) and log
+their model with `mlflow.pytorch.log_model` (a signature, registered as `flexvar-d{depth}` /
+`flexvar-tokenizer`, the version tagged with the weights' sha256); `evaluate` tags the version its
+samples came from with its FID (`tag_model_version`). `prepare` logs the dataset with `log_input`.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import os
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
@@ -54,6 +65,7 @@ EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 RUNS_PAGE = "{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 MLFLOW_UI_BASE = "http://127.0.0.1:5000"   # where `mlflow ui` serves by default
 PARAM_CHUNK = 100     # MLflow's log_batch limit on params per call
+SYSTEM_METRICS_INTERVAL_S = 5.0   # training stages: one system/* sample every 5 s
 METRIC_CHUNK = 1000   # ... and on metrics per call
 
 
@@ -157,59 +169,32 @@ def open_experiment(params: Params, root: Path) -> Experiment:
     return Experiment(client, _experiment_id(client, params.tracking.experiment, embedded, root), uri)
 
 
-def _proc_start(pid: int) -> str | None:
-    """Start time (clock ticks since boot) of a process, from /proc/<pid>/stat; None off Linux."""
+def _dvc_process_key() -> str | None:
+    """'<pid>-<start time>' of the dvc process running this stage: the first ancestor without
+    DVC_STAGE in its environment (psutil: portable); None when it cannot be read."""
+    import psutil
+
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        for proc in psutil.Process(os.getpid()).parents():
+            if "DVC_STAGE" not in proc.environ():
+                return f"{proc.pid}-{int(proc.create_time() * 1000)}"
+    except (psutil.Error, OSError):
         return None
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
-def _proc_ppid(pid: int) -> int | None:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _has_dvc_stage(pid: int) -> bool:
-    try:
-        return b"\0DVC_STAGE=" in b"\0" + Path(f"/proc/{pid}/environ").read_bytes()
-    except OSError:
-        return False
-
-
-def _boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8]
-    except OSError:
-        return "noboot"
-
-
-def _process_key(pid: int) -> str:
-    return f"{_boot_id()}-{pid}-{_proc_start(pid) or int(time.time())}"
-
-
-def _dvc_process() -> int | None:
-    """Pid of the dvc process running this stage: the first ancestor without DVC_STAGE in its env."""
-    pid = os.getppid()
-    while pid and pid > 1:
-        if not _has_dvc_stage(pid):
-            return pid
-        pid = _proc_ppid(pid)
     return None
 
 
 def pipeline_run_id() -> str:
     """The id shared by all stages of one pipeline execution (see the module docstring)."""
+    import psutil
+
     if os.environ.get("FLEXVAR_PIPELINE_RUN_ID"):
         return os.environ["FLEXVAR_PIPELINE_RUN_ID"]
     if os.environ.get("DVC_STAGE"):
-        pid = _dvc_process()
-        if pid is not None:
-            return f"dvc-{_process_key(pid)}"
-    return f"proc-{_process_key(os.getpid())}"
+        key = _dvc_process_key()
+        if key is not None:
+            return f"dvc-{key}"
+    me = psutil.Process(os.getpid())
+    return f"proc-{me.pid}-{int(me.create_time() * 1000)}"
 
 
 # --------------------------------------------------------------------------- tags
@@ -223,6 +208,28 @@ def git_commit(root: Path) -> str:
     if out.returncode != 0:
         return "unknown"
     return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def standard_tags(root: Path, run_name: str) -> dict[str, str]:
+    """MLflow's standard run tags as `mlflow.start_run` sets them (its run-context registry: mlflow.user,
+    mlflow.source.name, mlflow.source.type, and mlflow.source.git.commit where the entry point is in a
+    git checkout), with the project's commit and the run name made explicit."""
+    from mlflow.tracking.context.registry import resolve_tags
+    from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_RUN_NAME, MLFLOW_SOURCE_NAME, MLFLOW_USER
+
+    tags = dict(resolve_tags())
+    tags.setdefault(MLFLOW_USER, os.environ.get("USER") or os.environ.get("USERNAME") or "unknown")
+    tags.setdefault(MLFLOW_SOURCE_NAME, " ".join(["python", *sys.argv])[:500])
+    commit = git_commit(root)
+    if commit != "unknown":
+        tags[MLFLOW_GIT_COMMIT] = commit.removesuffix("-dirty")
+    tags[MLFLOW_RUN_NAME] = run_name
+    return tags
+
+
+def create_run(client, experiment_id: str, root: Path, run_name: str, tags: dict[str, str]):
+    """client.create_run with MLflow's standard tags under `tags` (one way every run of the project is made)."""
+    return client.create_run(experiment_id, run_name=run_name, tags={**standard_tags(root, run_name), **tags})
 
 
 def dvc_lock_hash(root: Path) -> str:
@@ -263,8 +270,8 @@ def parent_run(client, experiment_id: str, run_key: str, root: Path, base_tags: 
         if found:
             return found[0].info.run_id
         name = f"pipeline {time.strftime('%Y-%m-%d %H:%M:%S')}"
-        run = client.create_run(experiment_id, run_name=name,
-                                tags={**base_tags, "flexvar_role": "pipeline", "pipeline_run_id": run_key})
+        run = create_run(client, experiment_id, root, name,
+                         {**base_tags, "flexvar_role": "pipeline", "pipeline_run_id": run_key})
         return run.info.run_id
 
 
@@ -281,6 +288,18 @@ class MlflowLogger(RunLogger):
         self.client, self.run_id, self.parent_run_id = client, run_id, parent_run_id
         self.tracking_uri, self.experiment_id = tracking_uri, experiment_id
         self.status = "FINISHED"
+        self.monitor = None    # MLflow's SystemMetricsMonitor on training stages (`system_metrics`)
+
+    def system_metrics(self, interval_s: float | None = None) -> None:
+        """Record CPU/memory/disk/network (and GPU where there is one) as `system/*` metrics until close,
+        one sample every SYSTEM_METRICS_INTERVAL_S (MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides)."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        interval_s = interval_s or float(os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL")
+                                         or SYSTEM_METRICS_INTERVAL_S)
+        self.monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval_s, samples_before_logging=1,
+                                            tracking_uri=self.tracking_uri)
+        self.monitor.start()
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -308,7 +327,45 @@ class MlflowLogger(RunLogger):
         for k, v in tags.items():
             self.client.set_tag(self.run_id, k, str(v))
 
+    def log_input(self, dataset, name: str, source: str, context: str) -> None:
+        """A Hugging Face `datasets.Dataset` (the prepared split) as an input of the run, as `mlflow.log_input`
+        records it: name, source, digest (of its first rows and fingerprint), schema and row count."""
+        import warnings
+
+        import mlflow.data
+        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        with warnings.catch_warnings():   # schema inference's hint about integer labels
+            warnings.simplefilter("ignore", UserWarning)
+            entity = mlflow.data.from_huggingface(dataset, path=source, name=name)._to_mlflow_entity()
+        self.client.log_inputs(self.run_id, [DatasetInput(entity, [InputTag(MLFLOW_DATASET_CONTEXT, context)])])
+
+    def log_model(self, model, name: str, registered_name: str, signature, version_tags: dict[str, str]):
+        """`mlflow.pytorch.log_model` on this run, registered as `registered_name`; returns the version.
+
+        Requirements are given (not inferred: inference imports the model in a subprocess, slow), and the
+        weights are pickled with the model's class, so `mlflow.pytorch.load_model` needs flexvar installed."""
+        import mlflow
+        import mlflow.pytorch
+        import torch
+
+        mlflow.set_tracking_uri(self.tracking_uri)
+        model = copy.deepcopy(model).to("cpu").eval()   # loads anywhere; the stage's model is left as it is
+        reqs = [f"torch=={torch.__version__.split('+')[0]}", "einops", "flexvar-pipeline"]
+        with mlflow.start_run(run_id=self.run_id):
+            info = mlflow.pytorch.log_model(model, name=name, signature=signature, pip_requirements=reqs,
+                                            serialization_format="pickle",   # any forward, no tracing
+                                            registered_model_name=registered_name, await_registration_for=60)
+        self.client.update_run(self.run_id, status="RUNNING")   # the stage is not over; close() ends it
+        version = str(info.registered_model_version)
+        for k, v in version_tags.items():
+            self.client.set_model_version_tag(registered_name, version, k, str(v))
+        return version
+
     def close(self) -> None:
+        if self.monitor is not None:
+            self.monitor.finish()
         self.client.set_terminated(self.run_id, self.status)
         self.client.set_terminated(self.parent_run_id, self.status)
 
@@ -321,17 +378,50 @@ def parent_logger(logger: RunLogger) -> RunLogger:
                         logger.experiment_id)
 
 
-def summary_run(logger: RunLogger, name: str, tags: dict[str, str]) -> RunLogger:
-    """A new top-level run of the same pipeline execution (tags pipeline_run_id, parent_run_id), e.g. one
-    FID-vs-steps curve per depth: top level, so the UI's chart view draws it without expanding the parent."""
-    if not isinstance(logger, MlflowLogger):
-        return UntrackedLogger()
-    own = logger.client.get_run(logger.run_id).data.tags
-    inherited = {k: own[k] for k in ("git_commit", "pipeline_run_id") if k in own}
-    run = logger.client.create_run(logger.experiment_id, run_name=name,
-                                   tags={**inherited, **tags, "parent_run_id": logger.parent_run_id})
-    curve = MlflowLogger(logger.client, run.info.run_id, run.info.run_id, logger.tracking_uri, logger.experiment_id)
-    return curve
+def model_signature(inputs: dict[str, tuple[str, tuple[int, ...]]], output: tuple[str, tuple[int, ...]]):
+    """An MLflow ModelSignature of tensors: inputs {name: (numpy dtype, shape)} (-1 = any), one output."""
+    import numpy as np
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(dt), shape, name) for name, (dt, shape) in inputs.items()]),
+                          outputs=Schema([TensorSpec(np.dtype(output[0]), output[1])]))
+
+
+def registered_name(depth: int | None) -> str:
+    """The model registry name: `flexvar-d{depth}` per transformer depth, `flexvar-tokenizer`."""
+    return "flexvar-tokenizer" if depth is None else f"flexvar-d{depth}"
+
+
+def log_transformer(logger: RunLogger, model, depth: int, weights_sha256: str, tags: dict[str, Any]) -> str | None:
+    """The trained FlexVAR as an MLflow model (signature: its teacher-forced forward), registered as
+    `flexvar-d{depth}`; the version is tagged with the weights' sha256 (evaluate finds it by that)."""
+    sig = model_signature({"label_B": ("int64", (-1,)), "x_BLCv": ("float32", (-1, -1, model.codebook_dim))},
+                          ("float32", (-1, -1, model.vocab_size)))
+    return logger.log_model(model, "transformer", registered_name(depth), sig,
+                            {"weights_sha256": weights_sha256, "depth": depth, **tags})
+
+
+def log_tokenizer(logger: RunLogger, model, weights_sha256: str, tags: dict[str, Any]) -> str | None:
+    """The trained VQVAE as an MLflow model (signature: image -> reconstruction, `VQVAE.reconstruct`),
+    registered as `flexvar-tokenizer`, the version tagged with the checkpoint's sha256."""
+    sig = model_signature({"image_BCHW": ("float32", (-1, 3, -1, -1))}, ("float32", (-1, 3, -1, -1)))
+    return logger.log_model(model, "tokenizer", registered_name(None), sig, {"weights_sha256": weights_sha256, **tags})
+
+
+def tag_model_version(logger: RunLogger, depth: int, weights_sha256: str, tags: dict[str, Any]) -> str | None:
+    """Tag the registered `flexvar-d{depth}` version whose weights have this sha256 (e.g. with its FID);
+    its version number, or None (untracked, or no such version: trained while tracking was off)."""
+    if not isinstance(logger, MlflowLogger) or not weights_sha256:
+        return None
+    name = registered_name(depth)
+    found = logger.client.search_model_versions(f"name = '{name}' and tags.weights_sha256 = '{weights_sha256}'")
+    if not found:
+        return None
+    version = max(found, key=lambda v: int(v.version)).version
+    for k, v in tags.items():
+        logger.client.set_model_version_tag(name, version, k, str(v))
+    return version
 
 
 class UntrackedLogger(RunLogger):
@@ -342,6 +432,15 @@ class UntrackedLogger(RunLogger):
     def set_tags(self, tags: dict[str, Any]) -> None:
         pass
 
+    def system_metrics(self, interval_s: float | None = None) -> None:
+        pass
+
+    def log_input(self, dataset, name: str, source: str, context: str) -> None:
+        pass
+
+    def log_model(self, model, name: str, registered_name: str, signature, version_tags: dict[str, str]) -> None:
+        return None
+
 
 def runs_page(uri: str, experiment_id: str) -> str:
     """The UI link that opens the experiment's runs table (a server URI is its own UI; a local store's
@@ -351,7 +450,7 @@ def runs_page(uri: str, experiment_id: str) -> str:
 
 
 def open_run(stage: str, params: Params, param_keys: list[str], tags: dict | None = None,
-             variant: str | None = None) -> RunLogger:
+             variant: str | None = None, system_metrics: bool = False) -> RunLogger:
     """Start the stage's child run (see `stage_run`); caller closes it."""
     from flexvar.distributed import is_main
 
@@ -373,9 +472,11 @@ def open_run(stage: str, params: Params, param_keys: list[str], tags: dict | Non
                 "mlflow.parentRunId": parent_id, **variant_tags(params, variant),
                 **{k: str(v) for k, v in (tags or {}).items()}}
     name = f"{stage} {variant}" if variant else stage
-    run = client.create_run(exp_id, run_name=name, tags=run_tags)
+    run = create_run(client, exp_id, root, name, run_tags)
     logger = MlflowLogger(client, run.info.run_id, parent_id, uri, exp_id)
     logger.log_params(select(params, param_keys))
+    if system_metrics:
+        logger.system_metrics()
     print(f"[tracking] {name}: run {run.info.run_id} (parent {parent_id}) in '{params.tracking.experiment}' "
           f"at {uri}; runs page: {runs_page(uri, exp_id)}", flush=True)
     return logger
@@ -383,12 +484,13 @@ def open_run(stage: str, params: Params, param_keys: list[str], tags: dict | Non
 
 @contextlib.contextmanager
 def stage_run(stage: str, params: Params, param_keys: list[str], tags: dict | None = None,
-              variant: str | None = None) -> Iterator[RunLogger]:
+              variant: str | None = None, system_metrics: bool = False) -> Iterator[RunLogger]:
     """One MLflow child run for a stage: params = select(params, param_keys); FAILED if the body raises.
+    `system_metrics`: MLflow's system metrics (system/cpu_utilization_percentage, ...) while it runs.
 
     Yields an `MlflowLogger` (or an `UntrackedLogger` when tracking is off and not required).
     """
-    logger = open_run(stage, params, param_keys, tags=tags, variant=variant)
+    logger = open_run(stage, params, param_keys, tags=tags, variant=variant, system_metrics=system_metrics)
     try:
         yield logger
     except BaseException as e:

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     check_in_dir(args.prepared, "--prepared", "dataset_dict.json", hint="run the prepare stage (dvc repro prepare)")
     device = setup_torch(params)
     cfg = params.evaluate
-    with stage_run("train_feature_net", params, PARAM_KEYS) as tracker:
+    with stage_run("train_feature_net", params, PARAM_KEYS, system_metrics=True) as tracker:
         train = load_split(args.prepared, "train", params.data.in_memory_mb)
         val = load_split(args.prepared, "val", params.data.in_memory_mb)
         logger = MultiLogger([tracker, CsvLogger(args.plot)])

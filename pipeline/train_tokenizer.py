@@ -86,7 +86,8 @@ def run(params, args: argparse.Namespace) -> None:
         print(f"train_tokenizer: resuming from {ckpt} at step {trainer.step}/{cfg.steps}", flush=True)
     plots = Path(args.plots)
     keep = trainer.step + 1 if resumed else None
-    with stage_run("train_tokenizer", params, PARAM_KEYS, tags={"resumed_from_step": trainer.step}) as tracker:
+    with stage_run("train_tokenizer", params, PARAM_KEYS, tags={"resumed_from_step": trainer.step},
+                   system_metrics=True) as tracker:
         def csv(name: str) -> RunLogger:   # ranks > 0 write no plots (and track nothing: pipeline/tracking.py)
             return CsvLogger(plots / name, resume_from_step=keep) if main_rank else RunLogger()
         logger = MultiLogger([tracker, csv("loss.csv")])
@@ -105,9 +106,11 @@ def write_outputs(params, trainer, val_images, args, tracker, device) -> None:
     """tokenizer.pt, metrics JSON, per-scale CSV and the recon grid, from the shipped weights."""
     from torchvision.utils import save_image
 
+    from flexvar.checkpoint import file_sha256
     from flexvar.tokenizer.vqvae import load_tokenizer, save_tokenizer
     from flexvar.tokenizer.training import evaluate_scales, recon_grid
     from pipeline.common import write_json
+    from pipeline.tracking import log_tokenizer
 
     path = save_tokenizer(trainer.model, params.tokenizer, args.out, state_dict=trainer.final_weights(),
                           extra={"trained_steps": trainer.step})
@@ -133,8 +136,9 @@ def write_outputs(params, trainer, val_images, args, tracker, device) -> None:
     save_image(grid.float() / 255, plots / "recon_scales.png")
     tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=trainer.step)
     tracker.log_metrics({f"psnr_s{s}": e.psnr for s, e in ev["per_scale"].items()}, step=trainer.step)
-    for artifact in (path, args.metrics, plots / "recon_scales.png", plots / "psnr_per_scale.csv"):
+    for artifact in (args.metrics, plots / "recon_scales.png", plots / "psnr_per_scale.csv"):
         tracker.log_artifact(artifact)
+    log_tokenizer(tracker, model, file_sha256(path), {"psnr_full": metrics["psnr_full"], "steps": trainer.step})
     print(f"train_tokenizer: wrote {path}; val PSNR per scale "
           + " ".join(f"{s}:{e.psnr:.2f}" for s, e in ev["per_scale"].items()), flush=True)
 

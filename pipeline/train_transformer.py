@@ -34,7 +34,7 @@ from flexvar.transformer.model import FlexVAR
 from flexvar.transformer.checkpoint import save_flexvar
 from flexvar.transformer.training import (RESUME_FILE, build_fingerprint, evaluate, plan_batches,
                                           resume_state, train_transformer)
-from pipeline.tracking import stage_run
+from pipeline.tracking import log_transformer, stage_run
 
 PARAM_KEYS = ["seed", "transformer", "schedule", "train_transformer"]
 
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     resumed = resume_state(out, fingerprint)
     start = resumed["step"] if resumed else None
     t0 = time.perf_counter()
-    with stage_run("train_transformer", params, PARAM_KEYS, variant=f"d{d}") as log:
+    with stage_run("train_transformer", params, PARAM_KEYS, variant=f"d{d}", system_metrics=True) as log:
         log.log_metrics({"num_params": model.num_params()})
         # ranks > 0 write nothing (their `log` is untracked too: pipeline/tracking.py)
         train_csv = CsvLogger(plots / "train.csv", resume_from_step=start) if main_rank else RunLogger()
@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         write_json(metrics_path, summary)
         for artifact in (metrics_path, plots / "train.csv", plots / "val.csv"):
             log.log_artifact(artifact)
+        log_transformer(log, model, d, file_sha256(path), {"val_loss": summary["val_loss"], "steps": result.step})
     print(f"train_transformer: d{d} wrote {path}: val_loss={summary['val_loss']:.4f} "
           f"val_acc={summary['val_acc']:.4f} in {summary['seconds']:.0f}s")
     return 0

@@ -41,7 +41,7 @@ def kill_first_trial_after_report(work: Path, killed: list, stop: threading.Even
     while not stop.is_set():
         for trial in sorted(work.glob("*")) if work.is_dir() else []:
             pids = trial / "pids"
-            if (trial / "resume.pt").is_file() and pids.is_file():
+            if any(trial.glob("*/*/resume.pt")) and pids.is_file():   # start-<pid>/seed<s>/resume.pt
                 pid = int(pids.read_text().split()[0])
                 os.kill(pid, signal.SIGKILL)
                 killed.append(trial.name)
@@ -136,7 +136,7 @@ def test_sweep_restore_after_interrupt(sweep_dir):
     driver = subprocess.Popen(cmd, cwd=sweep_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               start_new_session=True)
     deadline = time.monotonic() + 240
-    while not list(work.glob("*/resume.pt")) and driver.poll() is None and time.monotonic() < deadline:
+    while not list(work.glob("*/*/*/resume.pt")) and driver.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
     assert driver.poll() is None, driver.stdout.read().decode()[-3000:]
     driver.send_signal(signal.SIGINT)                               # Ctrl-C: Tune saves its state and stops

@@ -230,3 +230,101 @@ def test_runs_page_link_sets_the_model_training_view():
         "http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning"
     assert runs_page("http://tracking.example:8080/", "7") == \
         "http://tracking.example:8080/#/experiments/7/runs?workflowType=machine_learning"
+
+
+# Stages as the pipeline runs them, in a git checkout: prepare logs its dataset, train_transformer its
+# model (registered per depth) with system metrics, evaluate tags the version its samples came from.
+MODEL_SCRIPT = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    import datasets
+    from flexvar.checkpoint import file_sha256
+    from flexvar.config import load_params
+    from flexvar.transformer.checkpoint import save_flexvar
+    from pipeline.tracking import log_transformer, stage_run, tag_model_version
+    from tests.tiny_checkpoint import tiny_models
+
+    params = load_params("params.yaml")
+    stage = sys.argv[1]
+    if stage == "prepare":
+        with stage_run("prepare", params, ["seed"]) as log:
+            ds = datasets.Dataset.from_dict({"label": [0, 1, 2, 3], "x": [0.5, 1.5, 2.5, 3.5]})
+            log.log_input(ds, "builtin:test/train", "builtin:test", "train")
+    elif stage == "train":
+        depth, seed = int(sys.argv[2]), int(sys.argv[3])
+        with stage_run("train_transformer", params, ["seed"], variant=f"d{depth}", system_metrics=True) as log:
+            model, _ = tiny_models(seed=seed)
+            path = save_flexvar(f"models/d{depth}_{seed}", model, latent_hw=(8, 8), downsample=2, tokenizer_dir="tok")
+            time.sleep(2.5)                                 # the monitor samples every second here
+            print("VERSION", log_transformer(log, model, depth, file_sha256(path), {"val_loss": 1.25}))
+    else:
+        depth, seed = int(sys.argv[2]), int(sys.argv[3])
+        sha = file_sha256(f"models/d{depth}_{seed}/flexvar.pt")
+        with stage_run("evaluate", params, ["seed"], variant=f"d{depth}/short") as log:
+            print("TAGGED", tag_model_version(log, depth, sha, {"fid_domain/short": 3.5}))
+""")
+
+
+@pytest.mark.slow   # a real mlflow server process, stage subprocesses
+def test_standard_tags_registered_models_dataset_and_system_metrics(mlflow_server, tmp_path, monkeypatch):
+    import mlflow.pytorch
+    from mlflow import MlflowClient
+
+    import pipeline.tracking as tracking
+
+    project = tmp_path / "proj"
+    project.mkdir()
+    (project / "params.yaml").write_text(yaml.safe_dump({"tracking": {"experiment": "models"}}))
+    (project / "stage.py").write_text(MODEL_SCRIPT)
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    subprocess.run(git + ["add", "-A"], cwd=project, check=True)
+    subprocess.run(git + ["commit", "-qm", "x"], cwd=project, check=True)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout.strip()
+    env = _env(MLFLOW_TRACKING_URI=mlflow_server, FLEXVAR_PIPELINE_RUN_ID="models-1",
+               MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1")
+    out = {}
+    # d2 trained twice: evaluate's samples come from the first, which is not the latest version
+    for args in (["prepare"], ["train", "2", "2"], ["train", "4", "4"], ["train", "2", "7"], ["evaluate", "2", "2"]):
+        r = subprocess.run([PY, "stage.py", *args], cwd=project, env=env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-3000:]
+        out[" ".join(args)] = r.stdout
+    assert "VERSION 1" in out["train 2 2"] and "VERSION 1" in out["train 4 4"] and "VERSION 2" in out["train 2 7"]
+    assert "TAGGED 1" in out["evaluate 2 2"]
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)   # for the fluent model API below
+    client = MlflowClient(tracking_uri=mlflow_server)
+    exp = client.get_experiment_by_name("models")
+    runs = client.search_runs([exp.experiment_id], "tags.pipeline_run_id = 'models-1'")
+    assert len(runs) == 6   # the parent and five stages
+    for run in runs:
+        tags = run.data.tags
+        assert tags["mlflow.user"] and tags["mlflow.source.type"] == "LOCAL", tags
+        assert tags["mlflow.source.name"].endswith("stage.py"), tags
+        assert tags["mlflow.source.git.commit"] == head
+        assert tags["mlflow.runName"] == run.info.run_name
+    by_stage = {(r.data.tags.get("stage"), r.data.tags.get("variant")): r for r in runs}   # d2: the later run
+    trains = sorted((r for r in runs if r.data.tags.get("stage") == "train_transformer"), key=lambda r: r.info.start_time)
+
+    # the prepared dataset as a run input
+    inputs = client.get_run(by_stage[("prepare", None)].info.run_id).inputs.dataset_inputs
+    assert [(i.dataset.name, i.dataset.source_type) for i in inputs] == [("builtin:test/train", "hugging_face")]
+    assert inputs[0].dataset.digest and '"num_rows": 4' in inputs[0].dataset.profile
+    assert [(t.key, t.value) for t in inputs[0].tags] == [("mlflow.data.context", "train")]
+
+    # one registered model per depth, its version from the training run, with signature and tags
+    for depth, train_run, number in ((2, trains[0], "1"), (4, trains[1], "1"), (2, trains[2], "2")):
+        version = client.get_model_version(f"flexvar-d{depth}", number)
+        assert version.run_id == train_run.info.run_id
+        assert version.tags["weights_sha256"] and version.tags["depth"] == str(depth)
+        info = mlflow.models.get_model_info(version.source)
+        assert [i["name"] for i in info.signature.inputs.to_dict()] == ["label_B", "x_BLCv"]
+        system = [k for k in client.get_run(train_run.info.run_id).data.metrics if k.startswith("system/")]
+        assert "system/cpu_utilization_percentage" in system, system
+    d2 = client.get_model_version("flexvar-d2", "1")
+    assert d2.tags["fid_domain/short"] == "3.5"
+    assert "fid_domain/short" not in client.get_model_version("flexvar-d2", "2").tags   # other weights: untouched
+    assert "fid_domain/short" not in client.get_model_version("flexvar-d4", "1").tags
+    loaded = mlflow.pytorch.load_model("models:/flexvar-d2/1")
+    assert type(loaded).__name__ == "FlexVAR" and loaded.vocab_size == 32
+    assert tracking.registered_name(2) == "flexvar-d2"

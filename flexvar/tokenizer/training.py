@@ -369,7 +369,8 @@ class TokenizerTrainer:
                 full = full or max(self.data.image_hw) // self.model.downsample
                 ev = evaluate_scales(self.model, val_images_NCHW, list(range(1, full + 1)), self.device,
                                      self.precision)
-                val_logger.log_metrics({**{f"val_psnr_s{s}": e.psnr for s, e in ev["per_scale"].items()},
+                val_logger.log_metrics({"val_psnr_full": ev["per_scale"][full].psnr,   # the DVC plot's y, any size
+                                        **{f"val_psnr_s{s}": e.psnr for s, e in ev["per_scale"].items()},
                                         "val_usage": ev["usage"]}, step=self.step)
             if main and ckpt_path is not None and (self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps):
                 self.save(ckpt_path)
