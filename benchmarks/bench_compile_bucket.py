@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import benchmarks.bench_transformer as BT  # noqa: E402
 from benchmarks.side_by_side import add_threads_arg, machine, setup_process  # noqa: E402
 from flexvar.config import ScheduleConfig  # noqa: E402
-from flexvar.transformer.schedules import ScheduleSampler, num_tokens  # noqa: E402
+from flexvar.schedules import ScheduleSampler, num_tokens  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -31,7 +31,7 @@ from flexvar.config import ScheduleConfig, TrainTransformerConfig, TransformerCo
 from flexvar.data.latent_cache import LatentSplit  # noqa: E402
 from flexvar.tokenizer.quantizer import MultiScaleQuantizer  # noqa: E402
 from flexvar.transformer.model import FlexVAR  # noqa: E402
-from flexvar.transformer.schedules import ScheduleSampler  # noqa: E402
+from flexvar.schedules import ScheduleSampler  # noqa: E402
 from flexvar.optim import make_adamw  # noqa: E402
 from flexvar.transformer.training import batch_indices, forward_backward  # noqa: E402
 

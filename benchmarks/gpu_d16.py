@@ -36,12 +36,13 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flexvar.config import ScheduleConfig, TokenizerConfig, TrainTransformerConfig, TransformerConfig  # noqa: E402
+from flexvar.config import SamplingSettings  # noqa: E402
 from flexvar.generation.generate import generate_batch, make_generator  # noqa: E402
 from flexvar.data.latent_cache import LatentSplit  # noqa: E402
 from flexvar.tokenizer.quantizer import MultiScaleQuantizer  # noqa: E402
 from flexvar.tokenizer.vqvae import VQVAE  # noqa: E402
 from flexvar.transformer.model import FlexVAR  # noqa: E402
-from flexvar.transformer.schedules import ScheduleSampler, num_tokens  # noqa: E402
+from flexvar.schedules import ScheduleSampler, num_tokens  # noqa: E402
 from flexvar.optim import make_adamw  # noqa: E402
 from flexvar.transformer.training import batch_indices, forward_backward  # noqa: E402
 
@@ -177,8 +178,8 @@ def bench_sample(batch: int) -> dict:
     gen = make_generator(0, DEV)
 
     def run(decode: bool):
-        return generate_batch(model, vq, labels, SCALES, cfg=2.5, top_k=900, top_p=0.96, generator=gen,
-                              decode=decode, precision="bf16")
+        return generate_batch(model, vq, labels, SCALES, SamplingSettings(guidance=2.5, top_k=900, top_p=0.96,
+                              precision="bf16"), generator=gen, decode=decode)
     out = {"batch": batch, "image_px": 256, "steps": len(SCALES)}
     for decode in (False, True):
         run(decode)

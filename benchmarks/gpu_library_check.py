@@ -26,7 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flexvar.config import ScheduleConfig, TokenizerConfig, TrainTokenizerConfig, TrainTransformerConfig, TransformerConfig  # noqa: E402
 from flexvar.data.splits import ImageSplit, to_unit_range  # noqa: E402
 from flexvar.generation.editing import box_mask, extend, inpaint, outpaint, refine  # noqa: E402
-from flexvar.generation.generate import generate, resolve_schedule  # noqa: E402
+from flexvar.config import SamplingSettings  # noqa: E402
+from flexvar.generation.generate import generate  # noqa: E402
+from flexvar.schedules import resolve_schedule  # noqa: E402
 from flexvar.data.latent_cache import LatentSplit, encode_batches  # noqa: E402
 from flexvar.data.sampling import RangeBatchSampler  # noqa: E402
 from flexvar.data.synthetic import SHAPES_CLASSES, render_shapes  # noqa: E402
@@ -100,7 +102,7 @@ def transformer_part(vq, train: LatentSplit, val: LatentSplit, device, tmp: Path
 def generation_part(models: dict, vq, val, device, report: dict) -> None:
     gt = models["gt"]
     labels = torch.arange(8) % 8
-    kw = dict(cfg=2.0, top_k=50, seed=0, batch_size=8, precision="auto")
+    kw = dict(sampling=SamplingSettings(guidance=2.0, top_k=50, precision="auto"), seed=0, batch_size=8)
 
     def sched(**a):
         return resolve_schedule(train_latent_hw=(8, 8), downsample=8, **a)

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flexvar.config import ScheduleConfig, load_params  # noqa: E402
 from flexvar.data.synthetic import BUILTIN, render_shapes  # noqa: E402
 from flexvar.tokenizer.training import TokenizerTrainer, evaluate_scales  # noqa: E402
+from flexvar.schedules import sampler_config  # noqa: E402
 
 
 def builtin_images(name: str, n: int, resolution: int, seed: int) -> torch.Tensor:
@@ -89,7 +90,7 @@ def run_setting(name: str, spec: str, raw: dict, steps: int, n_val: int, tmp: Pa
     return {"setting": name, "overrides": spec, "steps": params.train_tokenizer.steps,
             "source": d.source, "resolution": d.resolution, "batch_size": params.train_tokenizer.batch_size,
             "downsample": trainer.model.downsample, "latent": full,
-            "tokens_canonical": params.schedule.resolved(full).max_tokens,   # what the transformer and sampler pay
+            "tokens_canonical": sampler_config(params.schedule, full).max_tokens,   # what the transformer and sampler pay
             "params_M": sum(p.numel() for p in trainer.model.parameters()) / 1e6,
             "train_minutes": round(minutes, 2), "train_cpu_minutes": round(cpu_minutes, 2), "s_per_step": round(minutes * 60 / params.train_tokenizer.steps, 3),
             "psnr_full": round(ev["per_scale"][full].psnr, 2),
@@ -115,7 +116,7 @@ def markdown(rows: list[dict]) -> str:
         lines.append("| " + " | ".join([
             r["setting"], f"`{r['overrides'] or '(params.yaml)'}`",
             f"{r.get('source', 'builtin:shapes').split(':')[-1]} {r.get('resolution', 64)} px", str(r["steps"]), f"{r['latent']}x{r['latent']}",
-            f"{r['latent'] ** 2} / {r.get('tokens_canonical') or ScheduleConfig().resolved(r['latent']).max_tokens}",
+            f"{r['latent'] ** 2} / {r.get('tokens_canonical') or sampler_config(ScheduleConfig(), r['latent']).max_tokens}",
             f"{r['params_M']:.2f}", f"{r['train_minutes']:.1f}", f"{r['train_cpu_minutes']:.1f}",
             f"{r['load_start']:.0f}-{r['load_end']:.0f}", f"{r['psnr_full']:.2f}", per_scale, f"{r['usage']:.3f}",
             _with_ci(r, "class_acc_domain", 3), _with_ci(r, "fid_domain", 2)]) + " |")

@@ -36,6 +36,7 @@ import yaml
 from prefect import flow, get_run_logger
 
 from flexvar.config import ConfigError, Params, load_params, load_params_dict
+from flexvar.schedules import sampler_config
 from flexvar.run_logger import RunLogger
 
 RESULTS_DIR = "ray_results"
@@ -67,7 +68,7 @@ def sweep_base(params: Params) -> dict:
     """params.yaml's settings with the sampler's null settings (canonical, groups, max_tokens) filled in
     for the latent size, so `sweep.search_space` can name them (`schedule.groups.0.0`)."""
     base = params.model_dump(mode="json")
-    base["schedule"] = params.schedule.resolved(params.latent_size).model_dump(mode="json")
+    base["schedule"] = sampler_config(params.schedule, params.latent_size).model_dump(mode="json")
     return base
 
 
@@ -174,7 +175,7 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
 
     from flexvar.device import pick_device
     from flexvar.data.latent_cache import load_latents
-    from flexvar.generation.generate import spec_scales
+    from flexvar.schedules import spec_scales
     from flexvar.seeding import seed_everything
     from flexvar.tokenizer.vqvae import load_tokenizer
     from flexvar.transformer.model import FlexVAR

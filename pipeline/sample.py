@@ -6,8 +6,9 @@
 Writes OUT/samples.npz (`arr_0` uint8 (N, H, W, 3) — the OpenAI ADM evaluator's layout — and
 `labels` int64 (N,); uncompressed, streamed batch by batch so 50,000 samples need one batch of
 memory), OUT/images/{i:05d}_c{label}.png, OUT/grid.png (one row per class) and OUT/info.json
-(schedule, size, timing). `sample.per_class` images per class, settings from `sample`
-(schedule `sample.schedules[SCHEDULE]`), seeded from `seed`.
+(schedule, size, timing, and `sampling`: the SamplingSettings the images were drawn with, as
+generation took them). `sample.per_class` images per class, settings from `sample` (schedule
+`sample.schedules[SCHEDULE]`), seeded from `seed`.
 """
 from __future__ import annotations
 
@@ -23,10 +24,11 @@ from pipeline.common import setup_torch, stage_args, write_json
 from flexvar.config import ConfigError, load_params
 from flexvar.data.splits import to_uint8
 from flexvar.errors import about, command
-from flexvar.generation.generate import ScheduleError, class_labels, generate_batches, spec_scales
+from flexvar.generation.generate import class_labels, generate_batches
 from flexvar.generation.memory import check_generation_memory
 from flexvar.grid import class_grid
 from flexvar.outputs import check_out_dir, replace_dir
+from flexvar.schedules import ScheduleError, spec_scales
 from flexvar.transformer.checkpoint import load_flexvar_with_tokenizer
 from pipeline.tracking import stage_run
 
@@ -100,34 +102,31 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     d, name = args.depth, args.schedule
     model_dir, out = Path(args.model or f"models/d{d}"), Path(args.out or f"samples/d{d}/{name}")
-    params = load_params(args.params)
+    params = load_params(args.params, uses=PARAM_KEYS)
     check_out_dir(out)
     device = setup_torch(params)
-    cfg = params.sample
+    cfg, sampling = params.sample, params.sample.sampling
     with about("--model"):
         model, vqvae, meta = load_flexvar_with_tokenizer(model_dir, device)
     scales = schedule_of(params, name, meta)
     class_names = list(meta.get("class_names") or [str(c) for c in range(meta["num_classes"])])
     labels = class_labels(meta["num_classes"], cfg.per_class)
-    check_generation_memory(model, vqvae, scales, min(cfg.batch_size, len(labels)), cfg.cfg > 0, cfg.max_memory_gb,
+    check_generation_memory(model, vqvae, scales, min(cfg.batch_size, len(labels)), sampling.guidance > 0, cfg.max_memory_gb,
                             what=f"sample.schedules.{name} with sample.batch_size {cfg.batch_size}",
                             setting="sample.max_memory_gb", num_images=len(labels))
     with stage_run("sample", params, PARAM_KEYS, variant=f"d{d}/{name}") as log:
         t0 = time.perf_counter()
         with replace_dir(out, "sample") as tmp:
             writer = SampleWriter(tmp, labels, class_names)
-            for part in generate_batches(model, vqvae, labels, scales, batch_size=cfg.batch_size, seed=params.seed,
-                                         cfg=cfg.cfg, cfg_schedule=cfg.cfg_schedule, top_k=cfg.top_k,
-                                         top_p=cfg.top_p, train_side=max(meta["latent_hw"]),
-                                         greedy_rule=cfg.greedy_rule, precision=cfg.precision, progress=True):
+            for part in generate_batches(model, vqvae, labels, scales, sampling, batch_size=cfg.batch_size,
+                                         seed=params.seed, train_side=max(meta["latent_hw"]), progress=True):
                 writer.write(to_uint8(part.images), part.labels)     # one batch: written, then dropped
             writer.close()
             seconds = time.perf_counter() - t0
             info = {"depth": d, "schedule": name, "scales": [list(s) for s in scales], "steps": len(scales),
                     "size": list(part.images.shape[-2:]), "num_images": len(labels), "seconds": seconds,
-                    "images_per_s": len(labels) / seconds, "device": str(device), "precision": cfg.precision,
-                    "cfg": cfg.cfg, "cfg_schedule": cfg.cfg_schedule, "top_k": cfg.top_k, "top_p": cfg.top_p,
-                    "greedy_rule": cfg.greedy_rule}
+                    "images_per_s": len(labels) / seconds, "device": str(device),
+                    "sampling": sampling.model_dump(mode="json")}
             write_json(tmp / "info.json", info)
         log.log_metrics({"images_per_s": info["images_per_s"], "sample_seconds": seconds,
                          "num_images": len(labels), "steps": len(scales)})

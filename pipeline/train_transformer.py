@@ -22,7 +22,7 @@ from flexvar.device import retain_freed_memory
 from flexvar.errors import about, command
 from flexvar.outputs import check_out_dir, check_out_file
 from flexvar.run_logger import CsvLogger, MultiLogger
-from flexvar.transformer.schedules import ScheduleSampler
+from flexvar.schedules import ScheduleSampler
 from flexvar.tokenizer.vqvae import load_tokenizer, tokenizer_path
 from flexvar.transformer.model import FlexVAR
 from flexvar.transformer.checkpoint import save_flexvar
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or f"models/d{d}")
     metrics_path = Path(args.metrics or f"metrics/train/d{d}.json")
     plots = Path(args.plots or f"plots/train/d{d}")
-    params = load_params(args.params)
+    params = load_params(args.params, uses=PARAM_KEYS)
     check_out_dir(out, replaces=False)   # persist: holds resume.pt; files are replaced by name
     check_out_dir(plots, "--plots", replaces=False)
     check_out_file(metrics_path, "--metrics", {".json"})

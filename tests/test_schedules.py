@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 from flexvar.config import ConfigError, ScheduleConfig, load_params_dict
-from flexvar.transformer.schedules import PRESETS, ScheduleSampler, make_schedule, num_tokens, preset
+from flexvar.schedules import PRESETS, ScheduleSampler, make_schedule, num_tokens, preset, sampler_config
 
 
 def official_sampler(rng: random.Random) -> list[int]:
@@ -26,7 +26,7 @@ def official_sampler(rng: random.Random) -> list[int]:
 
 
 def test_defaults_resolve_to_the_official_sampler_at_16():
-    r = ScheduleConfig().resolved(16)
+    r = sampler_config(ScheduleConfig(), 16)
     assert r.canonical == [1, 2, 3, 4, 5, 6, 8, 10, 13, 16]
     assert r.groups == [(5, 3, 10), (2, 11, 15)]
     assert r.max_tokens == 680 and r.canonical_prob == 0.05 and r.max_steps == 10
