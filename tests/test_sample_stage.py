@@ -1,4 +1,6 @@
 """`sample` stage on a tiny checkpoint: ADM-format npz, PNGs, per-class grid, MLflow run; bad schedule = exit 2."""
+import json
+
 import numpy as np
 import yaml
 from tests.tiny_checkpoint import CLASSES, save_tiny_checkpoint
@@ -28,6 +30,9 @@ def test_sample_stage_writes_adm_npz_pngs_and_grid(project_root, tmp_path):
     assert npz["labels"].dtype == np.int64 and npz["labels"].tolist() == sorted(list(range(len(CLASSES))) * 2)
     assert len(list((out / "images").glob("*.png"))) == n
     assert (out / "grid.png").is_file() and (out / "info.json").is_file()
+    info = json.loads((out / "info.json").read_text())   # the settings object generation took, as it was
+    assert info["sampling"] == {"guidance": 1.5, "guidance_schedule": "ramp", "top_k": 8, "top_p": 0.0,
+                                "greedy_rule": "official", "precision": "fp32"}
     again = tmp_path / "again"
     assert sample.main(["--params", str(params), "--depth", "2", "--schedule", "canonical", "--model", str(ckpt),
                         "--out", str(again)]) == 0
