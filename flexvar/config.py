@@ -19,8 +19,7 @@ from typing import Any, Literal, NamedTuple
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from flexvar.errors import FlexvarError
-from flexvar.schedules import (CANONICAL, PRESETS, RELATIVE_SIZE, ScheduleError, sampler_problems, spec_problem,
-                               spec_size)
+from flexvar.schedules import CANONICAL, PRESETS, RELATIVE_SIZE, sampler_problems, spec_problem
 
 
 class ConfigError(FlexvarError, ValueError):

@@ -144,11 +144,12 @@ def sampler_config(cfg: "ScheduleConfig", full: int) -> "ScheduleConfig":
 
 
 def sampler_problems(cfg: "ScheduleConfig", full: int) -> list[tuple[tuple, Any, str]]:
-    """(key path in `schedule:`, value, message) for each sampler setting that cannot work at full latent side `full`."""
+    """(key path in `schedule:`, value, message) for each sampler setting that cannot work at latent side `full`."""
     out: list[tuple[tuple, Any, str]] = []
     r = sampler_config(cfg, full)
     if cfg.canonical is not None and cfg.canonical[-1] != full:
-        out.append((("canonical",), cfg.canonical, f"must end at the full latent side {full} (or null: derived from it)"))
+        out.append((("canonical",), cfg.canonical,
+                    f"must end at the full latent side {full} (or null: derived from it)"))
     if cfg.head and cfg.head[-1] >= full:
         out.append((("head",), cfg.head, f"must stay below the full latent side {full}"))
     for i, (count, low, high) in enumerate(cfg.groups or []):

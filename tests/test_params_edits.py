@@ -124,4 +124,5 @@ def test_renamed_sampling_keys_say_their_new_name(committed):
         data["sample"][old] = data["sample"].pop(new)
         with pytest.raises(ConfigError) as exc:
             load_params_dict(data)
-        assert str(exc.value) == f"params.yaml: sample.{old} = {data['sample'][old]!r}: renamed: write sample.{new} instead"
+        value = data["sample"][old]
+        assert str(exc.value) == f"params.yaml: sample.{old} = {value!r}: renamed: write sample.{new} instead"

@@ -114,7 +114,8 @@ def _add_common(p: argparse.ArgumentParser, image: bool) -> None:
     p.add_argument("--guidance-schedule", "--cfg-schedule", dest="guidance_schedule", choices=["ramp", "constant"],
                    default=d.guidance_schedule,
                    help="ramp: guidance * k / min(n-1, 9) at step k (paper); constant: guidance at every step")
-    p.add_argument("--top-k", type=int, default=d.top_k, help=f"top-k sampling (0 = off, 1 = greedy; default {d.top_k})")
+    p.add_argument("--top-k", type=int, default=d.top_k,
+                   help=f"top-k sampling (0 = off, 1 = greedy; default {d.top_k})")
     p.add_argument("--top-p", type=float, default=d.top_p, help="top-p (nucleus) sampling (0 = off)")
     p.add_argument("--greedy-rule", choices=["official", "outside", "none"], default=d.greedy_rule,
                    help="official: greedy at scales outside FlexVAR's sampled list and above the training size; "

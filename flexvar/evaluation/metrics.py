@@ -238,7 +238,8 @@ def fid_protocol(cfg: EvaluateConfig, *, num_samples: int, sampling: SamplingSet
     s = sampling
     proto = {"reference": ref, "feature_space": cfg.feature_space, "num_samples": int(num_samples),
              **s.model_dump(mode="json"), "steps": steps, "scales": " ".join(f"{h}x{w}" for h, w in scales or [])}
-    proto["summary"] = (f"{ref} · {cfg.feature_space} · n={num_samples} · guidance {s.guidance:g} {s.guidance_schedule} · "
+    proto["summary"] = (f"{ref} · {cfg.feature_space} · n={num_samples} · "
+                        f"guidance {s.guidance:g} {s.guidance_schedule} · "
                         f"top-k {s.top_k} · top-p {s.top_p:g} · {steps} steps · greedy {s.greedy_rule}")
     return proto
 
