@@ -8,6 +8,11 @@ bad value before any work starts:
     Traceback (most recent call last):
     ...
     flexvar.config.ConfigError: params.yaml: train_tokenizer.lr = -1: Input should be greater than 0
+
+The field defaults ARE the committed params.yaml's values (tests/test_config.py fails on any
+difference). Settings of different sections that cannot work together (`Params.problems`, e.g.
+a schedule longer than the latent) name every key involved and are reported only to the stages
+that read the section (`load_params(path, uses=PARAM_KEYS)`).
 """
 from __future__ import annotations
 
