@@ -40,6 +40,8 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     Image.fromarray(np.full((8, 32), 255, dtype=np.uint8)).save(root / "wide_mask.png")   # 32x8: not the image's shape
     (root / "notes.txt").write_text("not an image, not a checkpoint\n")
     (root / "a_folder").mkdir()
+    (root / "no_images" / "train" / "cat").mkdir(parents=True)       # an image folder without images
+    (root / "no_images" / "train" / "cat" / "notes.txt").write_text("not an image\n")
     prepared = root / "prepared"                      # passes the cheap folder check; the tokenizer fails first
     prepared.mkdir()
     (prepared / "dataset_dict.json").write_text("{}")
@@ -137,6 +139,15 @@ def _cases() -> list[tuple[str, str, list[str], str]]:
         ("preset-params-broken-yaml", "flexvar", ["preset", "smoke", "--params", "{root}/broken.yaml"], "broken.yaml"),
         ("check-wrong-type", "flexvar", ["check", "--params", "{root}/wrong_types.yaml"], "seed"),
         ("check-params-missing", "flexvar", ["check", "--params", "{root}/missing.yaml"], "missing.yaml"),
+        ("init-dir-missing", "flexvar", ["init", "imagefolder:{root}/nope"], "SOURCE"),
+        ("init-no-train-folder", "flexvar", ["init", "imagefolder:{root}/a_folder"], "SOURCE"),
+        ("init-no-images", "flexvar", ["init", "imagefolder:{root}/no_images"], "SOURCE"),
+        ("init-not-a-folder-source", "flexvar", ["init", "hf:mnist"], "SOURCE"),
+        ("init-bad-minutes", "flexvar", ["init", "imagefolder:{root}/no_images", "--minutes", "0"], "--minutes"),
+        ("init-bad-rate", "flexvar", ["init", "imagefolder:{root}/no_images", "--rate-gflops", "1,2,3"],
+         "--rate-gflops"),
+        ("check-bad-rate", "flexvar", ["check", "--params", "{root}/params.yaml", "--rate-gflops", "-5"],
+         "--rate-gflops"),
         ("check-bad-batch-type", "flexvar", ["check", "--params", "{root}/params_bad_batch.yaml"], "sample.batch_size"),
         # every stage
         ("prepare-out-dot", "prepare", stage_p + ["--out", "."], "--out"),
@@ -182,7 +193,8 @@ def test_the_table_covers_every_command_and_stage():
     entries = {(c[1], c[2][0]) if c[1] == "flexvar" else (c[1], None) for c in CASES}
     commands = {cmd for entry, cmd in entries if entry == "flexvar"}
     stages = {entry for entry, _ in entries if entry != "flexvar"}
-    assert commands == {"generate", "refine", "inpaint", "outpaint", "extend", "import-official", "preset", "check"}
+    assert commands == {"generate", "refine", "inpaint", "outpaint", "extend", "import-official", "preset", "check",
+                        "init"}
     assert stages == {"prepare", "train_tokenizer", "extract_latents", "train_transformer", "sample",
                       "train_feature_net", "reference_stats", "evaluate", "report"}
     assert len(CASES) >= 25

@@ -1,6 +1,6 @@
 """The README's MLflow steps in a real headless Chromium on a finished smoke run.
 
-A copy of the project runs `dvc repro` on the smoke preset; docs/mlflow_ui_tour.py starts a real
+A copy of the project runs `dvc repro` on the smoke preset; benchmarks/mlflow_ui_tour.py starts a real
 `mlflow server` on localhost on its store and drives Debian's Chromium (Selenium, nothing downloaded)
 through the README's steps. The runs table must show every evaluate run's FID, and the chart view
 the FID-vs-steps chart with one line per depth. Without chromium/chromedriver the test fails with
@@ -18,8 +18,7 @@ from tests.project_copy import copy_project, run
 
 @pytest.mark.slow
 def test_readme_mlflow_steps_show_every_fid(project_root, tmp_path):
-    sys.path.insert(0, str(project_root / "docs"))
-    from mlflow_ui_tour import browser_missing, free_port, start_server, tour
+    from benchmarks.mlflow_ui_tour import browser_missing, free_port, start_server, tour
 
     problem = browser_missing()
     assert problem is None, problem

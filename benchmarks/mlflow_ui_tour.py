@@ -1,7 +1,7 @@
 """Walk the README's MLflow steps in a real headless Chromium and screenshot what a first-time user sees.
 
-    python docs/mlflow_ui_tour.py --project PATH [--out docs] [--port 5055]
-    python docs/mlflow_ui_tour.py --url http://127.0.0.1:5000 --out /tmp/shots   # a server already running
+    python -m benchmarks.mlflow_ui_tour --project PATH [--out docs] [--port 5055]
+    python -m benchmarks.mlflow_ui_tour --url http://127.0.0.1:5000 --out /tmp/shots   # a server already running
 
 PATH is a project after a finished `dvc repro` (its mlflow.db). The script starts
 `mlflow server --backend-store-uri sqlite:///PATH/mlflow.db` on localhost (unless --url), then drives
@@ -33,8 +33,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the project, when run as a script
-from pipeline.tracking import runs_page  # noqa: E402
+from pipeline.tracking import runs_page
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
