@@ -37,9 +37,9 @@ class TransformerRun:
     def fingerprint(self, train_cfg: TrainTransformerConfig, params: Params, **extra: Any) -> dict:
         """What a resume file must match: settings, seed, tokenizer and latents of this run (+ `extra`); not the
         micro-batch, which changes how a step is computed, not what."""
-        return build_fingerprint(transformer=self.transformer,
-                                 train=train_cfg.model_dump(mode="json", exclude={"micro_batch"}), schedule=params.schedule,
-                                 seed=params.seed, tokenizer_sha256=self.tokenizer_sha256,
+        train = train_cfg.model_dump(mode="json", exclude={"micro_batch"})
+        return build_fingerprint(transformer=self.transformer, train=train, schedule=params.schedule, seed=params.seed,
+                                 tokenizer_sha256=self.tokenizer_sha256,
                                  latents=[len(self.train), len(self.val), list(self.train.latent_hw)], **extra)
 
 
