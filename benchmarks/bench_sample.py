@@ -24,7 +24,7 @@ import torch
 
 from benchmarks.side_by_side import (add_threads_arg, bf16_autocast, interleave, machine, official_modules,
                                      quiet, ratios, setup_process)
-from flexvar.config import TokenizerConfig, TransformerConfig
+from flexvar.config import SamplingSettings, TokenizerConfig, TransformerConfig
 from flexvar.generation.generate import generate_batch, make_generator
 from flexvar.tokenizer.vqvae import VQVAE
 from flexvar.transformer.model import FlexVAR
@@ -47,8 +47,8 @@ def build(device: torch.device) -> tuple[FlexVAR, VQVAE]:
 def sampler(model: FlexVAR, vq: VQVAE, decode: bool, precision: str = "bf16"):
     """One batch of our sampling (a fresh seeded generator per call)."""
     scales = [(s, s) for s in SIDES]
-    return lambda: generate_batch(model, vq, LABELS, scales, cfg=CFG, top_k=TOP_K, generator=make_generator(0),
-                                  decode=decode, precision=precision)
+    sampling = SamplingSettings(guidance=CFG, top_k=TOP_K, precision=precision)
+    return lambda: generate_batch(model, vq, LABELS, scales, sampling, generator=make_generator(0), decode=decode)
 
 
 def official_samplers(mods: SimpleNamespace) -> dict:

@@ -34,13 +34,13 @@ from torch._dynamo.utils import counters
 from torch.utils.flop_counter import FlopCounterMode
 
 
-from flexvar.config import ScheduleConfig, TokenizerConfig, TrainTransformerConfig, TransformerConfig
+from flexvar.config import SamplingSettings, ScheduleConfig, TokenizerConfig, TrainTransformerConfig, TransformerConfig
 from flexvar.generation.generate import generate_batch, make_generator
 from flexvar.data.latent_cache import LatentSplit
 from flexvar.tokenizer.quantizer import MultiScaleQuantizer
 from flexvar.tokenizer.vqvae import VQVAE
 from flexvar.transformer.model import FlexVAR
-from flexvar.transformer.schedules import ScheduleSampler, num_tokens
+from flexvar.schedules import ScheduleSampler, num_tokens
 from flexvar.optim import make_adamw
 from flexvar.transformer.training import batch_indices, forward_backward
 
@@ -176,8 +176,8 @@ def bench_sample(batch: int) -> dict:
     gen = make_generator(0, DEV)
 
     def run(decode: bool):
-        return generate_batch(model, vq, labels, SCALES, cfg=2.5, top_k=900, top_p=0.96, generator=gen,
-                              decode=decode, precision="bf16")
+        return generate_batch(model, vq, labels, SCALES, SamplingSettings(guidance=2.5, top_k=900, top_p=0.96,
+                              precision="bf16"), generator=gen, decode=decode)
     out = {"batch": batch, "image_px": 256, "steps": len(SCALES)}
     for decode in (False, True):
         run(decode)

@@ -23,9 +23,11 @@ import torch
 
 
 from flexvar.config import ScheduleConfig, TokenizerConfig, TrainTokenizerConfig, TrainTransformerConfig, TransformerConfig
+from flexvar.config import SamplingSettings
 from flexvar.data.splits import ImageSplit, to_unit_range
 from flexvar.generation.editing import box_mask, extend, inpaint, outpaint, refine
-from flexvar.generation.generate import generate, resolve_schedule
+from flexvar.generation.generate import generate
+from flexvar.schedules import resolve_schedule
 from flexvar.data.latent_cache import LatentSplit, encode_batches
 from flexvar.data.sampling import RangeBatchSampler
 from flexvar.data.synthetic import SHAPES_CLASSES, render_shapes
@@ -99,7 +101,7 @@ def transformer_part(vq, train: LatentSplit, val: LatentSplit, device, tmp: Path
 def generation_part(models: dict, vq, val, device, report: dict) -> None:
     gt = models["gt"]
     labels = torch.arange(8) % 8
-    kw = dict(cfg=2.0, top_k=50, seed=0, batch_size=8, precision="auto")
+    kw = dict(sampling=SamplingSettings(guidance=2.0, top_k=50, precision="auto"), seed=0, batch_size=8)
 
     def sched(**a):
         return resolve_schedule(train_latent_hw=(8, 8), downsample=8, **a)

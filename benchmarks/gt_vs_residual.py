@@ -19,12 +19,10 @@ import torch
 
 from flexvar.config import load_params
 from flexvar.device import pick_device
-from flexvar.data.latent_cache import load_latents
 from flexvar.run_logger import RunLogger
 from flexvar.seeding import seed_everything
-from flexvar.tokenizer.vqvae import load_tokenizer
-from flexvar.transformer.model import FlexVAR
 from flexvar.transformer.training import train_transformer
+from flexvar.transformer.training_run import setup_run
 
 
 class Recorder(RunLogger):
@@ -39,14 +37,12 @@ def run(params, prediction: str, depth: int, steps: int | None, latents: str, to
     seed_everything(params.seed)
     cfg = params.train_transformer if steps is None else params.train_transformer.model_copy(
         update={"steps": steps, "eval_every": max(1, steps // 6), "log_every": max(1, steps // 30)})
-    tcfg = params.transformer_for_depth(depth).model_copy(update={"prediction": prediction})
-    train, val = load_latents(latents, "train"), load_latents(latents, "val")
-    quantizer = load_tokenizer(tokenizer, "cpu").quantize
-    model = FlexVAR(tcfg, quantizer.codebook_size, quantizer.codebook_dim, train.num_classes, max(train.latent_hw))
+    run = setup_run(params, depth, latents, tokenizer, prediction=prediction)   # as the train_transformer stage
     log, val_log = Recorder(), Recorder()
     with tempfile.TemporaryDirectory() as tmp:
-        train_transformer(model, quantizer, train, val, cfg, params.schedule, prediction=prediction, seed=params.seed,
-                          device=pick_device(params.resources.device), out_dir=tmp, logger=log, val_logger=val_log)
+        train_transformer(run.model, run.quantizer, run.train, run.val, cfg, params.schedule, prediction=prediction,
+                          seed=params.seed, device=pick_device(params.resources.device), out_dir=tmp, logger=log,
+                          val_logger=val_log, fingerprint=run.fingerprint(cfg, params))
     return {"train": log.rows, "val": val_log.rows}
 
 

@@ -25,7 +25,8 @@ from flexvar.data.splits import load_split, to_uint8, to_unit_range
 from flexvar.device import pick_device
 from flexvar.evaluation.metrics import load_samples
 from flexvar.generation.editing import box_mask, extend, inpaint, mask_overlay, outpaint, pad_center, refine
-from flexvar.generation.generate import generate, resolve_schedule
+from flexvar.generation.generate import generate
+from flexvar.schedules import resolve_schedule, spec_scales
 from flexvar.grid import image_grid
 from flexvar.transformer.checkpoint import load_flexvar_with_tokenizer
 
@@ -62,8 +63,7 @@ class Figures:
         self.classes = [int(c) for c in args.classes.split(",")] if args.classes else list(range(len(self.names)))
         self.out, self.seed, self.zoom = Path(args.out), args.seed, args.zoom
         s = self.params.sample
-        self.kw = dict(cfg=s.cfg, cfg_schedule=s.cfg_schedule, top_k=s.top_k, top_p=s.top_p,
-                       train_side=max(self.latent), greedy_rule=s.greedy_rule, precision=s.precision)
+        self.kw = dict(sampling=s.sampling, train_side=max(self.latent))
         self.prepared = args.prepared
 
     def scales(self, steps=None, scales=None, size=None):
@@ -78,8 +78,7 @@ class Figures:
         rows = []
         for name in ("short", "canonical", "long"):
             spec = self.params.sample.schedules[name]
-            sc = resolve_schedule(steps=spec.steps, scales=spec.scales, preset=spec.preset, size_hw=spec.size,
-                                  train_latent_hw=self.latent, downsample=self.f)
+            sc = spec_scales(spec, self.latent, self.f)
             rows.append((f"{name}: {len(sc)} steps\n{','.join(str(max(s)) for s in sc)}", self.sample(sc)))
         return labeled_rows(rows, ncol=len(self.classes), zoom=self.zoom)
 

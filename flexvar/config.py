@@ -8,17 +8,23 @@ bad value before any work starts:
     Traceback (most recent call last):
     ...
     flexvar.config.ConfigError: params.yaml: train_tokenizer.lr = -1: Input should be greater than 0
+
+The field defaults ARE the committed params.yaml's values (tests/test_config.py fails on any
+difference). Settings of different sections that cannot work together (`Params.problems`, e.g.
+a schedule longer than the latent) name every key involved and are reported only to the stages
+that read the section (`load_params(path, uses=PARAM_KEYS)`).
 """
 from __future__ import annotations
 
 import math
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from flexvar.errors import FlexvarError
+from flexvar.schedules import CANONICAL, PRESETS, RELATIVE_SIZE, sampler_problems, spec_problem
 
 
 class ConfigError(FlexvarError, ValueError):
@@ -31,10 +37,10 @@ class Section(BaseModel):
 
 # --------------------------------------------------------------------------- data
 class DataConfig(Section):
-    source: str = "builtin:shapes"          # builtin:<name> | hf:<id>[:<config>] | imagefolder:<path>
-    resolution: int = Field(64, ge=8)       # output images are resolution x resolution RGB
+    source: str = "builtin:icons"            # builtin:<name> | hf:<id>[:<config>] | imagefolder:<path>
+    resolution: int = Field(16, ge=8)       # output images are resolution x resolution RGB
     num_train: int = Field(3000, ge=1)      # builtin only: images in the train split
-    num_val: int = Field(500, ge=1)         # builtin only: images in the val split
+    num_val: int = Field(400, ge=1)         # builtin only: images in the val split
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)  # imagefolder/hf without a val split
     image_column: str = "image"             # hf only
     label_column: str = "label"             # hf only
@@ -61,20 +67,20 @@ class DataConfig(Section):
 # --------------------------------------------------------------------------- models
 class TokenizerConfig(Section):
     """Scalable VQVAE (LlamaGen encoder/decoder layout); downsampling = 2**(len(ch_mult)-1)."""
-    ch: int = Field(32, ge=1)
-    ch_mult: list[int] = Field(default_factory=lambda: [1, 2, 2, 4], min_length=1)
+    ch: int = Field(16, ge=1)
+    ch_mult: list[int] = Field(default_factory=lambda: [1, 2], min_length=1)
     num_res_blocks: int = Field(1, ge=1)
     z_channels: int = Field(64, ge=1)
     codebook_dim: int = Field(32, ge=1)      # Cvae
     codebook_size: int = Field(1024, ge=2)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     beta: float = Field(0.25, ge=0.0)        # commitment weight
-    entropy_weight: float = Field(0.0, ge=0.0)
+    entropy_weight: float = Field(0.05, ge=0.0)
     # GroupNorm of a layer with C channels: gcd(norm_groups, max(1, C // norm_min_group_channels)) groups.
     # 32 / 1 is LlamaGen's and FlexVAE's (32 groups at every width divisible by 32); the embedded
     # default keeps >= 4 channels per group at its 16-channel width (see README, "Embedded deviations").
     norm_groups: int = Field(32, ge=1)
-    norm_min_group_channels: int = Field(1, ge=1)
+    norm_min_group_channels: int = Field(4, ge=1)
 
     @property
     def downsample(self) -> int:
@@ -118,7 +124,7 @@ class ScheduleConfig(Section):
 
     Left null, `canonical`, `groups` and `max_tokens` follow the full latent size n: at n=16
     they are exactly the official sampler's (1,2,3,4,5,6,8,10,13,16 / 5 of 3..10 + 2 of 11..15 /
-    680 tokens); see `resolved(n)`.
+    680 tokens); see flexvar/schedules.py `sampler_config(cfg, n)`.
     """
     canonical: list[int] | None = None
     canonical_prob: float = Field(0.05, ge=0.0, le=1.0)
@@ -157,48 +163,7 @@ class ScheduleConfig(Section):
                                  f"0 <= count <= high - low + 1")
         return v
 
-    def resolved(self, full: int) -> "ScheduleConfig":
-        """A copy with canonical/groups/max_tokens filled in for a full latent side `full`.
 
-        Official sampler at n=16: intermediate scales 3..15 split at 10 = 0.625 n; it draws 5 of
-        the 8 lower ones and 2 of the 5 upper ones. The same split and the same fractions
-        (5/8, 2/5, rounded) at any n: at n=8 that is 2 of 3..5 and 1 of 6..7. Canonical: VAR's
-        scales below n, then n. max_tokens: the canonical schedule's token count.
-        """
-        canonical = self.canonical or [s for s in _VAR_SCALES if s < full] + [full]
-        groups = self.groups
-        if groups is None:
-            low, split = (self.head[-1] + 1 if self.head else 1), round(0.625 * full)
-            groups = []
-            for lo, hi, frac in ((low, split, 5 / 8), (max(low, split + 1), full - 1, 2 / 5)):
-                if hi >= lo:
-                    groups.append((min(hi - lo + 1, max(1, round(frac * (hi - lo + 1)))), lo, hi))
-        max_tokens = self.max_tokens or sum(s * s for s in canonical)
-        return self.model_copy(update={"canonical": canonical, "groups": groups, "max_tokens": max_tokens})
-
-    def problems(self, full: int) -> list[tuple[tuple, Any, str]]:
-        """(key path, value, message) for each setting that cannot work with full latent side `full`."""
-        out: list[tuple[tuple, Any, str]] = []
-        r = self.resolved(full)
-        if self.canonical is not None and self.canonical[-1] != full:
-            out.append((("canonical",), self.canonical, f"must end at the full latent size {full}"))
-        if self.head and self.head[-1] >= full:
-            out.append((("head",), self.head, f"must stay below the full latent size {full}"))
-        for i, (count, low, high) in enumerate(self.groups or []):
-            if high >= full or (self.head and low <= self.head[-1]):
-                out.append((("groups", i), [count, low, high],
-                            f"must lie strictly between the head's last scale and the full latent size {full}"))
-        if len(self.head) + 1 > self.max_steps:
-            out.append((("max_steps",), self.max_steps, f"must allow the head {self.head} plus the full scale"))
-        floor = sum(s * s for s in self.head) + full * full
-        if r.max_tokens < floor and self.overflow_keeps_full:
-            out.append((("max_tokens",), self.max_tokens, f"must be at least {floor}, the head plus the full scale"))
-        if r.max_tokens < full * full:
-            out.append((("max_tokens",), self.max_tokens, f"must be at least {full * full}, the full scale's tokens"))
-        return out
-
-
-_VAR_SCALES = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)   # VAR / FlexVAR 256 px canonical schedule
 
 
 # --------------------------------------------------------------------------- training
@@ -237,6 +202,9 @@ class OptimConfig(Section):
 
 
 class TrainTokenizerConfig(OptimConfig):
+    steps: int = Field(2000, ge=1)
+    lr: float = Field(6e-3, gt=0.0)
+    checkpoint_every: int = Field(50, ge=1)
     num_scales: int = Field(5, ge=1)                  # K scales per batch (paper K=5), full size always in
     recon_loss: Literal["l1", "l2", "l1+l2"] = "l1+l2"
     perceptual_weight: float = Field(0.0, ge=0.0)     # 0 = off
@@ -247,6 +215,10 @@ class TrainTokenizerConfig(OptimConfig):
 
 
 class TrainTransformerConfig(OptimConfig):
+    steps: int = Field(400, ge=1)
+    lr: float = Field(2e-3, gt=0.0)
+    checkpoint_every: int = Field(50, ge=1)
+    eval_every: int = Field(50, ge=1)
     label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
     lr_schedule: Literal["cosine", "lin0"] = "cosine"   # lin0: the official FlexVAR/VAR schedule (min_lr_ratio = its wpe)
     compile: bool = False
@@ -256,38 +228,89 @@ class TrainTransformerConfig(OptimConfig):
 
 # --------------------------------------------------------------------------- sampling, evaluation
 class ScheduleSpec(Section):
-    """One inference schedule: explicit `scales` (of the final size) or `steps` to `size`."""
+    """One inference schedule, written so it follows data.resolution and the tokenizer's downsampling.
+
+    Exactly one of: `steps` (to the output's latent), `scales` (ints: latent sides ending at the
+    output's long latent side; floats: fractions of it in [0, 1] ending at 1.0), `preset` (a Tab. 7
+    name, e.g. "256-10", or "canonical": the canonical schedule of the output's latent). `size`:
+    output H, W as pixels or relative to the training size ("2x", or per side [1x, 2x]); default
+    the training resolution. How each form becomes scales: flexvar/schedules.py `spec_scales`.
+    """
     steps: int | None = Field(None, ge=1)
-    scales: list[int] | None = None
-    preset: str | None = None             # a named paper preset, e.g. "256-10" (Tab. 7)
-    size: tuple[int, int] | None = None   # output (H, W) pixels; default: the training resolution
+    scales: list[int] | list[float] | None = None
+    preset: str | None = None
+    size: tuple[int | str, int | str] | None = None
+
+    @field_validator("size", mode="before")
+    @classmethod
+    def _size(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [v, v]
+        for side in v if isinstance(v, (list, tuple)) else []:
+            if isinstance(side, str) and not RELATIVE_SIZE.match(side):
+                raise ValueError(f"{side!r}: a side is pixels (an int) or relative to the training size, e.g. 2x")
+            if isinstance(side, int) and side < 1:
+                raise ValueError(f"{side}: pixels must be positive")
+        return v
+
+    @field_validator("preset")
+    @classmethod
+    def _preset(cls, v: str | None) -> str | None:
+        if v is not None and v != CANONICAL and v not in PRESETS:
+            raise ValueError(f"unknown preset; known: {CANONICAL}, {', '.join(PRESETS)}")
+        return v
 
     @model_validator(mode="after")
     def _one_way(self) -> "ScheduleSpec":
         given = [k for k in ("steps", "scales", "preset") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of steps, scales, preset (got {given or 'none'})")
-        if self.scales is not None:
+        if self.scales is not None and any(isinstance(s, float) for s in self.scales):
+            if any(not 0.0 <= f <= 1.0 for f in self.scales) or self.scales[-1] != 1.0 or any(
+                    b <= a for a, b in zip(self.scales, self.scales[1:])):
+                raise ValueError(f"scale fractions {self.scales} must increase within [0, 1] and end at 1.0")
+        elif self.scales is not None:
             check_increasing(self.scales)
         return self
 
 
-class SampleConfig(Section):
-    per_class: int = Field(16, ge=1)
-    batch_size: int = Field(32, ge=1)
-    cfg: float = Field(1.5, ge=0.0)
-    cfg_schedule: Literal["ramp", "constant"] = "ramp"
-    top_k: int = Field(0, ge=0)           # 0 = off
-    top_p: float = Field(0.0, ge=0.0, le=1.0)  # 0 = off
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+class SamplingSettings(Section):
+    """How each token is drawn: the one object generation takes (flexvar.generation.generate) and
+    every caller records as it is (the sample stage's info.json, evaluate's FID protocol, the CLI)."""
+    guidance: float = Field(1.5, ge=0.0)          # classifier-free guidance scale t (0 = off)
+    guidance_schedule: Literal["ramp", "constant"] = "ramp"
+    top_k: int = Field(10, ge=0)                  # 0 = off, 1 = greedy
+    top_p: float = Field(0.0, ge=0.0, le=1.0)     # 0 = off
     # official: greedy (top-k 1) at every scale outside FlexVAR's sampled list [1,2,3,4,5,6,8,10,13,16,23,24,32]
-    # and above the training latent (where cfg is full); outside: greedy only above the training latent;
+    # and above the training latent (where guidance is full); outside: greedy only above the training latent;
     # none: top-k/top-p at every scale. The CLI's --greedy-rule defaults to the same value.
     greedy_rule: Literal["official", "outside", "none"] = "official"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+
+
+RENAMED = {"cfg": "guidance", "cfg_schedule": "guidance_schedule"}   # old sample.* key -> new
+
+
+class SampleConfig(SamplingSettings):
+    per_class: int = Field(64, ge=1)
+    batch_size: int = Field(32, ge=1)
     max_memory_gb: float = Field(16.0, gt=0.0)   # refuse a generation whose estimated peak is above this
     schedules: dict[str, ScheduleSpec] = Field(default_factory=lambda: {
-        "short": ScheduleSpec(steps=4), "canonical": ScheduleSpec(scales=[1, 2, 3, 4, 5, 6, 8]),
-        "long": ScheduleSpec(steps=8), "large": ScheduleSpec(steps=8, size=(96, 96))})
+        "short": ScheduleSpec(steps=4), "canonical": ScheduleSpec(preset=CANONICAL),
+        "long": ScheduleSpec(steps=8), "large": ScheduleSpec(steps=8, size="2x")})
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        for old, new in RENAMED.items():
+            if isinstance(data, dict) and old in data:
+                raise _at(("sample", old), data[old], f"renamed: write sample.{new} instead")
+        return data
+
+    @property
+    def sampling(self) -> SamplingSettings:
+        """The sampling settings of this section, as the object generation takes."""
+        return SamplingSettings(**{k: getattr(self, k) for k in SamplingSettings.model_fields})
 
 
 class EvaluateConfig(Section):
@@ -304,7 +327,7 @@ class EvaluateConfig(Section):
     kid_subset_size: int = Field(100, ge=2)
     feature_net_steps: int = Field(300, ge=1)
     feature_net_batch_size: int = Field(64, ge=1)
-    feature_net_lr: float = Field(1e-3, gt=0.0)
+    feature_net_lr: float = Field(3e-3, gt=0.0)
     bootstrap_samples: int = Field(1000, ge=0)    # replicates for the 95% intervals of FID / class accuracy; 0 = none
 
 
@@ -361,8 +384,8 @@ class ResourcesConfig(Section):
 
 def _default_panel() -> dict[str, "ScheduleSpec"]:
     """The sample stage's default schedules plus an uneven scale list and a 1:2 aspect: the sweep's panel."""
-    return {**SampleConfig().schedules, "uneven": ScheduleSpec(scales=[1, 3, 5, 8]),
-            "wide": ScheduleSpec(steps=6, size=(64, 128))}
+    return {**SampleConfig().schedules, "uneven": ScheduleSpec(scales=[0.0, 0.375, 0.625, 1.0]),
+            "wide": ScheduleSpec(steps=6, size=("1x", "2x"))}
 
 
 class SweepConfig(Section):
@@ -421,46 +444,69 @@ class Params(Section):
     def latent_size(self) -> int:
         return self.data.resolution // self.tokenizer.downsample
 
-    @model_validator(mode="after")
-    def _consistent(self) -> "Params":
-        f, res = self.tokenizer.downsample, self.data.resolution
+    def problems(self) -> list[Problem]:
+        """Settings of different keys that cannot work together (each problem names every key involved).
+
+        Each belongs to the section that reads it (`Problem.owner`): a stage checks only the
+        sections it uses (`load_params(..., uses=PARAM_KEYS)`), so e.g. `prepare` never stops
+        on a sample schedule. Schedules written relative to the latent (steps, fractions,
+        preset canonical, size 2x) follow data.resolution and the tokenizer's downsampling.
+        """
+        f, res, ch_mult = self.tokenizer.downsample, self.data.resolution, self.tokenizer.ch_mult
+        latent = (f"the full latent side {res // f} = data.resolution {res} / downsampling {f} "
+                  f"(tokenizer.ch_mult {ch_mult}: 2**(len-1))")
+        out: list[Problem] = []
         if res % f:
-            raise _at(("data", "resolution"), res, f"must be divisible by the tokenizer's downsampling "
-                      f"factor {f} (= 2**(len(tokenizer.ch_mult)-1))")
+            out.append(Problem("tokenizer", ("data", "resolution"), res,
+                               f"must be divisible by the tokenizer's downsampling {f} (tokenizer.ch_mult {ch_mult}: "
+                               f"2**(len-1)); change data.resolution or tokenizer.ch_mult"))
+            return out   # every latent-size check below would repeat this one
         full = res // f
-        for key, value, msg in self.schedule.problems(full):
-            raise _at(("schedule", *key), value, f"{msg} (= data.resolution / {f})")
+        for key, value, msg in sampler_problems(self.schedule, full):
+            out.append(Problem("schedule", ("schedule", *key), value, f"{msg}; {latent}"))
         for section, schedules in ((("sample", "schedules"), self.sample.schedules),
                                    (("sweep", "eval_panel"), self.sweep.eval_panel)):
-            _check_schedules(section, schedules, full, f)
+            for name, spec in schedules.items():
+                bad = spec_problem(spec, (full, full), f)
+                if bad:
+                    loc = (*section, name, bad[0])
+                    out.append(Problem(".".join(loc[:3]), loc, _lookup(self.model_dump(mode="json"), loc),
+                                       f"{bad[1]}; {latent}"))
         for i, name in enumerate(self.variants.schedules):
             if name not in self.sample.schedules:
-                raise _at(("variants", "schedules", i), name,
-                          f"is not a schedule in sample.schedules ({', '.join(self.sample.schedules)})")
+                out.append(Problem("variants", ("variants", "schedules", i), name,
+                                   f"is not a schedule in sample.schedules ({', '.join(self.sample.schedules)})"))
         width = self.transformer.width or 64 * self.transformer.depth
         heads = self.transformer.heads or self.transformer.depth
         if width % heads:
-            raise _at(("transformer", "heads"), heads, f"must divide the width {width}")
-        return self
+            out.append(Problem("transformer", ("transformer", "heads"), heads,
+                               f"must divide the width {width} (transformer.width, default 64 * depth)"))
+        return out
 
     def transformer_for_depth(self, depth: int) -> TransformerConfig:
         """The transformer section with `depth` set (variants.depths) and derived sizes left to defaults."""
         return self.transformer.model_copy(update={"depth": depth})
 
 
-def _check_schedules(section: tuple, schedules: dict[str, ScheduleSpec], full: int, f: int) -> None:
-    """Each named schedule fits the latent: sizes divisible by f, steps <= long side, scales end at n."""
-    for name, spec in schedules.items():
-        if spec.size is not None and (spec.size[0] % f or spec.size[1] % f):
-            raise _at((*section, name, "size"), list(spec.size),
-                      f"must be divisible by the tokenizer's downsampling factor {f}")
-        long_side = max(spec.size) // f if spec.size is not None else full
-        if spec.steps is not None and spec.steps > long_side:
-            raise _at((*section, name, "steps"), spec.steps,
-                      f"must be at most the long latent side {long_side} (scales grow by at least 1 per step)")
-        if spec.scales is not None and spec.size is None and spec.scales[-1] != full:
-            raise _at((*section, name, "scales"), spec.scales,
-                      f"must end at the full latent size {full}, or give a size")
+class Problem(NamedTuple):
+    """Settings that cannot work together: `loc`/`value` the key reported, `msg` names the other key(s)."""
+    owner: str        # the dotted section that reads it: only stages using that section report it
+    loc: tuple
+    value: Any
+    msg: str
+
+
+def _uses(owner: str, uses: list[str] | None) -> bool:
+    """Whether a stage reading the dotted keys `uses` (None = every key) reads the section `owner`."""
+    return uses is None or any(owner == u or owner.startswith(u + ".") or u.startswith(owner + ".") for u in uses)
+
+
+def check_params(params: Params, uses: list[str] | None = None, origin: str = "params.yaml") -> Params:
+    """Raise one ConfigError listing, one line each, every problem of the sections in `uses` (None = all)."""
+    lines = [_format(p.loc, p.value, p.msg, origin) for p in params.problems() if _uses(p.owner, uses)]
+    if lines:
+        raise ConfigError("\n".join(lines))
+    return params
 
 
 class _PathError(ValueError):
@@ -495,11 +541,16 @@ def _format(loc: tuple, value: Any, msg: str, origin: str) -> str:
     return f"{origin}: {path} = {value!r}: {msg}"
 
 
-def load_params_dict(data: dict[str, Any] | None, origin: str = "params.yaml") -> Params:
-    """Validate a params mapping; ConfigError lists each bad key path with its value."""
+def load_params_dict(data: dict[str, Any] | None, origin: str = "params.yaml",
+                     uses: list[str] | None = None) -> Params:
+    """Validate a params mapping; ConfigError lists each bad key path with its value.
+
+    Every key is checked; settings that conflict across keys (`Params.problems`) only for the
+    sections a stage reads: `uses` is its dotted keys (a stage's PARAM_KEYS), None = all.
+    """
     data = data or {}
     try:
-        return Params.model_validate(data)
+        return check_params(Params.model_validate(data), uses, origin)
     except _PathError as e:
         raise ConfigError(_format(e.loc, e.value, e.msg, origin)) from None
     except ValidationError as e:
@@ -517,8 +568,8 @@ def load_params_dict(data: dict[str, Any] | None, origin: str = "params.yaml") -
         raise ConfigError("\n".join(lines)) from None
 
 
-def load_params(path: str | os.PathLike = "params.yaml") -> Params:
-    """Read and validate params.yaml."""
+def load_params(path: str | os.PathLike = "params.yaml", uses: list[str] | None = None) -> Params:
+    """Read and validate params.yaml (cross-key conflicts only of the sections in `uses`; None = all)."""
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"{path}: is a folder; give the params file (params.yaml)")
@@ -530,7 +581,7 @@ def load_params(path: str | os.PathLike = "params.yaml") -> Params:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"{path}: must be a mapping of sections, got {type(data).__name__}")
-    return load_params_dict(data, origin=str(path))
+    return load_params_dict(data, origin=str(path), uses=uses)
 
 
 def select(params: Params, keys: list[str]) -> dict[str, Any]:

@@ -24,7 +24,11 @@ PATH_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirect
 
 
 class FlexvarError(Exception):
-    """An expected failure caused by the user's input; the message names what is wrong and what to do."""
+    """An expected failure caused by the user's input; the message names what is wrong and what to do.
+
+    `exit_code` is what `run_command` exits with: 2 (bad input) unless a subclass says otherwise
+    (flows: a failed stage 1, an interrupted sweep 130)."""
+    exit_code = 2
 
 
 class UsageError(FlexvarError):
@@ -61,12 +65,13 @@ def describe(e: BaseException) -> str:
 
 
 def run_command(prog: str, fn: Callable[..., int | None], *args) -> int:
-    """Call `fn(*args)`; a FlexvarError or OS path error becomes one stderr line and exit code 2."""
+    """Call `fn(*args)`; a FlexvarError or OS path error becomes one stderr line and exit code 2
+    (a FlexvarError's own `exit_code`)."""
     try:
         return int(fn(*args) or 0)
     except (FlexvarError, *PATH_ERRORS) as e:
         print(f"{prog}: error: {describe(e)}", file=sys.stderr, flush=True)
-        return USAGE_EXIT
+        return getattr(e, "exit_code", USAGE_EXIT)
 
 
 def command(prog: str):

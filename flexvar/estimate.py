@@ -32,6 +32,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from flexvar.config import Params
+from flexvar.schedules import sampler_config, spec_scales
 
 STAGE_OVERHEAD_S = 10.0       # assumed per stage process: imports, MLflow run, checkpoints, in-training eval
 PREPARE_S_PER_IMAGE = 0.004   # assumed: PIL decode + resize + PNG encode of one image, one core
@@ -100,7 +101,6 @@ def token_scales(n_tokens: int, full: int) -> list[tuple[int, int]]:
 def stage_costs(params: Params, counts: DataCounts) -> list[StageCost]:
     """Every stage of one `dvc repro` with its FLOPs (see the module docstring)."""
     from flexvar.evaluation.feature_net import FeatureNet
-    from flexvar.generation.generate import spec_scales
 
     n, f, res = params.latent_size, params.tokenizer.downsample, params.data.resolution
     images = counts.train + counts.val
@@ -111,7 +111,7 @@ def stage_costs(params: Params, counts: DataCounts) -> list[StageCost]:
            StageCost("train_tokenizer", "tokenizer", tt.steps * tt.batch_size * 3.0 *
                      (enc + dec * (1 + (tt.num_scales - 1) / 3))),
            StageCost("extract_latents", "tokenizer", 2.0 * images * enc)]
-    max_tokens = params.schedule.resolved(n).max_tokens
+    max_tokens = sampler_config(params.schedule, n).max_tokens
     samples = sc.per_class * counts.classes
     for depth in params.variants.depths:
         _, model = _models(params, depth, counts.classes)
@@ -121,7 +121,7 @@ def stage_costs(params: Params, counts: DataCounts) -> list[StageCost]:
             scales = spec_scales(sc.schedules[name], (n, n), f)
             h, w = scales[-1]
             dec_hw = _flops(lambda: vq.decode(torch.empty(1, vq.cfg.codebook_dim, h, w)))
-            per_image = (2 if sc.cfg > 0 else 1) * transformer_flops(model, scales) + dec_hw
+            per_image = (2 if sc.guidance > 0 else 1) * transformer_flops(model, scales) + dec_hw
             out.append(StageCost(f"sample@d{depth}-{name}", "transformer", samples * per_image))
     with torch.device("meta"):
         fnet = FeatureNet(counts.classes, res)
@@ -162,7 +162,7 @@ def measure_rates(params: Params, num_classes: int, device: torch.device) -> dic
         side //= 2
     enc, dec = tokenizer_flops(vq_meta, side)
     batch = max(1, min(params.train_tokenizer.batch_size, int(PROBE_FLOPS // (enc + dec))))
-    tokens, m = params.schedule.resolved(n).max_tokens, n
+    tokens, m = sampler_config(params.schedule, n).max_tokens, n
     while m > 1 and transformer_flops(model_meta, token_scales(tokens * m * m // (n * n), m)) > PROBE_FLOPS:
         m -= max(1, m // 4)
     scales = token_scales(tokens * m * m // (n * n), m)

@@ -30,9 +30,13 @@ def _yaml() -> YAML:
     return y
 
 
+SCHEDULE_FORMS = {"steps", "scales", "preset"}   # a named schedule is one unit: written in one of these
+
+
 def deep_merge(base: Any, patch: Any) -> Any:
-    """Merge `patch` into `base` in place: mappings recurse, everything else is replaced."""
-    if isinstance(base, dict) and isinstance(patch, dict):
+    """Merge `patch` into `base` in place: mappings recurse, everything else is replaced — and so is a
+    named schedule (a mapping with steps, scales or preset): `{scales: [...]}` replaces `{preset: canonical}`."""
+    if isinstance(base, dict) and isinstance(patch, dict) and not (patch.keys() & SCHEDULE_FORMS):
         for k, v in patch.items():
             base[k] = deep_merge(base[k], v) if k in base and isinstance(base[k], dict) and isinstance(v, dict) else v
         return base

@@ -44,16 +44,19 @@ from prefect.tasks import exponential_backoff
 from prefect_ray.context import remote_options
 from prefect_ray.task_runners import RayTaskRunner
 
-from flexvar.config import ConfigError, Params, StageResources, load_params
+from flexvar.config import Params, StageResources, load_params
+from flexvar.errors import FlexvarError, command, one_line_parser_errors
 from flows.cluster import init_ray, prefect_api, python_path_env
 from flows.ray_train import parse_stage_command, run_stage_distributed, train_workers
 from flows.stage_graph import StageGraph, StageSpec, commit, load_graph, stale
 
 OUTPUT_TAIL = 40   # lines of a failed command's output kept in the error
+PARAM_KEYS = ["resources"]   # what the driver reads; each stage checks its own sections when it runs
 
 
-class StageFailed(RuntimeError):
-    """A stage command exited non-zero; the message carries the end of its output."""
+class StageFailed(FlexvarError):
+    """A stage command exited non-zero; the message carries the end of its output (exit code 1)."""
+    exit_code = 1
 
 
 # --------------------------------------------------------------------------- one stage (on a Ray worker)
@@ -170,7 +173,7 @@ def pipeline_flow(root: str = ".", targets: list[str] | None = None, params_file
     """Every stage of dvc.yaml (or `targets` and their ancestors) that is not up to date, on Ray."""
     log = get_run_logger()
     root_p = Path(root).resolve()
-    params = load_params(root_p / params_file)
+    params = load_params(root_p / params_file, uses=PARAM_KEYS)
     graph = load_graph(root_p).restrict(targets or [])
     run_id = os.environ.get("FLEXVAR_PIPELINE_RUN_ID") or f"prefect-{flow_run.id}"
     env = {"FLEXVAR_PIPELINE_RUN_ID": run_id, "DVC_ROOT": str(root_p)}
@@ -187,7 +190,7 @@ def run_pipeline(root: str | Path = ".", targets: list[str] | None = None, param
     import ray
 
     root = Path(root).resolve()
-    params = load_params(root / params_file)
+    params = load_params(root / params_file, uses=PARAM_KEYS)
     with prefect_api():
         started = init_ray(params.resources, root)
         try:
@@ -204,8 +207,10 @@ def plan(root: Path, targets: list[str]) -> list[tuple[str, bool, list[str]]]:
     return [(n, changed[n], sorted(graph.upstream[n])) for n in graph.order()]
 
 
+@command("flows.pipeline")
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__.split("\n\n")[0])
+    ap = one_line_parser_errors(argparse.ArgumentParser(prog="python -m flows.pipeline",
+                                                        description=__doc__.split("\n\n")[0]))
     ap.add_argument("targets", nargs="*", help="stages to bring up to date, with their ancestors (default: all)")
     ap.add_argument("--root", default=".", help="DVC project root (default: .)")
     ap.add_argument("--params", default="params.yaml", help="params file, relative to the root")
@@ -213,19 +218,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="print the stages and whether they changed; run nothing")
     args = ap.parse_args(argv)
     root = Path(args.root).resolve()
-    try:
-        if args.dry_run:
-            for name, changed, up in plan(root, args.targets):
-                print(f"{'changed ' if changed else 'ok      '} {name}" + (f"  <- {', '.join(up)}" if up else ""))
-            return 0
-        t0 = time.perf_counter()
-        result = run_pipeline(root, args.targets, args.params, args.force)
-    except (ConfigError, KeyError) as e:
-        print(f"flows.pipeline: error: {e}", file=sys.stderr)
-        return 2
-    except StageFailed as e:
-        print(f"flows.pipeline: failed: {e}", file=sys.stderr)
-        return 1
+    if args.dry_run:
+        for name, changed, up in plan(root, args.targets):
+            print(f"{'changed ' if changed else 'ok      '} {name}" + (f"  <- {', '.join(up)}" if up else ""))
+        return 0
+    t0 = time.perf_counter()
+    result = run_pipeline(root, args.targets, args.params, args.force)
     for name, status in result.items():
         print(f"{status:8s} {name}")
     print(f"flows.pipeline: done in {time.perf_counter() - t0:.1f}s")

@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module, stage_argv = parsed
     params_path = stage_argv[stage_argv.index("--params") + 1] if "--params" in stage_argv else "params.yaml"
-    params = load_params(params_path)
+    params = load_params(params_path, uses=["resources"])   # the stage checks its own sections
     if params.resources.train_workers == 1:
         return importlib.import_module(module).main(stage_argv)
     from flows.cluster import init_ray

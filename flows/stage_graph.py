@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flexvar.errors import usage
 from pipeline.common import file_lock
 
 
@@ -64,7 +65,8 @@ class StageGraph:
         todo = [n for n in self.stages for t in targets if n == t or self.stages[n].group == t]
         unknown = [t for t in targets if not any(n == t or self.stages[n].group == t for n in self.stages)]
         if unknown:
-            raise KeyError(f"unknown stage(s) {unknown}; dvc.yaml has {sorted({s.group for s in self.stages.values()})}")
+            raise usage("targets", f"unknown stage(s) {unknown}; dvc.yaml has "
+                                   f"{sorted({s.group for s in self.stages.values()})}")
         while todo:
             n = todo.pop()
             if n not in keep:

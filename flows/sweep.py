@@ -43,13 +43,19 @@ import yaml
 from prefect import flow, get_run_logger
 
 from flexvar.config import ConfigError, Params, load_params, load_params_dict
+from flexvar.errors import FlexvarError, command, one_line_parser_errors
+from flexvar.schedules import sampler_config
 from flexvar.run_logger import RunLogger
 
 RESULTS_DIR = "ray_results"
+# the sections a sweep reads: cross-key conflicts elsewhere (e.g. sample.schedules) are the sample stage's
+PARAM_KEYS = ["seed", "data", "tokenizer", "transformer", "schedule", "train_transformer", "sweep", "resources",
+              "variants.depths", "tracking"]
 
 
-class SweepInterrupted(RuntimeError):
-    """Tune stopped before every trial ended (Ctrl-C); `--resume` continues it."""
+class SweepInterrupted(FlexvarError):
+    """Tune stopped before every trial ended (Ctrl-C); `--resume` continues it (exit code 130)."""
+    exit_code = 130
 
 
 # --------------------------------------------------------------------------- the search space
@@ -74,7 +80,7 @@ def sweep_base(params: Params) -> dict:
     """params.yaml's settings with the sampler's null settings (canonical, groups, max_tokens) filled in
     for the latent size, so `sweep.search_space` can name them (`schedule.groups.0.0`)."""
     base = params.model_dump(mode="json")
-    base["schedule"] = params.schedule.resolved(params.latent_size).model_dump(mode="json")
+    base["schedule"] = sampler_config(params.schedule, params.latent_size).model_dump(mode="json")
     return base
 
 
@@ -85,7 +91,7 @@ def with_overrides(base: dict, overrides: dict[str, Any]) -> Params:
         get_dotted(data, key)
         box, k = _walk(data, key)
         box[k] = value
-    return load_params_dict(data, origin="sweep trial")
+    return load_params_dict(data, origin="sweep trial", uses=PARAM_KEYS)
 
 
 def search_space(params: Params) -> dict[str, Any]:
@@ -169,12 +175,10 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     from ray import tune
 
     from flexvar.device import pick_device
-    from flexvar.data.latent_cache import load_latents
-    from flexvar.generation.generate import spec_scales
+    from flexvar.schedules import spec_scales
     from flexvar.seeding import seed_everything
-    from flexvar.tokenizer.vqvae import load_tokenizer
-    from flexvar.transformer.model import FlexVAR
-    from flexvar.transformer.training import build_fingerprint, train_transformer
+    from flexvar.transformer.training import train_transformer
+    from flexvar.transformer.training_run import setup_run
     from pipeline.tracking import MlflowLogger
 
     root = Path(ctx["root"])
@@ -188,10 +192,8 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         f.write(f"{os.getpid()}\n")
     torch.set_num_threads(max(1, int(params.sweep.cpus_per_trial)))
     device = pick_device(params.resources.device)
-    train, val = load_latents(ctx["latents"], "train"), load_latents(ctx["latents"], "val")
-    quantizer = load_tokenizer(ctx["tokenizer"], "cpu").quantize
-    tcfg = params.transformer_for_depth(ctx["depth"])
-    panel = {name: spec_scales(spec, train.latent_hw, params.tokenizer.downsample)
+    run = setup_run(params, ctx["depth"], ctx["latents"], ctx["tokenizer"])   # as the train_transformer stage
+    panel = {name: spec_scales(spec, run.train.latent_hw, params.tokenizer.downsample)
              for name, spec in params.sweep.eval_panel.items()}
     sw = params.sweep
     cfg = params.train_transformer.model_copy(update={
@@ -209,15 +211,14 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         per_seed = {}
         for seed in sw.seeds:   # each seed trains to the same step, then Tune sees their mean
             seed_everything(seed)
-            model = FlexVAR(tcfg, quantizer.codebook_size, quantizer.codebook_dim, train.num_classes,
-                            pe_size=tcfg.pos_embed_size or max(train.latent_hw))
+            model = run.new_model()
             last = LastMetrics()
-            train_transformer(model, quantizer, train, val, cfg, params.schedule, prediction=tcfg.prediction,
+            train_transformer(model, run.quantizer, run.train, run.val, cfg, params.schedule,
+                              prediction=run.transformer.prediction,
                               seed=seed, device=device, out_dir=scratch / f"seed{seed}",
                               logger=tracker if seed == sw.seeds[0] else None, val_logger=last, val_panel=panel,
                               stop_after=target - step,
-                              fingerprint=build_fingerprint(transformer=tcfg, train=cfg, schedule=params.schedule,
-                                                            seed=seed, panel=panel))
+                              fingerprint=run.fingerprint(cfg, params, seed=seed, panel=panel))
             per_seed[seed] = last.metrics
         step = target
         metrics = over_seeds(per_seed, sw.metric)
@@ -404,7 +405,7 @@ def sweep_flow(root: str = ".", name: str = "sweep", params_file: str = "params.
     """Ray Tune over sweep.search_space; returns the best config and every trial's last metrics."""
     log = get_run_logger()
     root_p = Path(root).resolve()
-    params = load_params(root_p / params_file)
+    params = load_params(root_p / params_file, uses=PARAM_KEYS)
     exp_dir = root_p / RESULTS_DIR / name
     parent = sweep_run(params, root_p, exp_dir, name)
     ctx = {"root": str(root_p), "name": name, "base": sweep_base(params), "parent_run_id": parent,
@@ -430,7 +431,7 @@ def run_sweep(root: str | Path = ".", name: str = "sweep", params_file: str = "p
     from flows.cluster import init_ray, prefect_api
 
     root = Path(root).resolve()
-    params = load_params(root / params_file)
+    params = load_params(root / params_file, uses=PARAM_KEYS)
     with prefect_api():
         started = init_ray(params.resources, root)
         try:
@@ -440,8 +441,10 @@ def run_sweep(root: str | Path = ".", name: str = "sweep", params_file: str = "p
                 ray.shutdown()
 
 
+@command("flows.sweep")
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m flows.sweep", description=__doc__.split("\n\n")[0])
+    ap = one_line_parser_errors(argparse.ArgumentParser(prog="python -m flows.sweep",
+                                                        description=__doc__.split("\n\n")[0]))
     ap.add_argument("--root", default=".", help="project root (default: .)")
     ap.add_argument("--params", default="params.yaml", help="params file, relative to the root")
     ap.add_argument("--name", default=None, help="sweep name (folder under ray_results/; default: sweep-<time>)")
@@ -459,29 +462,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume and not args.name:
         ap.error("--resume needs --name")
     name = args.name or time.strftime("sweep-%Y%m%d-%H%M%S")
-    try:
-        out = run_sweep(args.root, name, args.params, args.resume, latents=args.latents, tokenizer=args.tokenizer,
-                        depth=args.depth)
-        print((Path(out["best_file"]).parent / "trials.md").read_text())
-        print(json.dumps({k: out[k] for k in ("best_settings", "best_value", "best_std", "best_per_seed", "best_file")},
-                         indent=2))
-        print(f"apply with:  flexvar preset {out['best_file']}\n        or:  dvc exp run {out['dvc_args']}")
-        if args.transfer:
-            from flows.transfer import transfer
+    out = run_sweep(args.root, name, args.params, args.resume, latents=args.latents, tokenizer=args.tokenizer,
+                    depth=args.depth)
+    print((Path(out["best_file"]).parent / "trials.md").read_text())
+    print(json.dumps({k: out[k] for k in ("best_settings", "best_value", "best_std", "best_per_seed", "best_file")},
+                     indent=2))
+    print(f"apply with:  flexvar preset {out['best_file']}\n        or:  dvc exp run {out['dvc_args']}")
+    if args.transfer:
+        from flows.transfer import transfer
 
-            root = Path(args.root).resolve()
-            params = load_params(root / args.params)
-            res = transfer(root, args.params, root / RESULTS_DIR / name, out["best_settings"],
-                           args.depth or min(params.variants.depths), latents=args.latents,
-                           tokenizer=args.tokenizer, reference=args.reference, feature_net=args.feature_net,
-                           steps=args.transfer_steps, parent_run_id=out["parent_run_id"])
-            print(res["table"])
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"flows.sweep: error: {e}", file=sys.stderr)
-        return 2
-    except SweepInterrupted as e:
-        print(f"flows.sweep: {e}", file=sys.stderr)
-        return 130
+        root = Path(args.root).resolve()
+        params = load_params(root / args.params)   # every section: transfer samples and evaluates too
+        res = transfer(root, args.params, root / RESULTS_DIR / name, out["best_settings"],
+                       args.depth or min(params.variants.depths), latents=args.latents,
+                       tokenizer=args.tokenizer, reference=args.reference, feature_net=args.feature_net,
+                       steps=args.transfer_steps, parent_run_id=out["parent_run_id"])
+        print(res["table"])
     return 0
 
 

@@ -86,7 +86,7 @@ def run_setting(root: Path, folder: Path, params: Params, cmds: list[list[str]],
 
 def comparison_rows(params: Params, folders: dict[str, Path], depth: int) -> list[dict[str, Any]]:
     """One row per (setting, schedule): the evaluate metrics plus steps / size, as the report's rows."""
-    from flexvar.transformer.schedules import schedule_size, schedule_steps
+    from flexvar.schedules import schedule_size, schedule_steps
 
     res = params.data.resolution
     rows = []

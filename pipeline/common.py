@@ -2,7 +2,8 @@
 
 Kept tiny on purpose: a stage is `@command("<stage>") def main(argv)` (flexvar/errors.py: the one
 runner that turns a FlexvarError into one stderr line and exit 2), `args = stage_args(__doc__)`,
-`params = load_params(args.params)`, `device = setup_torch(params)`, then flexvar calls and
+`params = load_params(args.params, uses=PARAM_KEYS)` (cross-key checks of the sections it reads only),
+`device = setup_torch(params)`, then flexvar calls and
 `stage_run` (pipeline/tracking.py). The tool environment is set up once by pipeline/__init__.py.
 """
 from __future__ import annotations

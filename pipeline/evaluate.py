@@ -20,32 +20,32 @@ from pathlib import Path
 
 from pipeline.common import phase, setup_torch, stage_args, write_json
 
-from flexvar.config import load_params
+from flexvar.config import SamplingSettings, load_params
 from flexvar.errors import about, command
 from flexvar.evaluation.feature_net import feature_net_metrics
 from flexvar.evaluation.intervals import class_acc_skipped, sample_intervals
 from flexvar.evaluation.metrics import compute_metrics, fid_protocol, load_samples
 from flexvar.outputs import check_in_dir, check_in_file, check_out_file
-from flexvar.transformer.schedules import schedule_steps
+from flexvar.schedules import schedule_steps
 from pipeline.tracking import stage_run, tag_model_version
 
 PARAM_KEYS = ["seed", "evaluate.feature_space", "evaluate.inception_weights", "evaluate.inception_label_map",
               "evaluate.metrics", "evaluate.reference_split", "evaluate.reference", "evaluate.kid_subset_size",
               "evaluate.bootstrap_samples",
-              "sample.cfg", "sample.cfg_schedule", "sample.top_k", "sample.top_p", "sample.greedy_rule"]
+              *(f"sample.{k}" for k in SamplingSettings.model_fields)]
 
 
 def sampling_settings(params, schedule: str, samples_dir: Path) -> dict:
-    """How the samples were drawn: the sample stage's info.json (written next to samples.npz) where it
-    records them, else sample.* of params.yaml (DVC keeps the two in step)."""
-    s = params.sample
-    out = {"cfg_scale": s.cfg, "cfg_schedule": s.cfg_schedule, "top_k": s.top_k, "top_p": s.top_p,
-           "greedy_rule": s.greedy_rule, "steps": schedule_steps(params, schedule), "scales": None}
+    """How the samples were drawn: the sample stage's info.json (written next to samples.npz: the
+    SamplingSettings it generated with, steps and scales) where there is one, else params.yaml's
+    sample section (DVC keeps the two in step)."""
+    out = {"sampling": params.sample.sampling, "steps": schedule_steps(params, schedule), "scales": None}
     info_path = samples_dir / "info.json"
     if info_path.is_file():
         info = json.loads(info_path.read_text())
-        out |= {k: info[k] for k in ("cfg_schedule", "top_k", "top_p", "greedy_rule", "steps", "scales") if k in info}
-        out["cfg_scale"] = info.get("cfg", out["cfg_scale"])
+        out |= {k: info[k] for k in ("steps", "scales") if k in info}
+        if "sampling" in info:
+            out["sampling"] = SamplingSettings.model_validate(info["sampling"])
     return out
 
 
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     args = stage_args(__doc__, argv, depth={"type": int, "required": True}, schedule={"required": True},
                       samples={"default": None}, reference={"default": "data/reference"},
                       feature_net={"default": "models/feature_net/model.pt"}, out={"default": None})
-    params = load_params(args.params)
+    params = load_params(args.params, uses=PARAM_KEYS)
     variant = f"d{args.depth}/{args.schedule}"
     samples_path = Path(args.samples or f"samples/{variant}/samples.npz")
     out = check_out_file(args.out or f"metrics/eval/{variant}.json", "--out", {".json"})

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
                       prepared={"default": "data/prepared", "help": "prepared dataset folder"},
                       tokenizer={"default": "models/tokenizer", "help": "tokenizer folder"},
                       out={"default": "data/latents", "help": "output folder"})
-    params = load_params(args.params)
+    params = load_params(args.params, uses=PARAM_KEYS)
     check_out_dir(args.out)
     check_in_dir(args.prepared, "--prepared", "dataset_dict.json", hint="run the prepare stage (dvc repro prepare)")
     device = setup_torch(params)

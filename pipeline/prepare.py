@@ -26,7 +26,7 @@ PARAM_KEYS = ["seed", "data"]
 def main(argv: list[str] | None = None) -> int:
     args = stage_args(__doc__, argv, out={"default": "data/prepared", "help": "output folder"})
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    params = load_params(args.params)
+    params = load_params(args.params, uses=PARAM_KEYS)
     check_out_dir(args.out)   # prepare() replaces the folder: only one this pipeline wrote
     seed_everything(params.seed)
     with stage_run("prepare", params, PARAM_KEYS) as log:

@@ -28,7 +28,7 @@ PARAM_KEYS = ["seed", "evaluate.feature_space", "evaluate.inception_weights", "e
 def main(argv: list[str] | None = None) -> int:
     args = stage_args(__doc__, argv, prepared={"default": "data/prepared"},
                       feature_net={"default": "models/feature_net/model.pt"}, out={"default": "data/reference"})
-    params = load_params(args.params)
+    params = load_params(args.params, uses=PARAM_KEYS)
     check_out_dir(args.out)
     cfg = params.evaluate
     if not cfg.reference:   # evaluate.reference names another source: the prepared split is not read

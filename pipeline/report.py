@@ -25,8 +25,8 @@ from flexvar.evaluation.report import (
     markdown_table, plot_class_acc_vs_steps, plot_fid_vs_steps, sort_rows, write_plot_data,
 )
 from flexvar.outputs import check_in_dir, check_out_dir
-from flexvar.transformer.schedules import schedule_size, schedule_steps
-from pipeline.tracking import parent_logger, stage_run
+from flexvar.schedules import schedule_size, schedule_steps
+from pipeline.tracking import parent_logger, stage_run, summary_run
 
 PARAM_KEYS = ["variants", "sample.schedules", "data.resolution", "evaluate.feature_space"]
 
@@ -67,7 +67,7 @@ def collect(params, metrics_dir: Path) -> list[dict]:
 @command("report")
 def main(argv: list[str] | None = None) -> int:
     args = stage_args(__doc__, argv, metrics_dir={"default": "metrics/eval"}, out={"default": "reports"})
-    params = load_params(args.params)
+    params = load_params(args.params, uses=PARAM_KEYS)
     space = params.evaluate.feature_space
     out = check_out_dir(args.out, replaces=False)   # writes four named files, deletes nothing
     check_in_dir(args.metrics_dir, "--metrics-dir", hint="run the evaluate stages")

@@ -7,7 +7,8 @@ Writes OUT/samples.npz (`arr_0` uint8 (N, H, W, 3) — the OpenAI ADM evaluator'
 `labels` int64 (N,); uncompressed, streamed batch by batch so 50,000 samples need one batch of
 memory), OUT/images/{i:05d}_c{label}.png, OUT/grid.png (one row per shown class: at most
 GRID_MAX_CLASSES classes chosen evenly, GRID_PER_CLASS images each) and OUT/info.json (schedule,
-size, timing, grid). `sample.per_class` images per class, settings from `sample` (schedule
+size, timing, grid, and `sampling`: the SamplingSettings the images were drawn with, as generation
+took them). `sample.per_class` images per class, settings from `sample` (schedule
 `sample.schedules[SCHEDULE]`), seeded from `seed`. The memory check counts one batch (the stage
 streams batches) plus what is kept for the whole run (`SampleWriter.held_bytes`: labels, grid), so
 the paper's 50 samples x 1000 classes cost one batch, not 50,000 images.
@@ -26,15 +27,16 @@ from pipeline.common import setup_torch, stage_args, write_json
 from flexvar.config import ConfigError, load_params
 from flexvar.data.splits import to_uint8
 from flexvar.errors import about, command
-from flexvar.generation.generate import ScheduleError, class_labels, generate_batches, spec_scales
+from flexvar.generation.generate import class_labels, generate_batches
 from flexvar.generation.memory import check_generation_memory
 from flexvar.grid import GRID_MAX_CLASSES, class_grid, class_grid_size, shown_classes
 from flexvar.outputs import check_out_dir, replace_dir
 from flexvar.checkpoint import file_sha256
+from flexvar.schedules import ScheduleError, spec_scales
 from flexvar.transformer.checkpoint import flexvar_path, load_flexvar_with_tokenizer
 from pipeline.tracking import stage_run
 
-PARAM_KEYS = ["seed", "sample.per_class", "sample.batch_size", "sample.cfg", "sample.cfg_schedule", "sample.top_k",
+PARAM_KEYS = ["seed", "sample.per_class", "sample.batch_size", "sample.guidance", "sample.guidance_schedule", "sample.top_k",
               "sample.top_p", "sample.precision", "sample.greedy_rule", "sample.max_memory_gb"]   # + its schedule
 GRID_PER_CLASS = 8
 
@@ -116,7 +118,7 @@ def check_memory(cfg, name: str, model, vqvae, scales, num_images: int, num_clas
     h, w = scales[-1]
     f = vqvae.cfg.downsample
     held = SampleWriter.held_bytes(num_images, num_classes, (h * f, w * f))
-    return check_generation_memory(model, vqvae, scales, min(cfg.batch_size, num_images), cfg.cfg > 0,
+    return check_generation_memory(model, vqvae, scales, min(cfg.batch_size, num_images), cfg.guidance > 0,
                                    cfg.max_memory_gb, what=f"sample.schedules.{name} with sample.batch_size "
                                    f"{cfg.batch_size}", setting="sample.max_memory_gb", held_bytes=held)
 
@@ -126,10 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     d, name = args.depth, args.schedule
     model_dir, out = Path(args.model or f"models/d{d}"), Path(args.out or f"samples/d{d}/{name}")
-    params = load_params(args.params)
+    params = load_params(args.params, uses=PARAM_KEYS)
     check_out_dir(out)
     device = setup_torch(params)
-    cfg = params.sample
+    cfg, sampling = params.sample, params.sample.sampling
     with about("--model"):
         model, vqvae, meta = load_flexvar_with_tokenizer(model_dir, device)
     scales = schedule_of(params, name, meta)
@@ -140,18 +142,16 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         with replace_dir(out, "sample") as tmp:
             writer = SampleWriter(tmp, labels, class_names)
-            for part in generate_batches(model, vqvae, labels, scales, batch_size=cfg.batch_size, seed=params.seed,
-                                         cfg=cfg.cfg, cfg_schedule=cfg.cfg_schedule, top_k=cfg.top_k,
-                                         top_p=cfg.top_p, train_side=max(meta["latent_hw"]),
-                                         greedy_rule=cfg.greedy_rule, precision=cfg.precision, progress=True):
+            for part in generate_batches(model, vqvae, labels, scales, sampling, batch_size=cfg.batch_size,
+                                         seed=params.seed, train_side=max(meta["latent_hw"]), progress=True):
                 writer.write(to_uint8(part.images), part.labels)     # one batch: written, then dropped
             grid = writer.close()
             seconds = time.perf_counter() - t0
             info = {"depth": d, "schedule": name, "scales": [list(s) for s in scales], "steps": len(scales),
                     "size": list(part.images.shape[-2:]), "num_images": len(labels), "seconds": seconds,
-                    "images_per_s": len(labels) / seconds, "device": str(device), "precision": cfg.precision,
-                    "cfg": cfg.cfg, "cfg_schedule": cfg.cfg_schedule, "top_k": cfg.top_k, "top_p": cfg.top_p,
-                    "greedy_rule": cfg.greedy_rule, "grid": grid, "memory_estimate_gb": memory / 1024 ** 3,
+                    "images_per_s": len(labels) / seconds, "device": str(device),
+                    "sampling": sampling.model_dump(mode="json"), "grid": grid,
+                    "memory_estimate_gb": memory / 1024 ** 3,
                     "model_sha256": file_sha256(flexvar_path(model_dir))}   # evaluate tags the registered version
             write_json(tmp / "info.json", info)
         log.log_metrics({"images_per_s": info["images_per_s"], "sample_seconds": seconds,

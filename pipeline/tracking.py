@@ -51,7 +51,7 @@ from typing import Any, Iterator, NamedTuple
 from flexvar.config import Params, select
 from flexvar.errors import FlexvarError
 from flexvar.run_logger import RunLogger
-from flexvar.transformer.schedules import schedule_size, schedule_steps
+from flexvar.schedules import schedule_size, schedule_steps
 
 from pipeline.common import file_lock
 

@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     args = stage_args(__doc__, argv, prepared={"default": "data/prepared"},
                       out={"default": "models/feature_net/model.pt"},
                       metrics={"default": "metrics/feature_net.json"}, plot={"default": "plots/feature_net.csv"})
-    params = load_params(args.params)
+    params = load_params(args.params, uses=PARAM_KEYS)
     for arg, path, suffix in (("--out", args.out, ".pt"), ("--metrics", args.metrics, ".json"),
                               ("--plot", args.plot, ".csv")):
         check_out_file(path, arg, {suffix})

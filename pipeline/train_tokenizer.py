@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 @command("train_tokenizer")
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    params = load_params(args.params)
+    params = load_params(args.params, uses=PARAM_KEYS)
     for arg, path in (("--out", args.out), ("--plots", args.plots), ("--ckpt-dir", args.ckpt_dir)):
         check_out_dir(path, arg, replaces=False)   # files are written by name (atomically); nothing is deleted
     check_out_file(args.metrics, "--metrics", {".json"})

@@ -20,20 +20,17 @@ from pathlib import Path
 from pipeline.common import setup_torch, stage_args, write_json
 from pipeline.data_parallel import relaunch
 
-from flexvar.checkpoint import CheckpointError, file_sha256
 from flexvar import distributed
+from flexvar.checkpoint import file_sha256
 from flexvar.config import load_params
-from flexvar.data.latent_cache import load_latents
 from flexvar.device import retain_freed_memory
-from flexvar.errors import about, command
+from flexvar.errors import command
 from flexvar.outputs import check_out_dir, check_out_file
 from flexvar.run_logger import CsvLogger, MultiLogger, RunLogger
-from flexvar.transformer.schedules import ScheduleSampler
-from flexvar.tokenizer.vqvae import load_tokenizer, tokenizer_path
-from flexvar.transformer.model import FlexVAR
+from flexvar.schedules import ScheduleSampler
 from flexvar.transformer.checkpoint import save_flexvar
-from flexvar.transformer.training import (RESUME_FILE, build_fingerprint, evaluate, plan_batches,
-                                          resume_state, train_transformer)
+from flexvar.transformer.training import RESUME_FILE, evaluate, plan_batches, resume_state, train_transformer
+from flexvar.transformer.training_run import setup_run
 from pipeline.tracking import log_transformer, stage_run
 
 PARAM_KEYS = ["seed", "transformer", "schedule", "train_transformer"]
@@ -64,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or f"models/d{d}")
     metrics_path = Path(args.metrics or f"metrics/train/d{d}.json")
     plots = Path(args.plots or f"plots/train/d{d}")
-    params = load_params(args.params)
+    params = load_params(args.params, uses=PARAM_KEYS)
     check_out_dir(out, replaces=False)   # persist: holds resume.pt; files are replaced by name
     check_out_dir(plots, "--plots", replaces=False)
     check_out_file(metrics_path, "--metrics", {".json"})
@@ -75,21 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     device = distributed.init_from_env(setup_torch(params))   # torchrun's worker: join the group, own GPU
     main_rank = distributed.is_main()
     retain_freed_memory()   # 4-12% faster CPU train steps: no page faults on reallocated activations
-    tcfg = params.transformer_for_depth(d)
-    with about("--latents"):
-        train = load_latents(args.latents, "train", params.data.in_memory_mb)   # memory-mapped when large
-        val = load_latents(args.latents, "val", params.data.in_memory_mb)
-    with about("--tokenizer"):
-        quantizer = load_tokenizer(args.tokenizer, "cpu").quantize
-        sha = file_sha256(tokenizer_path(args.tokenizer))
-        if train.tokenizer_sha256 and train.tokenizer_sha256 != sha:
-            raise CheckpointError(f"{args.latents} was extracted with another tokenizer than {args.tokenizer}; "
-                                  f"rerun extract_latents")
-    model = FlexVAR(tcfg, quantizer.codebook_size, quantizer.codebook_dim, train.num_classes,
-                    pe_size=tcfg.pos_embed_size or max(train.latent_hw))
-    fingerprint = build_fingerprint(transformer=tcfg, train=cfg.model_dump(mode="json", exclude={"micro_batch"}),
-                                    schedule=params.schedule, seed=params.seed,
-                                    tokenizer_sha256=sha, latents=[len(train), len(val), list(train.latent_hw)])
+    run = setup_run(params, d, args.latents, args.tokenizer)   # latents memory-mapped when large
+    model, quantizer, train, val, tcfg, sha = (run.model, run.quantizer, run.train, run.val, run.transformer,
+                                               run.tokenizer_sha256)
+    fingerprint = run.fingerprint(cfg, params)
     resumed = resume_state(out, fingerprint)
     start = resumed["step"] if resumed else None
     t0 = time.perf_counter()

@@ -35,5 +35,5 @@ def tiny_prepared(tmp_path_factory) -> Path:
     from flexvar.data.prepare import prepare
 
     out = tmp_path_factory.mktemp("prepared") / "prepared"
-    prepare(DataConfig(resolution=32, num_train=256, num_val=64), seed=0, out_dir=out)
+    prepare(DataConfig(source="builtin:shapes", resolution=32, num_train=256, num_val=64), seed=0, out_dir=out)
     return out

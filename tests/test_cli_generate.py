@@ -40,7 +40,7 @@ def run(argv, capsys):
 def test_generate_writes_grid_and_tokens(ckpt, tmp_path, capsys):
     out = tmp_path / "g.png"
     rc, stdout, err = run(["generate", "--checkpoint", str(ckpt), "--class", "1,blue", "--num", "2", "--steps", "4",
-                           "--size", "16x32", "--cfg", "2.5", "--top-k", "10", "--seed", "0", "--out", str(out),
+                           "--size", "16x32", "--guidance", "2.5", "--top-k", "10", "--seed", "0", "--out", str(out),
                            "--save-tokens", "--precision", "fp32"], capsys)
     assert rc == 0, err
     assert Image.open(out).size[0] > Image.open(out).size[1] > 0
@@ -117,8 +117,10 @@ BAD = [
     (["generate", "--num", "abc"], "--num"),
     (["generate", "--num", "0"], "--num"),
     (["generate", "--top-p", "1.5"], "--top-p"),
-    (["generate", "--cfg", "-1"], "--cfg"),
-    (["generate", "--cfg-schedule", "cosine"], "--cfg-schedule"),
+    (["generate", "--guidance", "-1"], "--guidance"),
+    (["generate", "--cfg", "-1"], "--guidance"),              # the old name still works, errors name the new one
+    (["generate", "--guidance-schedule", "cosine"], "--guidance-schedule"),
+    (["generate", "--top-k", "-2"], "--top-k"),
     (["inpaint", "--image", "IMG"], "--mask"),
     (["inpaint", "--image", "IMG", "--mask", "MISSING"], "--mask"),
     (["inpaint", "--image", "IMG", "--mask", "JUNK"], "--mask"),

@@ -18,7 +18,7 @@ from torch._dynamo.utils import counters
 from flexvar.config import ScheduleConfig, TrainTransformerConfig, TransformerConfig
 from flexvar.tokenizer.quantizer import MultiScaleQuantizer
 from flexvar.transformer.model import FlexVAR, flex_block_mask
-from flexvar.transformer.schedules import ScheduleSampler, num_tokens
+from flexvar.schedules import ScheduleSampler, num_tokens
 from flexvar.transformer.training import compiled_token_loss, token_loss
 from flexvar.transformer.teacher_forcing import inputs_targets
 

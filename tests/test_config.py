@@ -17,7 +17,7 @@ BAD_CASES = [
     ({"schedule": {"drop_probs": [0.1, -0.2]}}, "schedule.drop_probs = [0.1, -0.2]"),
     ({"schedule": {"canonical": [1, 2, 4, 3, 8]}}, "schedule.canonical = [1, 2, 4, 3, 8]"),
     ({"schedule": {"canonical": [1, 2, 3, 4, 6]}}, "schedule.canonical = [1, 2, 3, 4, 6]"),
-    ({"data": {"resolution": 60}}, "data.resolution = 60"),
+    ({"data": {"resolution": 61}}, "data.resolution = 61"),
     ({"data": {"source": "s3://bucket"}}, "data.source = 's3://bucket'"),
     ({"data": {"on_bad_image": "ignore"}}, "data.on_bad_image = 'ignore'"),
     ({"tokenizer": {"ch_mult": [1, 2, 2]}, "data": {"resolution": 66}}, "data.resolution = 66"),
@@ -26,7 +26,7 @@ BAD_CASES = [
     ({"train_tokenizer": {"steps": "many"}}, "train_tokenizer.steps = 'many'"),
     ({"train_tokenizer": {"betas": [0.9, 1.5]}}, "train_tokenizer.betas = [0.9, 1.5]"),
     ({"sample": {"schedules": {"x": {"scales": [1, 2, 5]}}}}, "sample.schedules.x.scales = [1, 2, 5]"),
-    ({"sample": {"schedules": {"x": {"steps": 4, "size": [100, 64]}}}}, "sample.schedules.x.size = [100, 64]"),
+    ({"sample": {"schedules": {"x": {"steps": 4, "size": [101, 64]}}}}, "sample.schedules.x.size = [101, 64]"),
     ({"sample": {"schedules": {"x": {"steps": 4, "scales": [1, 8]}}}}, "sample.schedules.x"),
     ({"sample": {"top_p": 2}}, "sample.top_p = 2"),
     ({"variants": {"schedules": ["short", "missing"]}}, "variants.schedules.1 = 'missing'"),
@@ -35,6 +35,11 @@ BAD_CASES = [
     ({"schedule": {"groups": [[5, 3, 4]]}}, "schedule.groups"),
     ({"evaluate": {"feature_space": "clip"}}, "evaluate.feature_space = 'clip'"),
     ({"seed": -1}, "seed = -1"),
+    ({"sample": {"cfg": 2.0}}, "sample.cfg = 2.0: renamed: write sample.guidance instead"),
+    ({"sample": {"schedules": {"x": {"steps": 4, "size": "3y"}}}}, "sample.schedules.x.size = '3y'"),
+    ({"sample": {"schedules": {"x": {"scales": [0.0, 0.5, 0.9]}}}}, "sample.schedules.x = "),
+    ({"sample": {"schedules": {"x": {"preset": "256-99"}}}}, "sample.schedules.x.preset = '256-99'"),
+    ({"sample": {"schedules": {"x": {"steps": 4, "size": "1.3x"}}}}, "sample.schedules.x.size = ['1.3x', '1.3x']"),
 ]
 
 
@@ -52,6 +57,39 @@ def test_committed_params_valid(project_root):
     # committed file spells out the defaults of the typed config, section by section
     raw = yaml.safe_load((project_root / "params.yaml").read_text())
     assert set(raw) == set(Params.model_fields)
+
+
+def _missing_keys(model, raw: dict, prefix: str = "") -> list[str]:
+    """Dotted keys of the typed config (sections recursed) that the raw params file does not spell out."""
+    from pydantic import BaseModel
+
+    out = []
+    for name, field in type(model).model_fields.items():
+        key = f"{prefix}{name}"
+        if name not in raw:
+            out.append(key)
+        elif isinstance(getattr(model, name), BaseModel):
+            out += _missing_keys(getattr(model, name), raw[name], f"{key}.")
+    return out
+
+
+def test_typed_defaults_are_params_yaml(project_root):
+    """Defaults live in one place: params.yaml spells out every key of the typed config, and each
+    value equals the config's default (a default changed in only one of the two fails here)."""
+    raw = yaml.safe_load((project_root / "params.yaml").read_text())
+    assert _missing_keys(Params(), raw) == []
+    committed, defaults = load_params_dict(raw).model_dump(mode="json"), Params().model_dump(mode="json")
+    assert _differences(committed, defaults) == {}, "params.yaml value vs flexvar/config.py default"
+
+
+def _differences(a, b, path: tuple = ()) -> dict:
+    """{dotted path: (a's value, b's value)} wherever two nested mappings differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = {}
+        for k in a.keys() | b.keys():
+            out.update(_differences(a.get(k, "<missing>"), b.get(k, "<missing>"), (*path, k)))
+        return out
+    return {} if a == b else {".".join(map(str, path)): (a, b)}
 
 
 def test_several_errors_reported_together():

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from flexvar.checkpoint import CheckpointError
 from flexvar.data.splits import to_uint8
+from flexvar.config import SamplingSettings
 from flexvar.generation.generate import generate
 from flexvar.generation.sampling import greedy_step
 from flexvar.official import TRANSFORMER_RENAMES, import_official_tokenizer
@@ -127,10 +128,11 @@ def test_unrepresentable_official_layout_is_refused(tmp_path):
 
 # --------------------------------------------------------------------------- helpers
 def greedy_generation(vq, model, meta, scales):
-    """Our generation with the settings the references were made with: cfg ramp, top-k 1."""
-    return generate(model, vq, torch.tensor(CFG["classes"]), scales, batch_size=len(CFG["classes"]), seed=0,
-                    cfg=CFG["cfg"], cfg_schedule="ramp", top_k=1, top_p=0.0, train_side=max(meta["latent_hw"]),
-                    greedy_rule="official", precision="fp32")
+    """Our generation with the settings the references were made with: guidance ramp, top-k 1."""
+    sampling = SamplingSettings(guidance=CFG["cfg"], guidance_schedule="ramp", top_k=1, top_p=0.0,
+                                greedy_rule="official", precision="fp32")
+    return generate(model, vq, torch.tensor(CFG["classes"]), scales, sampling, batch_size=len(CFG["classes"]), seed=0,
+                    train_side=max(meta["latent_hw"]))
 
 
 def _tf_scales(name: str) -> list[int]:

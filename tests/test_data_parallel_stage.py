@@ -143,8 +143,10 @@ def test_global_batch_that_does_not_divide_is_refused_naming_the_keys(tmp_path, 
 
 def tokenizer_workdir(d: Path, prepared: Path, batch: int = 8) -> Path:
     p = {"data": {"resolution": 32}, "tokenizer": {"ch": 8, "ch_mult": [1, 2, 2], "z_channels": 8, "codebook_dim": 4,
-                                                    "codebook_size": 32, "norm_min_group_channels": 4},
-         "train_tokenizer": {"steps": 4, "batch_size": batch, "micro_batch": 4, "warmup_steps": 1, "num_scales": 2, "precision": "fp32",
+                                                    "codebook_size": 32, "norm_min_group_channels": 4,
+                                                    "entropy_weight": 0.0},
+         "train_tokenizer": {"steps": 4, "batch_size": batch, "micro_batch": 4, "lr": 3e-4, "warmup_steps": 1,
+                             "num_scales": 2, "precision": "fp32",
                              "checkpoint_every": 2, "eval_every": 4, "log_every": 1, "val_images": 8},
          "resources": {"num_threads": 1, "train_workers": 2}, "variants": {"depths": [1]}}
     d.mkdir(parents=True, exist_ok=True)
@@ -220,10 +222,11 @@ def test_tokenizer_accumulation_follows_one_pass():
     from flexvar.tokenizer.training import TokenizerTrainer
 
     images = (torch.rand(16, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
-    model_cfg = TokenizerConfig(ch=8, ch_mult=[1, 2], z_channels=8, codebook_dim=4, codebook_size=32)
+    model_cfg = TokenizerConfig(ch=8, ch_mult=[1, 2], z_channels=8, codebook_dim=4, codebook_size=32,
+                                entropy_weight=0.0, norm_min_group_channels=1)
 
     def run(micro, gan_weight=0.0):
-        cfg = TrainTokenizerConfig(steps=4, batch_size=8, micro_batch=micro, warmup_steps=1, num_scales=2,
+        cfg = TrainTokenizerConfig(steps=4, batch_size=8, micro_batch=micro, lr=3e-4, warmup_steps=1, num_scales=2,
                                    precision="fp32", gan_weight=gan_weight, gan_start_step=1)
         t = TokenizerTrainer(model_cfg, cfg, 0, images, torch.device("cpu"))
         return t, [t.train_step() for _ in range(4)]

@@ -107,9 +107,9 @@ def test_evaluate_stage_records_the_protocol(local_files, tmp_path, monkeypatch,
     for key in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "FLEXVAR_PARENT_RUN_ID"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("FLEXVAR_PIPELINE_RUN_ID", "fid-protocol")
-    params = {"data": {"resolution": SIDE},
+    params = {"data": {"resolution": SIDE}, "tokenizer": {"ch_mult": [1, 2, 2, 4]},
               "schedule": {"canonical": [1, 2, 3, 4], "head": [1, 2], "groups": [[1, 3, 3]]},
-              "sample": {"cfg": 2.5, "top_k": 900, "top_p": 0.95, "schedules": {"s4": {"scales": [1, 2, 3, 4]}}},
+              "sample": {"guidance": 2.5, "top_k": 900, "top_p": 0.95, "schedules": {"s4": {"scales": [1, 2, 3, 4]}}},
               "variants": {"depths": [2], "schedules": ["s4"]},
               "sweep": {"eval_panel": {"s4": {"scales": [1, 2, 3, 4]}}},
               "evaluate": {"feature_space": "inception", "inception_weights": str(weights),
@@ -120,15 +120,16 @@ def test_evaluate_stage_records_the_protocol(local_files, tmp_path, monkeypatch,
     (tmp_path / "samples/d2/s4").mkdir(parents=True)
     np.savez(tmp_path / "samples/d2/s4/samples.npz", samples.permute(0, 2, 3, 1).numpy(), labels=np.zeros(N, np.int64))
     (tmp_path / "samples/d2/s4/info.json").write_text(json.dumps(
-        {"scales": [[s, s] for s in (1, 2, 3, 4)], "steps": 4, "cfg": 2.5, "cfg_schedule": "ramp", "top_k": 900,
-         "top_p": 0.95, "greedy_rule": "official"}))
+        {"scales": [[s, s] for s in (1, 2, 3, 4)], "steps": 4, "sampling": {
+            "guidance": 2.5, "guidance_schedule": "ramp", "top_k": 900, "top_p": 0.95, "greedy_rule": "official",
+            "precision": "auto"}}))
     assert evaluate.main(["--depth", "2", "--schedule", "s4"]) == 0
     result = json.loads((tmp_path / "metrics/eval/d2/s4.json").read_text())
     skipped = [line for line in capsys.readouterr().out.splitlines() if "skipped" in line]
     assert len(skipped) == 1 and skipped[0].startswith(
         "evaluate d2/s4: class_acc_inception skipped: evaluate.inception_label_map is empty")
     assert not any(k.startswith("class_acc") for k in result)
-    assert result["protocol"] == (f"adm:{npz} · inception · n={N} · cfg 2.5 ramp · top-k 900 · top-p 0.95 · "
+    assert result["protocol"] == (f"adm:{npz} · inception · n={N} · guidance 2.5 ramp · top-k 900 · top-p 0.95 · "
                                   f"4 steps · greedy official")
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name("protocol")

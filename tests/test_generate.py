@@ -4,10 +4,13 @@ import torch
 from tests.tiny_checkpoint import LATENT, tiny_models
 
 from flexvar.generation.editing import EditError, box_mask, extend, forced_tokens, inpaint, latent_known, outpaint, refine
-from flexvar.generation.generate import ScheduleError, generate, make_generator, resolve_schedule
+from flexvar.config import SamplingSettings
+from flexvar.generation.generate import generate, make_generator
+from flexvar.schedules import ScheduleError, resolve_schedule
 from flexvar.generation.sampling import filter_top_k_top_p, guidance_scale, sample_tokens
 
-KW = dict(cfg=1.5, top_k=12, top_p=0.95, precision="fp32")
+SAMPLING = SamplingSettings(guidance=1.5, top_k=12, top_p=0.95, precision="fp32")
+KW = dict(sampling=SAMPLING)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +52,8 @@ def test_greedy_without_guidance_does_not_depend_on_the_seed(gt_models):
     model, vq = gt_models
     scales = resolve_schedule(steps=5, train_latent_hw=(LATENT, LATENT), downsample=2)
     labels = torch.arange(4)
-    runs = [generate(model, vq, labels, scales, seed=s, cfg=0.0, top_k=1, decode=False) for s in (0, 1, 123)]
+    runs = [generate(model, vq, labels, scales, seed=s, decode=False,
+                     sampling=SamplingSettings(guidance=0.0, top_k=1, precision="fp32")) for s in (0, 1, 123)]
     for r in runs[1:]:
         assert all(torch.equal(x, y) for x, y in zip(runs[0].tokens, r.tokens))
 
@@ -115,7 +119,8 @@ def test_any_size_and_aspect_ratio(gt_models, size, latent):
     model, vq = gt_models
     scales = resolve_schedule(steps=5, size_hw=size, train_latent_hw=(LATENT, LATENT), downsample=2)
     assert scales[-1] == latent and len(scales) == 5
-    out = generate(model, vq, torch.tensor([1, 2]), scales, train_side=LATENT, greedy_rule="outside", **KW)
+    out = generate(model, vq, torch.tensor([1, 2]), scales, train_side=LATENT,
+                   sampling=SAMPLING.model_copy(update={"greedy_rule": "outside"}))
     assert out.images.shape == (2, 3, *size)
     assert [tuple(t.shape[1:]) for t in out.tokens] == scales
     with torch.no_grad():   # the images are the tokenizer's decode of the final token map, at that size

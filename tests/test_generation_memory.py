@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from flexvar.generation.generate import ScheduleError
+from flexvar.schedules import ScheduleError
 from flexvar.generation.memory import GIB, check_generation_memory, generation_bytes
 from tests.tiny_checkpoint import tiny_models
 
@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MEASURE = """
 import json, sys, torch
 sys.path.insert(0, {root!r})
+from flexvar.config import SamplingSettings
 from flexvar.generation.generate import generate
 from flexvar.generation.memory import generation_bytes
 from tests.tiny_checkpoint import tiny_models
@@ -28,7 +29,7 @@ def kib(field):   # a /proc/self/status field, bytes
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(field + ":"))
 open("/proc/self/clear_refs", "w").write("5")   # reset the peak RSS (VmHWM) to the current RSS
 before = kib("VmRSS")
-generate(model, vq, labels, scales, batch_size=batch, cfg=1.5, train_side=8)
+generate(model, vq, labels, scales, SamplingSettings(guidance=1.5, top_k=0, precision="fp32"), batch_size=batch, train_side=8)
 peak = kib("VmHWM") - before
 print(json.dumps({{"peak": peak, "estimate": generation_bytes(model, vq, scales, batch, True, batch)}}))
 """

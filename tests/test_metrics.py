@@ -126,6 +126,7 @@ def test_load_samples_adm_layout(tmp_path):
 # --------------------------------------------------------------------------- stages, end to end
 PARAMS = {
     "data": {"resolution": 32},
+    "tokenizer": {"ch_mult": [1, 2, 2, 4]},   # 4x4 latent
     "schedule": {"canonical": [1, 2, 3, 4], "head": [1, 2], "groups": [[1, 3, 3]]},
     "sample": {"schedules": {"short": {"steps": 2}, "mid": {"steps": 3}, "large": {"steps": 3, "size": [48, 48]}}},
     "variants": {"depths": [2], "schedules": ["short", "mid", "large"]},

@@ -43,8 +43,8 @@ COMMON = [   # (dotted key, official value)
     ("schedule.canonical_prob", 0.05),              # trainer.py:90
     ("schedule.groups", [[5, 3, 10], [2, 11, 15]]), # trainer.py:93 sample(range(3, 11), 5) + sample(range(11, 16), 2)
     ("schedule.max_tokens", 680),                   # trainer.py:114
-    ("sample.cfg", 2.5),                            # scripts/evaluate_c2i.sh:16 args_cfg=2.5
-    ("sample.cfg_schedule", "ramp"),                # models/flexvar.py:206,221 t = cfg * si / min(n-1, 9)
+    ("sample.guidance", 2.5),                       # scripts/evaluate_c2i.sh:16 args_cfg=2.5
+    ("sample.guidance_schedule", "ramp"),           # models/flexvar.py:206,221 t = cfg * si / min(n-1, 9)
     ("sample.top_k", 900),                          # scripts/evaluate_c2i.sh:22 --top_k 900
     ("sample.top_p", 0.95),                         # eval_c2i.py:108 top_p=0.95
     ("sample.greedy_rule", "official"),             # models/flexvar.py:230 top_k=1 outside the list / above max_pn

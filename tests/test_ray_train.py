@@ -68,7 +68,7 @@ def tiny_training(out_dir: str, steps: int = STEPS, parallelism: str = "ddp", gr
     tcfg = TransformerConfig(depth=1, width=32, heads=2, drop_path_rate=0.0, class_dropout=0.0)
     model = FlexVAR(tcfg, 64, 8, 4, pe_size=8)
     # global batch 8; micro-batch 4 // grad_accum: 2 workers accumulate grad_accum steps, 1 worker 2 x as many
-    cfg = TrainTransformerConfig(steps=steps, batch_size=8, micro_batch=4 // grad_accum, warmup_steps=2,
+    cfg = TrainTransformerConfig(steps=steps, batch_size=8, micro_batch=4 // grad_accum, lr=3e-4, warmup_steps=2,
                                  log_every=1, eval_every=steps, checkpoint_every=checkpoint_every, val_batches=1,
                                  precision="fp32", grad_clip=grad_clip)
     rank, _ = rank_world()
@@ -185,9 +185,10 @@ def tiny_tokenizer_training(out_dir: str, gan_weight: float, steps: int = 6) -> 
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
     images = (torch.rand(16, 3, 16, 16, generator=g) * 255).to(torch.uint8)
-    model_cfg = TokenizerConfig(ch=8, ch_mult=[1, 2], z_channels=8, codebook_dim=4, codebook_size=32)
-    cfg = TrainTokenizerConfig(steps=steps, batch_size=8, warmup_steps=1, num_scales=2, gan_weight=gan_weight,
-                               gan_start_step=2, precision="fp32")
+    model_cfg = TokenizerConfig(ch=8, ch_mult=[1, 2], z_channels=8, codebook_dim=4, codebook_size=32,
+                                entropy_weight=0.0, norm_min_group_channels=1)
+    cfg = TrainTokenizerConfig(steps=steps, batch_size=8, lr=3e-4, warmup_steps=1, num_scales=2,
+                               gan_weight=gan_weight, gan_start_step=2, precision="fp32")
     trainer = TokenizerTrainer(model_cfg, cfg, 0, images, torch.device("cpu"))
     losses = [trainer.train_step()["loss"] for _ in range(steps)]
     rank = rank_world()[0]

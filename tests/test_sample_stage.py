@@ -31,6 +31,9 @@ def test_sample_stage_writes_adm_npz_pngs_and_grid(project_root, tmp_path):
     assert npz["labels"].dtype == np.int64 and npz["labels"].tolist() == sorted(list(range(len(CLASSES))) * 2)
     assert len(list((out / "images").glob("*.png"))) == n
     assert (out / "grid.png").is_file() and (out / "info.json").is_file()
+    info = json.loads((out / "info.json").read_text())   # the settings object generation took, as it was
+    assert info["sampling"] == {"guidance": 1.5, "guidance_schedule": "ramp", "top_k": 8, "top_p": 0.0,
+                                "greedy_rule": "official", "precision": "fp32"}
     again = tmp_path / "again"
     assert sample.main(["--params", str(params), "--depth", "2", "--schedule", "canonical", "--model", str(ckpt),
                         "--out", str(again)]) == 0
@@ -105,7 +108,7 @@ def test_paper_protocol_is_checked_per_batch():
                                    codebook_size=8912))
         model = FlexVAR(TransformerConfig(depth=1), vocab_size=8912, codebook_dim=32, num_classes=1000, pe_size=32)
     scales = [(s, s) for s in [1, 2, 3, 4, 5, 6, 8, 10, 13, 16]]
-    cfg = SampleConfig(per_class=50, batch_size=100, cfg=2.5)
+    cfg = SampleConfig(per_class=50, batch_size=100, guidance=2.5)
     assert cfg.max_memory_gb == 16
     paper = sample.check_memory(cfg, "canonical", model, vq, scales, 50_000, 1000)
     one_each = sample.check_memory(cfg, "canonical", model, vq, scales, 1000, 1000)

@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 from flexvar.config import ConfigError, ScheduleConfig, load_params_dict
-from flexvar.transformer.schedules import PRESETS, ScheduleSampler, make_schedule, num_tokens, preset
+from flexvar.schedules import PRESETS, ScheduleSampler, make_schedule, num_tokens, preset, sampler_config
 
 
 def official_sampler(rng: random.Random) -> list[int]:
@@ -26,7 +26,7 @@ def official_sampler(rng: random.Random) -> list[int]:
 
 
 def test_defaults_resolve_to_the_official_sampler_at_16():
-    r = ScheduleConfig().resolved(16)
+    r = sampler_config(ScheduleConfig(), 16)
     assert r.canonical == [1, 2, 3, 4, 5, 6, 8, 10, 13, 16]
     assert r.groups == [(5, 3, 10), (2, 11, 15)]
     assert r.max_tokens == 680 and r.canonical_prob == 0.05 and r.max_steps == 10
@@ -112,3 +112,34 @@ def test_bad_schedule_params_name_the_key(schedule, key):
     with pytest.raises(ConfigError) as e:
         load_params_dict({"schedule": schedule})     # embedded default: 8x8 latent
     assert f"{key} = " in str(e.value)
+
+
+# --------------------------------------------------------------------------- named schedules that follow the latent
+@pytest.mark.parametrize("n, canonical", [(4, [1, 2, 3, 4]), (8, [1, 2, 3, 4, 5, 6, 8]),
+                                          (16, [1, 2, 3, 4, 5, 6, 8, 10, 13, 16]),
+                                          (32, [1, 2, 3, 4, 5, 6, 8, 10, 13, 16, 32])])
+def test_canonical_preset_is_the_samplers_canonical_at_every_latent(n, canonical):
+    from flexvar.config import ScheduleSpec
+    from flexvar.schedules import spec_scales
+
+    assert sampler_config(ScheduleConfig(), n).canonical == canonical
+    assert spec_scales(ScheduleSpec(preset="canonical"), (n, n), 2) == [(s, s) for s in canonical]
+
+
+def test_scale_fractions_and_relative_sizes():
+    from flexvar.config import ScheduleSpec
+    from flexvar.schedules import ScheduleError, spec_scales, spec_size
+
+    uneven = ScheduleSpec(scales=[0.0, 0.375, 0.625, 1.0])
+    assert [s for s, _ in spec_scales(uneven, (8, 8), 2)] == [1, 3, 5, 8]      # the former [1, 3, 5, 8]
+    assert [s for s, _ in spec_scales(uneven, (16, 16), 2)] == [1, 6, 10, 16]
+    assert [s for s, _ in spec_scales(uneven, (4, 4), 2)] == [1, 2, 3, 4]      # halves round up
+    with pytest.raises(ScheduleError, match="two steps land on one scale"):
+        spec_scales(uneven, (2, 2), 2)
+    large, wide = ScheduleSpec(steps=8, size="2x"), ScheduleSpec(steps=6, size=["1x", "2x"])
+    assert spec_size(large, (16, 16)) == (32, 32) and spec_size(large, (64, 64)) == (128, 128)
+    assert spec_scales(large, (8, 8), 2)[-1] == (16, 16) and spec_scales(large, (32, 32), 2)[-1] == (64, 64)
+    assert spec_scales(wide, (8, 8), 2)[-1] == (8, 16)
+    assert spec_size(ScheduleSpec(steps=4, size=[24, "1.5x"]), (16, 16)) == (24, 24)
+    with pytest.raises(ScheduleError, match="whole number of pixels"):
+        spec_size(ScheduleSpec(steps=4, size="1.3x"), (16, 16))

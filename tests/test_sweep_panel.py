@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from flexvar.config import ConfigError, load_params, load_params_dict
+from flexvar.schedules import sampler_config
 from tests.flows_support import ROOT
 
 
@@ -28,7 +29,7 @@ def test_default_space_covers_the_sampler_and_its_corners_are_valid():
     space = params.sweep.search_space
     assert {"schedule.canonical_prob", "schedule.groups.0.0", "schedule.groups.1.0"} <= set(space)
     n = params.latent_size
-    groups = params.schedule.resolved(n).groups
+    groups = sampler_config(params.schedule, n).groups
     intermediates = sum(c for c, _, _ in groups)            # droppable steps of a drawn schedule
     assert {f"schedule.drop_probs.{i}" for i in range(intermediates)} <= set(space)
     base = sweep_base(params)
@@ -68,25 +69,29 @@ def test_winner_is_whole_settings_and_applies_as_preset(tmp_path):
 
 def test_panel_members_are_validated_by_name():
     with pytest.raises(ConfigError, match=r"sweep.eval_panel.odd.size"):
-        load_params_dict({"sweep": {"eval_panel": {"odd": {"steps": 4, "size": [60, 64]}}}})
+        load_params_dict({"sweep": {"eval_panel": {"odd": {"steps": 4, "size": [61, 64]}}}})
     with pytest.raises(ConfigError, match=r"sweep.eval_panel.bad.scales"):
         load_params_dict({"sweep": {"eval_panel": {"bad": {"scales": [1, 2, 4]}}}})
 
 
 def test_default_panel_mirrors_sample_schedules_and_goes_beyond():
+    from flexvar.schedules import sides_of, spec_scales
+
     params = load_params(ROOT / "params.yaml")
-    panel, canonical = params.sweep.eval_panel, params.schedule.resolved(params.latent_size).canonical
+    panel, canonical = params.sweep.eval_panel, sampler_config(params.schedule, params.latent_size).canonical
     assert {k: v for k, v in panel.items() if k in params.sample.schedules} == params.sample.schedules
-    steps = {name: spec.steps or len(spec.scales) for name, spec in panel.items() if spec.preset is None}
+    n = params.latent_size
+    scales = {name: spec_scales(spec, (n, n), params.tokenizer.downsample) for name, spec in panel.items()}
+    steps = {name: len(s) for name, s in scales.items()}
     assert min(steps.values()) < len(canonical) < max(steps.values())
-    assert any(s.scales is not None and s.scales != canonical for s in panel.values())
-    assert any(s.size is not None and max(s.size) > params.data.resolution for s in panel.values())
-    assert any(s.size is not None and s.size[0] != s.size[1] for s in panel.values())
+    assert any(panel[k].scales is not None and sides_of(s) != canonical for k, s in scales.items())   # uneven
+    assert any(max(s[-1]) > n for s in scales.values())                       # beyond the training latent
+    assert any(s[-1][0] != s[-1][1] for s in scales.values())                 # another aspect ratio
 
 
 def test_evaluate_panel_on_a_tiny_model(tmp_path):
     from flexvar.data.latent_cache import load_latents
-    from flexvar.generation.generate import spec_scales
+    from flexvar.schedules import spec_scales
     from flexvar.tokenizer.vqvae import load_tokenizer
     from flexvar.transformer.model import FlexVAR
     from flexvar.transformer.training import evaluate, evaluate_panel, latent_at

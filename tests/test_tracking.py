@@ -134,7 +134,7 @@ def _check_pipeline(uri: str, pipeline_id: str) -> dict[str, object]:
         assert run.info.status == "FINISHED"
     assert children["d2/short"].data.tags["depth"] == "2"
     assert children["d2/short"].data.tags["steps"] == "4"
-    assert children["d4/large"].data.tags["size"] == "96x96"
+    assert children["d4/large"].data.tags["size"] == "32x32"        # the default large: 2x the 16 px training size
     assert children["d4/large"].data.tags["steps"] == "8"
     return children
 

@@ -1,6 +1,6 @@
 """`flexvar generate | refine | inpaint | outpaint | extend`: sampling and image-to-image from a checkpoint.
 
-    flexvar generate --checkpoint models/d4 --class 3 --num 8 --steps 6 --size 96x64 --cfg 2.5 \
+    flexvar generate --checkpoint models/d4 --class 3 --num 8 --steps 6 --size 96x64 --guidance 2.5 \
         --top-k 100 --seed 0 --out grid.png
     flexvar generate --checkpoint models/d4 --class 0,1,2 --schedule 1,2,3,4,6,8 --save-tokens
     flexvar refine   --checkpoint models/d4 --image in.png --class 2 --steps 10 --size 128x128
@@ -11,6 +11,8 @@
 Sizes are H x W pixels. Every bad input (size, schedule, class, mask, box, path, a generation
 whose memory estimate exceeds --max-memory-gb) is a one-line error naming the argument and exit
 code 2 (flexvar.errors.UsageError); argparse errors too. --out is checked before any model is loaded.
+The sampling arguments become one `SamplingSettings` (defaults: params.yaml's sample section's), the
+object generation takes.
 """
 from __future__ import annotations
 
@@ -19,7 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from flexvar.config import SampleConfig
+from pydantic import ValidationError
+
+from flexvar.config import SamplingSettings
 from flexvar.errors import one_line_parser_errors as one_line_errors
 from flexvar.errors import usage as _usage
 
@@ -104,18 +108,22 @@ def _add_common(p: argparse.ArgumentParser, image: bool) -> None:
     p.add_argument("--schedule", default=None, help="explicit scales, e.g. 1,2,3,4,6,8 or 1x1,1x2,2x4")
     p.add_argument("--preset", default=None, help="a Tab. 7 preset name, e.g. 256-10")
     p.add_argument("--size", default=None, help="output size HxW in pixels (default: the training resolution)")
-    p.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance (0 = off; default 1.5)")
-    p.add_argument("--cfg-schedule", choices=["ramp", "constant"], default="ramp",
-                   help="ramp: cfg * k / min(n-1, 9) at step k (paper); constant: cfg at every step")
-    p.add_argument("--top-k", type=int, default=0, help="top-k sampling (0 = off, 1 = greedy)")
-    p.add_argument("--top-p", type=float, default=0.0, help="top-p (nucleus) sampling (0 = off)")
-    p.add_argument("--greedy-rule", choices=["official", "outside", "none"], default=SampleConfig().greedy_rule,
+    d = SamplingSettings()   # the defaults of params.yaml's sample section
+    p.add_argument("--guidance", "--cfg", dest="guidance", type=float, default=d.guidance,
+                   help=f"classifier-free guidance scale (0 = off; default {d.guidance})")
+    p.add_argument("--guidance-schedule", "--cfg-schedule", dest="guidance_schedule", choices=["ramp", "constant"],
+                   default=d.guidance_schedule,
+                   help="ramp: guidance * k / min(n-1, 9) at step k (paper); constant: guidance at every step")
+    p.add_argument("--top-k", type=int, default=d.top_k,
+                   help=f"top-k sampling (0 = off, 1 = greedy; default {d.top_k})")
+    p.add_argument("--top-p", type=float, default=d.top_p, help="top-p (nucleus) sampling (0 = off)")
+    p.add_argument("--greedy-rule", choices=["official", "outside", "none"], default=d.greedy_rule,
                    help="official: greedy at scales outside FlexVAR's sampled list and above the training size; "
                         "outside: greedy only above the training size; none: never (default: as sample.greedy_rule)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="autocast precision")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=d.precision, help="autocast precision")
     p.add_argument("--out", default=None, help="output grid image (.png, .jpg, ...)")
     p.add_argument("--max-memory-gb", type=float, default=None,
                    help="refuse a generation whose estimated peak memory is above this (default: "
@@ -128,12 +136,7 @@ def _check_numbers(args) -> None:
         raise _usage("--num", f"{args.num} must be at least 1")
     if args.steps is not None and args.steps < 1:
         raise _usage("--steps", f"{args.steps} must be at least 1")
-    if args.cfg < 0:
-        raise _usage("--cfg", f"{args.cfg} must be >= 0")
-    if args.top_k < 0:
-        raise _usage("--top-k", f"{args.top_k} must be >= 0")
-    if not 0.0 <= args.top_p <= 1.0:
-        raise _usage("--top-p", f"{args.top_p} must be in [0, 1]")
+    sampling(args)
     if args.batch_size < 1:
         raise _usage("--batch-size", f"{args.batch_size} must be at least 1")
     if sum(x is not None for x in (args.steps, args.schedule, args.preset)) > 1:
@@ -158,7 +161,7 @@ def _check_memory(args, model, vqvae, scales, num_images: int) -> None:
 
     arg = "--schedule" if args.schedule else "--size" if args.size else "--steps"
     limit = args.max_memory_gb or DEFAULT_MAX_MEMORY_GB
-    check_generation_memory(model, vqvae, scales, min(args.batch_size, num_images), args.cfg > 0, limit,
+    check_generation_memory(model, vqvae, scales, min(args.batch_size, num_images), args.guidance > 0, limit,
                             what=f"{arg} with --batch-size {args.batch_size}", setting="--max-memory-gb",
                             num_images=num_images)
 
@@ -184,7 +187,7 @@ def _load(args):
 
 
 def _schedule(args, meta, size_hw=None, default_steps=None):
-    from flexvar.generation.generate import ScheduleError, resolve_schedule
+    from flexvar.schedules import ScheduleError, resolve_schedule
 
     size_hw = size_hw if size_hw is not None else parse_size(args.size)
     scales = parse_schedule(args.schedule)
@@ -203,10 +206,23 @@ def _schedule(args, meta, size_hw=None, default_steps=None):
         raise _usage(arg, str(e)) from None
 
 
+SAMPLING_ARGS = {"guidance": "--guidance", "guidance_schedule": "--guidance-schedule", "top_k": "--top-k",
+                 "top_p": "--top-p", "greedy_rule": "--greedy-rule", "precision": "--precision"}
+
+
+def sampling(args) -> SamplingSettings:
+    """The sampling arguments as the one settings object generation takes; a bad value names its argument."""
+    try:
+        return SamplingSettings(**{k: getattr(args, k) for k in SAMPLING_ARGS})
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise _usage(SAMPLING_ARGS[err["loc"][0]], f"{err['input']!r}: {err['msg']}") from None
+
+
 def _gen_kwargs(args, meta) -> dict:
-    return dict(cfg=args.cfg, cfg_schedule=args.cfg_schedule, top_k=args.top_k, top_p=args.top_p,
-                train_side=max(meta["latent_hw"]), greedy_rule=args.greedy_rule,
-                batch_size=args.batch_size, seed=args.seed, precision=args.precision, progress=True)
+    """What `generate` and the edits take: the sampling settings and this run's batch, seed, trained size."""
+    return dict(sampling=sampling(args), train_side=max(meta["latent_hw"]), batch_size=args.batch_size,
+                seed=args.seed, progress=True)
 
 
 def _write(args, result, default_name: str, extra_rows=None) -> Path:

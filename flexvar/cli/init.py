@@ -155,9 +155,9 @@ def write_schedules(doc: Any, latent: int, resolution: int) -> dict[str, Any]:
     """The schedules that depend on the latent side n, in sample.schedules and sweep.eval_panel:
     canonical = VAR's scales below n, then n; short ~0.6x and long ~1.3x its steps; large = long's steps
     at twice the resolution; the sweep's uneven list and 1:2 aspect. The one place `init` writes schedules."""
-    from flexvar.config import ScheduleConfig
+    from flexvar.schedules import canonical_sides
 
-    canonical = ScheduleConfig().resolved(latent).canonical
+    canonical = canonical_sides(latent)
     short = max(2, round(0.6 * len(canonical)))
     long = min(latent, math.ceil(1.3 * len(canonical)))
     sample = {"short": {"steps": short}, "canonical": {"scales": canonical}, "long": {"steps": long},

@@ -36,7 +36,7 @@ from torch.utils.data import Dataset
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
 from flexvar.checkpoint import file_sha256
-from flexvar.config import EvaluateConfig
+from flexvar.config import EvaluateConfig, SamplingSettings
 from flexvar.evaluation.feature_net import load_feature_net
 from flexvar.errors import FlexvarError
 
@@ -230,16 +230,17 @@ def load_adm_reference(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return {"mu": mu, "sigma": sigma}
 
 
-def fid_protocol(cfg: EvaluateConfig, *, num_samples: int, cfg_scale: float, cfg_schedule: str, top_k: int,
-                 top_p: float, greedy_rule: str, steps: int | None, scales: list | None = None) -> dict[str, Any]:
-    """What an FID was measured with, to hold it against the paper's (ADM reference, 50k samples, cfg,
-    top-k/top-p, steps, greedy rule): a flat dict, and its one-line `summary`."""
+def fid_protocol(cfg: EvaluateConfig, *, num_samples: int, sampling: SamplingSettings, steps: int | None,
+                 scales: list | None = None) -> dict[str, Any]:
+    """What an FID was measured with, to hold it against the paper's (ADM reference, 50k samples, guidance,
+    top-k/top-p, steps, greedy rule): a flat dict (the SamplingSettings' own fields), and its one-line `summary`."""
     ref = cfg.reference or f"split:{cfg.reference_split}"
+    s = sampling
     proto = {"reference": ref, "feature_space": cfg.feature_space, "num_samples": int(num_samples),
-             "cfg": float(cfg_scale), "cfg_schedule": cfg_schedule, "top_k": int(top_k), "top_p": float(top_p),
-             "greedy_rule": greedy_rule, "steps": steps, "scales": " ".join(f"{h}x{w}" for h, w in scales or [])}
-    proto["summary"] = (f"{ref} · {cfg.feature_space} · n={num_samples} · cfg {cfg_scale:g} {cfg_schedule} · "
-                        f"top-k {top_k} · top-p {top_p:g} · {steps} steps · greedy {greedy_rule}")
+             **s.model_dump(mode="json"), "steps": steps, "scales": " ".join(f"{h}x{w}" for h, w in scales or [])}
+    proto["summary"] = (f"{ref} · {cfg.feature_space} · n={num_samples} · "
+                        f"guidance {s.guidance:g} {s.guidance_schedule} · "
+                        f"top-k {s.top_k} · top-p {s.top_p:g} · {steps} steps · greedy {s.greedy_rule}")
     return proto
 
 

@@ -11,8 +11,9 @@ With `use_kv_cache` each step attends to cached keys/values of earlier steps; wi
 step reruns the whole block-causal prefix (slow, for checking). `forced` teacher-forces given
 tokens at chosen positions of chosen steps: that is all image-to-image needs (flexvar/generation/editing.py).
 
-Schedules (`resolve_schedule`): a named Tab. 7 preset, an explicit list of scales (int sides or
-(h, w) pairs), or n steps to an output size H x W.
+How each token is drawn is one `SamplingSettings` (flexvar/config.py: guidance, its schedule,
+top-k/top-p, greedy rule, precision), the object the sample stage and the CLI build from params /
+arguments and record as it is. Schedules (the `scales` passed in) come from flexvar/schedules.py.
 """
 from __future__ import annotations
 
@@ -25,87 +26,12 @@ from tqdm.auto import tqdm
 
 from flexvar.device import autocast_cache_scope, autocast_ctx
 from flexvar.tokenizer.bf16_copy import decode_latents
+from flexvar.config import SamplingSettings
 from flexvar.generation.sampling import greedy_step, guidance_scale, guide, sample_tokens
-from flexvar.transformer.schedules import PRESETS, _aspect, make_schedule
+from flexvar.schedules import Scales, check_scales
 from flexvar.transformer.teacher_forcing import ResidualCanvas, gt_next_input
-from flexvar.errors import FlexvarError
 
-Scales = list[tuple[int, int]]
 Forced = list[tuple[torch.Tensor, torch.Tensor] | None]   # per step: (ids_Bhw, force_Bhw bool) or None
-
-
-class ScheduleError(FlexvarError, ValueError):
-    """A schedule or size that cannot be generated; the message names what is wrong."""
-
-
-# --------------------------------------------------------------------------- schedules
-def latent_size(size_hw: tuple[int, int], downsample: int) -> tuple[int, int]:
-    """Output pixels (H, W) -> latent (H/f, W/f); both sides must be positive multiples of f."""
-    H, W = size_hw
-    if H <= 0 or W <= 0 or H % downsample or W % downsample:
-        raise ScheduleError(f"size {H}x{W} must be positive multiples of the tokenizer's downsampling {downsample}")
-    return H // downsample, W // downsample
-
-
-def check_scales(scales: Scales) -> Scales:
-    """Scales must be positive and grow: each (h, w) >= the previous in both sides, and not equal."""
-    if not scales:
-        raise ScheduleError("a schedule needs at least one scale")
-    for h, w in scales:
-        if h < 1 or w < 1:
-            raise ScheduleError(f"scale {h}x{w} must have positive sides")
-    for (h0, w0), (h1, w1) in zip(scales, scales[1:]):
-        if h1 < h0 or w1 < w0 or (h1, w1) == (h0, w0):
-            raise ScheduleError(f"scales must grow step by step; {h0}x{w0} is followed by {h1}x{w1}")
-    return [(int(h), int(w)) for h, w in scales]
-
-
-def resolve_schedule(*, steps: int | None = None, scales: list | None = None, preset: str | None = None,
-                     size_hw: tuple[int, int] | None = None, train_latent_hw: tuple[int, int],
-                     downsample: int) -> Scales:
-    """The (h, w) of every step from one of `steps`, `scales`, `preset` (exactly one).
-
-    `size_hw` is the output in pixels (default: the training resolution). Int scales and preset
-    sides are long sides: they end at the long latent side of the size, and the short side
-    follows the aspect ratio. Without a size, int scales / a preset also set the size (square).
-    """
-    given = [k for k, v in (("steps", steps), ("scales", scales), ("preset", preset)) if v is not None]
-    if len(given) != 1:
-        raise ScheduleError(f"give exactly one of steps, scales, preset (got {', '.join(given) or 'none'})")
-    if preset is not None:
-        if preset not in PRESETS:
-            raise ScheduleError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
-        scales = list(PRESETS[preset])
-    if scales is not None and all(isinstance(s, (tuple, list)) for s in scales):
-        out = check_scales([tuple(s) for s in scales])
-        if size_hw is not None and out[-1] != latent_size(size_hw, downsample):
-            H, W = latent_size(size_hw, downsample)
-            raise ScheduleError(f"last scale {out[-1][0]}x{out[-1][1]} must equal the latent {H}x{W} of the size")
-        return out
-    if scales is not None:
-        if not all(isinstance(s, int) for s in scales):
-            raise ScheduleError("scales must all be ints or all (h, w) pairs")
-        if size_hw is None:
-            return check_scales([(s, s) for s in scales])
-        H, W = latent_size(size_hw, downsample)
-        n = max(H, W)
-        if scales[-1] != n:
-            raise ScheduleError(f"last scale {scales[-1]} must equal the long latent side {n} of size "
-                                f"{size_hw[0]}x{size_hw[1]}")
-        return check_scales([_aspect(s, n, H, W) for s in scales])
-    H, W = latent_size(size_hw, downsample) if size_hw is not None else tuple(train_latent_hw)
-    if not 1 <= steps <= max(H, W):
-        raise ScheduleError(f"steps={steps} must be between 1 and the long latent side {max(H, W)} "
-                            f"(size {H * downsample}x{W * downsample})")
-    return make_schedule(steps, (H, W))
-
-
-def spec_scales(spec, train_latent_hw: tuple[int, int], downsample: int) -> Scales:
-    """(h, w) scales of a named schedule from params (a `ScheduleSpec` of sample.schedules or
-    sweep.eval_panel) for a model trained at `train_latent_hw` latents."""
-    return resolve_schedule(steps=spec.steps, scales=spec.scales, preset=spec.preset,
-                            size_hw=tuple(spec.size) if spec.size else None,
-                            train_latent_hw=tuple(train_latent_hw), downsample=downsample)
 
 
 # --------------------------------------------------------------------------- generation
@@ -131,23 +57,23 @@ def _next_input(prediction: str, zq_BChw: torch.Tensor, next_hw, canvas: Residua
 
 
 @torch.no_grad()
-def generate_batch(model, vqvae, labels_B: torch.Tensor, scales: Scales, *, cfg: float = 1.5,
-                   cfg_schedule: str = "ramp", top_k: int = 0, top_p: float = 0.0, train_side: int | None = None,
-                   greedy_rule: str = "official", generator: torch.Generator | None = None,
+def generate_batch(model, vqvae, labels_B: torch.Tensor, scales: Scales, sampling: SamplingSettings, *,
+                   train_side: int | None = None, generator: torch.Generator | None = None,
                    use_kv_cache: bool = True, forced: Forced | None = None, decode: bool = True,
-                   precision: str = "fp32", progress: bool = False) -> Generation:
-    """Generate one batch (see the module docstring).
+                   progress: bool = False) -> Generation:
+    """Generate one batch (see the module docstring) drawn as `sampling` says.
 
-    cfg > 0 runs a conditional and an unconditional (null-class) half; t per step from
+    guidance > 0 runs a conditional and an unconditional (null-class) half; t per step from
     `guidance_scale`. Scales with a long side above `train_side` (outside the trained range)
-    get the full cfg; `greedy_rule` (sampling.greedy_step) says which steps take greedy tokens. `forced[k]`,
-    when given, replaces step k's sampled ids by its ids where its mask is True.
+    get the full guidance; `greedy_rule` (sampling.greedy_step) says which steps take greedy tokens.
+    `forced[k]`, when given, replaces step k's sampled ids by its ids where its mask is True.
     """
+    s, precision = sampling, sampling.precision
     device = next(model.parameters()).device
     prediction = model.cfg.prediction
     B, n = len(labels_B), len(scales)
     labels_B = labels_B.to(device)
-    guided = cfg > 0
+    guided = s.guidance > 0
     lab = torch.cat([labels_B, torch.full_like(labels_B, model.num_classes)]) if guided else labels_B
     reps = 2 if guided else 1
     quant = vqvae.quantize
@@ -168,9 +94,10 @@ def generate_batch(model, vqvae, labels_B: torch.Tensor, scales: Scales, *, cfg:
                                                                                 device=device)
                         logits = model(lab, x_BLCv, scales[:k + 1])[:, -hw[0] * hw[1]:]
                 outside = train_side is not None and max(hw) > train_side
-                t = cfg if outside else guidance_scale(cfg, k, n, cfg_schedule)
+                t = s.guidance if outside else guidance_scale(s.guidance, k, n, s.guidance_schedule)
                 logits_BlV = guide(logits.float(), t) if guided else logits.float()
-                idx_Bl = sample_tokens(logits_BlV, 1 if greedy_step(hw, train_side, greedy_rule) else top_k, top_p, generator)
+                greedy = greedy_step(hw, train_side, s.greedy_rule)
+                idx_Bl = sample_tokens(logits_BlV, 1 if greedy else s.top_k, s.top_p, generator)
                 idx_Bhw = idx_Bl.view(B, *hw)
                 if forced is not None and forced[k] is not None:
                     ids, mask = forced[k]
@@ -197,14 +124,14 @@ def decode_tokens(vqvae, idx_Bhw: torch.Tensor, canvas: ResidualCanvas | None = 
     return decode_latents(vqvae, z_BChw, precision).clamp_(-1, 1).cpu()
 
 
-def generate(model, vqvae, labels_N: torch.Tensor, scales: Scales, *, batch_size: int = 32, seed: int = 0,
-             progress: bool = False, **kwargs) -> Generation:
+def generate(model, vqvae, labels_N: torch.Tensor, scales: Scales, sampling: SamplingSettings, *,
+             batch_size: int = 32, seed: int = 0, progress: bool = False, **kwargs) -> Generation:
     """Generate len(labels_N) images in batches of `batch_size` with one seeded generator.
 
-    Keyword arguments go to `generate_batch` (cfg, top_k, forced ... ; `forced` ids/masks are
+    Keyword arguments go to `generate_batch` (train_side, forced, decode ... ; `forced` ids/masks are
     indexed per batch, so pass them with a leading N dimension).
     """
-    parts = list(generate_batches(model, vqvae, labels_N, scales, batch_size=batch_size, seed=seed,
+    parts = list(generate_batches(model, vqvae, labels_N, scales, sampling, batch_size=batch_size, seed=seed,
                                   progress=progress, **kwargs))
     return Generation(
         scales=check_scales(scales),
@@ -214,8 +141,8 @@ def generate(model, vqvae, labels_N: torch.Tensor, scales: Scales, *, batch_size
     )
 
 
-def generate_batches(model, vqvae, labels_N: torch.Tensor, scales: Scales, *, batch_size: int = 32, seed: int = 0,
-                     progress: bool = False, **kwargs) -> Iterator[Generation]:
+def generate_batches(model, vqvae, labels_N: torch.Tensor, scales: Scales, sampling: SamplingSettings, *,
+                     batch_size: int = 32, seed: int = 0, progress: bool = False, **kwargs) -> Iterator[Generation]:
     """`generate`, one batch at a time (same seeded generator, same images): callers that write each
     batch to disk keep memory bounded by the batch, whatever len(labels_N)."""
     device = next(model.parameters()).device
@@ -225,7 +152,7 @@ def generate_batches(model, vqvae, labels_N: torch.Tensor, scales: Scales, *, ba
     for s in tqdm(starts, desc="batches", disable=not progress or len(starts) == 1):
         sl = slice(s, s + batch_size)
         f = None if forced is None else [None if x is None else (x[0][sl], x[1][sl]) for x in forced]
-        yield generate_batch(model, vqvae, labels_N[sl], scales, generator=gen, forced=f,
+        yield generate_batch(model, vqvae, labels_N[sl], scales, sampling, generator=gen, forced=f,
                              progress=progress and len(starts) == 1, **kwargs)
 
 
@@ -239,5 +166,4 @@ def grid_columns(n: int) -> int:
     return max(1, math.ceil(math.sqrt(n)))
 
 
-__all__ = ["Generation", "ScheduleError", "resolve_schedule", "spec_scales", "latent_size", "check_scales", "generate",
-           "generate_batch", "generate_batches", "decode_tokens", "make_generator", "class_labels"]
+__all__ = ["Generation", "generate", "generate_batch", "generate_batches", "decode_tokens", "make_generator", "class_labels"]

@@ -18,7 +18,7 @@ embedded default's models 0.17 vs 0.28 GB; up to 24x24 batch 16: 0.96 vs 1.63 GB
 from __future__ import annotations
 
 from flexvar.config import SampleConfig
-from flexvar.generation.generate import Scales, ScheduleError
+from flexvar.schedules import Scales, ScheduleError
 
 F32 = 4
 GIB = 1024 ** 3

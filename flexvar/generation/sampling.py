@@ -1,9 +1,10 @@
 """Token sampling for one generation step: classifier-free guidance, top-k / top-p, seeded draws.
 
 Guidance follows the FlexVAR/VAR convention: logits = (1 + t) * cond - t * uncond, so t = 0 is
-plain conditional sampling. With the paper's ramp, step k of n uses t = cfg * k / min(n - 1, 9):
+plain conditional sampling. With the paper's ramp, step k of n uses t = guidance * k / min(n - 1, 9):
 no guidance on the first (global) step, full strength by step 10 and more after it. Scales
-outside the trained range get the full `cfg` (the ramp was tuned for trained scales).
+outside the trained range get the full `guidance` (the ramp was tuned for trained scales).
+The settings come as one `SamplingSettings` (flexvar/config.py) through flexvar/generation/generate.py.
 
 Greedy rules (`greedy_step`): the official sampler (FlexVAR models/flexvar.py,
 autoregressive_infer_cfg) draws with top-k/top-p only at scales in OFFICIAL_SAMPLED_SCALES up to
@@ -33,13 +34,13 @@ def greedy_step(hw: tuple[int, int], train_side: int | None, rule: str = "offici
     return outside and rule == "outside"
 
 
-def guidance_scale(cfg: float, step: int, num_steps: int, schedule: str = "ramp") -> float:
+def guidance_scale(guidance: float, step: int, num_steps: int, schedule: str = "ramp") -> float:
     """t of step `step` (0-based) in a `num_steps` schedule: 'ramp' (paper) or 'constant'."""
     if schedule == "constant":
-        return float(cfg)
+        return float(guidance)
     if schedule != "ramp":
-        raise ValueError(f"cfg schedule must be 'ramp' or 'constant', got {schedule!r}")
-    return float(cfg) * step / max(min(num_steps - 1, 9), 1)
+        raise ValueError(f"guidance schedule must be 'ramp' or 'constant', got {schedule!r}")
+    return float(guidance) * step / max(min(num_steps - 1, 9), 1)
 
 
 def guide(logits_2BlV: torch.Tensor, t: float) -> torch.Tensor:

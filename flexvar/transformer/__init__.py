@@ -1,1 +1,3 @@
-"""Transformer: the FlexVAR model, teacher forcing, step schedules, training loop and checkpoint."""
+"""Transformer: the FlexVAR model, teacher forcing, training loop, run setup and checkpoint.
+
+Step schedules (training sampler and inference schedules) live in flexvar/schedules.py."""

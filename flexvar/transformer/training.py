@@ -38,7 +38,7 @@ from flexvar.data.sampling import batch_indices
 from flexvar.tokenizer.quantizer import MultiScaleQuantizer
 from flexvar.optim import ema_of, lr_schedule, make_adamw
 from flexvar.run_logger import RunLogger
-from flexvar.transformer.schedules import ScheduleSampler, num_tokens
+from flexvar.schedules import ScheduleSampler, num_tokens
 from flexvar.transformer.train_memory import auto_micro_batch, device_bytes
 from flexvar.transformer.teacher_forcing import inputs_targets, resize_bicubic
 from flexvar.transformer.model import FlexVAR

@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from flexvar.cli import main as cli                                   # noqa: E402
 from flexvar.data.splits import to_uint8                              # noqa: E402
+from flexvar.config import SamplingSettings                            # noqa: E402
 from flexvar.generation.generate import generate                      # noqa: E402
 from flexvar.generation.sampling import greedy_step                   # noqa: E402
 from flexvar.grid import image_grid                                   # noqa: E402
@@ -81,8 +82,9 @@ def main() -> int:
         sched = refs[f"gen_{name}_scales"]
         rule = [greedy_step((s, s), cfg["train_side"], "official") for s in sched]
         row(f"greedy rule {sched}", "same steps" if rule == refs[f"gen_{name}_greedy_steps"] else "DIFFERENT")
-        g = generate(model, vq, torch.tensor(cfg["classes"]), [(s, s) for s in sched], batch_size=4, seed=0,
-                     cfg=cfg["cfg"], top_k=1, train_side=max(meta["latent_hw"]), greedy_rule="official", precision="fp32")
+        g = generate(model, vq, torch.tensor(cfg["classes"]), [(s, s) for s in sched],
+                     SamplingSettings(guidance=cfg["cfg"], top_k=1, greedy_rule="official", precision="fp32"),
+                     batch_size=4, seed=0, train_side=max(meta["latent_hw"]))
         tok = sum(int(torch.equal(a, b)) for a, b in zip(g.tokens, refs[f"gen_{name}_tokens"]))
         ref_u8, our_u8 = to_uint8(refs[f"gen_{name}_images"].clamp(-1, 1)), to_uint8(g.images)
         px = (ref_u8.int() - our_u8.int()).abs().max().item()
