@@ -26,7 +26,7 @@ from flexvar.evaluation.report import (
 )
 from flexvar.outputs import check_in_dir, check_out_dir
 from flexvar.schedules import schedule_size, schedule_steps
-from pipeline.tracking import parent_logger, stage_run, summary_run
+from pipeline.tracking import parent_logger, stage_run
 
 PARAM_KEYS = ["variants", "sample.schedules", "data.resolution", "evaluate.feature_space"]
 

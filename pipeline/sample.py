@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     d, name = args.depth, args.schedule
     model_dir, out = Path(args.model or f"models/d{d}"), Path(args.out or f"samples/d{d}/{name}")
-    params = load_params(args.params, uses=PARAM_KEYS)
+    keys = PARAM_KEYS + [f"sample.schedules.{name}"]   # what this stage reads, checked and logged
+    params = load_params(args.params, uses=keys)
     check_out_dir(out)
     device = setup_torch(params)
     cfg, sampling = params.sample, params.sample.sampling
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     class_names = list(meta.get("class_names") or [str(c) for c in range(meta["num_classes"])])
     labels = class_labels(meta["num_classes"], cfg.per_class)
     memory = check_memory(cfg, name, model, vqvae, scales, len(labels), len(class_names))
-    with stage_run("sample", params, PARAM_KEYS + [f"sample.schedules.{name}"], variant=f"d{d}/{name}") as log:
+    with stage_run("sample", params, keys, variant=f"d{d}/{name}") as log:
         t0 = time.perf_counter()
         with replace_dir(out, "sample") as tmp:
             writer = SampleWriter(tmp, labels, class_names)
