@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import sys
 from pathlib import Path
@@ -51,7 +52,7 @@ from benchmarks.bench_sample import build as build_sampler, sampler  # noqa: E40
 import flexvar.distributed as D  # noqa: E402
 import flexvar.optim as O  # noqa: E402
 import flexvar.tokenizer.bf16_copy as BD  # noqa: E402
-import flexvar.transformer.fused_linear as FL  # noqa: E402
+import flexvar.transformer.fast_paths as FL  # noqa: E402
 import flexvar.transformer.model as M  # noqa: E402
 import flexvar.transformer.training as T  # noqa: E402
 
@@ -113,13 +114,20 @@ def addmm_linear(x, weight, bias, act):
     return F.gelu(y, approximate="tanh") if act == "gelu" else y
 
 
-def unbind_qkv_forward(self, x_BLC, mask_LL):
+def unbind_qkv_forward(self, x_BLC, mask_LL, attend=None):
     """SelfAttention.forward with q, k, v split by one rearrange to (3, B, H, L, c) (its backward: a stack)."""
     qkv = self.qkv(x_BLC, bias=torch.cat([self.q_bias, self.zero_k_bias, self.v_bias]))
     q, k, v = rearrange(qkv, "b l (three h c) -> three b h l c", three=3, h=self.heads)
     q = M.unit_rows(q, self.log_scale_1H11.clamp(max=M.MAX_LOG_ATTN_SCALE).exp())
-    out = M.attention(q, M.unit_rows(k), v, mask_LL, self.attn_drop if self.training else 0.0)
+    out = (attend or M.attention)(q, M.unit_rows(k), v, mask_LL, self.attn_drop if self.training else 0.0)
     return self.proj_drop(self.proj(rearrange(out, "b h l c -> b l (h c)")))
+
+
+@functools.lru_cache(maxsize=64)
+def bool_mask(kind, scales, device, pad_to=0):
+    """The block-causal mask as a bool (L, L) matrix (True = attend), cached per schedule as the model's."""
+    level_L = M.scale_levels(scales, pad_to).to(device)
+    return level_L[:, None] >= level_L[None, :]
 
 
 def modulation_every_step(self, cond):
@@ -165,7 +173,7 @@ COMPILED_PATCHES = {
     "addmm bias": [(FL, "compiled_linear", addmm_linear)],
     "norm unit rows": [(M, "unit_rows", norm_unit_rows)],
     "masked_fill mask": [(M, "attention", masked_fill_attention)],
-    "bool mask in the graph": [(M, "block_causal_bias", M.block_causal_mask)],
+    "bool mask in the graph": [(M, "attention_mask", bool_mask), (M, "attention", masked_fill_attention)],
     "unbind q, k, v": [(M.SelfAttention, "forward", unbind_qkv_forward)],
     "16-token length bucket": [(BT, "COMPILE_BUCKET", 16)],
     "clip, then step": PATCHES["clip, then step"],

@@ -37,6 +37,7 @@ from flexvar.optim import ema_of, lr_schedule, make_adamw
 from flexvar.run_logger import RunLogger
 from flexvar.transformer.schedules import ScheduleSampler, num_tokens
 from flexvar.transformer.teacher_forcing import inputs_targets, resize_bicubic
+from flexvar.transformer.fast_paths import smoothed_cross_entropy
 from flexvar.transformer.model import FlexVAR
 
 RESUME_FILE = "resume.pt"
@@ -50,40 +51,10 @@ def get_batch(data: LatentSplit, items: torch.Tensor, device) -> tuple[torch.Ten
     return z.to(device), data.labels_N[items // 2].to(device)
 
 
-class SmoothedCrossEntropy(torch.autograd.Function):
-    """Mean label-smoothed cross-entropy of (N, V) logits, the value of F.cross_entropy(label_smoothing=e):
-    mean over rows of lse(x) - (1 - e) x[target] - e mean(x), computed in fp32.
-
-    Why not F.cross_entropy: its gradient, softmax(x) - (1 - e) onehot - e / V over N, is cheap to
-    form while the softmax is at hand, so the forward builds it once (in the logits' dtype) and the
-    backward only scales it. Over V = 4096 classes that replaces log_softmax, its backward, the
-    smoothing sum, a fill and two full-size dtype casts.
-    """
-
-    @staticmethod
-    def forward(ctx, logits_NV: torch.Tensor, target_N: torch.Tensor, smoothing: float) -> torch.Tensor:
-        x_NV = logits_NV.float()
-        N, V = x_NV.shape
-        lse_N = torch.logsumexp(x_NV, dim=-1)
-        picked_N = x_NV.gather(1, target_N[:, None]).squeeze(1)
-        loss = (lse_N - (1.0 - smoothing) * picked_N - smoothing * x_NV.mean(-1)).mean()
-        grad_NV = (x_NV - lse_N[:, None]).exp_()
-        if smoothing:
-            grad_NV.sub_(smoothing / V)
-        grad_NV.scatter_add_(1, target_N[:, None], grad_NV.new_full((N, 1), smoothing - 1.0))
-        ctx.save_for_backward(grad_NV.div_(N).to(logits_NV.dtype))
-        return loss
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss: torch.Tensor):
-        (grad_NV,) = ctx.saved_tensors
-        return grad_NV * grad_loss.to(grad_NV.dtype), None, None
-
-
 def token_loss(logits_BLV: torch.Tensor, target_BL: torch.Tensor, label_smoothing: float) -> torch.Tensor:
-    """Mean label-smoothed cross-entropy over all tokens (fp32 whatever the logits' dtype)."""
-    return SmoothedCrossEntropy.apply(logits_BLV.flatten(0, 1), target_BL.flatten(), float(label_smoothing))
+    """Mean label-smoothed cross-entropy over all tokens (fp32 whatever the logits' dtype): F.cross_entropy's,
+    with its gradient formed in the forward (fast_paths.smoothed_cross_entropy)."""
+    return smoothed_cross_entropy(logits_BLV.flatten(0, 1), target_BL.flatten(), label_smoothing)
 
 
 @lru_cache(maxsize=None)
