@@ -40,8 +40,7 @@ def parse(argv):
                       tokenizer={"default": "models/tokenizer", "help": "tokenizer folder (train_tokenizer)"},
                       out={"default": None, "help": "model folder (default models/d{depth})"},
                       metrics={"default": None, "help": "metrics JSON (default metrics/train/d{depth}.json)"},
-                      plots={"default": None, "help": "plots folder (default plots/train/d{depth})"},
-                      stop_after={"type": int, "default": None, "help": "stop after this many steps (tests)"})
+                      plots={"default": None, "help": "plots folder (default plots/train/d{depth})"})
 
 
 @command("train_transformer")
@@ -81,11 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         result = train_transformer(
             model, quantizer, train, val, cfg, params.schedule, prediction=tcfg.prediction, seed=params.seed,
             device=device, out_dir=out, logger=MultiLogger([log, train_csv]),
-            val_logger=MultiLogger([log, val_csv]), fingerprint=fingerprint, stop_after=args.stop_after,
+            val_logger=MultiLogger([log, val_csv]), fingerprint=fingerprint,
             parallelism=params.resources.parallelism)
-        if result.step < cfg.steps:
-            print(f"train_transformer: stopped at step {result.step}/{cfg.steps} (--stop-after); rerun to resume")
-            return 0
         metrics = result.metrics or final_eval(model, quantizer, val, params, device)
         path = save_flexvar(out, model, latent_hw=train.latent_hw, downsample=params.tokenizer.downsample,
                             tokenizer_dir=args.tokenizer, tokenizer_sha256=sha, class_names=train.class_names,

@@ -168,7 +168,7 @@ def train_transformer(model: FlexVAR, quantizer: MultiScaleQuantizer, train: Lat
                       cfg: TrainTransformerConfig, schedule: ScheduleConfig, *, prediction: str, seed: int,
                       device: torch.device, out_dir: str | os.PathLike, logger: RunLogger | None = None,
                       val_logger: RunLogger | None = None,
-                      fingerprint: dict | None = None, stop_after: int | None = None,
+                      fingerprint: dict | None = None,
                       on_step: Callable[[int], None] | None = None,
                       val_panel: dict[str, list[tuple[int, int]]] | None = None,
                       parallelism: str = "ddp") -> TrainResult:
@@ -177,8 +177,7 @@ def train_transformer(model: FlexVAR, quantizer: MultiScaleQuantizer, train: Lat
     Logs `loss`, `lr`, `grad_norm`, `tokens_per_s`, `images_per_s` every log_every steps to
     `logger`, and the val metrics (canonical schedule) every eval_every steps and at the end to
     `val_logger` (default: `logger`), with each `val_panel` schedule's too (`evaluate_panel`:
-    `val_loss/<name>`, `val_loss_panel`, ...) when one is given. `stop_after` ends
-    early after that many steps (tests / benchmarks).
+    `val_loss/<name>`, `val_loss_panel`, ...) when one is given.
 
     Multi-worker (an initialised process group): `parallelism` 'ddp' wraps `model` in
     DistributedDataParallel; 'fsdp' shards a copy of it with FSDP2 and loads the consolidated weights
@@ -230,8 +229,7 @@ def train_transformer(model: FlexVAR, quantizer: MultiScaleQuantizer, train: Lat
 
     n_items = 2 * len(train)
     t0, toks, imgs, last_metrics = time.perf_counter(), 0, 0, {}
-    end = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)
-    while step < end:
+    while step < cfg.steps:
         lr = opt.param_groups[0]["lr"]
         loss_sum = 0.0
         for micro in range(cfg.grad_accum):
@@ -252,7 +250,7 @@ def train_transformer(model: FlexVAR, quantizer: MultiScaleQuantizer, train: Lat
                 model.load_state_dict(distributed.full_model_state(train_net))
             ema.update_parameters(model)
         step += 1
-        if (step % cfg.log_every == 0 or step == end) and distributed.is_main():
+        if (step % cfg.log_every == 0 or step == cfg.steps) and distributed.is_main():
             dt = time.perf_counter() - t0
             row = {"loss": loss_sum, "lr": lr, "grad_norm": float(grad_norm),
                    "tokens_per_s": toks / dt, "images_per_s": imgs / dt}
@@ -268,7 +266,7 @@ def train_transformer(model: FlexVAR, quantizer: MultiScaleQuantizer, train: Lat
                                                    cfg.val_batches, device, cfg.precision))
             if distributed.is_main():
                 val_logger.log_metrics(last_metrics, step)
-        if step % cfg.checkpoint_every == 0 or step == end:
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             save_state()
         if on_step is not None:
             on_step(step)
