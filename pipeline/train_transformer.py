@@ -14,11 +14,11 @@ import time
 from pathlib import Path
 
 from pipeline.common import setup_torch, stage_args, write_json
+from pipeline.env import retain_freed_memory
 
 from flexvar.checkpoint import CheckpointError, file_sha256
 from flexvar.config import load_params
 from flexvar.data.latent_cache import load_latents
-from flexvar.device import retain_freed_memory
 from flexvar.errors import about, command
 from flexvar.outputs import check_out_dir, check_out_file
 from flexvar.run_logger import CsvLogger, MultiLogger
