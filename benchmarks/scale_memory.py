@@ -13,8 +13,9 @@ largest process, wall time and throughput. Figures are printed as a
 table and written to <root>/scale_memory.json.
 
 --train-workers 2 runs train_tokenizer and train_transformer through flows/ray_train (Ray Train,
-2 workers) and reports each worker's peak RSS; the tokenizer's samplers trace the items each rank
-read (FLEXVAR_DATA_TRACE), and the script checks the two ranks read disjoint items in every epoch.
+2 workers) and reports each worker's peak RSS. Under --dp torchrun the tokenizer's samplers trace the
+items each rank read (benchmarks/dp_stage.py, DP_STAGE_TRACE), and the script checks the two ranks read
+disjoint items in every epoch.
 """
 from __future__ import annotations
 
@@ -291,7 +292,7 @@ def run_size(n: int, args) -> dict:
     (work / params_file(args.train_workers)).write_text(yaml.safe_dump(params_for(n, args)))
     trace = work / "data_trace"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "FLEXVAR_PIPELINE_RUN_ID": f"scale-{n}",
-           "FLEXVAR_DATA_TRACE": str(trace), "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1",
+           "DP_STAGE_TRACE": str(trace), "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1",
            "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
            "RAY_USAGE_STATS_ENABLED": "0"}
     results = {}
