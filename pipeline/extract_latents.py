@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 from pipeline.common import setup_torch, stage_args, write_json
@@ -22,6 +23,7 @@ from flexvar.data.sampling import RangeBatchSampler
 from flexvar.data.splits import load_split
 from flexvar.errors import about, command
 from flexvar.outputs import check_in_dir, check_out_dir, replace_dir
+from flexvar.tokenizer.bf16_copy import encode_images
 from flexvar.tokenizer.vqvae import load_tokenizer, tokenizer_path
 from pipeline.tracking import stage_run
 
@@ -42,14 +44,15 @@ def main(argv: list[str] | None = None) -> int:
     with about("--tokenizer"):
         vqvae = load_tokenizer(args.tokenizer, device, expect_config=params.tokenizer)
     sha = file_sha256(tokenizer_path(args.tokenizer))
+    encode = partial(encode_images, vqvae.eval(), precision="fp32")
     stats = {}
     with stage_run("extract_latents", params, PARAM_KEYS) as log, replace_dir(args.out, "extract_latents") as tmp:
         for split in ("train", "val"):
             t0 = time.perf_counter()
             images = load_split(args.prepared, split, params.data.in_memory_mb)
             loader = images.loader(RangeBatchSampler(len(images), BATCH), params.data.num_workers)
-            extract_split(vqvae, loader, tmp / split, len(images), images.class_names, sha, device,
-                          dtype=params.data.latent_dtype, precision="fp32")
+            extract_split(encode, loader, tmp / split, len(images), images.class_names, sha, device,
+                          dtype=params.data.latent_dtype)
             h, w = images.image_hw
             shape = [len(images), 2, params.tokenizer.codebook_dim, h // vqvae.downsample, w // vqvae.downsample]
             stats[split] = {"images": len(images), "shape": shape, "seconds": time.perf_counter() - t0,

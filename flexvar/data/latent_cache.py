@@ -26,7 +26,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -35,7 +35,6 @@ from torch.utils.data import DataLoader
 from flexvar.checkpoint import CheckpointError
 from flexvar.data.arrays import NpyWriter
 from flexvar.data.splits import DEFAULT_IN_MEMORY_MB, to_unit_range
-from flexvar.tokenizer.bf16_copy import encode_images
 
 LATENTS_KIND = "latents"
 SHARD_ITEMS = 4096
@@ -116,16 +115,19 @@ class LatentSplit:
         return torch.is_tensor(self.latents_N2CHW)
 
 
+Encoder = Callable[[torch.Tensor], torch.Tensor]   # images in [-1, 1] (B, 3, H, W) -> latents (B, Cvae, h, w)
+
+
 @torch.no_grad()
-def encode_batches(vqvae: torch.nn.Module, loader: Iterable, device: torch.device,
-                   precision: str = "fp32") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def encode_batches(encode: Encoder, loader: Iterable, device: torch.device
+                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(latents (B, 2, Cvae, H/f, W/f) float32 on CPU of each image and its flip, labels (B,)) per batch
-    of a loader of (uint8 images, labels)."""
-    vqvae.eval()
+    of a loader of (uint8 images, labels). `encode`: the frozen tokenizer's encoder, e.g.
+    `functools.partial(flexvar.tokenizer.bf16_copy.encode_images, vqvae, precision=...)`."""
     for images_BCHW, labels_B in loader:
         img_BCHW = to_unit_range(images_BCHW).to(device)
         both = torch.cat([img_BCHW, img_BCHW.flip(-1)])
-        z = encode_images(vqvae, both, precision).cpu()     # bf16: the tokenizer's cached bf16 encoder
+        z = encode(both).float().cpu()
         yield torch.stack(z.chunk(2), dim=1), labels_B
 
 
@@ -196,13 +198,13 @@ class LatentWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def extract_split(vqvae: torch.nn.Module, loader: DataLoader, out_dir: str | os.PathLike, num_images: int,
-                  class_names: list[str], tokenizer_sha256: str, device: torch.device, dtype: str = "float32",
-                  precision: str = "fp32") -> Path:
-    """Encode every batch of `loader` and write the split's cache at `out_dir`; O(batch) memory."""
+def extract_split(encode: Encoder, loader: DataLoader, out_dir: str | os.PathLike, num_images: int,
+                  class_names: list[str], tokenizer_sha256: str, device: torch.device, dtype: str = "float32") -> Path:
+    """Encode (`encode`, see encode_batches) every batch of `loader` and write the split's cache at `out_dir`;
+    O(batch) memory."""
     writer = None
     try:
-        for z_B2CHW, labels_B in encode_batches(vqvae, loader, device, precision):
+        for z_B2CHW, labels_B in encode_batches(encode, loader, device):
             if writer is None:
                 writer = LatentWriter(out_dir, num_images, tuple(z_B2CHW.shape[1:]), class_names, tokenizer_sha256,
                                       dtype)
