@@ -192,4 +192,4 @@ def test_smoothed_cross_entropy_is_torch_cross_entropy(dtype, smoothing):
     (0.5 * plain).backward()
     assert ours.dtype == torch.float32 and grad_ours.dtype == dtype
     close(ours, plain, 1e-6)
-    close(grad_ours.float(), logits.grad.float(), 1e-5 if dtype == torch.float32 else 1e-2)
+    close(grad_ours.float(), logits.grad.float(), 2e-6 if dtype == torch.float32 else 1e-2)
