@@ -7,16 +7,16 @@ input is the class embedding plus a learnt start vector. A token attends to its 
 every coarser one (block-causal), so one teacher-forced pass trains all steps, and generation
 runs one scale at a time with a KV cache.
 
-This file is the method, one plain path per operation. Faster ways to compute the same functions (the
-CUDA attention kernels, oneDNN-fused linears in CPU bf16 inference, a loss with its gradient formed in
-the forward) live in flexvar/transformer/fast_paths.py, picked by `transformer.attention` and the device,
-and tested to compute what the plain path computes.
-
 Blocks follow VAR: AdaLN self-attention (six modulation vectors from the class condition:
 gamma/scale/shift for the attention and the MLP branches), q and k l2-normalised with a learnt
 per-head scale, tanh-GELU MLP, drop-path rising linearly over depth, AdaLN before the head.
 FlexVAR differences: no step (level) embedding, and a scalable 2D position embedding — one
 learnable (C, P, P) map, initialised with 2D sin-cos, resized to each scale's (h, w).
+
+This file is the method, one plain path per operation. Faster ways to compute the same functions (the
+CUDA attention kernels, oneDNN-fused linears in CPU bf16 inference, a loss with its gradient formed in
+the forward) live in flexvar/transformer/fast_paths.py, picked by `transformer.attention` and the device,
+and tested to compute what the plain path computes.
 
     >>> from flexvar.config import TransformerConfig
     >>> m = FlexVAR(TransformerConfig(depth=2), vocab_size=16, codebook_dim=4, num_classes=3, pe_size=4)
@@ -27,6 +27,7 @@ learnable (C, P, P) map, initialised with 2D sin-cos, resized to each scale's (h
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import lru_cache
 
 import torch
@@ -358,7 +359,7 @@ class FlexVAR(nn.Module):
             x_BLC = blk(x_BLC, cond_BD, mask_LL, attend)
         return x_BLC
 
-    def attention_path(self, device: torch.device) -> tuple[str, object]:
+    def attention_path(self, device: torch.device) -> tuple[str, Callable]:
         """(kind, function) of the attention `transformer.attention` picks on `device`: the plain `attention`
         ('plain'; 'auto' on CPU) or a speed path of fast_paths.py computing it ('sdpa', 'flex'; 'auto' on CUDA)."""
         attn_dropout = self.training and self.cfg.attn_drop_rate > 0
