@@ -1,6 +1,6 @@
 """Sampling speed, ours beside the official FlexVAR code in one process, printed as JSON.
 
-    FLEXVAR_OFFICIAL_DIR=/work/official/FlexVAR python benchmarks/bench_sample.py [--rounds 3]
+    FLEXVAR_OFFICIAL_DIR=/path/to/FlexVAR python -m benchmarks.bench_sample [--rounds 3]
 
 Setting (issue 18): batch 16, cfg 1.5 (ramped over steps), top-k 100, schedule 1,2,3,4,5,6,8, depth 6 /
 width 384 / 6 heads, vocabulary 4096, the official VQ-16 tokenizer layout (base width 128, multipliers
@@ -17,19 +17,17 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.side_by_side import (add_threads_arg, bf16_autocast, interleave, machine, official_modules,  # noqa: E402
+from benchmarks.side_by_side import (add_threads_arg, bf16_autocast, interleave, machine, official_modules,
                                      quiet, ratios, setup_process)
-from flexvar.config import TokenizerConfig, TransformerConfig  # noqa: E402
-from flexvar.generation.generate import generate_batch, make_generator  # noqa: E402
-from flexvar.tokenizer.vqvae import VQVAE  # noqa: E402
-from flexvar.transformer.model import FlexVAR  # noqa: E402
+from flexvar.config import TokenizerConfig, TransformerConfig
+from flexvar.generation.generate import generate_batch, make_generator
+from flexvar.tokenizer.vqvae import VQVAE
+from flexvar.transformer.model import FlexVAR
 
 BATCH, CFG, TOP_K = 16, 1.5, 100
 SIDES = [1, 2, 3, 4, 5, 6, 8]

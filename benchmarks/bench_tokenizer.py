@@ -1,7 +1,7 @@
 """Tokenizer train step and inference, ours beside the official FlexVAR/LlamaGen VQ code in one process,
 printed as JSON.
 
-    FLEXVAR_OFFICIAL_DIR=/work/official/FlexVAR python benchmarks/bench_tokenizer.py [--res 128] [--batch 2]
+    FLEXVAR_OFFICIAL_DIR=/path/to/FlexVAR python -m benchmarks.bench_tokenizer [--res 128] [--batch 2]
         [--rounds 3]
 
 Setting: the official VQ-16 layout (base width 128, multipliers 1,1,2,2,4, 2 res blocks, z 256, Cvae 32,
@@ -21,19 +21,17 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.side_by_side import (add_threads_arg, bf16_autocast, interleave, machine, official_modules,  # noqa: E402
+from benchmarks.side_by_side import (add_threads_arg, bf16_autocast, interleave, machine, official_modules,
                                      quiet, ratios, setup_process)
-import flexvar.tokenizer.training as tt  # noqa: E402
-from flexvar.config import TokenizerConfig, TrainTokenizerConfig  # noqa: E402
-from flexvar.tokenizer.bf16_copy import decode_bf16, encode_bf16  # noqa: E402
+import flexvar.tokenizer.training as tt
+from flexvar.config import TokenizerConfig, TrainTokenizerConfig
+from flexvar.tokenizer.bf16_copy import decode_bf16, encode_bf16
 
 VQ16 = TokenizerConfig(ch=128, ch_mult=[1, 1, 2, 2, 4], num_res_blocks=2, z_channels=256, codebook_dim=32,
                        codebook_size=4096)

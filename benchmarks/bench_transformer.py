@@ -1,6 +1,6 @@
 """Transformer training step, ours beside the official FlexVAR code in one process, printed as JSON.
 
-    FLEXVAR_OFFICIAL_DIR=/work/official/FlexVAR python benchmarks/bench_transformer.py [--rounds 5] [--batch 8]
+    FLEXVAR_OFFICIAL_DIR=/path/to/FlexVAR python -m benchmarks.bench_transformer [--rounds 5] [--batch 8]
         [--loss-curves 40]
 
 Setting (issue 18): depth 6, width 384, 6 heads, vocabulary 4096, Cvae 32, 1000 classes, 8x8 latent,
@@ -23,26 +23,24 @@ import json
 import os
 import statistics
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.side_by_side import (add_threads_arg, bf16_autocast, interleave, machine, official_modules,  # noqa: E402
+from benchmarks.side_by_side import (add_threads_arg, bf16_autocast, interleave, machine, official_modules,
                                      quiet, ratios, setup_process)
-from flexvar import distributed  # noqa: E402
-from flexvar.config import TrainTransformerConfig, TransformerConfig  # noqa: E402
-from flexvar.data.latent_cache import LatentSplit  # noqa: E402
-from flexvar.device import autocast_ctx  # noqa: E402
-from flexvar.tokenizer.quantizer import MultiScaleQuantizer  # noqa: E402
-from flexvar.transformer.model import FlexVAR  # noqa: E402
-from flexvar.transformer.teacher_forcing import gt_inputs_targets  # noqa: E402
-import flexvar.optim as optim  # noqa: E402
-import flexvar.transformer.training as training  # noqa: E402
-from flexvar.transformer.training import batch_indices, forward_backward, get_batch  # noqa: E402
+from flexvar import distributed
+from flexvar.config import TrainTransformerConfig, TransformerConfig
+from flexvar.data.latent_cache import LatentSplit
+from flexvar.device import autocast_ctx
+from flexvar.tokenizer.quantizer import MultiScaleQuantizer
+from flexvar.transformer.model import FlexVAR
+from flexvar.transformer.teacher_forcing import gt_inputs_targets
+import flexvar.optim as optim
+import flexvar.transformer.training as training
+from flexvar.transformer.training import batch_indices, forward_backward, get_batch
 
 SIDES = [1, 2, 3, 4, 5, 6, 8]
 SCALES = [(s, s) for s in SIDES]
@@ -60,14 +58,13 @@ def cache(n: int, seed: int = 0) -> LatentSplit:
                        [str(i) for i in range(CLASSES)])
 
 
-def ours(batch: int, compiled: bool = False, bucket: int | None = None) -> dict:
-    """Our train step on prepared inputs, the same step on the same batch for any schedule (`step_on`),
-    and our full step (quantise the cached latents, then the same). Compiled with `compile_bucket`
-    `bucket` (default COMPILE_BUCKET)."""
+def ours(batch: int, compiled: bool = False) -> dict:
+    """Our train step on prepared inputs, and our full step (quantise the cached latents, then the
+    same); with `compiled`, as `train_transformer.compile` runs it (`compile_bucket` COMPILE_BUCKET)."""
     torch.manual_seed(0)
     model = FlexVAR(TransformerConfig(depth=DEPTH, width=WIDTH, heads=HEADS), VOCAB, CVAE, CLASSES, pe_size=8).train()
     if compiled:                                          # what training does with train_transformer.compile
-        model.compile_trunk(COMPILE_BUCKET if bucket is None else bucket)
+        model.compile_trunk(COMPILE_BUCKET)
     cfg = CFG.model_copy(update={"compile": compiled})
     opt, q, data = optim.make_adamw(model, cfg), MultiScaleQuantizer(VOCAB, CVAE), cache(max(4 * batch, 64))
     loss_fn = training.loss_for(compiled)                 # what forward_backward uses
@@ -91,8 +88,7 @@ def ours(batch: int, compiled: bool = False, bucket: int | None = None) -> dict:
                          prediction="gt", device=CPU)
         finish()
 
-    return {"train_step": lambda: step(x, tgt, SCALES), "full_step": full_step, "inputs": (labels, x, tgt),
-            "model": model, "step_on": lambda scales: step(*gt_inputs_targets(q, z, scales), scales)}
+    return {"train_step": lambda: step(x, tgt, SCALES), "full_step": full_step, "inputs": (labels, x, tgt)}
 
 
 def official(mods: SimpleNamespace, batch: int, inputs) -> dict:

@@ -1,20 +1,19 @@
 """Markdown tables for docs/benchmarks.md from the JSON of one run of the side-by-side benchmarks.
 
-    python benchmarks/benchmarks_md.py DIR   # DIR holds transformer.json sample.json tokenizer.json and
+    python -m benchmarks.benchmarks_md DIR   # DIR holds transformer.json sample.json tokenizer.json and
                                              # optionally the same names with a suffix (_default_malloc,
-                                             # _retained_malloc, _threads2: the other settings), profile.json
-                                             # and ablate.json, as the scripts printed them
+                                             # _retained_malloc, _threads2: the other settings) and
+                                             # profile.json, as the scripts printed them
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.profile_steps import markdown as profile_markdown
 
-from benchmarks.profile_steps import markdown as profile_markdown  # noqa: E402
-from benchmarks.side_by_side import paired_ratio  # noqa: E402
 
 def side_by_side(title: str, kinds: dict[str, dict], key: str) -> str:
     """One row per measured kind: medians (wall spread) of every variant, and each of our variants'
@@ -55,7 +54,9 @@ SETTINGS = ("", "_default_malloc", "_retained_malloc", "_threads2")   # file-nam
 
 
 def main(argv=None) -> int:
-    folder = Path((argv or sys.argv[1:])[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("folder", type=Path, help="the JSON of one run (docs/bench_cpu holds the documented one)")
+    folder = ap.parse_args(argv).folder
     out = []
     runs = [(bench + suffix, title, kinds) for bench, title, kinds in BENCHMARKS for suffix in SETTINGS]
     for name, title, kinds in runs:
@@ -73,14 +74,6 @@ def main(argv=None) -> int:
             out += [f"Loss curves (depth 2, {c['steps']} steps, same seed and data), largest |difference|: {diffs}.", ""]
     if (d := finished_json(folder / "profile.json")) is not None:
         out += ["### profile", "", profile_markdown(d["profiles"]), ""]
-    if (d := finished_json(folder / "ablate.json")) is not None:
-        for what, title in (("train", "train step (batch 8)"), ("compiled", "compiled train step (batch 8)"),
-                            ("sample", "sampling with decode (batch 16)")):
-            if what in d:
-                out += [f"### ablation: {title}, one change put back (>1x = the change helps; median of same-round ratios)", "",
-                        "| put back | time vs current |", "|---|---:|"]
-                res, key = d[what]["results"], d[what]["timing"]       # recomputed: same-round ratios
-                out += [f"| {k} | {paired_ratio(res, k, 'current', key):.3f}x |" for k in res if k != "current"] + [""]
     print("\n".join(out))
     return 0
 

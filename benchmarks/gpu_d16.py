@@ -1,6 +1,6 @@
 """GPU check of the paper's d16 preset (issues 4, 17): train-step speed and model-FLOPs utilisation, printed as JSON.
 
-    python benchmarks/gpu_d16.py [--batches 32 64 128] [--steps 10] [--attention sdpa flex] [--compile-modes 0 1]
+    python -m benchmarks.gpu_d16 [--batches 32 64 128] [--steps 10] [--attention sdpa flex] [--compile-modes 0 1]
                                  [--random-schedules 50] [--time-limit 480] [--out gpu_d16.json] [--sample-batch 64]
 
 Model: FlexVAR-d16 as `presets/d16.yaml` builds it (depth 16, width 1024, 16 heads, vocabulary
@@ -33,17 +33,16 @@ import torch
 from torch._dynamo.utils import counters
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flexvar.config import ScheduleConfig, TokenizerConfig, TrainTransformerConfig, TransformerConfig  # noqa: E402
-from flexvar.generation.generate import generate_batch, make_generator  # noqa: E402
-from flexvar.data.latent_cache import LatentSplit  # noqa: E402
-from flexvar.tokenizer.quantizer import MultiScaleQuantizer  # noqa: E402
-from flexvar.tokenizer.vqvae import VQVAE  # noqa: E402
-from flexvar.transformer.model import FlexVAR  # noqa: E402
-from flexvar.transformer.schedules import ScheduleSampler, num_tokens  # noqa: E402
-from flexvar.optim import make_adamw  # noqa: E402
-from flexvar.transformer.training import batch_indices, forward_backward  # noqa: E402
+from flexvar.config import ScheduleConfig, TokenizerConfig, TrainTransformerConfig, TransformerConfig
+from flexvar.generation.generate import generate_batch, make_generator
+from flexvar.data.latent_cache import LatentSplit
+from flexvar.tokenizer.quantizer import MultiScaleQuantizer
+from flexvar.tokenizer.vqvae import VQVAE
+from flexvar.transformer.model import FlexVAR
+from flexvar.transformer.schedules import ScheduleSampler, num_tokens
+from flexvar.optim import make_adamw
+from flexvar.transformer.training import batch_indices, forward_backward
 
 SIDES = [1, 2, 3, 4, 5, 6, 8, 10, 13, 16]
 SCALES = [(s, s) for s in SIDES]

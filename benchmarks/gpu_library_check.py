@@ -1,6 +1,6 @@
 """Device check: the library's training, resume, generation and edit paths run unchanged on a GPU.
 
-    python benchmarks/gpu_library_check.py [--device cuda] [--out DIR]
+    python -m benchmarks.gpu_library_check [--device cuda]
 
 The test suite runs on CPU (CI has no GPU); this script runs the same library entry points the
 pipeline stages call, on CUDA, at a tiny size: tokenizer training with a checkpoint and a resume,
@@ -22,19 +22,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flexvar.config import ScheduleConfig, TokenizerConfig, TrainTokenizerConfig, TrainTransformerConfig, TransformerConfig  # noqa: E402
-from flexvar.data.splits import ImageSplit, to_unit_range  # noqa: E402
-from flexvar.generation.editing import box_mask, extend, inpaint, outpaint, refine  # noqa: E402
-from flexvar.generation.generate import generate, resolve_schedule  # noqa: E402
-from flexvar.data.latent_cache import LatentSplit, encode_batches  # noqa: E402
-from flexvar.data.sampling import RangeBatchSampler  # noqa: E402
-from flexvar.data.synthetic import SHAPES_CLASSES, render_shapes  # noqa: E402
-from flexvar.tokenizer.bf16_copy import encode_images  # noqa: E402
-from flexvar.tokenizer.training import TokenizerTrainer, evaluate_scales  # noqa: E402
-from flexvar.transformer.model import FlexVAR  # noqa: E402
-from flexvar.transformer.training import train_transformer  # noqa: E402
+from flexvar.config import ScheduleConfig, TokenizerConfig, TrainTokenizerConfig, TrainTransformerConfig, TransformerConfig
+from flexvar.data.splits import ImageSplit, to_unit_range
+from flexvar.generation.editing import box_mask, extend, inpaint, outpaint, refine
+from flexvar.generation.generate import generate, resolve_schedule
+from flexvar.data.latent_cache import LatentSplit, encode_batches
+from flexvar.tokenizer.bf16_copy import encode_images
+from flexvar.data.sampling import RangeBatchSampler
+from flexvar.data.synthetic import SHAPES_CLASSES, render_shapes
+from flexvar.tokenizer.training import TokenizerTrainer, evaluate_scales
+from flexvar.transformer.model import FlexVAR
+from flexvar.transformer.training import train_transformer
 
 
 def check(ok: bool, what: str) -> None:

@@ -1,6 +1,6 @@
 """Paper Fig. 4 at the embedded default: ground-truth vs residual prediction, same data and steps.
 
-    python benchmarks/gt_vs_residual.py --params params.yaml --latents data/latents \
+    python -m benchmarks.gt_vs_residual --params params.yaml --latents data/latents \
         --tokenizer models/tokenizer --depth 4 --out docs/gt_vs_residual.png
 
 Trains the transformer twice from the same seed on the same cached latents and schedules,
@@ -11,22 +11,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flexvar.config import load_params  # noqa: E402
-from flexvar.device import pick_device  # noqa: E402
-from flexvar.data.latent_cache import load_latents  # noqa: E402
-from flexvar.run_logger import RunLogger  # noqa: E402
-from flexvar.seeding import seed_everything  # noqa: E402
-from flexvar.tokenizer.vqvae import load_tokenizer  # noqa: E402
-from flexvar.transformer.model import FlexVAR  # noqa: E402
-from flexvar.transformer.training import train_transformer  # noqa: E402
+from flexvar.config import load_params
+from flexvar.device import pick_device
+from flexvar.data.latent_cache import load_latents
+from flexvar.run_logger import RunLogger
+from flexvar.seeding import seed_everything
+from flexvar.tokenizer.vqvae import load_tokenizer
+from flexvar.transformer.model import FlexVAR
+from flexvar.transformer.training import train_transformer
 
 
 class Recorder(RunLogger):

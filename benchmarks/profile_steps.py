@@ -1,7 +1,7 @@
 """Where the time goes: our bf16 train step and sampling step profiled by operator class, printed as
 JSON and as a markdown table, held against the matmul rate measured in the same run.
 
-    python benchmarks/profile_steps.py [--steps 5] [--what train sample]
+    python -m benchmarks.profile_steps [--steps 5] [--what train sample]
 
 torch.profiler records every ATen operator's own (self) CPU time and, in one more profiled step that
 records shapes, the FLOPs of matmuls and convolutions. Operators are grouped into classes (matmul,
@@ -22,19 +22,17 @@ import json
 import math
 import re
 import sys
-from pathlib import Path
 
 import torch
 import torch._inductor.config
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_sample import build as build_sampler  # noqa: E402
-from benchmarks.bench_sample import official_samplers, sampler  # noqa: E402
-from benchmarks.bench_transformer import official as official_train_steps  # noqa: E402
-from benchmarks.bench_transformer import ours as our_train_steps  # noqa: E402
-from benchmarks.side_by_side import add_threads_arg, machine, official_modules, setup_process  # noqa: E402
+from benchmarks.bench_sample import build as build_sampler
+from benchmarks.bench_sample import official_samplers, sampler
+from benchmarks.bench_transformer import official as official_train_steps
+from benchmarks.bench_transformer import ours as our_train_steps
+from benchmarks.side_by_side import add_threads_arg, machine, official_modules, setup_process
 
 # first match wins; names are ATen operator names as the profiler reports them
 CLASSES = [

@@ -1,6 +1,6 @@
 """Peak memory and throughput of every stage at two dataset sizes: is memory independent of N?
 
-    python benchmarks/scale_memory.py --sizes 10000 100000 --root /tmp/scale [--train-workers 2]
+    python -m benchmarks.scale_memory --sizes 10000 100000 --root /tmp/scale [--train-workers 2]
 
 For each N: a fresh work folder with params.yaml (builtin:shapes at 64 px, N train images, the
 streaming path forced with data.in_memory_mb: 0, a few steps per training stage), then the real
@@ -12,10 +12,9 @@ peak private memory of the tree (Pss_Anon: without mapped files / page cache), p
 largest process, wall time and throughput. Figures are printed as a
 table and written to <root>/scale_memory.json.
 
---train-workers 2 runs train_tokenizer and train_transformer through flows/ray_train (Ray Train,
-2 workers) and reports each worker's peak RSS. Under --dp torchrun the tokenizer's samplers trace the
-items each rank read (benchmarks/dp_stage.py, DP_STAGE_TRACE), and the script checks the two ranks read
-disjoint items in every epoch.
+--train-workers 2 runs train_tokenizer and train_transformer through flows.ray_train (Ray Train,
+2 workers) and reports each worker's peak RSS, and checks on the training sampler itself that the
+ranks take disjoint items covering the split in every epoch.
 """
 from __future__ import annotations
 
@@ -32,8 +31,6 @@ import psutil
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-DP_LAUNCHER = "ray"
-sys.path.insert(0, str(ROOT))
 
 
 def params_for(n: int, args) -> dict:
@@ -59,15 +56,13 @@ def params_for(n: int, args) -> dict:
 
 def stage_commands(train_workers: int) -> list[tuple[str, list[str], int]]:
     """(stage, argv after `python`, items processed per run for throughput). With several train
-    workers the training stages run under DP_LAUNCHER (flows.ray_train, or torchrun + dp_stage.py) and
-    write models/tokenizer_dp and models/d2_dp, so the 1-worker run's outputs stay valid."""
+    workers the training stages run under flows.ray_train and write models/tokenizer_dp and
+    models/d2_dp, so the 1-worker run's outputs stay valid."""
     if train_workers == 1:
         dp, tok_out, d2_out = [], "models/tokenizer", "models/d2"
     else:
         tok_out, d2_out = "models/tokenizer_dp", "models/d2_dp"
-        dp = (["-m", "flows.ray_train", sys.executable, "-m"] if DP_LAUNCHER == "ray" else
-              ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={train_workers}",
-               str(ROOT / "benchmarks" / "dp_stage.py")])
+        dp = ["-m", "flows.ray_train", sys.executable, "-m"]
     out = []
     for stage, argv, k in _commands(tok_out, d2_out):
         if dp and stage.startswith("train_") and stage != "train_feature_net":
@@ -118,7 +113,7 @@ def smaps(pid: int) -> dict[str, int]:
     return out
 
 
-TRAIN_WORKER_MARKS = ("RayTrainWorker", "dp_stage.py")   # a Ray Train worker / a torchrun rank running a stage
+TRAIN_WORKER_MARKS = ("RayTrainWorker",)   # a Ray Train worker running a stage
 
 
 class TreeMonitor(threading.Thread):
@@ -216,32 +211,9 @@ def items_per_run(stage: str, n: int, args) -> int:
             "reference_stats": args.num_val, "sample": args.samples, "evaluate": args.samples}[stage]
 
 
-def disjoint_epochs(trace: Path, n: int, batch: int, steps: int, seed: int) -> dict:
-    """From the tokenizer samplers' traces (what each worker's DataLoader actually read): items per
-    rank per epoch, how many the ranks shared, and whether at every traced step the ranks' parts
-    together are exactly the single-process global batch (flexvar.data.sampling.batch_indices)."""
-    from flexvar.data.sampling import batch_indices
-
-    per_rank = {}
-    for f in sorted(trace.glob("rank*.txt")):
-        rows = [list(map(int, line.split())) for line in f.read_text().splitlines()]
-        per_rank[f.stem] = {r[0]: r[1:] for r in rows if r[0] < steps}
-    if len(per_rank) < 2:
-        return {"ranks": list(per_rank)}
-    per_epoch = n // batch
-    union_ok = all(sorted(sum((r.get(s, []) for r in per_rank.values()), [])) ==
-                   sorted(batch_indices(s, batch, n, seed).tolist()) for s in range(steps))
-    out = {"ranks": list(per_rank), "steps_traced": steps, "union_is_global_batch": union_ok, "epochs": {}}
-    for epoch in sorted({s // per_epoch for s in range(steps)}):
-        sets = [set(i for s, items in r.items() if s // per_epoch == epoch for i in items) for r in per_rank.values()]
-        out["epochs"][epoch] = {"items_per_rank": [len(s) for s in sets],
-                                "overlap": len(set.intersection(*sets))}
-    return out
-
-
 def sampler_epochs(n: int, batch: int, seed: int, world: int, epochs: int = 2) -> dict:
-    """The same rule over whole epochs (the benchmark's few steps stay inside epoch 0): each rank's
-    StepBatchSampler for `epochs` epochs of n items; per epoch, items per rank, overlap, and coverage."""
+    """The training sampler's split of the data over ranks, over whole epochs (the benchmark's few steps
+    stay inside epoch 0): each rank's StepBatchSampler for `epochs` epochs of n items; per epoch, items per rank, overlap, and coverage."""
     from flexvar.data.sampling import StepBatchSampler
 
     per_epoch = n // batch
@@ -290,9 +262,8 @@ def run_size(n: int, args) -> dict:
     if args.train_workers > 1:
         args.stages = args.stages or ["train_tokenizer", "train_transformer"]
     (work / params_file(args.train_workers)).write_text(yaml.safe_dump(params_for(n, args)))
-    trace = work / "data_trace"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "FLEXVAR_PIPELINE_RUN_ID": f"scale-{n}",
-           "DP_STAGE_TRACE": str(trace), "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1",
            "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
            "RAY_USAGE_STATS_ENABLED": "0"}
     results = {}
@@ -302,9 +273,6 @@ def run_size(n: int, args) -> dict:
     for stage, argv, _ in stage_commands(args.train_workers):
         if stage in results or (args.stages and stage not in args.stages):
             continue
-        if stage == "train_tokenizer":
-            for f in trace.glob("rank*.txt"):
-                f.unlink()
         r = run_stage(work, argv, env)
         r["items"] = items_per_run(stage, n, args)
         r["items_per_s"] = round(r["items"] / r["seconds"], 2)
@@ -315,13 +283,9 @@ def run_size(n: int, args) -> dict:
               f"{r['items_per_s']} items/s", flush=True)
         for w in r["train_workers"]:
             print(f"  worker {w}", flush=True)
-        if stage == "train_tokenizer":
-            seed = params_for(n, args)["seed"]
-            r["rank_items"] = disjoint_epochs(trace, n, 16, args.steps, seed)
-            print(f"  items read per rank and epoch: {r['rank_items']}", flush=True)
-            if args.train_workers > 1:
-                r["sampler_epochs"] = sampler_epochs(n, 16, seed, args.train_workers)
-                print(f"  sampler over 2 whole epochs: {r['sampler_epochs']}", flush=True)
+        if stage == "train_tokenizer" and args.train_workers > 1:
+            r["sampler_epochs"] = sampler_epochs(n, 16, params_for(n, args)["seed"], args.train_workers)
+            print(f"  sampler over 2 whole epochs: {r['sampler_epochs']}", flush=True)
         if stage == "extract_latents":
             r["fp16_token_agreement"] = token_agreement(work)
             print(f"  float16 storage vs float32: {r['fp16_token_agreement']}", flush=True)
@@ -399,8 +363,6 @@ def main() -> None:
     ap.add_argument("--num-workers", type=int, default=1, help="data.num_workers")
     ap.add_argument("--in-memory-mb", type=float, default=0, help="data.in_memory_mb (0: always stream)")
     ap.add_argument("--train-workers", type=int, default=1, help="resources.train_workers")
-    ap.add_argument("--dp", choices=["ray", "torchrun"], default="ray",
-                    help="launcher of multi-worker training: flows.ray_train (Ray Train) or torchrun + dp_stage.py")
     ap.add_argument("--tokenizer-ch", type=int, default=8, help="tokenizer.ch (small: a fast extract_latents)")
     ap.add_argument("--stages", nargs="*", default=None, help="only these stages (results are kept per folder)")
     ap.add_argument("--loader-probe", type=int, default=0, metavar="WORKERS",
@@ -411,13 +373,11 @@ def main() -> None:
         print(json.dumps(out, indent=1))
         (Path(args.root) / "loader_probe.json").write_text(json.dumps(out, indent=1))
         return
-    global DP_LAUNCHER
-    DP_LAUNCHER = args.dp
     allres = {n: run_size(n, args) for n in args.sizes}
     out = Path(args.root) / f"scale_memory_w{args.train_workers}.json"
     out.write_text(json.dumps({str(k): v for k, v in allres.items()}, indent=1))
     print_tables(allres, [s for s, _, _ in stage_commands(args.train_workers)], args.sizes)
-    print(f"\nprojection to the d16 preset on ImageNet: python benchmarks/scaling_projection.py --memory-json "
+    print(f"\nprojection to the d16 preset on ImageNet: python -m benchmarks.scaling_projection --memory-json "
           f"{Path(args.root) / 'scale_memory_w1.json'} --memory-dp-json {Path(args.root) / 'scale_memory_w2.json'}")
     print(f"\nwritten to {out}")
 

@@ -1,7 +1,7 @@
 """Scaling on paper: projected DDP / FSDP step time and efficiency of d16/d20/d24 on 8, 16, 32 GPUs,
 and the host memory of the d16 preset on ImageNet-1k per stage and per worker.
 
-    python benchmarks/scaling_projection.py [--gpu-json docs/gpu/gpu_d16.json] [--mfu 0.40]
+    python -m benchmarks.scaling_projection [--gpu-json docs/gpu/gpu_d16.json] [--mfu 0.40]
         [--memory-json docs/scale/scale_memory_w1.json --memory-dp-json docs/scale/scale_memory_w2.json
          --loader-json docs/scale/loader_probe.json]
 
@@ -34,18 +34,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-import yaml  # noqa: E402
+import torch
+import yaml
 
-from flexvar.config import Params, TransformerConfig  # noqa: E402
-from flexvar.presets import PRESETS_DIR, deep_merge  # noqa: E402
-from flexvar.tokenizer.vqvae import VQVAE  # noqa: E402
-from flexvar.transformer.model import build_flexvar  # noqa: E402
+from flexvar.config import Params, TransformerConfig
+from flexvar.presets import PRESETS_DIR, deep_merge
+from flexvar.tokenizer.vqvae import VQVAE
+from flexvar.transformer.model import build_flexvar
 
 BUS = {"NVLink node (360 GB/s)": 360e9, "8x400G NDR/node (180 GB/s)": 180e9, "1x400G/node (45 GB/s)": 45e9}
 BUCKET_BYTES = 25e6

@@ -157,10 +157,3 @@ def ratios(results: dict[str, dict], ours: str) -> dict[str, float]:
     base = results[ours][key]
     return {f"{ours} vs {name}": round(r[key] / base, 2) for name, r in results.items() if name != ours}
 
-
-def paired_ratio(results: dict[str, dict], name: str, base: str, key: str) -> float:
-    """Median over rounds of (name's time / base's time in the same round): the machine's speed drifts
-    by 10-20% over a run, slower than a round, so same-round ratios cancel most of it where a ratio of
-    medians does not. `key` names the timing (`cpu_median_s` or `median_s`)."""
-    rounds = "rounds_cpu_s" if key == "cpu_median_s" else "rounds_s"
-    return statistics.median(t / b for t, b in zip(results[name][rounds], results[base][rounds]))

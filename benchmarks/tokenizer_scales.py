@@ -2,7 +2,7 @@
 only at the full scale (K=1), same steps. Reads two `train_tokenizer` stage outputs and writes a
 markdown table and an image grid.
 
-    python benchmarks/tokenizer_scales.py --multi RUN_K5 --single RUN_K1 --data data/prepared \
+    python -m benchmarks.tokenizer_scales --multi RUN_K5 --single RUN_K1 --data data/prepared \
         --out-md docs/tokenizer_scales.md --out-png docs/tokenizer_scales.png
 
 RUN_* are folders holding the stage's outputs (models/tokenizer, metrics/tokenizer.json).
@@ -16,11 +16,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flexvar.data.splits import load_split  # noqa: E402
-from flexvar.tokenizer.vqvae import load_tokenizer  # noqa: E402
-from flexvar.tokenizer.training import recon_grid  # noqa: E402
+from flexvar.data.splits import load_split
+from flexvar.tokenizer.vqvae import load_tokenizer
+from flexvar.tokenizer.training import recon_grid
 
 
 def table(multi: dict, single: dict) -> str:
@@ -53,10 +52,9 @@ def document(metrics: dict, args: argparse.Namespace) -> str:
 
 The paper's Fig. 3 claim at our scale: a VQVAE trained with K random scales per batch (always
 including the full size) reconstructs well at every scale, one trained only at the full scale
-(K=1) degrades at the coarse scales it never saw. Both runs: the embedded default `params.yaml`
-(builtin shapes, 64 px, 8x8 latent) with `train_tokenizer.steps` = {m['steps']}, differing only in
-`train_tokenizer.num_scales`; val PSNR (dB) on {m['val_images']} val images, each scale compared with
-the input area-resized to that scale's resolution (8*s px).
+(K=1) degrades at the coarse scales it never saw. Both runs: the same `params.yaml` with
+`train_tokenizer.steps` = {m['steps']}, differing only in `train_tokenizer.num_scales`; val PSNR (dB)
+on {m['val_images']} val images, each scale compared with the input area-resized to that scale's resolution.
 
 {table(m, k1)}
 
@@ -67,7 +65,7 @@ K=1 {k1['codebook_usage']:.3f} (perplexity {k1['codebook_perplexity']:.0f}).
 ![rows: each val image reconstructed by K=5 then K=1; columns: input, scales 1..8](tokenizer_scales.png)
 
 Reproduce: run `python -m pipeline.train_tokenizer` twice (`num_scales: 5` and `1`) into two folders,
-then `python benchmarks/tokenizer_scales.py --multi RUN_K5 --single RUN_K1 --data data/prepared`.
+then `python -m benchmarks.tokenizer_scales --multi RUN_K5 --single RUN_K1 --data data/prepared`.
 """
 
 

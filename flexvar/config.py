@@ -41,7 +41,9 @@ class DataConfig(Section):
     hf_split_train: str = "train"
     hf_split_val: str = "validation"
     on_bad_image: Literal["skip", "fail"] = "skip"
-    upscale_small: bool = False             # images smaller than resolution: upscale (true) or skip
+    upscale_small: bool = True              # images smaller than resolution: resize up as the official code does, or skip
+    augment: Literal["center", "official"] = "center"   # training views: centre crop + its flip | official random crop + flip
+    augment_views: int = Field(10, ge=1)    # official: augmented views cached per image (LlamaGen: ten crops)
     num_workers: int = Field(0, ge=0)       # worker processes: prepare's decode/clean/encode, DataLoader decoding
     in_memory_mb: float = Field(256, ge=0)  # splits whose pixels fit in this many MB are decoded once into RAM;
                                             # larger ones stream from disk (0 = always stream)
@@ -202,7 +204,11 @@ _VAR_SCALES = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)   # VAR / FlexVAR 256 px canonic
 # --------------------------------------------------------------------------- training
 class OptimConfig(Section):
     steps: int = Field(300, ge=1)
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=1)                  # global: workers x micro_batch x accumulation steps
+    # images per device per forward; the accumulation steps are derived (flexvar/distributed.py split_batch).
+    # auto: transformer = the largest dividing batch_size / workers that fits the device (train_memory.py);
+    # tokenizer = each worker's whole share (no accumulation)
+    micro_batch: int | Literal["auto"] = "auto"
     lr: float = Field(3e-4, gt=0.0)
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)   # cosine decay ends at lr * min_lr_ratio
     warmup_steps: int = Field(20, ge=0)
@@ -214,6 +220,13 @@ class OptimConfig(Section):
     checkpoint_every: int = Field(100, ge=1)
     eval_every: int = Field(100, ge=1)
     log_every: int = Field(10, ge=1)
+
+    @field_validator("micro_batch")
+    @classmethod
+    def _micro(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be a positive number of images per device, or auto")
+        return v
 
     @field_validator("betas")
     @classmethod
@@ -236,7 +249,6 @@ class TrainTokenizerConfig(OptimConfig):
 class TrainTransformerConfig(OptimConfig):
     label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
     lr_schedule: Literal["cosine", "lin0"] = "cosine"   # lin0: the official FlexVAR/VAR schedule (min_lr_ratio = its wpe)
-    grad_accum: int = Field(1, ge=1)
     compile: bool = False
     compile_bucket: int = Field(128, ge=0)   # compiled: pad sequences to a multiple of this; 0 = dynamic shapes
     val_batches: int = Field(4, ge=1)
@@ -326,11 +338,20 @@ class ResourcesConfig(Section):
     num_threads: int = Field(0, ge=0)     # torch CPU threads; 0 = torch default
     ray_address: str = ""                 # empty = start Ray locally
     ray_num_cpus: int = Field(0, ge=0)    # local Ray only: CPUs it may use; 0 = all
-    train_workers: int = Field(1, ge=1)
+    # data-parallel training processes; auto = the GPUs visible (1 without a GPU): `dvc repro` launches them
+    # with torchrun inside the stage, the flow as Ray Train workers (num_gpus per worker: stages.<stage>)
+    train_workers: int | Literal["auto"] = 1
     parallelism: Literal["ddp", "fsdp"] = "ddp"   # multi-worker training: DDP, or FSDP2 sharding (transformer)
     retries: int = Field(1, ge=0)
     retry_delay_s: float = Field(5.0, ge=0.0)
     stages: dict[str, StageResources] = Field(default_factory=dict)
+
+    @field_validator("train_workers")
+    @classmethod
+    def _workers(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be a positive number of workers, or auto")
+        return v
 
     def for_stage(self, stage: str) -> StageResources:
         """Resources of a dvc.yaml stage: its own entry ("train_transformer@d2"), else its matrix

@@ -14,11 +14,21 @@ gradient accumulation. Checkpoints go through torch.distributed.checkpoint's sta
 full (consolidated) state dicts, keyed by parameter names, so a checkpoint written by N workers loads
 in one process and vice versa.
 
-Nothing here knows about Ray: any launcher that initialises torch.distributed works (torchrun too).
+Nothing here knows about Ray: any launcher that initialises torch.distributed works (torchrun too:
+`init_from_env` joins the group torchrun's environment describes).
+
+Batches: `train_*.batch_size` is the global batch of one optimiser step. `split_batch` cuts it into
+workers x micro-batch x accumulation steps (the per-device micro-batch is a memory setting, the
+accumulation is derived) and refuses a global batch that does not divide. Every worker reads the
+same global data order and takes its share (`local_part`); per-sample randomness (class dropout,
+drop-path) is drawn from a per-rank, per-step seed (`seed_rank_step`) so workers do not repeat each
+other's masks.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
+import os
 from typing import Any, Iterable, Literal
 
 import torch
@@ -27,6 +37,8 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 from torch.distributed.tensor import DTensor
+
+from flexvar.config import ConfigError
 
 Parallelism = Literal["ddp", "fsdp"]
 PARALLELISMS = ("ddp", "fsdp")
@@ -43,6 +55,54 @@ def rank_world() -> tuple[int, int]:
 
 def is_main() -> bool:
     return rank_world()[0] == 0
+
+
+def resolve_workers(setting: int | str) -> int:
+    """`resources.train_workers`: a number as given; `auto` = the GPUs visible (1 without a GPU)."""
+    if setting != "auto":
+        return int(setting)
+    return max(torch.cuda.device_count(), 1) if torch.cuda.is_available() else 1
+
+
+def launched_by_torchrun() -> bool:
+    """True in a process torchrun (torch.distributed.run) started: its rendezvous environment is set."""
+    return "TORCHELASTIC_RUN_ID" in os.environ and "LOCAL_RANK" in os.environ
+
+
+def init_from_env(device: torch.device) -> torch.device:
+    """Join the process group torchrun describes (nccl on CUDA, one GPU per local rank; gloo on CPU) and
+    return this worker's device; outside torchrun, or in a group already set up (Ray Train), `device`."""
+    if not launched_by_torchrun() or (dist.is_available() and dist.is_initialized()):
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    atexit.register(dist.destroy_process_group)
+    return device
+
+
+def split_batch(global_batch: int, workers: int, micro_batch: int | None, section: str) -> tuple[int, int]:
+    """(micro-batch per device, accumulation steps) with global = workers x micro x accum.
+
+    `micro_batch` None = the whole per-worker share in one pass. Raises ConfigError naming
+    `<section>.batch_size`, `resources.train_workers` and `<section>.micro_batch` when it does not divide."""
+    keys = f"{section}.batch_size = {global_batch}, resources.train_workers = {workers}"
+    if global_batch % workers:
+        raise ConfigError(f"{keys}: the global batch must be divisible by the workers; change either")
+    share = global_batch // workers
+    micro = share if micro_batch is None else micro_batch
+    if micro > share or share % micro:
+        raise ConfigError(f"{keys}, {section}.micro_batch = {micro}: the global batch must be workers x "
+                          f"micro_batch x accumulation steps; use a micro_batch dividing {share} (or auto)")
+    return micro, share // micro
+
+
+def seed_rank_step(seed: int, step: int) -> None:
+    """Multi-worker: reseed the global RNGs from (seed, step, rank), so each worker draws its own dropout /
+    drop-path masks, reproducibly and resumably at any step. A no-op in one process (its RNG stream runs on)."""
+    if active():
+        torch.manual_seed(hash((seed, step, dist.get_rank())) & 0x7FFF_FFFF_FFFF_FFFF)
 
 
 def rank_part(items: torch.Tensor, rank: int, world: int) -> torch.Tensor:

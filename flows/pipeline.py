@@ -46,7 +46,7 @@ from prefect_ray.task_runners import RayTaskRunner
 
 from flexvar.config import ConfigError, Params, StageResources, load_params
 from flows.cluster import init_ray, prefect_api, python_path_env
-from flows.ray_train import parse_stage_command, run_stage_distributed
+from flows.ray_train import parse_stage_command, run_stage_distributed, train_workers
 from flows.stage_graph import StageGraph, StageSpec, commit, load_graph, stale
 
 OUTPUT_TAIL = 40   # lines of a failed command's output kept in the error
@@ -100,7 +100,7 @@ def run_stage(spec: StageSpec, env: dict[str, str], train_params: Params | None 
     for cmd in spec.cmds:
         parsed = parse_stage_command(cmd) if train_params is not None else None
         if parsed:
-            log.info(f"{cmd} on {train_params.resources.train_workers} Ray Train workers")
+            log.info(f"{cmd} on {train_workers(train_params, spec.name)} Ray Train workers")
             run_stage_distributed(*parsed, spec.wdir, train_params, {**env, "DVC_STAGE": spec.name}, spec.name)
         else:
             run_command(cmd, spec.wdir, {**env, "DVC_STAGE": spec.name}, log)
@@ -109,7 +109,7 @@ def run_stage(spec: StageSpec, env: dict[str, str], train_params: Params | None 
 
 # --------------------------------------------------------------------------- the graph (on the driver)
 def is_multi_worker(spec: StageSpec, params: Params) -> bool:
-    return params.resources.train_workers > 1 and any(parse_stage_command(c) for c in spec.cmds)
+    return any(parse_stage_command(c) for c in spec.cmds) and train_workers(params, spec.name) > 1
 
 
 def submit(spec: StageSpec, params: Params, env: dict[str, str]):

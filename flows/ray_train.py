@@ -5,10 +5,13 @@
 
 With `resources.train_workers: N > 1` the stage's own `main()` runs in N Ray Train workers that
 form one torch.distributed group (gloo on CPU, NCCL on GPU); with N = 1 it simply runs in this
-process. The pipeline flow (flows/pipeline.py) uses this for the training stages automatically.
+process. `auto` = the Ray cluster's GPUs divided by the stage's `num_gpus` per worker (1 without
+GPUs): every GPU of the cluster, as `dvc repro` (pipeline/data_parallel.py, torchrun) uses every
+GPU of its node. The pipeline flow (flows/pipeline.py) uses this for the training stages automatically.
 
 How the N copies cooperate (the library side is flexvar/distributed.py, no-ops in one process):
-  * every worker takes 1/N of each global batch (`train_*.batch_size` stays the global batch); the model
+  * every worker takes 1/N of each global batch (`train_*.batch_size` stays the global batch = workers x
+    `micro_batch` x accumulation steps, checked before the workers start); the model
     runs under PyTorch DDP (gradient buckets averaged during backward) or, with
     `resources.parallelism: fsdp`, FSDP2 sharding — so the loss follows the 1-worker trajectory;
   * rank 0 reads the resume checkpoint and broadcasts it, so a resumed run continues everywhere;
@@ -110,14 +113,37 @@ def run_on_workers(fn: Callable[..., Any], kwargs: dict[str, Any], workers: int,
     trainer.fit()
 
 
+def train_workers(params: Params, stage: str) -> int:
+    """`resources.train_workers` on the Ray cluster: a number as given; auto = the cluster's GPUs over the
+    stage's `num_gpus` per worker (1 when either is 0)."""
+    setting = params.resources.train_workers
+    if setting != "auto":
+        return int(setting)
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
+    per_worker = params.resources.for_stage(stage).num_gpus
+    return max(int(gpus // per_worker), 1) if gpus and per_worker > 0 else 1
+
+
+def stage_name(module: str, stage: str | None = None) -> str:
+    return stage or os.environ.get("DVC_STAGE") or module.rsplit(".", 1)[-1]   # dvc.yaml stage name
+
+
 def run_stage_distributed(module: str, argv: list[str], root: str | Path, params: Params,
                           env: dict[str, str] | None = None, stage: str | None = None) -> None:
-    """The training stage `module` with `argv` on `resources.train_workers` workers (Ray must be up)."""
+    """The training stage `module` with `argv` on `resources.train_workers` workers (Ray must be up).
+    The global batch is checked against the workers first (ConfigError naming the keys)."""
+    from flexvar.distributed import split_batch
+
     root = Path(root).resolve()
-    stage = stage or os.environ.get("DVC_STAGE") or module.rsplit(".", 1)[-1]   # dvc.yaml stage name
+    stage = stage_name(module, stage)
     name = f"{stage}-{os.getpid()}"
+    workers = train_workers(params, stage)
+    for global_batch, micro, section in importlib.import_module(module).batch_checks(params):
+        split_batch(global_batch, workers, micro, section)
     config = {"module": module, "argv": argv, "root": str(root), "env": dict(env or {})}
-    run_on_workers(_stage_on_worker, {"config": config}, params.resources.train_workers,
+    run_on_workers(_stage_on_worker, {"config": config}, workers,
                    params.resources.for_stage(stage), root / SCRATCH, name, params.resources.retries)
 
 
@@ -139,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     from flows.cluster import init_ray
 
     init_ray(params.resources, Path.cwd())
+    if train_workers(params, stage_name(module)) == 1:
+        return importlib.import_module(module).main(stage_argv)
     run_stage_distributed(module, stage_argv, Path.cwd(), params, env={
         k: v for k, v in os.environ.items() if k.startswith(("FLEXVAR_", "DVC_", "MLFLOW_"))})
     return 0

@@ -1,4 +1,4 @@
-"""DVC stage `extract_latents`: frozen tokenizer encoder over every image and its flip -> data/latents.
+"""DVC stage `extract_latents`: frozen tokenizer encoder over the views of every image -> data/latents.
 
     python -m pipeline.extract_latents --params params.yaml --prepared data/prepared \
         --tokenizer models/tokenizer --out data/latents
@@ -6,6 +6,9 @@
 Images are read batch by batch (decoded in `data.num_workers` DataLoader workers when the split
 is streamed) and the latents appended to memory-mappable shards in `data.latent_dtype`
 (flexvar/data/latent_cache.py): memory is bounded by the batch, not by the dataset.
+Views (`data.augment`): center = the centre crop and its flip; official = `data.augment_views`
+official random crops + flips of each train image, seeded by (seed, image, view) (flexvar/data/augment.py);
+the val split is always centre crop + flip (val loss on the centre crop, as official evaluation).
 """
 from __future__ import annotations
 
@@ -18,17 +21,18 @@ from pipeline.common import setup_torch, stage_args, write_json
 
 from flexvar.checkpoint import file_sha256
 from flexvar.config import load_params
+from flexvar.data.augment import views_loader
 from flexvar.data.latent_cache import extract_split
 from flexvar.data.sampling import RangeBatchSampler
-from flexvar.data.splits import load_split
+from flexvar.data.splits import SplitError, load_split, load_stats
 from flexvar.errors import about, command
 from flexvar.outputs import check_in_dir, check_out_dir, replace_dir
 from flexvar.tokenizer.bf16_copy import encode_images
 from flexvar.tokenizer.vqvae import load_tokenizer, tokenizer_path
 from pipeline.tracking import stage_run
 
-PARAM_KEYS = ["seed", "tokenizer", "data.latent_dtype"]
-BATCH = 64
+PARAM_KEYS = ["seed", "tokenizer", "data.latent_dtype", "data.resolution", "data.augment", "data.augment_views"]
+BATCH = 128   # encoder inputs per batch: 64 images and their flips, or 128 // V images x V views
 
 
 @command("extract_latents")
@@ -49,14 +53,24 @@ def main(argv: list[str] | None = None) -> int:
     with stage_run("extract_latents", params, PARAM_KEYS) as log, replace_dir(args.out, "extract_latents") as tmp:
         for split in ("train", "val"):
             t0 = time.perf_counter()
-            images = load_split(args.prepared, split, params.data.in_memory_mb)
-            loader = images.loader(RangeBatchSampler(len(images), BATCH), params.data.num_workers)
+            official = params.data.augment == "official" and split == "train"
+            if official and load_stats(args.prepared).get("augment") != "official":
+                raise SplitError(f"{args.prepared} was prepared with data.augment: center (centre crops only); "
+                                 f"rerun the prepare stage for data.augment: official")
+            views = params.data.augment_views if official else None
+            images = load_split(args.prepared, split, 0 if official else params.data.in_memory_mb)
+            if official:
+                loader = views_loader(images, views, params.data.resolution, params.seed,
+                                      max(1, BATCH // views), params.data.num_workers)
+            else:
+                loader = images.loader(RangeBatchSampler(len(images), BATCH // 2), params.data.num_workers)
             extract_split(encode, loader, tmp / split, len(images), images.class_names, sha, device,
-                          dtype=params.data.latent_dtype)
+                          dtype=params.data.latent_dtype, views=views)
             h, w = images.image_hw
-            shape = [len(images), 2, params.tokenizer.codebook_dim, h // vqvae.downsample, w // vqvae.downsample]
+            shape = [len(images), views or 2, params.tokenizer.codebook_dim, h // vqvae.downsample,
+                     w // vqvae.downsample]
             stats[split] = {"images": len(images), "shape": shape, "seconds": time.perf_counter() - t0,
-                            "dtype": params.data.latent_dtype}
+                            "dtype": params.data.latent_dtype, "augment": "official" if official else "center"}
             log.log_metrics({f"{split}_images": len(images), f"{split}_seconds": stats[split]["seconds"]})
         write_json(tmp / "stats.json", stats | {"tokenizer_sha256": sha})
     print("extract_latents: wrote " + ", ".join(f"{s}: {v['shape']}" for s, v in stats.items()))

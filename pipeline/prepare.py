@@ -31,11 +31,12 @@ def main(argv: list[str] | None = None) -> int:
         stats = prepare(params.data, params.seed, args.out)
         mark_ours(args.out, "prepare")
         log.log_metrics({f"num_{split}": n for split, n in stats["totals"].items()} |
-                        {"num_skipped": stats["num_skipped"]})
+                        {"num_skipped": stats["num_skipped"], "num_resized_up": sum(stats["resized_up"].values())})
         for name in ("stats.json", "preview.png"):
             log.log_artifact(Path(args.out) / name)
     print(f"prepare: wrote {args.out}: " + ", ".join(f"{k}={v}" for k, v in stats["totals"].items())
-          + f", skipped={stats['num_skipped']}, hash={stats['content_hash'][:12]}")
+          + f", skipped={stats['num_skipped']}, resized up={sum(stats['resized_up'].values())}"
+          + f", hash={stats['content_hash'][:12]}")
     return 0
 
 

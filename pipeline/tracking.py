@@ -50,7 +50,7 @@ PROBE_TIMEOUT_S = 3
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 # ... but the UI's GenAI / Model training switch is kept in browser storage (GenAI on a first visit)
 # and does not follow that tag; the URL parameter workflowType=machine_learning sets it for the page,
-# so this link opens the experiment on its runs table in any browser (checked by docs/mlflow_ui_tour.py).
+# so this link opens the experiment on its runs table in any browser (checked by benchmarks/mlflow_ui_tour.py).
 RUNS_PAGE = "{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 MLFLOW_UI_BASE = "http://127.0.0.1:5000"   # where `mlflow ui` serves by default
 PARAM_CHUNK = 100     # MLflow's log_batch limit on params per call

@@ -6,6 +6,10 @@
 Resumable: a training checkpoint is written every `train_tokenizer.checkpoint_every` steps to
 --ckpt-dir (outside the DVC output, which DVC clears before a run); re-running after a crash
 or kill continues from it and ends with the same weights. It is deleted once the stage succeeds.
+
+Data-parallel with `resources.train_workers` > 1 or auto (pipeline/data_parallel.py: torchrun inside
+the stage; Ray Train in the flow): `train_tokenizer.batch_size` is the global batch, split into
+workers x `micro_batch` x accumulation steps. Rank 0 alone evaluates and writes.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from pathlib import Path
 from flexvar.config import load_params
 from flexvar.errors import command, one_line_parser_errors
 from flexvar.outputs import check_in_dir, check_out_dir, check_out_file
-from flexvar.run_logger import CsvLogger, MultiLogger
+from flexvar.run_logger import CsvLogger, MultiLogger, RunLogger
 
 PARAM_KEYS = ["tokenizer", "train_tokenizer", "seed", "resources.device"]
 
@@ -44,20 +48,33 @@ def main(argv: list[str] | None = None) -> int:
         check_out_dir(path, arg, replaces=False)   # files are written by name (atomically); nothing is deleted
     check_out_file(args.metrics, "--metrics", {".json"})
     check_in_dir(args.data, "--data", "dataset_dict.json", hint="run the prepare stage (dvc repro prepare)")
+    from pipeline.data_parallel import relaunch
+
+    rc = relaunch("pipeline.train_tokenizer", argv, params.resources.train_workers, batch_checks(params))
+    if rc is not None:
+        return rc
     run(params, args)
     return 0
+
+
+def batch_checks(params) -> list[tuple[int, int | None, str]]:
+    """(global batch, per-device micro-batch, section), checked against the workers before they start."""
+    cfg = params.train_tokenizer
+    return [(cfg.batch_size, None if cfg.micro_batch == "auto" else cfg.micro_batch, "train_tokenizer")]
 
 
 def run(params, args: argparse.Namespace) -> None:
     import torch
     from torchvision.utils import save_image  # noqa: F401  (fail early if missing)
 
+    from flexvar import distributed
     from flexvar.data.splits import load_split
     from flexvar.tokenizer.training import TokenizerTrainer
     from pipeline.common import setup_torch
     from pipeline.tracking import stage_run
 
-    device = setup_torch(params)
+    device = distributed.init_from_env(setup_torch(params))   # torchrun's worker: join the group, own GPU
+    main_rank = distributed.is_main()
     cfg = params.train_tokenizer
     train = load_split(args.data, "train", params.data.in_memory_mb)
     val = load_split(args.data, "val", params.data.in_memory_mb)
@@ -70,12 +87,16 @@ def run(params, args: argparse.Namespace) -> None:
     plots = Path(args.plots)
     keep = trainer.step + 1 if resumed else None
     with stage_run("train_tokenizer", params, PARAM_KEYS, tags={"resumed_from_step": trainer.step}) as tracker:
-        logger = MultiLogger([tracker, CsvLogger(plots / "loss.csv", resume_from_step=keep)])
-        val_logger = MultiLogger([tracker, CsvLogger(plots / "val_psnr.csv", resume_from_step=keep)])
+        def csv(name: str) -> RunLogger:   # ranks > 0 write no plots (and track nothing: pipeline/tracking.py)
+            return CsvLogger(plots / name, resume_from_step=keep) if main_rank else RunLogger()
+        logger = MultiLogger([tracker, csv("loss.csv")])
+        val_logger = MultiLogger([tracker, csv("val_psnr.csv")])
         t0 = time.time()
         trainer.fit(logger, val_images, ckpt, val_logger, progress=lambda s, logs: print(
             f"step {s}/{cfg.steps} loss {logs['loss']:.4f} recon {logs['recon']:.4f} "
             f"perplexity {logs['perplexity']:.1f} ({time.time() - t0:.0f}s)", flush=True))
+        if not main_rank:   # the other workers' part ends with training: no evaluation, no outputs
+            return
         write_outputs(params, trainer, val_images, args, tracker, device)
     ckpt.unlink(missing_ok=True)
 

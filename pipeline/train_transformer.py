@@ -6,6 +6,10 @@
 Writes OUT/flexvar.pt (what generation loads: flexvar.transformer.checkpoint.load_flexvar), the
 metrics JSON (final val loss / token accuracy overall and per scale, speed) and PLOTS/train.csv,
 PLOTS/val.csv. A killed run resumes from OUT/resume.pt when rerun with the same settings.
+
+Data-parallel with `resources.train_workers` > 1 or auto (pipeline/data_parallel.py: torchrun inside
+the stage; Ray Train in the flow): `train_transformer.batch_size` is the global batch, split into
+workers x `micro_batch` x accumulation steps. Rank 0 alone evaluates and writes.
 """
 from __future__ import annotations
 
@@ -14,19 +18,21 @@ import time
 from pathlib import Path
 
 from pipeline.common import setup_torch, stage_args, write_json
+from pipeline.data_parallel import relaunch
 from pipeline.env import retain_freed_memory
 
 from flexvar.checkpoint import CheckpointError, file_sha256
+from flexvar import distributed
 from flexvar.config import load_params
 from flexvar.data.latent_cache import load_latents
 from flexvar.errors import about, command
 from flexvar.outputs import check_out_dir, check_out_file
-from flexvar.run_logger import CsvLogger, MultiLogger
+from flexvar.run_logger import CsvLogger, MultiLogger, RunLogger
 from flexvar.transformer.schedules import ScheduleSampler
 from flexvar.tokenizer.vqvae import load_tokenizer, tokenizer_path
 from flexvar.transformer.model import FlexVAR
 from flexvar.transformer.checkpoint import save_flexvar
-from flexvar.transformer.training import (RESUME_FILE, build_fingerprint, evaluate,
+from flexvar.transformer.training import (RESUME_FILE, build_fingerprint, evaluate, plan_batches,
                                           resume_state, train_transformer)
 from pipeline.tracking import stage_run
 
@@ -43,6 +49,13 @@ def parse(argv):
                       plots={"default": None, "help": "plots folder (default plots/train/d{depth})"})
 
 
+def batch_checks(params) -> list[tuple[int, int | None, str]]:
+    """(global batch, per-device micro-batch or None for auto, section): checked against the workers
+    before they start (pipeline/data_parallel.py, flows/ray_train.py)."""
+    cfg = params.train_transformer
+    return [(cfg.batch_size, None if cfg.micro_batch == "auto" else cfg.micro_batch, "train_transformer")]
+
+
 @command("train_transformer")
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
@@ -54,9 +67,14 @@ def main(argv: list[str] | None = None) -> int:
     check_out_dir(out, replaces=False)   # persist: holds resume.pt; files are replaced by name
     check_out_dir(plots, "--plots", replaces=False)
     check_out_file(metrics_path, "--metrics", {".json"})
-    device = setup_torch(params)
+    cfg = params.train_transformer
+    rc = relaunch("pipeline.train_transformer", argv, params.resources.train_workers, batch_checks(params))
+    if rc is not None:
+        return rc
+    device = distributed.init_from_env(setup_torch(params))   # torchrun's worker: join the group, own GPU
+    main_rank = distributed.is_main()
     retain_freed_memory()   # 4-12% faster CPU train steps: no page faults on reallocated activations
-    cfg, tcfg = params.train_transformer, params.transformer_for_depth(d)
+    tcfg = params.transformer_for_depth(d)
     with about("--latents"):
         train = load_latents(args.latents, "train", params.data.in_memory_mb)   # memory-mapped when large
         val = load_latents(args.latents, "val", params.data.in_memory_mb)
@@ -68,20 +86,24 @@ def main(argv: list[str] | None = None) -> int:
                                   f"rerun extract_latents")
     model = FlexVAR(tcfg, quantizer.codebook_size, quantizer.codebook_dim, train.num_classes,
                     pe_size=tcfg.pos_embed_size or max(train.latent_hw))
-    fingerprint = build_fingerprint(transformer=tcfg, train=cfg, schedule=params.schedule, seed=params.seed,
+    fingerprint = build_fingerprint(transformer=tcfg, train=cfg.model_dump(mode="json", exclude={"micro_batch"}),
+                                    schedule=params.schedule, seed=params.seed,
                                     tokenizer_sha256=sha, latents=[len(train), len(val), list(train.latent_hw)])
     resumed = resume_state(out, fingerprint)
     start = resumed["step"] if resumed else None
     t0 = time.perf_counter()
     with stage_run("train_transformer", params, PARAM_KEYS, variant=f"d{d}") as log:
         log.log_metrics({"num_params": model.num_params()})
-        train_csv = CsvLogger(plots / "train.csv", resume_from_step=start)
-        val_csv = CsvLogger(plots / "val.csv", resume_from_step=start)
+        # ranks > 0 write nothing (their `log` is untracked too: pipeline/tracking.py)
+        train_csv = CsvLogger(plots / "train.csv", resume_from_step=start) if main_rank else RunLogger()
+        val_csv = CsvLogger(plots / "val.csv", resume_from_step=start) if main_rank else RunLogger()
         result = train_transformer(
             model, quantizer, train, val, cfg, params.schedule, prediction=tcfg.prediction, seed=params.seed,
             device=device, out_dir=out, logger=MultiLogger([log, train_csv]),
             val_logger=MultiLogger([log, val_csv]), fingerprint=fingerprint,
             parallelism=params.resources.parallelism)
+        if not main_rank:   # the other workers' part ends with training: no final evaluation, no outputs
+            return 0
         metrics = result.metrics or final_eval(model, quantizer, val, params, device)
         path = save_flexvar(out, model, latent_hw=train.latent_hw, downsample=params.tokenizer.downsample,
                             tokenizer_dir=args.tokenizer, tokenizer_sha256=sha, class_names=train.class_names,
@@ -102,8 +124,9 @@ def final_eval(model, quantizer, val, params, device) -> dict:
     """Val metrics when the loop had nothing left to run (resumed at the last step)."""
     sampler = ScheduleSampler(params.schedule, val.latent_hw, params.seed)
     cfg = params.train_transformer
+    micro, _ = plan_batches(model, cfg, sampler.cfg.max_tokens, device)   # in micro-batches, as training
     return evaluate(model, quantizer, val, sampler.to_hw(sampler.cfg.canonical),
-                    params.transformer.prediction, cfg.batch_size, cfg.val_batches, device, cfg.precision)
+                    params.transformer.prediction, cfg.batch_size, cfg.val_batches, device, cfg.precision, micro)
 
 
 if __name__ == "__main__":

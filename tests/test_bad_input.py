@@ -3,12 +3,21 @@ naming the argument (or params key), exits 2, prints no traceback, and leaves no
 
 Cases run in-process (`main(argv)`) in a fresh working folder; the folder and the shared inputs are
 listed before and after, so a stage that wrote (or deleted) anything fails its case.
+
+The huge cases (a request whose memory estimate is far above the limit) run in a subprocess whose
+address space is capped at what it had mapped after importing the command plus AS_HEADROOM_MB, and whose
+peak RSS may grow by at most RSS_BOUND_MB: the refusal must come from the estimate, before anything of
+the request's size is allocated (an allocation past the cap raises, and the case then fails on the
+exit code and the traceback).
 """
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +49,8 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     Image.fromarray(np.full((8, 32), 255, dtype=np.uint8)).save(root / "wide_mask.png")   # 32x8: not the image's shape
     (root / "notes.txt").write_text("not an image, not a checkpoint\n")
     (root / "a_folder").mkdir()
+    (root / "no_images" / "train" / "cat").mkdir(parents=True)       # an image folder without images
+    (root / "no_images" / "train" / "cat" / "notes.txt").write_text("not an image\n")
     prepared = root / "prepared"                      # passes the cheap folder check; the tokenizer fails first
     prepared.mkdir()
     (prepared / "dataset_dict.json").write_text("{}")
@@ -87,6 +98,48 @@ def _run(entry: str, argv: list[str]) -> tuple[int, str, str]:
         except SystemExit as e:          # argparse errors
             rc = e.code
     return rc, out.getvalue(), err.getvalue()
+
+
+AS_HEADROOM_MB = 1024     # address space a huge case may map beyond the imported command's
+RSS_BOUND_MB = 64         # growth of its peak RSS while refusing (measured: 12-21 MB)
+
+BOUNDED = r"""
+import contextlib, importlib, io, json, resource, sys
+
+def status_kb(key):
+    return int(next(line for line in open("/proc/self/status") if line.startswith(key + ":")).split()[1])
+
+entry, argv, headroom_mb = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+main = importlib.import_module("flexvar.cli" if entry == "flexvar" else "pipeline." + entry).main
+import numpy, PIL.Image, torch, torch.nn.functional  # noqa: E401  the libraries a command loads lazily (mapped, not allocated)
+from flexvar.seeding import seed_everything
+seed_everything(0)   # process setup every stage does (use_deterministic_algorithms loads ~150 MB once), not the request
+cap = status_kb("VmSize") * 1024 + headroom_mb * 2 ** 20
+resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+peak_before = status_kb("VmHWM")
+out, err = io.StringIO(), io.StringIO()
+with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    try:
+        rc = main(argv)
+    except SystemExit as e:
+        rc = e.code
+    except BaseException as e:
+        import traceback
+        traceback.print_exc()
+        rc = 99
+print(json.dumps({"rc": rc, "out": out.getvalue(), "err": err.getvalue(),
+                  "peak_growth_mb": (status_kb("VmHWM") - peak_before) / 1024}))
+"""
+
+
+def _run_bounded(entry: str, argv: list[str]) -> tuple[int, str, str, float]:
+    """`_run` in a subprocess with its address space capped (AS_HEADROOM_MB above the imported command's);
+    (exit code, stdout, stderr, peak RSS growth in MB while running)."""
+    r = subprocess.run([sys.executable, "-c", BOUNDED, entry, json.dumps(argv), str(AS_HEADROOM_MB)],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0 and r.stdout.strip(), f"the bounded run died (rc {r.returncode}): {r.stderr[-2000:]}"
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    return res["rc"], res["out"], res["err"], res["peak_growth_mb"]
 
 
 I = "{%s}"   # placeholder for an input path (filled from the `inputs` fixture)
@@ -137,6 +190,15 @@ def _cases() -> list[tuple[str, str, list[str], str]]:
         ("preset-params-broken-yaml", "flexvar", ["preset", "smoke", "--params", "{root}/broken.yaml"], "broken.yaml"),
         ("check-wrong-type", "flexvar", ["check", "--params", "{root}/wrong_types.yaml"], "seed"),
         ("check-params-missing", "flexvar", ["check", "--params", "{root}/missing.yaml"], "missing.yaml"),
+        ("init-dir-missing", "flexvar", ["init", "imagefolder:{root}/nope"], "SOURCE"),
+        ("init-no-train-folder", "flexvar", ["init", "imagefolder:{root}/a_folder"], "SOURCE"),
+        ("init-no-images", "flexvar", ["init", "imagefolder:{root}/no_images"], "SOURCE"),
+        ("init-not-a-folder-source", "flexvar", ["init", "hf:mnist"], "SOURCE"),
+        ("init-bad-minutes", "flexvar", ["init", "imagefolder:{root}/no_images", "--minutes", "0"], "--minutes"),
+        ("init-bad-rate", "flexvar", ["init", "imagefolder:{root}/no_images", "--rate-gflops", "1,2,3"],
+         "--rate-gflops"),
+        ("check-bad-rate", "flexvar", ["check", "--params", "{root}/params.yaml", "--rate-gflops", "-5"],
+         "--rate-gflops"),
         ("check-bad-batch-type", "flexvar", ["check", "--params", "{root}/params_bad_batch.yaml"], "sample.batch_size"),
         # every stage
         ("prepare-out-dot", "prepare", stage_p + ["--out", "."], "--out"),
@@ -176,16 +238,20 @@ def _cases() -> list[tuple[str, str, list[str], str]]:
 
 
 CASES = _cases()
+HUGE = {c[0] for c in CASES if "huge" in c[0]}   # refused by a memory estimate: run under a memory bound
 
 
 def test_the_table_covers_every_command_and_stage():
     entries = {(c[1], c[2][0]) if c[1] == "flexvar" else (c[1], None) for c in CASES}
     commands = {cmd for entry, cmd in entries if entry == "flexvar"}
     stages = {entry for entry, _ in entries if entry != "flexvar"}
-    assert commands == {"generate", "refine", "inpaint", "outpaint", "extend", "import-official", "preset", "check"}
+    assert commands == {"generate", "refine", "inpaint", "outpaint", "extend", "import-official", "preset", "check",
+                        "init"}
     assert stages == {"prepare", "train_tokenizer", "extract_latents", "train_transformer", "sample",
                       "train_feature_net", "reference_stats", "evaluate", "report"}
     assert len(CASES) >= 25
+    assert HUGE == {"generate-huge-scale", "generate-huge-size", "generate-huge-batch", "extend-huge-size",
+                    "sample-huge-schedule"}
 
 
 @pytest.mark.parametrize("case_id,entry,argv,named", CASES, ids=[c[0] for c in CASES])
@@ -196,7 +262,12 @@ def test_bad_input_is_one_line_naming_the_argument(case_id, entry, argv, named, 
     monkeypatch.chdir(work)
     argv = [a.format(**{k: str(v) for k, v in inputs.items()}) for a in argv]
     before_work, before_inputs = _listing(work), _listing(inputs["root"])
-    rc, out, err = _run(entry, argv)
+    if case_id in HUGE:
+        rc, out, err, grown_mb = _run_bounded(entry, argv)
+        print(f"\n[{case_id}] peak RSS growth {grown_mb:.1f} MB")
+        assert grown_mb <= RSS_BOUND_MB, f"{case_id}: peak RSS grew by {grown_mb:.0f} MB while refusing"
+    else:
+        rc, out, err = _run(entry, argv)
     lines = [line for line in err.splitlines() if line.strip()]
     print(f"\n[{case_id}] rc={rc} stderr: {err.strip()}")
     assert rc == 2, (rc, out, err)

@@ -163,3 +163,23 @@ def test_module_entry_point_prints_one_line_without_traceback(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "--checkpoint" in r.stderr and "Traceback" not in r.stderr
+
+
+# (--num, --size as HxW, grid columns x rows): the written PNG is cols x rows tiles of the asked size,
+# 2 white pixels between tiles and none around them
+GRID_CASES = [(1, "16x16", 1, 1), (2, "16x16", 2, 1), (1, "16x32", 1, 1), (2, "32x16", 2, 1), (5, "16x16", 3, 2)]
+
+
+@pytest.mark.parametrize("num, size, cols, rows", GRID_CASES, ids=[f"{n}x{s}" for n, s, _, _ in GRID_CASES])
+def test_generate_output_has_the_asked_pixel_size(ckpt, tmp_path, capsys, num, size, cols, rows):
+    out = tmp_path / "g.png"
+    rc, _, err = run(["generate", "--checkpoint", str(ckpt), "--class", "2", "--num", str(num), "--size", size,
+                      "--steps", "3", "--seed", "0", "--out", str(out), "--precision", "fp32"], capsys)
+    assert rc == 0, err
+    h, w = map(int, size.split("x"))
+    png = np.asarray(Image.open(out).convert("RGB"))
+    assert png.shape == (rows * h + 2 * (rows - 1), cols * w + 2 * (cols - 1), 3)
+    for c in range(1, cols):        # the gaps between tiles are white
+        assert (png[:, c * (w + 2) - 2:c * (w + 2)] == 255).all()
+    for r in range(1, rows):
+        assert (png[r * (h + 2) - 2:r * (h + 2)] == 255).all()

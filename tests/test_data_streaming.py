@@ -3,6 +3,7 @@ shards by rank and resumes by step, the latent cache round-trips through memory-
 prepare gives the same dataset with worker processes, and samples.npz streams both ways."""
 from __future__ import annotations
 
+import json
 import pickle
 
 import numpy as np
@@ -196,3 +197,69 @@ def test_streamed_npz_is_standard_and_read_back_mapped(tmp_path):
     assert torch.equal(images_NCHW.permute(0, 2, 3, 1), torch.from_numpy(images_NHWC)) and lab.tolist() == list(range(7))
     with pytest.raises(ValueError, match="rows of shape"):
         NpzWriter(tmp_path / "t.npz").member("arr_0", (2, 5, 4, 3), np.uint8)[0].write(images_NHWC[:3])
+
+
+PEAK_SCRIPT = r"""
+import json, sys
+import torch
+from flexvar.data.sampling import StepBatchSampler
+from flexvar.data.splits import decode_png_NCHW, load_split
+
+def peak_kb():
+    return int(next(line for line in open("/proc/self/status") if line.startswith("VmHWM:")).split()[1])
+
+prepared, in_memory_mb, batch = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+warm = load_split(prepared, "val", in_memory_mb=0)   # warm up: imports, Arrow, the loader and decoder
+for _ in warm.loader(StepBatchSampler(len(warm), batch, seed=0, steps=4)):
+    pass
+before = peak_kb()
+split = load_split(prepared, "train", in_memory_mb=in_memory_mb)
+seen, total = 0, 0
+for images_BCHW, labels_B in split.loader(StepBatchSampler(len(split), batch, seed=0, steps=len(split) // batch)):
+    seen += len(labels_B)
+    total += int(images_BCHW[:, :, 0, 0].sum())  # the pixels are read
+print(json.dumps({"in_memory": split.in_memory, "seen": seen, "peak_growth_mb": (peak_kb() - before) / 1024}))
+"""
+
+
+def noise_split(path, n_train: int, n_val: int, px: int) -> None:
+    """A prepared split in prepare's layout (PNG `image`, ClassLabel `label`) of incompressible noise images,
+    so the Arrow file is as large as the decoded pixels."""
+    import datasets
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+
+    def split(n):
+        return datasets.Dataset.from_dict(
+            {"image": [Image.fromarray(rng.integers(0, 256, (px, px, 3), dtype=np.uint8)) for _ in range(n)],
+             "label": [i % 4 for i in range(n)]},
+            features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list("abcd"))}))
+    datasets.DatasetDict({"train": split(n_train), "val": split(n_val)}).save_to_disk(str(path))
+
+
+def test_streamed_epoch_peak_memory_is_bounded_by_the_batch(tmp_path):
+    """A whole epoch of a 94 MB split through the real loader, in a fresh process: the streamed path's peak
+    RSS grows by a small fraction of the split (the batch and the decoder), while the in-memory path on the
+    same files (the control, which this measurement must see) grows by about the split's size."""
+    import subprocess
+    import sys
+
+    n, px, batch = 8000, 64, 16
+    noise_split(tmp_path / "prepared", n, 64, px)
+    decoded_mb = n * 3 * px * px / 2 ** 20                              # 93.8 MB
+    file_mb = sum(p.stat().st_size for p in (tmp_path / "prepared" / "train").glob("*.arrow")) / 2 ** 20
+    assert file_mb > 0.9 * decoded_mb                                   # noise: the file holds as many bytes
+
+    def peak(in_memory_mb: float) -> dict:
+        r = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(tmp_path / "prepared"), str(in_memory_mb),
+                            str(batch)], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    streamed, in_memory = peak(0), peak(10 * decoded_mb)
+    print(f"split {decoded_mb:.1f} MB decoded, {file_mb:.1f} MB Arrow; peak RSS growth over one epoch: "
+          f"streamed {streamed['peak_growth_mb']:.1f} MB, in memory {in_memory['peak_growth_mb']:.1f} MB")
+    assert not streamed["in_memory"] and in_memory["in_memory"] and streamed["seen"] == in_memory["seen"] == n
+    assert in_memory["peak_growth_mb"] > 0.8 * decoded_mb               # the control: a copy of the split shows
+    assert streamed["peak_growth_mb"] < 0.2 * decoded_mb                # the streamed path: O(batch), not O(split)

@@ -6,7 +6,6 @@
 2. The real project (a temp git copy on the smoke preset, shrunk, two depths), brought up to date
    up to train_transformer (its matrix entries in parallel): the flow completes, `dvc status` is
    clean, `dvc repro` is a no-op, and MLflow holds one parent run with every stage run under it.
-   (The whole graph on the smoke preset is timed against `dvc repro`, see docs/orchestration.md.)
 3. The embedded Ray's workers run at the driver's priority, not Ray's default nice 15 (which starves
    sweep trials beside any other work on the machine).
 """

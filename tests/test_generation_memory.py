@@ -59,3 +59,14 @@ def test_runaway_schedule_is_refused_naming_the_setting():
         check_generation_memory(model, vq, scales, 32, True, 16.0, what="--schedule", setting="--max-memory-gb")
     assert check_generation_memory(model, vq, [(1, 1), (2, 2), (8, 8)], 32, True, 16.0, what="--schedule",
                                    setting="--max-memory-gb") < GIB
+
+
+def test_bytes_kept_for_the_whole_run_are_counted_and_named():
+    model, vq = tiny_models()
+    scales = [(1, 1), (2, 2), (8, 8)]
+    need = check_generation_memory(model, vq, scales, 32, True, 1.0, what="sample", setting="sample.max_memory_gb")
+    assert check_generation_memory(model, vq, scales, 32, True, 1.0, what="sample", setting="sample.max_memory_gb",
+                                   held_bytes=2**20) > need + 2**20
+    with pytest.raises(ScheduleError, match="kept for the whole run.*sample.max_memory_gb"):
+        check_generation_memory(model, vq, scales, 32, True, 1.0, what="sample", setting="sample.max_memory_gb",
+                                held_bytes=GIB)

@@ -12,8 +12,9 @@ from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics
 from flexvar.data.splits import load_split
 from flexvar.evaluation.feature_net import evaluate_feature_net, feature_net_metrics, load_feature_net
 from flexvar.evaluation.intervals import (
-    FrechetToReference, class_acc_skipped, class_correct, fid_interval, imagenet_logits, mean_interval,
-    read_inception_label_map, reference_statistics, sample_features, sample_intervals,
+    BootstrapFrechet, FrechetToReference, bootstrap_counts, class_acc_skipped, class_correct, fid_interval,
+    imagenet_logits, mean_interval, read_inception_label_map, reference_statistics, sample_features,
+    sample_intervals,
 )
 from flexvar.evaluation.metrics import MetricsError, compute_metrics
 from tests.test_metrics import CPU, _cfg, feature_net, reference  # noqa: F401  (fixtures)
@@ -27,6 +28,45 @@ def test_frechet_matches_torch_fidelity(n):
     ref, x = fid_features_to_statistics(torch.from_numpy(ref_MD)), fid_features_to_statistics(torch.from_numpy(x_ND))
     expected = fid_statistics_to_metric(x, ref, verbose=False)["frechet_inception_distance"]
     assert FrechetToReference(ref["mu"], ref["sigma"])(x_ND) == pytest.approx(expected, rel=1e-6)
+
+
+def _fidelity_fid(x_ND: np.ndarray, ref: dict) -> float:
+    x = fid_features_to_statistics(torch.from_numpy(np.ascontiguousarray(x_ND)))
+    return fid_statistics_to_metric(x, ref, verbose=False)["frechet_inception_distance"]
+
+
+@pytest.mark.parametrize("n", [20, 300])   # fewer drawn rows than dimensions (Gram path) and more
+def test_bootstrap_replicate_is_the_fid_of_the_drawn_rows(n):
+    """A replicate from draw counts = torch-fidelity's FID of the gathered rows (duplicates included)."""
+    rng = np.random.default_rng(0)
+    ref_MD = rng.normal(size=(500, 64)) @ rng.normal(size=(64, 64)) * 0.3
+    x_ND = rng.normal(loc=0.2, size=(n, 64)) @ rng.normal(size=(64, 64)) * 0.3
+    ref = fid_features_to_statistics(torch.from_numpy(ref_MD))
+    replicate_before = FrechetToReference(ref["mu"], ref["sigma"])
+    replicate = BootstrapFrechet(x_ND, replicate_before)
+    draws = np.random.default_rng(7).integers(0, n, size=(3, n))       # the same stream, as index rows
+    for counts_N, idx_N in zip(bootstrap_counts(n, 3, seed=7), draws):
+        assert np.array_equal(counts_N, np.bincount(idx_N, minlength=n))
+        got = replicate(counts_N)
+        assert got == pytest.approx(_fidelity_fid(x_ND[idx_N], ref), rel=1e-6)     # scipy sqrtm's precision
+        assert got == pytest.approx(replicate_before(x_ND[idx_N]), rel=1e-8)   # the gathered-rows replicate (sqrt of rounding-size eigenvalues)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_intervals_stay_inside_the_metric_range_at_small_n(seed):
+    """A share near 0 or 1 and an FID near 0 at n = 20: the bias shift must not push an end outside
+    [0, 1] / below 0 (the smoke run's class_acc_domain_ci_low was -0.00125)."""
+    for k in (1, 19):                                                  # 1 of 20 correct, 19 of 20 correct
+        correct_N = np.zeros(20)
+        correct_N[:k] = 1.0
+        lo, hi = mean_interval(correct_N, num=200, seed=seed)
+        assert 0.0 <= lo <= k / 20 <= hi <= 1.0, (k, lo, hi)
+    x_ND = np.random.default_rng(seed).normal(size=(20, 8))
+    ref = fid_features_to_statistics(torch.from_numpy(x_ND))           # the samples' own statistics: FID ~ 0
+    frechet = FrechetToReference(ref["mu"], ref["sigma"])
+    point = frechet(x_ND)
+    lo, hi = fid_interval(x_ND, frechet, point, num=200, seed=seed)
+    assert abs(point) < 1e-9 and 0.0 <= lo <= hi and hi > 0.0, (point, lo, hi)
 
 
 def test_class_acc_of_real_val_images_equals_classifier_val_accuracy(tiny_prepared, feature_net):

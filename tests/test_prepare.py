@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from flexvar.config import DataConfig
@@ -97,8 +99,8 @@ def make_folder(root: Path, with_bad: bool = True, with_val: bool = False) -> di
 def test_imagefolder_with_planted_bad_files(tmp_path):
     planted = make_folder(tmp_path / "src")
     out = tmp_path / "prepared"
-    stats = prepare(DataConfig(source=f"imagefolder:{tmp_path / 'src'}", resolution=RES, val_fraction=0.25),
-                    seed=0, out_dir=out)
+    stats = prepare(DataConfig(source=f"imagefolder:{tmp_path / 'src'}", resolution=RES, val_fraction=0.25,
+                               upscale_small=False), seed=0, out_dir=out)
     skipped = {Path(s["file"]).name: s["reason"] for s in stats["skipped"]}
     assert set(skipped) == {n for n, o in planted.items() if o == "skip"}
     assert stats["num_skipped"] == 3
@@ -125,8 +127,8 @@ def test_fail_mode_stops_cleanly(tmp_path):
     make_folder(tmp_path / "src")
     out = tmp_path / "prepared"
     with pytest.raises(DataError, match=r"bad image .*(truncated|notimage|tiny).*on_bad_image"):
-        prepare(DataConfig(source=f"imagefolder:{tmp_path / 'src'}", resolution=RES, on_bad_image="fail"),
-                seed=0, out_dir=out)
+        prepare(DataConfig(source=f"imagefolder:{tmp_path / 'src'}", resolution=RES, on_bad_image="fail",
+                           upscale_small=False), seed=0, out_dir=out)
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".prepared")]  # no temp leftovers
 
@@ -146,7 +148,8 @@ def test_missing_path_empty_class_no_valid_images(tmp_path):
         for i in range(3):
             _save(tmp_path / "src" / "train" / c / f"s{i}.png", _rgb(i, size=8))
     with pytest.raises(DataError, match="no valid images"):
-        prepare(DataConfig(source=f"imagefolder:{tmp_path / 'src'}", resolution=RES), seed=0, out_dir=tmp_path / "o")
+        prepare(DataConfig(source=f"imagefolder:{tmp_path / 'src'}", resolution=RES, upscale_small=False), seed=0,
+                out_dir=tmp_path / "o")
     assert not (tmp_path / "o").exists()
 
 
@@ -173,3 +176,53 @@ def test_stage_cli_error_is_one_line(tmp_path, project_root):
     r = subprocess.run([sys.executable, "-m", "pipeline.prepare", "--params", str(params), "--out",
                         str(tmp_path / "out")], capture_output=True, text=True, cwd=project_root)
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_generated_imagenet_folder_keeps_small_skips_corrupt_and_writes_beside(tmp_path, monkeypatch):
+    """prepare on a CI-sized generated ImageNet-layout folder (flexvar/data/rehearsal.py): 4 classes,
+    40 JPEGs, 8 with a short side under the resolution, 2 corrupt. Small images are resized up (kept),
+    the corrupt ones skipped and counted; with data.augment official the stored short side is
+    ceil(64 / 0.88) = 73 and readers get 64 x 64 centre crops; nothing is written to the system temp
+    folder (tempfile points at a file, so any temp folder there fails) and nothing is left beside the output;
+    the main process decodes no image for the content hash (workers hash what they decoded)."""
+    import os
+    import tempfile
+
+    import datasets
+
+    import flexvar.data.prepare as prepare_mod
+    import flexvar.grid  # noqa: F401  (imports torchvision -> torch._dynamo, which makes its cache folder in the temp dir)
+    from flexvar.data.rehearsal import make_imagenet_like
+
+    made = make_imagenet_like(tmp_path / "src", classes=4, train_per_class=8, val_per_class=2, resolution=64,
+                              small_fraction=0.2, corrupt=2, seed=0)
+    assert (made["train"], made["val"], len(made["small"]), len(made["corrupt"])) == (32, 8, 8, 2)
+    assert sorted(p.name for p in (tmp_path / "src" / "train").iterdir()) == sorted(
+        p.name for p in (tmp_path / "src" / "val").iterdir())
+    no_temp = tmp_path / "no-system-temp"               # a file, not a folder: any use of the system temp fails
+    no_temp.write_text("")
+    monkeypatch.setattr(tempfile, "tempdir", str(no_temp))
+    monkeypatch.setenv("TMPDIR", str(no_temp))
+    main_pid, opened, at_preview = os.getpid(), [], []
+    real_open, real_preview = Image.open, prepare_mod.preview_grid
+    monkeypatch.setattr(Image, "open", lambda *a, **k: (opened.append(os.getpid()), real_open(*a, **k))[1])
+    monkeypatch.setattr(prepare_mod, "preview_grid",
+                        lambda *a: (at_preview.append(opened.count(main_pid)), real_preview(*a))[1])
+
+    out = tmp_path / "work" / "prepared"
+    stats = prepare(DataConfig(source=f"imagefolder:{tmp_path / 'src'}", resolution=64, augment="official",
+                               num_workers=2), seed=0, out_dir=out)
+    assert at_preview == [0]                             # no decode in the main process while streaming
+    assert stats["num_skipped"] == 2 and sorted(s["file"] for s in stats["skipped"]) == sorted(made["corrupt"])
+    assert stats["totals"] == {"train": 31, "val": 7} and stats["stored_short_side"] == 73
+    assert sum(stats["resized_up"].values()) == len(made["small"]) == 8      # every small image kept, resized up
+    assert sorted(p.name for p in out.parent.iterdir()) == ["prepared"]     # no temp folder left beside it
+    stored = datasets.load_from_disk(str(out))["train"]
+    assert {min(Image.open(io.BytesIO(r["bytes"])).size) for r in stored.cast_column(
+        "image", datasets.Image(decode=False))["image"]} == {73}
+    split = load_split(out, "train", in_memory_mb=0)
+    assert split.take(torch.arange(len(split))).shape == (31, 3, 64, 64)
+
+    center = prepare(DataConfig(source=f"imagefolder:{tmp_path / 'src'}", resolution=64), seed=0,
+                     out_dir=tmp_path / "work" / "center")
+    assert center["num_skipped"] == 2 and load_split(tmp_path / "work" / "center", "val").images_NCHW.shape == (7, 3, 64, 64)

@@ -50,6 +50,9 @@ COMMON = [   # (dotted key, official value)
     ("sample.greedy_rule", "official"),             # models/flexvar.py:230 top_k=1 outside the list / above max_pn
     ("sample.per_class", 50),                       # eval_c2i.py:90 range(1000) * 50
     ("sample.schedules.official9.scales", [1, 2, 3, 4, 5, 7, 10, 13, 16]),   # scripts/evaluate_c2i.sh:15
+    ("data.augment", "official"),                   # dataset/imagenet.py:73-74 RandomHorizontalFlip + random_crop_arr
+    ("data.upscale_small", True),                   # dataset/augmentation.py:40-47 small images resized up, never skipped
+    ("data.augment_views", 10),                     # LlamaGen autoregressive/train/extract_codes_c2i.py:55-60 caches 10 crops
 ]
 
 

@@ -1,4 +1,7 @@
-"""Multi-worker training through Ray Train (PyTorch DDP / FSDP2 on gloo): 2 workers follow the 1-worker loss trajectory.
+"""Multi-worker training through Ray Train (PyTorch DDP / FSDP2 on gloo): 2 workers follow the 1-worker loss trajectory,
+step on the 1-worker gradients (the mean over the global batch; compared per parameter, since AdamW's
+update hardly changes when a gradient is scaled, e.g. summed over workers instead of averaged) and end on
+identical weights on both ranks, equal to the 1-worker weights within float tolerance.
 
 Both runs use the same global batch (8), fp32, no class dropout / drop-path (those draw per-worker
 random numbers, the one legitimate difference). Tolerance: |loss_2w - loss_1w| <= 1e-3 at every
@@ -27,12 +30,18 @@ pytestmark = pytest.mark.slow   # real Ray Train workers
 
 TOL = 1e-3
 STEPS = 12
+GRAD_STEPS = 2      # steps whose gradients are compared with the 1-worker run's
+GRAD_RTOL = 1e-5    # per parameter, |g_2w - g_1w| / |g_1w|: float summation order (two half-batch means averaged)
+WEIGHT_ATOL = 1e-4  # final weights after STEPS AdamW steps, 2 workers vs 1
 
 
 def tiny_training(out_dir: str, steps: int = STEPS, parallelism: str = "ddp", grad_accum: int = 1,
-                  checkpoint_every: int = STEPS, kill_rank_at: tuple[int, int] | None = None) -> list[dict]:
+                  checkpoint_every: int = STEPS, kill_rank_at: tuple[int, int] | None = None,
+                  grad_clip: float = 1.0) -> list[dict]:
     """A tiny FlexVAR on structured random latents (4 classes, 8x8) with the library loop; history on rank 0.
-    `kill_rank_at` (rank, step): that worker SIGKILLs itself after that step, once (a marker file remembers)."""
+    `kill_rank_at` (rank, step): that worker SIGKILLs itself after that step, once (a marker file remembers).
+    Each rank saves (rank{r}.pt) its final weights and the full gradients its optimiser stepped on at the
+    first GRAD_STEPS steps (read by a step pre-hook: after DDP's all-reduce / FSDP's reduce-scatter)."""
     from flexvar.config import ScheduleConfig, TrainTransformerConfig, TransformerConfig
     from flexvar.distributed import rank_world
     from flexvar.data.latent_cache import LatentSplit
@@ -40,6 +49,8 @@ def tiny_training(out_dir: str, steps: int = STEPS, parallelism: str = "ddp", gr
     from flexvar.seeding import seed_everything
     from flexvar.transformer.model import FlexVAR
     from flexvar.transformer.training import train_transformer
+    from torch.distributed.tensor import DTensor
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
 
     torch.set_num_threads(1)
     seed_everything(0)
@@ -56,9 +67,10 @@ def tiny_training(out_dir: str, steps: int = STEPS, parallelism: str = "ddp", gr
     quantizer = MultiScaleQuantizer(64, 8)
     tcfg = TransformerConfig(depth=1, width=32, heads=2, drop_path_rate=0.0, class_dropout=0.0)
     model = FlexVAR(tcfg, 64, 8, 4, pe_size=8)
-    cfg = TrainTransformerConfig(steps=steps, batch_size=8 // grad_accum, grad_accum=grad_accum, warmup_steps=2,
+    # global batch 8; micro-batch 4 // grad_accum: 2 workers accumulate grad_accum steps, 1 worker 2 x as many
+    cfg = TrainTransformerConfig(steps=steps, batch_size=8, micro_batch=4 // grad_accum, warmup_steps=2,
                                  log_every=1, eval_every=steps, checkpoint_every=checkpoint_every, val_batches=1,
-                                 precision="fp32")
+                                 precision="fp32", grad_clip=grad_clip)
     rank, _ = rank_world()
     marker = Path(out_dir) / "killed"
     resume_file = Path(out_dir) / "state" / "resume.pt"
@@ -71,9 +83,21 @@ def tiny_training(out_dir: str, steps: int = STEPS, parallelism: str = "ddp", gr
         if kill_rank_at == (rank, step) and not marker.exists():
             marker.write_text(str(step))
             os.kill(os.getpid(), signal.SIGKILL)
-    result = train_transformer(model, quantizer, train, val, cfg, ScheduleConfig(), prediction="gt", seed=0,
-                               device=torch.device("cpu"), out_dir=Path(out_dir) / "state", on_step=maybe_kill,
-                               parallelism=parallelism)
+    grads: list[list[torch.Tensor]] = []
+
+    def stepped_grads(opt, args, kwargs) -> None:
+        if len(grads) < GRAD_STEPS:
+            full = [p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+                    for group in opt.param_groups for p in group["params"]]
+            grads.append([torch.zeros(()) if g is None else g.detach().clone() for g in full])
+    hook = register_optimizer_step_pre_hook(stepped_grads)
+    try:
+        result = train_transformer(model, quantizer, train, val, cfg, ScheduleConfig(), prediction="gt", seed=0,
+                                   device=torch.device("cpu"), out_dir=Path(out_dir) / "state", on_step=maybe_kill,
+                                   parallelism=parallelism)
+    finally:
+        hook.remove()
+    torch.save({"grads": grads, "weights": model.state_dict()}, Path(out_dir) / f"rank{rank}.pt")
     if rank == 0:
         (Path(out_dir) / "history.json").write_text(json.dumps({"history": result.history,
                                                                 "val_loss": result.metrics["val_loss"]}))
@@ -99,14 +123,31 @@ def test_two_workers_follow_one_worker(ray_up, tmp_path, parallelism, grad_accum
     from flexvar.config import StageResources
     from flows.ray_train import run_on_workers
 
-    one = tiny_training(str(tmp_path / "one"), grad_accum=grad_accum)
+    one = tiny_training(str(tmp_path / "one"), grad_accum=grad_accum, grad_clip=0.0)
     run_on_workers(tiny_training, {"out_dir": str(tmp_path / "two"), "parallelism": parallelism,
-                                   "grad_accum": grad_accum},
+                                   "grad_accum": grad_accum, "grad_clip": 0.0},
                    workers=2, res=StageResources(num_cpus=1), storage=tmp_path / "ray_train", name="two")
     two = json.loads((tmp_path / "two" / "history.json").read_text())
     diff = max_loss_diff(one, two["history"])
     assert diff <= TOL
     assert one[-1]["loss"] < one[0]["loss"]          # it did learn
+    # the gradients each rank stepped on = the 1-worker gradient of the same global batch (the mean over it:
+    # a sum over workers would be 2x, a rank's own half-batch gradient another vector), identical on both ranks
+    ref, r0, r1 = (torch.load(tmp_path / d / f"rank{r}.pt", weights_only=True)
+                   for d, r in (("one", 0), ("two", 0), ("two", 1)))
+    assert len(ref["grads"]) == len(r0["grads"]) == len(r1["grads"]) == GRAD_STEPS
+    worst = 0.0
+    for step, (g_ref, g_0, g_1) in enumerate(zip(ref["grads"], r0["grads"], r1["grads"]), 1):
+        assert len(g_ref) == len(g_0) == len(g_1)
+        for i, (a, b, c) in enumerate(zip(g_ref, g_0, g_1)):
+            assert torch.equal(b, c), (step, i, "ranks stepped on different gradients")
+            rel = float((b - a).norm() / a.norm().clamp(min=1e-12))
+            worst = max(worst, rel)
+            assert rel <= GRAD_RTOL, (step, i, rel, float(b.norm() / a.norm().clamp(min=1e-12)))
+    for k, w in ref["weights"].items():               # both ranks end on the same weights, the 1-worker ones
+        assert torch.equal(r0["weights"][k], r1["weights"][k]), k
+        assert (r0["weights"][k] - w).abs().max() <= WEIGHT_ATOL, (k, float((r0["weights"][k] - w).abs().max()))
+    print(f"{parallelism}: worst relative gradient difference over {GRAD_STEPS} steps = {worst:.2e}")
     # the consolidated resume state written by 2 workers loads into a plain single-process model
     state = torch.load(tmp_path / "two" / "state" / "resume.pt", weights_only=True)
     from flexvar.config import TransformerConfig

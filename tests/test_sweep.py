@@ -2,7 +2,8 @@
 
 1. A 4-trial sweep in which one trial's worker process is SIGKILLed after its first report: Tune
    restarts it (FailureConfig) and it resumes from its checkpoint; all 4 trials end without error;
-   MLflow holds one sweep run with exactly 4 trial children; best_params.yaml applies as a preset.
+   MLflow holds one sweep run with exactly 4 trial children; best_params.yaml holds the values of the trial
+   with the lowest last metric (read from Ray Tune's own result files) and applies as a preset.
 2. A sweep driver (`python -m flows.sweep`, 2 trials) interrupted with Ctrl-C mid-sweep is continued
    by `--resume` (Tuner.restore): all trials complete and an interrupted one resumes from its checkpoint.
 """
@@ -57,6 +58,41 @@ def mlflow_runs(db: Path) -> dict[str, dict[str, str]]:
     return runs
 
 
+def last_results(exp_dir: Path, metric: str) -> list[dict]:
+    """Each trial's last reported result holding `metric`, from Ray Tune's own per-trial result.json files."""
+    import json
+
+    out = []
+    for path in sorted(exp_dir.glob("*/result.json")):
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = [r for r in rows if metric in r]
+        if rows:
+            out.append(rows[-1])
+    return out
+
+
+def assert_best_params_are_the_best_trials(exp_dir: Path, best_file: Path, metric: str) -> None:
+    """best_params.yaml holds, key by key, the config of the trial whose last `metric` is lowest (Ray's
+    record of every trial; the file rounds floats to 6 decimals)."""
+    results = last_results(exp_dir, metric)
+    assert len(results) == len(list(exp_dir.glob("*/result.json"))) == SWEEP["num_samples"]
+    lowest = min(r[metric] for r in results)
+    winners = [r["config"] for r in results if r[metric] == lowest]
+    written = yaml.safe_load(best_file.read_text())
+
+    def value(key: str):
+        node = written
+        for part in key.split("."):
+            node = node[part]
+        return node
+
+    def same(config: dict) -> bool:
+        return all(value(k) == pytest.approx(v, abs=1e-6) and type(value(k)) is type(v) for k, v in config.items())
+    assert set(winners[0]) == set(SWEEP["search_space"])
+    assert any(same(c) for c in winners), (written, winners, sorted((r[metric], r["config"]) for r in results))
+    assert not all(same(r["config"]) for r in results)                 # the trials differ: the choice is visible
+
+
 def test_sweep_retries_killed_trial(sweep_dir):
     from flexvar.presets import apply_preset
     from flows.sweep import run_sweep
@@ -80,6 +116,7 @@ def test_sweep_retries_killed_trial(sweep_dir):
     assert len(parents) == 1 and len(children) == 4                 # the restarted trial kept its run
     best = Path(out["best_file"])
     assert set(yaml.safe_load(best.read_text())["schedule"]) == {"canonical_prob", "max_drops"}
+    assert_best_params_are_the_best_trials(sweep_dir / "ray_results" / "s1", best, metric="val_loss_panel")
     params = sweep_dir / "params_best.yaml"
     shutil.copy(sweep_dir / "params.yaml", params)
     apply_preset(str(best), params)                                 # valid as a `flexvar preset` file

@@ -1,6 +1,6 @@
 """The `flexvar` command line: the COMMANDS registry and `main`. Every subcommand has --help.
 
-Each subcommand module (params, generate, official) defines COMMANDS, name -> (help,
+Each subcommand module (params, generate, official, init) defines COMMANDS, name -> (help,
 add_arguments, run); `run(args)` returns an exit code. They import nothing from this package, so
 the registry is built here without an import cycle. Expected errors (bad arguments, files,
 settings) are FlexvarErrors (flexvar/errors.py) and `main` runs every subcommand through
@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import Callable
 
-from flexvar.cli import generate, official, params
+from flexvar.cli import generate, init, official, params
 from flexvar.errors import UsageError, one_line_parser_errors, run_command
 
 __all__ = ["COMMANDS", "UsageError", "build_parser", "main"]
@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     **params.COMMANDS,      # preset, check
     **generate.COMMANDS,    # generate, refine, inpaint, outpaint, extend
     **official.COMMANDS,    # import-official
+    **init.COMMANDS,        # init
 }
 
 

@@ -1,15 +1,19 @@
-"""Cached tokenizer latents: run the frozen encoder once per image (and its mirror image).
+"""Cached tokenizer latents: run the frozen encoder once per view of each image.
 
 Transformer training only needs the full-scale continuous latent of each image: the token maps
 of any schedule are area-downsampled and quantised from it (flexvar/transformer/teacher_forcing.py), which
-costs a tiny fraction of an encoder pass. So `extract_latents` stage encodes every image and its
-horizontal flip once, and training reads `data/latents/{split}/`.
+costs a tiny fraction of an encoder pass. So `extract_latents` stage encodes V views of every image
+once, and training reads one of them per image and step from `data/latents/{split}/`. The views
+(`data.augment`, flexvar/data/augment.py): center = the centre crop and its horizontal flip (V = 2);
+official = `data.augment_views` official random crops + flips, each seeded by (seed, image, view)
+(LlamaGen's extract_codes_c2i.py --ten-crop also caches ten views per image, there TenCrop's five
+fixed crops of a 1.1x centre crop and their flips; here ten draws of FlexVAR's own random crop).
 
 Layout of `{split}/` (written to a temp folder, renamed into place when complete):
-    meta.json          kind "latents", num_images, shard_items, shape (2, Cvae, h, w), dtype,
-                       class_names, tokenizer_sha256 (which tokenizer made them)
+    meta.json          kind "latents", num_images, shard_items, shape (V, Cvae, h, w), dtype,
+                       class_names, tokenizer_sha256 (which tokenizer made them), augment
     labels.npy         int64 (N,)
-    shard_{k:05d}.npy  (n_k, 2, Cvae, h, w) in `dtype` (index 1 on dim 1 = flipped image),
+    shard_{k:05d}.npy  (n_k, V, Cvae, h, w) in `dtype` (center: index 1 on dim 1 = flipped image),
                        shard_items images each (the last one: the rest)
 Shards are written block by block (O(batch) memory) and read with np.load(mmap_mode='r'):
 training gathers random rows from the memory maps, so every worker on a node shares one copy of
@@ -30,7 +34,9 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
+from einops import rearrange
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from flexvar.checkpoint import CheckpointError
 from flexvar.data.arrays import NpyWriter
@@ -51,8 +57,8 @@ def release(array: np.ndarray) -> None:
 
 
 class MappedLatents:
-    """(N, 2, C, h, w) latents spread over memory-mapped shards, indexed like a tensor for the two
-    ways training reads them: [rows, flips] (index tensors) and [slice, flip]. Returns float32 tensors.
+    """(N, V, C, h, w) latents spread over memory-mapped shards, indexed like a tensor for the two
+    ways training reads them: [rows, views] (index tensors) and [slice, view]. Returns float32 tensors.
     Maps open lazily in each process (pickling sends paths, never data)."""
 
     def __init__(self, shard_paths: list[Path], shard_items: int, shape: tuple[int, ...]):
@@ -90,7 +96,7 @@ class MappedLatents:
 
 @dataclass
 class LatentSplit:
-    latents_N2CHW: torch.Tensor | MappedLatents   # float32; [:, 0] the image, [:, 1] its horizontal flip
+    latents_N2CHW: torch.Tensor | MappedLatents   # float32 (N, V, C, h, w); center: [:, 0] the image, [:, 1] its flip
     labels_N: torch.Tensor        # int64
     class_names: list[str]
     tokenizer_sha256: str = ""
@@ -101,6 +107,11 @@ class LatentSplit:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def num_views(self) -> int:
+        """Cached views per image (dim 1): 2 for center (image, flip), data.augment_views for official."""
+        return self.latents_N2CHW.shape[1]
 
     @property
     def latent_hw(self) -> tuple[int, int]:
@@ -131,18 +142,28 @@ def encode_batches(encode: Encoder, loader: Iterable, device: torch.device
         yield torch.stack(z.chunk(2), dim=1), labels_B
 
 
+@torch.no_grad()
+def encode_view_batches(encode: Encoder, loader: Iterable, views: int, device: torch.device
+                        ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(latents (B, V, Cvae, H/f, W/f) float32 on CPU, labels (B,)) per batch of a loader of ready-made
+    views: (uint8 images (B*V, 3, H, W) image-major, labels (B*V,)), e.g. flexvar/data/augment.py's."""
+    for images_KCHW, labels_K in loader:
+        z_KCHW = encode(to_unit_range(images_KCHW).to(device)).float().cpu()
+        yield rearrange(z_KCHW, "(b v) c h w -> b v c h w", v=views), labels_K[::views]
+
+
 class LatentWriter:
     """Writes one split's cache incrementally: `write(z_B2CHW, labels_B)` in order, then `close()`
     renames the completed folder into place (nothing half-written is ever at `out_dir`)."""
 
     def __init__(self, out_dir: str | os.PathLike, num_images: int, shape_2CHW: tuple[int, ...],
                  class_names: list[str], tokenizer_sha256: str, dtype: str = "float32",
-                 shard_items: int = SHARD_ITEMS):
+                 shard_items: int = SHARD_ITEMS, augment: str = "center"):
         self.out_dir, self.n, self.shape, self.dtype = Path(out_dir), num_images, tuple(shape_2CHW), np.dtype(dtype)
         self.shard_items = shard_items
         self.meta = {"kind": LATENTS_KIND, "num_images": num_images, "shard_items": shard_items,
                      "shape": list(self.shape), "dtype": self.dtype.name, "class_names": list(class_names),
-                     "tokenizer_sha256": tokenizer_sha256}
+                     "tokenizer_sha256": tokenizer_sha256, "augment": augment}
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(dir=self.out_dir.parent, prefix=f".{self.out_dir.name}.tmp"))
         self._labels_f = open(self.tmp / "labels.npy", "wb")
@@ -199,20 +220,28 @@ class LatentWriter:
 
 
 def extract_split(encode: Encoder, loader: DataLoader, out_dir: str | os.PathLike, num_images: int,
-                  class_names: list[str], tokenizer_sha256: str, device: torch.device, dtype: str = "float32") -> Path:
+                  class_names: list[str], tokenizer_sha256: str, device: torch.device, dtype: str = "float32",
+                  views: int | None = None) -> Path:
     """Encode (`encode`, see encode_batches) every batch of `loader` and write the split's cache at `out_dir`;
-    O(batch) memory."""
+    O(batch) memory. views None: a loader of images, cached with their flips (center); else a loader of
+    `views` ready-made views per image (official)."""
     writer = None
+    batches = (encode_batches(encode, loader, device) if views is None
+               else encode_view_batches(encode, loader, views, device))
+    progress = tqdm(total=num_images, desc=f"extract_latents {Path(out_dir).name}", unit="img", mininterval=10)
     try:
-        for z_B2CHW, labels_B in encode_batches(encode, loader, device):
+        for z_BVCHW, labels_B in batches:
+            progress.update(len(labels_B))
             if writer is None:
-                writer = LatentWriter(out_dir, num_images, tuple(z_B2CHW.shape[1:]), class_names, tokenizer_sha256,
-                                      dtype)
-            writer.write(z_B2CHW, labels_B)
+                writer = LatentWriter(out_dir, num_images, tuple(z_BVCHW.shape[1:]), class_names, tokenizer_sha256,
+                                      dtype, augment="center" if views is None else "official")
+            writer.write(z_BVCHW, labels_B)
     except BaseException:
         if writer is not None:
             writer.abort()
         raise
+    finally:
+        progress.close()
     if writer is None:
         raise ValueError(f"{out_dir}: no images to encode")
     return writer.close()

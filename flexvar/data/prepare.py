@@ -6,16 +6,23 @@ Sources (`data.source`):
   imagefolder:<path>    `<path>/train/<class>/*.png|jpg|...`, optional `<path>/val/...`,
                         read with the `datasets` imagefolder builder
 
-Output: `datasets.DatasetDict.save_to_disk` with `train`/`val` splits (columns `image` as PNG,
-`label` as ClassLabel), RGB, shorter side resized then centre-cropped to `data.resolution`,
-plus `stats.json` (counts per class and split, skipped files and why, content hash).
-The output appears only when everything succeeded (written to a temp folder, then renamed).
+Output: the layout of `datasets.DatasetDict.save_to_disk` with `train`/`val` splits (columns `image`
+as PNG, `label` as ClassLabel), RGB, with the official (ADM) geometry of flexvar/data/augment.py:
+`data.augment: center` stores the centre crop at `data.resolution` (short side resized, up for small
+images when `data.upscale_small`), `official` stores the whole image with its short side at
+ceil(resolution / 0.88), the pixels every official random crop is drawn from; plus `stats.json`
+(counts per class and split, skipped files and why, content hash) and `preview.png`.
+Everything, the Arrow data and the source's `datasets` cache included, is written into one temp
+folder beside the output (`.<out>.tmp*` in its parent: the same file system, nothing in the system
+temp folder) and renamed into place when everything succeeded; on failure the temp folder is removed.
 
 Streaming, at any size: each split is a lazy sequence of tasks (an index for builtin images, a
 file path or encoded bytes otherwise); `data.num_workers` processes render or decode, clean and
-PNG-encode them in order (multiprocessing imap), and the main process appends the results to an
-Arrow file as they arrive, with a tqdm progress bar. No split is ever held in memory: only the
-running content hash, label counts, the skip list and a few preview images.
+PNG-encode them in order (multiprocessing imap), and the main process appends the results to the
+split's Arrow file as they arrive, with a tqdm progress bar. No split is ever held in memory: only the
+running content hash, label counts, the skip list and a few preview images. The content hash is
+built from each image's pixel digest, computed by the worker that decoded it (the main process
+never decodes an image a second time).
 """
 from __future__ import annotations
 
@@ -35,10 +42,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 from tqdm import tqdm
 
 from flexvar.config import DataConfig
+from flexvar.data.augment import center_crop, resize_short, stored_short_side
 from flexvar.data.synthetic import BUILTIN, render_one
 from flexvar.errors import FlexvarError
 
@@ -53,9 +61,13 @@ class DataError(FlexvarError, RuntimeError):
 @dataclass
 class Source:
     """What to prepare: class names and, per split, (task count, lazy task iterator, the picklable
-    function a worker applies to one task -> (name, label, png bytes or None, reason why not))."""
+    function a worker applies to one task -> Result)."""
     class_names: list[str]
-    splits: dict[str, tuple[int, Iterable[Any], Callable[[Any], tuple[str, int, bytes | None, str]]]]
+    splits: dict[str, tuple[int, Iterable[Any], Callable[[Any], "Result"]]]
+
+
+# (name, label, png bytes or None, reason why not (kept: "" or RESIZED_UP), sha256 of the cleaned image's size and pixels)
+Result = tuple[str, int, bytes | None, str, bytes]
 
 
 # --------------------------------------------------------------------------- image cleaning
@@ -73,18 +85,18 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def resize_crop(img: Image.Image, resolution: int) -> Image.Image:
-    """Resize the shorter side to `resolution` (bicubic), then centre-crop a square."""
-    return ImageOps.fit(img, (resolution, resolution), method=Image.Resampling.BICUBIC, centering=(0.5, 0.5))
-
-
-def clean(img: Image.Image, resolution: int, upscale_small: bool) -> Image.Image:
-    """Decode fully, convert to RGB, check the size and resize/crop; raises ValueError with the reason."""
+def clean(img: Image.Image, resolution: int, upscale_small: bool, augment: str = "center") -> Image.Image:
+    """Decode fully, convert to RGB, check the size, then the official geometry: the centre crop at
+    `resolution` (augment center) or the short side at the size random crops are drawn from (official);
+    raises ValueError with the reason."""
     img.load()  # truncated files fail here, not later
     if min(img.size) < resolution and not upscale_small:
         raise ValueError(f"smaller than the target ({img.size[0]}x{img.size[1]} < {resolution}); "
-                         f"set data.upscale_small: true to upscale such images")
-    return resize_crop(to_rgb(img), resolution)
+                         f"set data.upscale_small: true to resize such images up (as the official code does)")
+    img = to_rgb(img)
+    if augment == "official":
+        return resize_short(img, stored_short_side(resolution, augment))
+    return center_crop(img, resolution)
 
 
 # --------------------------------------------------------------------------- workers (one task each)
@@ -94,23 +106,35 @@ def _png(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _render_builtin(task: tuple[int, int], classes: list[str], resolution: int, seed: int, dataset: str
-                    ) -> tuple[str, int, bytes | None, str]:
+def pixel_digest(img: Image.Image) -> bytes:
+    """sha256 of an RGB image's size and pixels: what the content hash is made of (PNG-encoder independent)."""
+    pixels = np.asarray(img, dtype=np.uint8)
+    return hashlib.sha256(repr(pixels.shape).encode() + pixels.tobytes()).digest()
+
+
+RESIZED_UP = "resized up"   # a kept image whose short side was below data.resolution
+
+
+def _encoded(name: str, label: int, img: Image.Image, note: str = "") -> Result:
+    return name, label, _png(img), note, pixel_digest(img)
+
+
+def _render_builtin(task: tuple[int, int], classes: list[str], resolution: int, seed: int, dataset: str) -> Result:
     """Builtin image `i` of `label`: its own seeded RNG stream, so any worker renders it identically."""
     i, label = task
-    img = render_one(classes[label], resolution, np.random.default_rng([seed, i]), dataset)
-    return f"builtin[{i}]", label, _png(img), ""
+    return _encoded(f"builtin[{i}]", label, render_one(classes[label], resolution, np.random.default_rng([seed, i]),
+                                                       dataset))
 
 
-def _clean_file(task: tuple[str, bytes | str, int], resolution: int, upscale_small: bool
-                ) -> tuple[str, int, bytes | None, str]:
+def _clean_file(task: tuple[str, bytes | str, int], resolution: int, upscale_small: bool, augment: str) -> Result:
     """Decode and clean one (name, bytes-or-path, label); a bad file gives its reason instead of bytes."""
     name, src, label = task
     try:
         img = Image.open(io.BytesIO(src) if isinstance(src, bytes) else src)
-        return name, label, _png(clean(img, resolution, upscale_small)), ""
+        small = min(img.size) < resolution
+        return _encoded(name, label, clean(img, resolution, upscale_small, augment), RESIZED_UP if small else "")
     except Exception as e:  # PIL raises many types for bad files
-        return name, label, None, (f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e))
+        return name, label, None, (f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)), b""
 
 
 # --------------------------------------------------------------------------- sources
@@ -151,7 +175,7 @@ def _split_off_val(ds, fraction: float, seed: int, stratify: str):
 
 
 def _file_work(cfg: DataConfig):
-    return partial(_clean_file, resolution=cfg.resolution, upscale_small=cfg.upscale_small)
+    return partial(_clean_file, resolution=cfg.resolution, upscale_small=cfg.upscale_small, augment=cfg.augment)
 
 
 def _imagefolder(path: str, cfg: DataConfig, seed: int, cache_dir: str) -> Source:
@@ -233,6 +257,7 @@ class _Tally:
     counts: dict[str, Counter] = field(default_factory=dict)
     skipped: list[dict[str, str]] = field(default_factory=list)
     preview: dict[int, list[bytes]] = field(default_factory=dict)
+    resized_up: dict[str, int] = field(default_factory=dict)
 
 
 def _write_split(source: Source, split: str, cfg: DataConfig, num_workers: int, features, arrow_path: Path,
@@ -243,9 +268,11 @@ def _write_split(source: Source, split: str, cfg: DataConfig, num_workers: int, 
     total, tasks, work = source.splits[split]
     counts = tally.counts.setdefault(split, Counter())
     tally.hash.update(split.encode())
-    with ArrowWriter(features=features, path=str(arrow_path), writer_batch_size=1000) as writer:
-        for name, label, png, reason in tqdm(run_tasks(work, tasks, num_workers), total=total,
-                                             desc=f"prepare {split}", unit="img", mininterval=5):
+    # 100 rows per Arrow record batch (datasets' own size for images): the rows waiting in the writer stay
+    # a few tens of MB at 291 px, and the file is what save_to_disk wrote (the same record batches)
+    with ArrowWriter(features=features, path=str(arrow_path), writer_batch_size=100) as writer:
+        for name, label, png, reason, digest in tqdm(run_tasks(work, tasks, num_workers), total=total,
+                                                     desc=f"prepare {split}", unit="img", mininterval=5):
             if png is None:
                 if cfg.on_bad_image == "fail":
                     raise DataError(f"bad image {name}: {reason} (data.on_bad_image is 'fail'; set it to 'skip' "
@@ -253,8 +280,8 @@ def _write_split(source: Source, split: str, cfg: DataConfig, num_workers: int, 
                 log.warning("skipping %s: %s", name, reason)
                 tally.skipped.append({"split": split, "file": name, "reason": reason})
                 continue
-            pixels = np.asarray(Image.open(io.BytesIO(png)), dtype=np.uint8)
-            tally.hash.update(pixels.tobytes())
+            tally.resized_up[split] = tally.resized_up.get(split, 0) + (reason == RESIZED_UP)
+            tally.hash.update(digest)            # the worker's digest of the pixels: no second decode here
             tally.hash.update(int(label).to_bytes(8, "little"))
             writer.write({"image": {"bytes": png, "path": None}, "label": label})
             counts[label] += 1
@@ -269,51 +296,69 @@ def _write_split(source: Source, split: str, cfg: DataConfig, num_workers: int, 
     return kept
 
 
-def preview_grid(preview: dict[int, list[bytes]], class_names: list[str]):
-    """A per-class grid of the first train images (first PREVIEW_CLASSES classes): the data at a glance."""
+def preview_grid(preview: dict[int, list[bytes]], class_names: list[str], resolution: int):
+    """A per-class grid of the first train images (first PREVIEW_CLASSES classes, centre crops at
+    `resolution`): the data at a glance."""
     import torch
 
     from flexvar.data.splits import decode_png_NCHW
     from flexvar.grid import class_grid
 
     labels = [c for c in sorted(preview) for _ in preview[c]]
-    images_NCHW = decode_png_NCHW([b for c in sorted(preview) for b in preview[c]])
+    images_NCHW = decode_png_NCHW([b for c in sorted(preview) for b in preview[c]], size=resolution)
     return class_grid(images_NCHW, torch.tensor(labels), class_names[:PREVIEW_CLASSES], PREVIEW_PER_CLASS)
 
 
+def _write_split_info(split_dir: Path, features, fingerprint: str) -> None:
+    """The state.json and dataset_info.json that `Dataset.save_to_disk` writes beside its Arrow file,
+    for the Arrow file `_write_split` streamed into place (so no 147 GB copy is ever made)."""
+    import datasets
+    from datasets.utils.py_utils import asdict
+
+    state = {"_data_files": [{"filename": ARROW_FILE}], "_fingerprint": fingerprint, "_format_columns": None,
+             "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False, "_split": None}
+    (split_dir / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+    info = asdict(datasets.DatasetInfo(features=features))   # datasets' own asdict, as save_to_disk
+    (split_dir / "dataset_info.json").write_text(json.dumps({k: info[k] for k in sorted(info)}, indent=2))
+
+
+ARROW_FILE = "data-00000-of-00001.arrow"
+
+
 def prepare(cfg: DataConfig, seed: int, out_dir: str | os.PathLike) -> dict:
-    """Read `cfg.source`, clean every image (in `cfg.num_workers` processes), stream the prepared
-    dataset to a temp folder and rename it into place; return stats."""
+    """Read `cfg.source`, clean every image (in `cfg.num_workers` processes), stream each split's Arrow
+    file into a temp folder beside `out_dir` and rename it into place; return stats."""
     import datasets
 
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp"))
     try:
-        with tempfile.TemporaryDirectory(prefix="flexvar-hf-cache-") as cache_dir:
-            source = read_source(cfg, seed, cache_dir)
-            features = datasets.Features({"image": datasets.Image(),
-                                          "label": datasets.ClassLabel(names=source.class_names)})
-            tally = _Tally(hashlib.sha256(json.dumps(source.class_names).encode()))
-            for split in sorted(source.splits):          # sorted: the content hash's order
-                _write_split(source, split, cfg, cfg.num_workers, features, Path(cache_dir) / f"{split}.arrow", tally)
-            digest = tally.hash.hexdigest()
-            dd = {}
-            for split in source.splits:
-                ds = datasets.Dataset.from_file(str(Path(cache_dir) / f"{split}.arrow"))
-                ds._fingerprint = hashlib.sha256(f"{digest}:{split}".encode()).hexdigest()[:16]  # stable, not random
-                dd[split] = ds
-            datasets.DatasetDict(dd).save_to_disk(str(tmp), num_proc=None)
-            del dd
+        cache_dir = tmp / ".source-cache"       # the `datasets` cache of an hf/imagefolder source: beside, not /tmp
+        source = read_source(cfg, seed, str(cache_dir))
+        features = datasets.Features({"image": datasets.Image(),
+                                      "label": datasets.ClassLabel(names=source.class_names)})
+        tally = _Tally(hashlib.sha256(json.dumps(source.class_names).encode()))
+        for split in sorted(source.splits):          # sorted: the content hash's order
+            (tmp / split).mkdir()
+            _write_split(source, split, cfg, cfg.num_workers, features, tmp / split / ARROW_FILE, tally)
+        digest = tally.hash.hexdigest()
+        for split in source.splits:
+            _write_split_info(tmp / split, features, hashlib.sha256(f"{digest}:{split}".encode()).hexdigest()[:16])
+        (tmp / "dataset_dict.json").write_text(json.dumps({"splits": list(source.splits)}))
+        names, splits = source.class_names, list(source.splits)
+        del source                                # its datasets objects map files of the cache removed next
+        shutil.rmtree(cache_dir, ignore_errors=True)
         stats = {
-            "source": cfg.source, "resolution": cfg.resolution, "classes": source.class_names,
-            "counts": {split: {source.class_names[c]: n for c, n in sorted(tally.counts[split].items())}
-                       for split in source.splits},
-            "totals": {split: sum(tally.counts[split].values()) for split in source.splits},
-            "skipped": tally.skipped, "num_skipped": len(tally.skipped), "content_hash": digest,
+            "source": cfg.source, "resolution": cfg.resolution, "augment": cfg.augment,
+            "stored_short_side": stored_short_side(cfg.resolution, cfg.augment), "classes": names,
+            "counts": {split: {names[c]: n for c, n in sorted(tally.counts[split].items())} for split in splits},
+            "totals": {split: sum(tally.counts[split].values()) for split in splits},
+            "skipped": tally.skipped, "num_skipped": len(tally.skipped), "resized_up": tally.resized_up,
+            "content_hash": digest,
         }
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-        preview_grid(tally.preview, source.class_names).save(tmp / "preview.png")
+        preview_grid(tally.preview, names, cfg.resolution).save(tmp / "preview.png")
         tmp.chmod(0o755)
         if out_dir.exists():
             shutil.rmtree(out_dir)

@@ -45,11 +45,16 @@ def to_uint8(x_NCHW: torch.Tensor) -> torch.Tensor:
     return x_NCHW.float().add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8)
 
 
-def decode_png_NCHW(blobs: Sequence[bytes], hw: tuple[int, int] | None = None) -> torch.Tensor:
-    """Encoded images -> uint8 (B, 3, H, W)."""
+def decode_png_NCHW(blobs: Sequence[bytes], hw: tuple[int, int] | None = None, size: int | None = None
+                    ) -> torch.Tensor:
+    """Encoded images -> uint8 (B, 3, H, W); with `size`, images stored larger (data.augment: official)
+    are read as their centre crop at size x size (flexvar/data/augment.py)."""
     from PIL import Image
 
-    arrs = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in blobs]
+    from flexvar.data.augment import center_crop
+
+    imgs = [Image.open(io.BytesIO(b)).convert("RGB") for b in blobs]
+    arrs = [np.asarray(center_crop(im, size) if size and im.size != (size, size) else im) for im in imgs]
     if not arrs:
         return torch.zeros(0, 3, *(hw or (1, 1)), dtype=torch.uint8)
     return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
@@ -107,12 +112,13 @@ class ImageSplit:
     the in-memory path (a large split raises instead of silently stacking itself)."""
 
     def __init__(self, images_NCHW: torch.Tensor | None, labels_N: torch.Tensor, class_names: list[str],
-                 arrow=None, fingerprint: str | None = None):
+                 arrow=None, fingerprint: str | None = None, size: int | None = None):
         if (images_NCHW is None) == (arrow is None):
             raise ValueError("ImageSplit needs exactly one of images_NCHW (in memory) or arrow (on disk)")
         self._images_NCHW, self.arrow = images_NCHW, arrow
         self.labels_N, self.class_names = labels_N, list(class_names)
         self._fingerprint = fingerprint
+        self.size = size      # on disk: stored images not size x size are read as their centre crop
 
     def __len__(self) -> int:
         return len(self.labels_N)
@@ -141,7 +147,7 @@ class ImageSplit:
         idx = torch.as_tensor(idx, dtype=torch.long)
         if self.in_memory:
             return self._images_NCHW[idx]
-        return decode_png_NCHW(self.arrow.take(idx.tolist()))
+        return decode_png_NCHW(self.arrow.take(idx.tolist()), size=self.size)
 
     def fingerprint(self) -> str:
         """Short identity of the images and labels (a checkpoint never resumes on other data)."""
@@ -219,7 +225,10 @@ def load_split(prepared_dir: str | os.PathLike, split: str, in_memory_mb: float 
                          f"files, rerun the prepare stage")
     labels_N = torch.as_tensor(np.asarray(ds.with_format("numpy")["label"]), dtype=torch.int64)
     arrow = ArrowImages([f["filename"] for f in ds.cache_files], len(ds))
-    on_disk = ImageSplit(None, labels_N, class_names, arrow=arrow, fingerprint=f"{ds._fingerprint}:{len(ds)}")
+    stats = prepared_dir / "stats.json"
+    size = json.loads(stats.read_text()).get("resolution") if stats.is_file() else None
+    on_disk = ImageSplit(None, labels_N, class_names, arrow=arrow, fingerprint=f"{ds._fingerprint}:{len(ds)}",
+                         size=size)
     h, w = on_disk.image_hw
     if len(ds) * 3 * h * w > in_memory_mb * 2 ** 20:
         return on_disk

@@ -9,7 +9,17 @@ draws N rows with replacement from that (N, D) matrix and recomputes the Fréche
 cached reference statistics, or the share of correctly classified rows. Resampling with
 replacement duplicates rows and so inflates FID; the interval is therefore the replicates'
 2.5-97.5 percentile range shifted by the bootstrap's estimate of that bias (replicate mean minus
-point estimate), which leaves an unbiased statistic's (class accuracy) percentile interval as is.
+point estimate), which leaves an unbiased statistic's (class accuracy) percentile interval as is
+up to Monte Carlo noise, and then clipped to the metric's range (FID >= 0, a share in [0, 1]):
+near the range's edge the shift alone would leave it (a share of 0.5% gave a low end of -0.00125).
+
+Cost (`BootstrapFrechet`): a replicate is the draw counts w (N,) of the rows, never a gathered copy.
+The centred features are projected once onto S = sqrt(Σ_ref) (Z = (X - μ) S), so a replicate's
+tr sqrt(S Σ_b S) is the eigenvalue sum of the w-weighted covariance of Z's k ≈ 0.63 N drawn rows:
+one (k x D) Gram product and one min(k, D)-sized eigendecomposition, instead of a gather, an
+(N x D)(D x D) projection and an N-row Gram per replicate, in float64 on the evaluation's device (CUDA
+when the stage has it). Replicates equal the gathered-rows Fréchet distance to float64 rounding (tested
+against torch-fidelity); `python -m benchmarks.bench_fid_interval` measures both side by side.
 
 Class accuracy (`class_acc_<space>`) is the share of generated images that the feature space's
 classifier assigns to the class they were generated for. The `domain` space's classifier is the
@@ -141,28 +151,73 @@ def class_acc_skipped(cfg: EvaluateConfig, labels_N: torch.Tensor | np.ndarray) 
     return class_logit_columns(cfg, labels_N)[1]
 
 
-def interval(point: float, replicates: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
-    """Bias-shifted percentile interval: [q_lo, q_hi] - (mean(replicates) - point)."""
+def interval(point: float, replicates: np.ndarray, level: float = LEVEL,
+             low: float = -np.inf, high: float = np.inf) -> tuple[float, float]:
+    """Bias-shifted percentile interval, [q_lo, q_hi] - (mean(replicates) - point), clipped to the
+    metric's range [low, high]."""
     alpha = (1 - level) / 2
     lo, hi = np.quantile(replicates, [alpha, 1 - alpha])
     bias = float(np.mean(replicates)) - point
-    return float(lo - bias), float(hi - bias)
+    return float(np.clip(lo - bias, low, high)), float(np.clip(hi - bias, low, high))
 
 
-def bootstrap(n: int, num: int, seed: int) -> np.ndarray:
-    """`num` index rows, each N draws with replacement from range(n), from a seeded generator (num, N)."""
-    return np.random.default_rng(seed).integers(0, n, size=(num, n))
+def bootstrap_counts(n: int, num: int, seed: int):
+    """`num` replicates, each N draws with replacement from range(n) from a seeded generator, one at a time
+    as draw counts per item (N,): memory O(N), not a (num, N) index array."""
+    rng = np.random.default_rng(seed)
+    for _ in range(num):
+        yield np.bincount(rng.integers(0, n, size=n), minlength=n)
+
+
+class BootstrapFrechet:
+    """Fréchet distances to `frechet`'s reference of bootstrap replicates of the rows of `features_ND`,
+    each given by its draw counts (see the module docstring); float64 on `device`."""
+
+    def __init__(self, features_ND: np.ndarray, frechet: FrechetToReference, device: torch.device | None = None):
+        on_cuda = device is not None and device.type == "cuda"            # float64: CUDA or the CPU (not MPS)
+        f64 = dict(dtype=torch.float64, device=device if on_cuda else torch.device("cpu"))
+        x_ND = torch.as_tensor(np.asarray(features_ND), **f64)
+        self.n = len(x_ND)
+        if self.n < 2:
+            raise MetricsError(f"FID needs at least 2 samples, got {self.n}")
+        mu_D = x_ND.mean(0)
+        self.xc_ND = x_ND - mu_D
+        del x_ND
+        self.z_ND = self.xc_ND @ torch.as_tensor(frechet.sqrt_DD, **f64)          # centred rows, projected once
+        self.sq_N = (self.xc_ND ** 2).sum(1)
+        self.mu_diff_D = mu_D - torch.as_tensor(frechet.mu_D, **f64)
+        self.ref_trace, self.f64 = frechet.trace, f64
+
+    def __call__(self, counts_N: np.ndarray) -> float:
+        n = self.n
+        w_N = torch.as_tensor(counts_N, **self.f64)
+        mx_D = w_N @ self.xc_ND / n                                   # replicate mean - sample mean
+        trace_x = (w_N @ self.sq_N - n * mx_D @ mx_D) / (n - 1)
+        diff_D = self.mu_diff_D + mx_D
+        drawn_K = torch.nonzero(w_N).squeeze(1)
+        w_K, a_KD = w_N[drawn_K], self.z_ND[drawn_K]
+        a_KD.sub_(w_K @ a_KD / n).mul_((w_K / (n - 1)).sqrt()[:, None])   # weighted, centred: S Σ_b S = aᵀ a
+        small = len(drawn_K) < a_KD.shape[1]
+        if a_KD.device.type == "cpu":   # numpy's aᵀ a is one symmetric rank-k update (syrk): half a GEMM
+            a = a_KD.numpy()
+            tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh(a @ a.T if small else a.T @ a), 0, None)).sum()
+        else:
+            tr_covmean = float(torch.linalg.eigvalsh(a_KD @ a_KD.T if small else a_KD.T @ a_KD).clamp(min=0).sqrt().sum())
+        return float(diff_D @ diff_D + trace_x) + self.ref_trace - 2 * float(tr_covmean)
 
 
 def fid_interval(features_ND: np.ndarray, frechet: FrechetToReference, point: float, num: int, seed: int,
-                 level: float = LEVEL) -> tuple[float, float]:
-    reps = np.array([frechet(features_ND[idx]) for idx in bootstrap(len(features_ND), num, seed)])
-    return interval(point, reps, level)
+                 level: float = LEVEL, device: torch.device | None = None) -> tuple[float, float]:
+    replicate = BootstrapFrechet(features_ND, frechet, device)
+    reps = np.array([replicate(counts_N) for counts_N in bootstrap_counts(len(features_ND), num, seed)])
+    return interval(point, reps, level, low=0.0)
 
 
 def mean_interval(values_N: np.ndarray, num: int, seed: int, level: float = LEVEL) -> tuple[float, float]:
-    reps = values_N[bootstrap(len(values_N), num, seed)].mean(1)
-    return interval(float(values_N.mean()), reps, level)
+    """Interval of the mean of `values_N`, a share of items: inside [0, 1]."""
+    values_N = np.asarray(values_N, dtype=np.float64)
+    reps = np.array([counts_N @ values_N / len(values_N) for counts_N in bootstrap_counts(len(values_N), num, seed)])
+    return interval(float(values_N.mean()), reps, level, low=0.0, high=1.0)
 
 
 # --------------------------------------------------------------------------- features
@@ -233,5 +288,5 @@ def sample_intervals(samples_NCHW: torch.Tensor, labels_N: torch.Tensor, point: 
     if num and key in point:
         frechet = FrechetToReference(*reference_statistics(reference_dir, cfg, feature_net_path, device))
         out[f"{key}_ci_low"], out[f"{key}_ci_high"] = fid_interval(feats[FID_LAYER[space]], frechet, point[key],
-                                                                   num, seed)
+                                                                   num, seed, device=device)
     return out

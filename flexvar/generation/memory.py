@@ -6,8 +6,11 @@ square of its token count — tens of GB. `check_generation_memory` estimates th
 model sizes, the schedule and the batch, and raises a ScheduleError naming the setting before
 the first tensor is made. The estimate counts float32 bytes of the largest live tensors of one
 batch (KV cache, attention scores, MLP activations, logits and their sorted copy; the decoder's
-widest feature maps and its attention), plus the finished images of all batches, times
-SLACK for the allocator; it is meant to be above the measured peak (tests/test_generation_memory.py
+widest feature maps and its attention), plus the finished images the caller holds at once (one
+batch for a caller that streams batches to disk, like the `sample` stage; all of them for
+`flexvar generate`'s single grid), plus what the caller keeps for the whole run (`held_bytes`:
+the `sample` stage's labels and grid, bounded whatever the number of samples), times SLACK for
+the allocator; it is meant to be above the measured peak (tests/test_generation_memory.py
 measures it), not exact. Measured on CPU (peak RSS growth vs estimate): 8x8 batch 32 on the
 embedded default's models 0.17 vs 0.28 GB; up to 24x24 batch 16: 0.96 vs 1.63 GB; tiny models up to
 48x48 batch 16: 4.22 vs 5.33 GB.
@@ -47,7 +50,8 @@ def decoder_bytes(vqvae, latent_hw: tuple[int, int], batch: int) -> int:
 
 
 def generation_bytes(model, vqvae, scales: Scales, batch: int, guided: bool, num_images: int | None = None) -> int:
-    """Estimated peak bytes of generating `num_images` (default: one batch) with `scales`."""
+    """Estimated peak bytes of generating with `scales` in batches of `batch` while holding `num_images`
+    finished images at once (default: one batch, for a caller that writes each batch and drops it)."""
     h, w = scales[-1]
     f = vqvae.cfg.downsample
     images = F32 * 2 * (num_images or batch) * 3 * (h * f) * (w * f)   # float images + their uint8/grid copies
@@ -56,12 +60,15 @@ def generation_bytes(model, vqvae, scales: Scales, batch: int, guided: bool, num
 
 
 def check_generation_memory(model, vqvae, scales: Scales, batch: int, guided: bool, limit_gb: float,
-                            what: str, setting: str, num_images: int | None = None) -> int:
-    """Raise ScheduleError naming `what` and `setting` if the estimate exceeds `limit_gb`; return the bytes."""
-    need = generation_bytes(model, vqvae, scales, batch, guided, num_images)
+                            what: str, setting: str, num_images: int | None = None, held_bytes: int = 0) -> int:
+    """Raise ScheduleError naming `what` and `setting` if the estimate (`generation_bytes` plus `held_bytes`
+    the caller keeps for the whole run) exceeds `limit_gb`; return the bytes."""
+    held = int(SLACK * held_bytes)
+    need = generation_bytes(model, vqvae, scales, batch, guided, num_images) + held
     if need > limit_gb * GIB:
         h, w = scales[-1]
+        kept = f", {held / GIB:.2f} GB of it kept for the whole run" if held else ""
         raise ScheduleError(
-            f"{what}: generating needs about {need / GIB:.1f} GB (final scale {h}x{w} tokens, batch {batch}), "
+            f"{what}: generating needs about {need / GIB:.1f} GB (final scale {h}x{w} tokens, batch {batch}{kept}), "
             f"above the {limit_gb:g} GB limit; use smaller scales or batch, or raise {setting}")
     return need

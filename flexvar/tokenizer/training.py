@@ -12,7 +12,10 @@ forward (`ScalesForward`: encode once, quantise and decode at every scale) and t
 (`DiscriminatorLoss`) run as single DistributedDataParallel forwards, so their gradient buckets are
 averaged across workers while backward runs. The discriminator's BatchNorm becomes SyncBatchNorm on
 CUDA (global-batch statistics, as in one process); on CPU (gloo; SyncBatchNorm is GPU-only) each worker
-normalises with its own half-batch statistics, the one difference from the 1-worker run.
+normalises with its own half-batch statistics, the one difference from the 1-worker run. Every worker
+draws the same scales (the trainer's generator) over one global data order, and its own dropout masks
+(global RNG reseeded per step and rank: distributed.seed_rank_step); rank 0 alone evaluates, logs and
+writes the checkpoint.
 
 Resume without loss: `TokenizerTrainer.save(path)` captures model, optimiser, LR schedule,
 EMA, discriminator, every RNG (global ones and the explicit generator that draws the scales) and
@@ -174,6 +177,10 @@ class TokenizerTrainer:
         self.data = (train_images_NCHW if isinstance(train_images_NCHW, ImageSplit) else   # uint8 images, CPU
                      ImageSplit(train_images_NCHW, torch.zeros(len(train_images_NCHW), dtype=torch.long), []))
         self.num_workers, self._batches = num_workers, None
+        # the global batch = workers x micro_batch x accum (auto: the whole share of each worker, no accumulation)
+        micro = None if cfg.micro_batch == "auto" else cfg.micro_batch
+        self.micro_batch, self.accum = distributed.split_batch(cfg.batch_size, distributed.rank_world()[1], micro,
+                                                               "train_tokenizer")
         if len(self.data) < cfg.batch_size:
             raise ValueError(f"train_tokenizer.batch_size = {cfg.batch_size} exceeds the {len(self.data)} "
                              f"training images")
@@ -218,14 +225,47 @@ class TokenizerTrainer:
 
     # ------------------------------------------------------------------ one step
     def train_step(self) -> dict[str, float]:
-        """One optimiser step on one batch at K random scales; returns scalar logs."""
+        """One optimiser step on one global batch at K random scales; returns scalar logs.
+
+        This worker's share of the batch runs as `self.accum` micro-batches of `self.micro_batch` images
+        (gradients summed, communicated on the last); the discriminator steps likewise afterwards."""
         cfg, f = self.cfg, self.model.downsample
-        x = to_unit_range(self.next_batch()).to(self.device)   # this worker's share of the global batch
+        share = to_unit_range(self.next_batch()).to(self.device)   # this worker's share of the global batch
+        distributed.seed_rank_step(self.seed, self.step)       # multi-worker: rank-distinct dropout
         gan_on = self.disc is not None and self.step >= cfg.gan_start_step
-        full_hw = (x.shape[-2] // f, x.shape[-1] // f)   # the encoder's latent size
+        full_hw = (share.shape[-2] // f, share.shape[-1] // f)   # the encoder's latent size
         scales = sample_scales(max(full_hw), cfg.num_scales, self.gen)
         hws = [scale_hw(s, full_hw) for s in scales]
         logs: dict[str, float | torch.Tensor] = {}   # tensors until the end: one device->host copy per step
+        chunks = share.split(self.micro_batch)
+        pairs_per_chunk, loss = [], share.new_zeros(())
+        self.opt.zero_grad(set_to_none=True)
+        for i, x in enumerate(chunks):
+            with distributed.grad_sync(self.step_forward, last=i == len(chunks) - 1):   # DDP: sync on the last
+                total, pairs = self.generator_loss(x, scales, hws, gan_on, logs, weight=1 / len(chunks))
+                (total / len(chunks)).backward()
+            loss = loss + total.detach() / len(chunks)
+            pairs_per_chunk.append(pairs)
+        grad_norm = distributed.clipped_step(self.opt, self.model.parameters(), cfg.grad_clip)
+        if cfg.grad_clip > 0:
+            logs["grad_norm"] = grad_norm
+        if gan_on:
+            logs["d_loss"] = self.disc_step(pairs_per_chunk)
+        logs["lr"] = self.opt.param_groups[0]["lr"]
+        self.sched.step()
+        self.update_ema()
+        self.step += 1
+        logs["loss"] = loss
+        on_device = [k for k, v in logs.items() if torch.is_tensor(v)]
+        logs.update(zip(on_device, torch.stack([logs[k].double().reshape(()) for k in on_device]).tolist()))
+        logs["loss"] = distributed.mean_across(logs["loss"])
+        return logs
+
+    def generator_loss(self, x: torch.Tensor, scales: list[int], hws: list[tuple[int, int]], gan_on: bool,
+                       logs: dict, weight: float) -> tuple[torch.Tensor, list]:
+        """The VQVAE loss of one micro-batch over every scale (mean over scales), its terms added to `logs`
+        x `weight`, and the (target, detached reconstruction) pairs the discriminator step needs."""
+        cfg, f = self.cfg, self.model.downsample
         total = x.new_zeros(())
         pairs = []
         for s, hw, (rec, q) in zip(scales, hws, self.step_forward(x, hws)):   # DDP: gradients sync in backward
@@ -243,33 +283,24 @@ class TokenizerTrainer:
                 pairs.append((target, rec.detach()))
             total = total + sum(terms.values()) / len(scales)
             for k, v in {**terms, "perplexity": q["perplexity"], "usage": q["usage"]}.items():
-                part = v.detach().double() / len(scales)
+                part = v.detach().double() / len(scales) * weight
                 logs[k] = logs[k] + part if k in logs else part
-            logs[f"recon_s{s}"] = terms["recon"].detach()
-        self.opt.zero_grad(set_to_none=True)
-        total.backward()
-        grad_norm = distributed.clipped_step(self.opt, self.model.parameters(), cfg.grad_clip)
-        if cfg.grad_clip > 0:
-            logs["grad_norm"] = grad_norm
-        if gan_on:
-            logs["d_loss"] = self.disc_step(pairs)
-        logs["lr"] = self.opt.param_groups[0]["lr"]
-        self.sched.step()
-        self.update_ema()
-        self.step += 1
-        logs["loss"] = total.detach()
-        on_device = [k for k, v in logs.items() if torch.is_tensor(v)]
-        logs.update(zip(on_device, torch.stack([logs[k].double().reshape(()) for k in on_device]).tolist()))
-        logs["loss"] = distributed.mean_across(logs["loss"])
-        return logs
+            rec_s = terms["recon"].detach() * weight
+            logs[f"recon_s{s}"] = logs[f"recon_s{s}"] + rec_s if f"recon_s{s}" in logs else rec_s
+        return total, pairs
 
-    def disc_step(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-        """One discriminator update on (real, reconstructed) images of every scale of this step."""
-        loss = self.disc_loss(pairs)
+    def disc_step(self, pairs_per_chunk: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> float:
+        """One discriminator update on (real, reconstructed) images of every scale of this step, one
+        micro-batch at a time (gradients summed, communicated on the last)."""
         self.disc_opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = 0.0
+        for i, pairs in enumerate(pairs_per_chunk):
+            with distributed.grad_sync(self.disc_loss, last=i == len(pairs_per_chunk) - 1):
+                part = self.disc_loss(pairs) / len(pairs_per_chunk)
+                part.backward()
+            loss += float(part.detach())
         distributed.clipped_step(self.disc_opt, self.disc.parameters(), self.cfg.grad_clip)
-        return float(loss.detach())
+        return loss
 
     def update_ema(self) -> None:
         if self.ema is not None:
@@ -324,22 +355,23 @@ class TokenizerTrainer:
         """Train until `cfg.steps`, logging every `log_every`, evaluating every `eval_every` and
         checkpointing every `checkpoint_every` steps (and at the end)."""
         cfg, logger, val_logger = self.cfg, logger or RunLogger(), val_logger or logger or RunLogger()
+        main = distributed.is_main()   # rank 0 alone logs, evaluates and writes the checkpoint
         full = None
         if distributed.active():   # multi-worker: all workers continue from rank 0's (possibly resumed) state
             self.load_state(distributed.from_main(self.state()))
         while self.step < cfg.steps:
             logs = self.train_step()
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+            if main and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
                 logger.log_metrics(logs, step=self.step)
                 if progress:
                     progress(self.step, logs)
-            if val_images_NCHW is not None and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
+            if main and val_images_NCHW is not None and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
                 full = full or max(self.data.image_hw) // self.model.downsample
                 ev = evaluate_scales(self.model, val_images_NCHW, list(range(1, full + 1)), self.device,
                                      self.precision)
                 val_logger.log_metrics({**{f"val_psnr_s{s}": e.psnr for s, e in ev["per_scale"].items()},
                                         "val_usage": ev["usage"]}, step=self.step)
-            if ckpt_path is not None and (self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps):
+            if main and ckpt_path is not None and (self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps):
                 self.save(ckpt_path)
         self.close()
 

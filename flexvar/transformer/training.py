@@ -1,21 +1,24 @@
 """Training loop of the FlexVAR transformer on cached latents.
 
-Each optimiser step: for each of `grad_accum` micro-batches, draw a schedule (ScheduleSampler),
-take a batch of cached full-scale latents (image or its flip), quantise them at the schedule's
-scales into teacher-forcing inputs and targets (no encoder pass), run the teacher-forced
-forward under the configured precision, label-smoothed cross-entropy averaged over tokens.
-Then clip, AdamW and warmup + cosine learning rate (flexvar.optim, shared with the tokenizer),
-and optionally an EMA of the weights that is evaluated and shipped.
+Each optimiser step: draw one schedule (ScheduleSampler) for the step's global batch of
+`batch_size` cached full-scale latents (image or its flip); this worker takes its share and runs it
+as `accum` micro-batches of `micro_batch` images (global = workers x micro_batch x accum, see
+`plan_batches`): quantise them at the schedule's scales into teacher-forcing inputs and targets (no
+encoder pass), teacher-forced forward under the configured precision, label-smoothed cross-entropy
+averaged over tokens, / accum. Every image of a step has the same token count, so the gradient is the
+global batch's mean whatever the split: workers and micro-batch are memory settings, not training
+settings. Then clip, AdamW and warmup + cosine learning rate (flexvar.optim, shared with the
+tokenizer), and optionally an EMA of the weights that is evaluated and shipped.
 
-Reproducible and resumable: batches are a pure function of (seed, micro-step); schedules come
-from the sampler's own generator; class dropout / drop-path use the global torch RNG. The resume
-file holds model, optimiser, LR schedule, EMA, sampler generator and global RNG states plus the step, written
-atomically, so a killed run resumes bit-identically on CPU.
+Reproducible and resumable: batches are a pure function of (seed, step); schedules come from the
+sampler's own generator (the same on every worker); class dropout / drop-path use the global torch
+RNG, reseeded per step and rank with several workers (distributed.seed_rank_step). The resume file
+holds model, optimiser, LR schedule, EMA, sampler generator and global RNG states plus the step,
+written atomically, so a killed run resumes bit-identically on CPU.
 """
 from __future__ import annotations
 
 import copy
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -29,13 +32,14 @@ import torch.nn.functional as F
 from flexvar import distributed
 from flexvar.checkpoint import capture_rng, load_checkpoint, restore_rng, save_atomic
 from flexvar.config import ScheduleConfig, TrainTransformerConfig
-from flexvar.device import autocast_ctx
+from flexvar.device import autocast_ctx, resolve_precision
 from flexvar.data.latent_cache import LatentSplit
 from flexvar.data.sampling import batch_indices
 from flexvar.tokenizer.quantizer import MultiScaleQuantizer
 from flexvar.optim import ema_of, lr_schedule, make_adamw
 from flexvar.run_logger import RunLogger
 from flexvar.transformer.schedules import ScheduleSampler, num_tokens
+from flexvar.transformer.train_memory import auto_micro_batch, device_bytes
 from flexvar.transformer.teacher_forcing import inputs_targets, resize_bicubic
 from flexvar.transformer.fast_paths import smoothed_cross_entropy
 from flexvar.transformer.model import FlexVAR
@@ -46,9 +50,10 @@ RESUME_KIND = "flexvar_train_state"
 
 # --------------------------------------------------------------------------- pieces
 def get_batch(data: LatentSplit, items: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Latents (B, C, H, W) and labels (B,) of (image, flip) items i -> (i // 2, i % 2)."""
-    z = data.latents_N2CHW[items // 2, items % 2]
-    return z.to(device), data.labels_N[items // 2].to(device)
+    """Latents (B, C, H, W) and labels (B,) of items i -> (image i // V, view i % V), V cached views per image."""
+    V = data.num_views
+    z = data.latents_N2CHW[items // V, items % V]
+    return z.to(device), data.labels_N[items // V].to(device)
 
 
 def token_loss(logits_BLV: torch.Tensor, target_BL: torch.Tensor, label_smoothing: float) -> torch.Tensor:
@@ -70,16 +75,16 @@ def loss_for(compiled: bool):
 
 
 def forward_backward(fwd, quantizer: MultiScaleQuantizer, data: LatentSplit, items: torch.Tensor, scales,
-                     cfg: TrainTransformerConfig, *, prediction: str, device) -> tuple[float, int]:
+                     cfg: TrainTransformerConfig, *, prediction: str, device, accum: int = 1) -> tuple[float, int]:
     """One micro-batch of training: the cached latents of `items` quantised at `scales` into inputs and
-    targets, forward in cfg.precision, label-smoothed loss / grad_accum (compiled with
+    targets, forward in cfg.precision, label-smoothed loss / accum (compiled with
     train_transformer.compile), backward. Returns (that loss, number of images); the optimiser step is
     the caller's."""
     z, labels = get_batch(data, items, device)
     x, tgt = inputs_targets(prediction, quantizer, z, scales)
     with autocast_ctx(device, cfg.precision):
         logits = fwd(labels, x, scales)
-    loss = loss_for(cfg.compile)(logits, tgt, cfg.label_smoothing) / cfg.grad_accum
+    loss = loss_for(cfg.compile)(logits, tgt, cfg.label_smoothing) / accum
     loss.backward()
     return float(loss.detach()), len(labels)
 
@@ -87,14 +92,17 @@ def forward_backward(fwd, quantizer: MultiScaleQuantizer, data: LatentSplit, ite
 # --------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate(model: FlexVAR, quantizer: MultiScaleQuantizer, data: LatentSplit, scales, prediction: str,
-             batch_size: int, batches: int, device, precision: str) -> dict[str, float]:
-    """Val loss and top-1 token accuracy, overall and per scale, on un-flipped latents in order."""
+             batch_size: int, batches: int, device, precision: str, micro_batch: int | None = None) -> dict[str, float]:
+    """Val loss and top-1 token accuracy, overall and per scale, on the first `batches` x `batch_size`
+    un-flipped latents in order, run `micro_batch` images at a time (default: batch_size); per-image sums,
+    so the result does not depend on the micro-batch."""
     was_training = model.training
     model.eval()
     sizes = [h * w for h, w in scales]
     loss_K, correct_K, count = torch.zeros(len(scales)), torch.zeros(len(scales)), 0
-    for b in range(min(batches, math.ceil(len(data) / batch_size))):
-        sl = slice(b * batch_size, (b + 1) * batch_size)
+    n, micro = min(batches * batch_size, len(data)), micro_batch or batch_size
+    for start in range(0, n, micro):
+        sl = slice(start, min(start + micro, n))
         z, labels = latent_at(data.latents_N2CHW[sl, 0].to(device), scales[-1]), data.labels_N[sl].to(device)
         x, tgt = inputs_targets(prediction, quantizer, z, scales)
         with autocast_ctx(device, precision):
@@ -131,12 +139,12 @@ def latent_at(z_BCHW: torch.Tensor, final_hw: tuple[int, int]) -> torch.Tensor:
 
 def evaluate_panel(model: FlexVAR, quantizer: MultiScaleQuantizer, data: LatentSplit,
                    panel: dict[str, list[tuple[int, int]]], prediction: str, batch_size: int, batches: int,
-                   device, precision: str) -> dict[str, float]:
+                   device, precision: str, micro_batch: int | None = None) -> dict[str, float]:
     """Val loss / accuracy of each named schedule (`val_loss/<name>`, `val_acc/<name>`) and their
     means (`val_loss_panel`, `val_acc_panel`): how good one model is at every schedule at once."""
     out: dict[str, float] = {}
     for name, scales in panel.items():
-        m = evaluate(model, quantizer, data, scales, prediction, batch_size, batches, device, precision)
+        m = evaluate(model, quantizer, data, scales, prediction, batch_size, batches, device, precision, micro_batch)
         out[f"val_loss/{name}"], out[f"val_acc/{name}"] = m["val_loss"], m["val_acc"]
     out["val_loss_panel"] = sum(out[f"val_loss/{n}"] for n in panel) / len(panel)
     out["val_acc_panel"] = sum(out[f"val_acc/{n}"] for n in panel) / len(panel)
@@ -150,6 +158,21 @@ class TrainResult:
     metrics: dict[str, float]
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
+
+
+def plan_batches(model: FlexVAR, cfg: TrainTransformerConfig, tokens: int, device: torch.device) -> tuple[int, int]:
+    """(per-device micro-batch, accumulation steps) of this run: train_transformer.batch_size (global) =
+    workers x micro_batch x accum. micro_batch `auto`: the largest divisor of the worker's share whose
+    memory estimate at `tokens` tokens per image fits the device (train_memory.py). ConfigError naming the
+    keys when the global batch does not divide."""
+    _, world = distributed.rank_world()
+    if cfg.micro_batch != "auto":
+        return distributed.split_batch(cfg.batch_size, world, cfg.micro_batch, "train_transformer")
+    share, _ = distributed.split_batch(cfg.batch_size, world, None, "train_transformer")
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))   # workers sharing this machine's RAM (CPU)
+    micro = auto_micro_batch(model, tokens, share, resolve_precision(device, cfg.precision),
+                             device_bytes(device, local), ema=cfg.ema_decay > 0)
+    return distributed.split_batch(cfg.batch_size, world, micro, "train_transformer")
 
 
 def resume_state(out_dir: Path, fingerprint: dict) -> dict | None:
@@ -183,8 +206,9 @@ def train_transformer(model: FlexVAR, quantizer: MultiScaleQuantizer, train: Lat
     DistributedDataParallel; 'fsdp' shards a copy of it with FSDP2 and loads the consolidated weights
     back into `model` at the end (with train_transformer.ema_decay > 0 the EMA is a plain full copy
     on every worker, fed the gathered weights after each step: one extra all-gather per step).
-    Gradient accumulation communicates on the last micro-step only.
-    The resume file holds consolidated state (loadable by any number of workers).
+    Batches: `plan_batches` (global batch = workers x micro_batch x accumulation); gradient accumulation
+    communicates on the last micro-step only; evaluation runs in micro-batches on rank 0 (every worker
+    under fsdp without EMA). The resume file holds consolidated state (loadable by any number of workers).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -205,6 +229,11 @@ def train_transformer(model: FlexVAR, quantizer: MultiScaleQuantizer, train: Lat
     latent_hw = train.latent_hw
     sampler = ScheduleSampler(schedule, latent_hw, seed)
     canonical = sampler.to_hw(sampler.cfg.canonical)
+    micro_batch, accum = plan_batches(model, cfg, sampler.cfg.max_tokens, device)
+    _, world = distributed.rank_world()
+    if distributed.is_main():
+        print(f"train_transformer: global batch {cfg.batch_size} = {world} worker(s) x micro-batch {micro_batch} "
+              f"x {accum} accumulation step(s)", flush=True)
     step, history = 0, []
     state = distributed.from_main(resume_state(out_dir, fingerprint))   # rank 0's resume state on all workers
     if state is not None:
@@ -227,20 +256,22 @@ def train_transformer(model: FlexVAR, quantizer: MultiScaleQuantizer, train: Lat
                      "ema": ema.state_dict() if ema is not None else None},
                     out_dir / RESUME_FILE)
 
-    n_items = 2 * len(train)
+    n_items = train.num_views * len(train)      # every (image, view) once per epoch of the permutation
     t0, toks, imgs, last_metrics = time.perf_counter(), 0, 0, {}
     while step < cfg.steps:
         lr = opt.param_groups[0]["lr"]
         loss_sum = 0.0
-        for micro in range(cfg.grad_accum):
-            scales = sampler.sample()
-            items = distributed.local_part(batch_indices(step * cfg.grad_accum + micro, cfg.batch_size, n_items, seed))
-            with distributed.grad_sync(train_net, last=micro == cfg.grad_accum - 1):   # no_sync until the last
+        scales = sampler.sample()   # one schedule for the whole global batch: the split does not change the step
+        mine = distributed.local_part(batch_indices(step, cfg.batch_size, n_items, seed))   # same order on all ranks
+        distributed.seed_rank_step(seed, step)   # multi-worker: rank-distinct dropout / drop-path masks
+        for micro in range(accum):
+            items = mine[micro * micro_batch:(micro + 1) * micro_batch]
+            with distributed.grad_sync(train_net, last=micro == accum - 1):   # no_sync until the last
                 loss, n_images = forward_backward(train_net, quantizer, train, items, scales, cfg,
-                                                  prediction=prediction, device=device)
+                                                  prediction=prediction, device=device, accum=accum)
             loss_sum += loss
-            toks += num_tokens(scales) * n_images
-            imgs += n_images
+            toks += num_tokens(scales) * n_images * world
+            imgs += n_images * world
         loss_sum = distributed.mean_across(loss_sum)
         grad_norm = distributed.clipped_step(opt, net.parameters(), cfg.grad_clip)
         opt.zero_grad(set_to_none=True)
@@ -259,11 +290,11 @@ def train_transformer(model: FlexVAR, quantizer: MultiScaleQuantizer, train: Lat
             t0, toks, imgs = time.perf_counter(), 0, 0
         if (step % cfg.eval_every == 0 or step == cfg.steps) and (distributed.is_main() or (sharded and ema is None)):
             evaluated = ema.module if ema is not None else net   # fsdp net: every worker takes part
-            last_metrics = evaluate(evaluated, quantizer, val, canonical,
-                                    prediction, cfg.batch_size, cfg.val_batches, device, cfg.precision)
+            last_metrics = evaluate(evaluated, quantizer, val, canonical, prediction, cfg.batch_size,
+                                    cfg.val_batches, device, cfg.precision, micro_batch)
             if val_panel:
                 last_metrics.update(evaluate_panel(evaluated, quantizer, val, val_panel, prediction, cfg.batch_size,
-                                                   cfg.val_batches, device, cfg.precision))
+                                                   cfg.val_batches, device, cfg.precision, micro_batch))
             if distributed.is_main():
                 val_logger.log_metrics(last_metrics, step)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:

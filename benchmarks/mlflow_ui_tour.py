@@ -1,7 +1,7 @@
 """Walk the README's MLflow steps in a real headless Chromium and screenshot what a first-time user sees.
 
-    python docs/mlflow_ui_tour.py --project PATH [--out docs] [--port 5055]
-    python docs/mlflow_ui_tour.py --url http://127.0.0.1:5000 --out /tmp/shots   # a server already running
+    python -m benchmarks.mlflow_ui_tour --project PATH [--out docs] [--port 5055]
+    python -m benchmarks.mlflow_ui_tour --url http://127.0.0.1:5000 --out /tmp/shots   # a server already running
 
 PATH is a project after a finished `dvc repro` (its mlflow.db). The script starts
 `mlflow server --backend-store-uri sqlite:///PATH/mlflow.db` on localhost (unless --url), then drives
@@ -15,8 +15,8 @@ through Selenium — nothing is downloaded at run time — along the README's st
   3. search `tags.flexvar_role = 'fid_curve'`, switch to the chart view
                                                        -> mlflow_fid_vs_steps.png
 
-and prints a JSON summary: the page text of each view (the test checks every evaluate run's FID is
-on the page). Exit 2 with one line if Chromium or the chromedriver is missing.
+and prints a JSON summary: the page text of each view and the runs table's cells by run id and
+column (the test reads every evaluate run's FID cell). Exit 2 with one line if Chromium or the chromedriver is missing.
 """
 from __future__ import annotations
 
@@ -33,8 +33,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the project, when run as a script
-from pipeline.tracking import runs_page  # noqa: E402
+from pipeline.tracking import runs_page
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -150,6 +149,18 @@ def close_assistant(driver) -> None:
             return
 
 
+def table_rows(driver) -> dict[str, dict[str, str]]:
+    """The runs table as shown: run id -> {column id -> cell text} (ag-grid rows carry the run id as
+    row-id; a row's pinned and scrolled parts are separate elements with the same row-id)."""
+    return driver.execute_script("""
+      const rows = {};
+      document.querySelectorAll('[role=row][row-id]').forEach(r => {
+        const cells = rows[r.getAttribute('row-id')] = rows[r.getAttribute('row-id')] || {};
+        r.querySelectorAll('[role=gridcell][col-id]').forEach(c => { cells[c.getAttribute('col-id')] = c.innerText; });
+      });
+      return rows;""")
+
+
 def search(driver, query: str) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -234,14 +245,14 @@ def tour(url: str, out: Path, feature_space: str = "domain") -> dict:
         time.sleep(2)
         table_png = out / "mlflow_runs_fid.png"
         driver.save_screenshot(str(table_png))
-        table_text = body_text(driver)
+        table_text, rows = body_text(driver), table_rows(driver)
         search(driver, "tags.flexvar_role = 'fid_curve'")
         chart_view(driver)
         wait_for(driver, "the FID-vs-steps chart", lambda: f"fid_{feature_space}_vs_steps" in body_text(driver))
         time.sleep(3)
         chart_png = out / "mlflow_fid_vs_steps.png"
         driver.save_screenshot(str(chart_png))
-        return {"table_text": table_text, "chart_text": body_text(driver), "screenshots": [str(table_png), str(chart_png)],
+        return {"table_text": table_text, "table_rows": rows, "chart_text": body_text(driver), "screenshots": [str(table_png), str(chart_png)],
                 "url": driver.current_url}
     except TourError:
         driver.save_screenshot(str(out / "mlflow_tour_failed.png"))

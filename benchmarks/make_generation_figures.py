@@ -1,6 +1,6 @@
 """Make the generation figures in docs/ from one trained model (docs/generation.md shows them).
 
-    .venv/bin/python docs/make_generation_figures.py --checkpoint models/d4 --prepared data/prepared --out docs
+    python -m benchmarks.make_generation_figures --checkpoint models/d4 --prepared data/prepared --out docs
 
 Writes generation_schedules.png (same classes and seed, short / canonical / long schedules),
 generation_sizes.png (1x, 1.5x, 2x the training size), generation_aspect.png (1:1, 1:2, 2:1) and
@@ -19,16 +19,15 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flexvar.config import load_params  # noqa: E402
-from flexvar.data.splits import load_split, to_uint8, to_unit_range  # noqa: E402
-from flexvar.device import pick_device  # noqa: E402
-from flexvar.evaluation.metrics import load_samples  # noqa: E402
-from flexvar.generation.editing import box_mask, extend, inpaint, mask_overlay, outpaint, pad_center, refine  # noqa: E402
-from flexvar.generation.generate import generate, resolve_schedule  # noqa: E402
-from flexvar.grid import image_grid  # noqa: E402
-from flexvar.transformer.checkpoint import load_flexvar_with_tokenizer  # noqa: E402
+from flexvar.config import load_params
+from flexvar.data.splits import load_split, to_uint8, to_unit_range
+from flexvar.device import pick_device
+from flexvar.evaluation.metrics import load_samples
+from flexvar.generation.editing import box_mask, extend, inpaint, mask_overlay, outpaint, pad_center, refine
+from flexvar.generation.generate import generate, resolve_schedule
+from flexvar.grid import image_grid
+from flexvar.transformer.checkpoint import load_flexvar_with_tokenizer
 
 LABEL_W, PAD = 150, 4
 
