@@ -1,4 +1,4 @@
-"""What `flexvar.device.retain_freed_memory` buys: page faults and CPU time per step with glibc malloc's
+"""What `pipeline.env.retain_freed_memory` buys: page faults and CPU time per step with glibc malloc's
 defaults and with freed memory retained, each setting in its own fresh process (the setting is
 process-wide and cannot be undone), processes alternating default / retained for `--pairs` pairs.
 Printed as JSON.
@@ -85,7 +85,7 @@ def one_process(mode: str, threads: int, whats: list[str]) -> dict:
     """Build the calls in this process with `mode` ('default' or 'retain') and time them with
     side_by_side.interleave (one warm-up block, three timed blocks of calls), counting page faults per block."""
     from benchmarks.side_by_side import interleave, set_threads
-    from flexvar.device import retain_freed_memory
+    from pipeline.env import retain_freed_memory
 
     set_threads(threads)
     if mode == "retain" and not retain_freed_memory():

@@ -16,6 +16,7 @@ import json
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ from flexvar.generation.editing import box_mask, extend, inpaint, outpaint, refi
 from flexvar.generation.generate import generate
 from flexvar.schedules import resolve_schedule
 from flexvar.data.latent_cache import LatentSplit, encode_batches
+from flexvar.tokenizer.bf16_copy import encode_images
 from flexvar.data.sampling import RangeBatchSampler
 from flexvar.data.synthetic import SHAPES_CLASSES, render_shapes
 from flexvar.tokenizer.training import TokenizerTrainer, evaluate_scales
@@ -67,8 +69,9 @@ def tokenizer_part(device, tmp: Path, report: dict):
     report["tokenizer"] = {"precision": resumed.precision, "steps": resumed.step, "val_psnr": psnr,
                            "seconds": round(time.perf_counter() - t0, 1)}
     vq = resumed.model.eval()
-    z_train, z_val = (torch.cat([z for z, _ in encode_batches(vq, s.loader(RangeBatchSampler(len(s), 64)), device,
-                                                              resumed.precision)]) for s in (train, val))
+    encode = partial(encode_images, vq, precision=resumed.precision)
+    z_train, z_val = (torch.cat([z for z, _ in encode_batches(encode, s.loader(RangeBatchSampler(len(s), 64)), device)])
+                      for s in (train, val))
     check(tuple(z_train.shape) == (256, 2, 32, 8, 8), f"latents shape {tuple(z_train.shape)}")
     names = list(SHAPES_CLASSES)
     return vq, LatentSplit(z_train, train.labels_N, names), LatentSplit(z_val, val.labels_N, names), val
@@ -85,8 +88,9 @@ def transformer_part(vq, train: LatentSplit, val: LatentSplit, device, tmp: Path
             return FlexVAR(TransformerConfig(depth=2, prediction=prediction), vq.quantize.codebook_size,
                            vq.quantize.codebook_dim, 8, pe_size=8)
         out = tmp / f"tf_{prediction}"
-        train_transformer(build(), vq.quantize, train, val, cfg, ScheduleConfig(), prediction=prediction, seed=0,
-                          device=device, out_dir=out, stop_after=10)
+        first_10 = cfg.model_copy(update={"steps": 10})                    # leaves resume.pt at step 10
+        train_transformer(build(), vq.quantize, train, val, first_10, ScheduleConfig(), prediction=prediction,
+                          seed=0, device=device, out_dir=out)
         model = build()
         res = train_transformer(model, vq.quantize, train, val, cfg, ScheduleConfig(), prediction=prediction,
                                 seed=0, device=device, out_dir=out)

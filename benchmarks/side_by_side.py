@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from flexvar.device import retain_freed_memory
+from pipeline.env import retain_freed_memory
 
 OFFICIAL_ENV = "FLEXVAR_OFFICIAL_DIR"
 
@@ -82,7 +82,7 @@ def add_threads_arg(ap, rounds: int | None = None, malloc: str = "retained") -> 
                     help="torch CPU threads (0 = torch's default); 1 keeps ratios stable on a crowded machine")
     ap.add_argument("--malloc", choices=("retained", "default"), default=malloc,
                     help="glibc malloc for both codes (process-wide): 'retained' keeps freed memory for reuse "
-                         "(flexvar.device.retain_freed_memory, as the transformer training stage runs), 'default' "
+                         "(pipeline.env.retain_freed_memory, as the transformer training stage runs), 'default' "
                          "keeps glibc's defaults (as the sampling and tokenizer stages run); default here: "
                          f"{malloc}, as this workload's stage")
     if rounds is not None:

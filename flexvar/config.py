@@ -104,7 +104,7 @@ class TransformerConfig(Section):
     prediction: Literal["gt", "residual"] = "gt"
     pos_embed: Literal["scalable", "fixed"] = "scalable"
     pos_embed_learnable: bool = True
-    attention: Literal["auto", "sdpa", "flex"] = "auto"   # auto: flex (block-sparse) on CUDA, dense on CPU
+    attention: Literal["auto", "plain", "sdpa", "flex"] = "auto"   # auto: plain on CPU, flex (block-sparse) on CUDA
     adaln_gamma_init: float = Field(1e-5, ge=0.0)   # AdaLN gamma weights x this at init (official scripts: 1e-3 d16/d20, 1e-4 d24)
     pos_embed_size: int | None = Field(None, ge=1)   # P of the P x P position map; null = the training latent's long side (official 32)
     pos_embed_init: Literal["halves", "interleaved"] = "halves"   # sin-cos layout; interleaved = official (sin rows / cos cols)

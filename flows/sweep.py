@@ -217,7 +217,7 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
                               prediction=run.transformer.prediction,
                               seed=seed, device=device, out_dir=scratch / f"seed{seed}",
                               logger=tracker if seed == sw.seeds[0] else None, val_logger=last, val_panel=panel,
-                              stop_after=target - step,
+                              stop_at=target,
                               fingerprint=run.fingerprint(cfg, params, seed=seed, panel=panel))
             per_seed[seed] = last.metrics
         step = target

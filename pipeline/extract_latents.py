@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 from pipeline.common import setup_torch, stage_args, write_json
@@ -26,6 +27,7 @@ from flexvar.data.sampling import RangeBatchSampler
 from flexvar.data.splits import SplitError, load_split, load_stats
 from flexvar.errors import about, command
 from flexvar.outputs import check_in_dir, check_out_dir, replace_dir
+from flexvar.tokenizer.bf16_copy import encode_images
 from flexvar.tokenizer.vqvae import load_tokenizer, tokenizer_path
 from pipeline.tracking import stage_run
 
@@ -46,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     with about("--tokenizer"):
         vqvae = load_tokenizer(args.tokenizer, device, expect_config=params.tokenizer)
     sha = file_sha256(tokenizer_path(args.tokenizer))
+    encode = partial(encode_images, vqvae.eval(), precision="fp32")
     stats = {}
     with stage_run("extract_latents", params, PARAM_KEYS) as log, replace_dir(args.out, "extract_latents") as tmp:
         for split in ("train", "val"):
@@ -61,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
                                       max(1, BATCH // views), params.data.num_workers)
             else:
                 loader = images.loader(RangeBatchSampler(len(images), BATCH // 2), params.data.num_workers)
-            extract_split(vqvae, loader, tmp / split, len(images), images.class_names, sha, device,
-                          dtype=params.data.latent_dtype, precision="fp32", views=views)
+            extract_split(encode, loader, tmp / split, len(images), images.class_names, sha, device,
+                          dtype=params.data.latent_dtype, views=views)
             h, w = images.image_hw
             shape = [len(images), views or 2, params.tokenizer.codebook_dim, h // vqvae.downsample,
                      w // vqvae.downsample]

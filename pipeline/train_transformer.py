@@ -19,11 +19,11 @@ from pathlib import Path
 
 from pipeline.common import setup_torch, stage_args, write_json
 from pipeline.data_parallel import relaunch
+from pipeline.env import retain_freed_memory
 
 from flexvar import distributed
 from flexvar.checkpoint import file_sha256
 from flexvar.config import load_params
-from flexvar.device import retain_freed_memory
 from flexvar.errors import command
 from flexvar.outputs import check_out_dir, check_out_file
 from flexvar.run_logger import CsvLogger, MultiLogger, RunLogger
@@ -43,8 +43,7 @@ def parse(argv):
                       tokenizer={"default": "models/tokenizer", "help": "tokenizer folder (train_tokenizer)"},
                       out={"default": None, "help": "model folder (default models/d{depth})"},
                       metrics={"default": None, "help": "metrics JSON (default metrics/train/d{depth}.json)"},
-                      plots={"default": None, "help": "plots folder (default plots/train/d{depth})"},
-                      stop_after={"type": int, "default": None, "help": "stop after this many steps (tests)"})
+                      plots={"default": None, "help": "plots folder (default plots/train/d{depth})"})
 
 
 def batch_checks(params) -> list[tuple[int, int | None, str]]:
@@ -87,11 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         result = train_transformer(
             model, quantizer, train, val, cfg, params.schedule, prediction=tcfg.prediction, seed=params.seed,
             device=device, out_dir=out, logger=MultiLogger([log, train_csv]),
-            val_logger=MultiLogger([log, val_csv]), fingerprint=fingerprint, stop_after=args.stop_after,
+            val_logger=MultiLogger([log, val_csv]), fingerprint=fingerprint,
             parallelism=params.resources.parallelism)
-        if result.step < cfg.steps:
-            print(f"train_transformer: stopped at step {result.step}/{cfg.steps} (--stop-after); rerun to resume")
-            return 0
         if not main_rank:   # the other workers' part ends with training: no final evaluation, no outputs
             return 0
         metrics = result.metrics or final_eval(model, quantizer, val, params, device)

@@ -8,6 +8,9 @@
   shapes), the head and the loss once each (dynamic lengths), counted by torch._dynamo's own counters
   — not once per schedule.
 * FlexAttention with the cached BlockMask computes what the dense SDPA reference does (CPU: forward).
+* The attention `transformer.attention: auto` picks on CUDA (FlexAttention, its kernel compiled with
+  static shapes) captures one graph per length bucket over 50 random schedules, compiled trunk or not
+  (on CPU the kernel is compiled with dynamo's eager backend: the same guards and captures).
 """
 from __future__ import annotations
 
@@ -17,7 +20,8 @@ from torch._dynamo.utils import counters
 
 from flexvar.config import ScheduleConfig, TrainTransformerConfig, TransformerConfig
 from flexvar.tokenizer.quantizer import MultiScaleQuantizer
-from flexvar.transformer.model import FlexVAR, flex_block_mask
+from flexvar.transformer import fast_paths
+from flexvar.transformer.model import FlexVAR, attention_mask
 from flexvar.schedules import ScheduleSampler, num_tokens
 from flexvar.transformer.training import compiled_token_loss, token_loss
 from flexvar.transformer.teacher_forcing import inputs_targets
@@ -101,13 +105,14 @@ def test_flex_attention_matches_sdpa_reference():
         torch.testing.assert_close(flex(labels, x, SCALES), sdpa(labels, x, SCALES), rtol=1e-5, atol=1e-5)
         flex.seq_bucket = sdpa.seq_bucket = 64               # padded as in compiled training
         torch.testing.assert_close(flex(labels, x, SCALES), sdpa(labels, x, SCALES), rtol=1e-5, atol=1e-5)
-    key = (tuple(SCALES), "cpu", 128)
-    assert flex_block_mask(*key) is flex_block_mask(*key)    # built once per schedule, then cached
+    key = ("flex", tuple(SCALES), "cpu", 128)
+    assert attention_mask(*key) is attention_mask(*key)      # built once per schedule, then cached
 
 
 def test_flex_block_masks_do_not_recompile_per_schedule():
     """The CUDA path's compiled trunk with FlexAttention: a new cached BlockMask per schedule is a graph
-    input, not a new graph — block captures stay one per length bucket (forward only: CPU flex has no backward)."""
+    input, not a new graph — over 50 random schedules block captures stay one per length bucket (forward
+    only: CPU flex has no backward)."""
     torch._dynamo.reset()
     counters.clear()
     model = tiny(attention="flex").eval()
@@ -115,10 +120,40 @@ def test_flex_block_masks_do_not_recompile_per_schedule():
     sampler = ScheduleSampler(ScheduleConfig(), (8, 8), 0)
     lengths = set()
     with torch.no_grad():
-        for _ in range(12):
+        for _ in range(50):
             scales = sampler.sample()
             lengths.add(num_tokens(scales))
             labels, x, _ = batch(scales, 2)
             model(labels, x, scales)
     head_graphs = 1                                          # the head: one graph, dynamic length
     assert len(lengths) > 2 and counters["stats"]["unique_graphs"] == len({-(-n // 32) for n in lengths}) + head_graphs
+
+
+def test_cuda_auto_attention_compiles_one_graph_per_length_bucket_over_50_random_schedules():
+    """FlexAttention, what `auto` picks on CUDA for training (no attention dropout), in an uncompiled
+    trunk (every preset's train_transformer.compile: false): its kernel is compiled with static shapes,
+    so sequences are padded to buckets of FLEX_BUCKET tokens and 50 schedules drawn by the training
+    sampler over a 16x16 latent (dozens of lengths) make at most one graph per bucket — not one per
+    length, which would pass dynamo's recompile limit and fall back to the unfused kernel."""
+    assert fast_paths.pick_attention("auto", torch.device("cuda"), attn_dropout=False) == "flex"
+    torch.set_num_threads(1)
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = FlexVAR(TransformerConfig(depth=1, width=16, heads=2, drop_path_rate=0.0, class_dropout=0.0,
+                                      attention="flex"), 64, 8, 4, pe_size=16).train()
+    sampler = ScheduleSampler(ScheduleConfig(), (16, 16), 0)
+    quantizer, z = MultiScaleQuantizer(64, 8), torch.randn(2, 8, 16, 16)
+    lengths = set()
+    with torch.no_grad():                                    # CPU FlexAttention has no backward
+        for _ in range(50):
+            scales = sampler.sample()
+            lengths.add(num_tokens(scales))
+            x, _ = inputs_targets("gt", quantizer, z, scales)
+            model(torch.arange(2), x, scales)
+    graphs = counters["stats"]["unique_graphs"]
+    buckets = {-(-n // fast_paths.FLEX_BUCKET) for n in lengths}
+    print(f"flex, uncompiled trunk: {len(lengths)} distinct lengths over 50 schedules, {len(buckets)} buckets "
+          f"-> {graphs} compiled graphs")
+    assert len(lengths) > 2 * len(buckets) and 1 <= graphs <= len(buckets)
+

@@ -30,7 +30,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -41,7 +41,6 @@ from tqdm import tqdm
 from flexvar.checkpoint import CheckpointError
 from flexvar.data.arrays import NpyWriter
 from flexvar.data.splits import DEFAULT_IN_MEMORY_MB, to_unit_range
-from flexvar.tokenizer.bf16_copy import encode_images
 
 LATENTS_KIND = "latents"
 SHARD_ITEMS = 4096
@@ -127,27 +126,29 @@ class LatentSplit:
         return torch.is_tensor(self.latents_N2CHW)
 
 
+Encoder = Callable[[torch.Tensor], torch.Tensor]   # images in [-1, 1] (B, 3, H, W) -> latents (B, Cvae, h, w)
+
+
 @torch.no_grad()
-def encode_batches(vqvae: torch.nn.Module, loader: Iterable, device: torch.device,
-                   precision: str = "fp32") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def encode_batches(encode: Encoder, loader: Iterable, device: torch.device
+                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(latents (B, 2, Cvae, H/f, W/f) float32 on CPU of each image and its flip, labels (B,)) per batch
-    of a loader of (uint8 images, labels)."""
-    vqvae.eval()
+    of a loader of (uint8 images, labels). `encode`: the frozen tokenizer's encoder, e.g.
+    `functools.partial(flexvar.tokenizer.bf16_copy.encode_images, vqvae, precision=...)`."""
     for images_BCHW, labels_B in loader:
         img_BCHW = to_unit_range(images_BCHW).to(device)
         both = torch.cat([img_BCHW, img_BCHW.flip(-1)])
-        z = encode_images(vqvae, both, precision).cpu()     # bf16: the tokenizer's cached bf16 encoder
+        z = encode(both).float().cpu()
         yield torch.stack(z.chunk(2), dim=1), labels_B
 
 
 @torch.no_grad()
-def encode_view_batches(vqvae: torch.nn.Module, loader: Iterable, views: int, device: torch.device,
-                        precision: str = "fp32") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def encode_view_batches(encode: Encoder, loader: Iterable, views: int, device: torch.device
+                        ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(latents (B, V, Cvae, H/f, W/f) float32 on CPU, labels (B,)) per batch of a loader of ready-made
     views: (uint8 images (B*V, 3, H, W) image-major, labels (B*V,)), e.g. flexvar/data/augment.py's."""
-    vqvae.eval()
     for images_KCHW, labels_K in loader:
-        z_KCHW = encode_images(vqvae, to_unit_range(images_KCHW).to(device), precision).cpu()
+        z_KCHW = encode(to_unit_range(images_KCHW).to(device)).float().cpu()
         yield rearrange(z_KCHW, "(b v) c h w -> b v c h w", v=views), labels_K[::views]
 
 
@@ -218,15 +219,15 @@ class LatentWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def extract_split(vqvae: torch.nn.Module, loader: DataLoader, out_dir: str | os.PathLike, num_images: int,
+def extract_split(encode: Encoder, loader: DataLoader, out_dir: str | os.PathLike, num_images: int,
                   class_names: list[str], tokenizer_sha256: str, device: torch.device, dtype: str = "float32",
-                  precision: str = "fp32", views: int | None = None) -> Path:
-    """Encode every batch of `loader` and write the split's cache at `out_dir`; O(batch) memory.
-    views None: a loader of images, cached with their flips (center); else a loader of `views`
-    ready-made views per image (official)."""
+                  views: int | None = None) -> Path:
+    """Encode (`encode`, see encode_batches) every batch of `loader` and write the split's cache at `out_dir`;
+    O(batch) memory. views None: a loader of images, cached with their flips (center); else a loader of
+    `views` ready-made views per image (official)."""
     writer = None
-    batches = (encode_batches(vqvae, loader, device, precision) if views is None
-               else encode_view_batches(vqvae, loader, views, device, precision))
+    batches = (encode_batches(encode, loader, device) if views is None
+               else encode_view_batches(encode, loader, views, device))
     progress = tqdm(total=num_images, desc=f"extract_latents {Path(out_dir).name}", unit="img", mininterval=10)
     try:
         for z_BVCHW, labels_B in batches:

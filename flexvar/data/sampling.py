@@ -5,16 +5,10 @@ permutation per epoch cut into full global batches. So a killed run resumes by s
 sampler at its saved step (nothing else to store), a DataLoader may prefetch ahead freely, and
 data-parallel workers split each global batch by rank (rank r takes items r, r+W, ...): within an
 epoch the W workers read disjoint items, and together exactly the single-process batch.
-
-Diagnostics: with FLEXVAR_DATA_TRACE=<folder> set, every StepBatchSampler appends
-"step item item ..." lines to <folder>/rank<r>.txt (benchmarks/scale_memory.py uses it to show
-which items each data-parallel worker read). Off by default.
 """
 from __future__ import annotations
 
 import functools
-import os
-from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -55,16 +49,10 @@ class StepBatchSampler(Sampler[list[int]]):
         self.start_step, self.steps, self.rank, self.world = start_step, steps, rank, world
 
     def __iter__(self) -> Iterator[list[int]]:
-        trace = os.environ.get("FLEXVAR_DATA_TRACE")
         step = self.start_step
         while self.steps is None or step < self.start_step + self.steps:
             global_B = batch_indices(step, self.batch_size, self.n_items, self.seed)
-            part = rank_part(global_B, self.rank, self.world).tolist()
-            if trace:
-                Path(trace).mkdir(parents=True, exist_ok=True)
-                with open(Path(trace) / f"rank{self.rank}.txt", "a") as f:
-                    f.write(f"{step} {' '.join(map(str, part))}\n")
-            yield part
+            yield rank_part(global_B, self.rank, self.world).tolist()
             step += 1
 
     def __len__(self) -> int:

@@ -13,6 +13,11 @@ per-head scale, tanh-GELU MLP, drop-path rising linearly over depth, AdaLN befor
 FlexVAR differences: no step (level) embedding, and a scalable 2D position embedding — one
 learnable (C, P, P) map, initialised with 2D sin-cos, resized to each scale's (h, w).
 
+This file is the method, one plain path per operation. Faster ways to compute the same functions (the
+CUDA attention kernels, oneDNN-fused linears in CPU bf16 inference, a loss with its gradient formed in
+the forward) live in flexvar/transformer/fast_paths.py, picked by `transformer.attention` and the device,
+and tested to compute what the plain path computes.
+
     >>> from flexvar.config import TransformerConfig
     >>> m = FlexVAR(TransformerConfig(depth=2), vocab_size=16, codebook_dim=4, num_classes=3, pe_size=4)
     >>> scales = [(1, 1), (2, 3), (4, 4)]
@@ -22,6 +27,7 @@ learnable (C, P, P) map, initialised with 2D sin-cos, resized to each scale's (h
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import lru_cache
 
 import torch
@@ -30,7 +36,8 @@ from einops import rearrange
 from torch import nn
 
 from flexvar.config import TransformerConfig
-from flexvar.transformer.fused_linear import Linear
+from flexvar.transformer import fast_paths
+from flexvar.transformer.fast_paths import Linear   # nn.Linear (+ tanh-GELU), fused where that is faster
 
 Scales = list[tuple[int, int]]
 LN_EPS = 1e-6
@@ -45,13 +52,8 @@ def layer_norm(x_BLC: torch.Tensor) -> torch.Tensor:
 
 
 def unit_rows(x_BHLc: torch.Tensor, scale_1H11: torch.Tensor | None = None) -> torch.Tensor:
-    """x / max(||x||, eps) over the last axis, times an optional per-head scale: F.normalize and the
-    scale as one broadcast multiply by a (B, H, L, 1) factor (one full-size pass instead of two,
-    forward and backward). The factor is rsqrt(max(sum x^2, eps^2)) summed in fp32, which inductor
-    turns into plain row reductions forward and backward (`norm` and its backward were its slowest
-    fused kernels); eager and compiled steps time the same as with `norm` (benchmarks/ablate_cpu_step.py).
-    The product is taken in fp32 and rounded once to x's dtype: rounding the factor to bf16 first
-    would scale whole rows of attention logits by up to 0.4%."""
+    """x / max(||x||, eps) over the last axis (F.normalize), times an optional per-head scale: one multiply
+    by the (B, H, L, 1) factor rsqrt(max(sum x^2, eps^2)) * scale, in fp32, rounded once to x's dtype."""
     x32_BHLc = x_BHLc.float()                         # one cast (a no-op in fp32), used twice
     inv_BHL1 = torch.rsqrt(x32_BHLc.square().sum(dim=-1, keepdim=True).clamp_min(1e-24))
     if scale_1H11 is not None:
@@ -113,64 +115,29 @@ def scale_levels(scales: tuple[tuple[int, int], ...], pad_to: int = 0) -> torch.
     return level_L
 
 
-@lru_cache(maxsize=64)
-def block_causal_mask(scales: tuple[tuple[int, int], ...], device: str = "cpu", pad_to: int = 0) -> torch.Tensor:
-    """(L, L) bool mask, True where query token i may attend key j: scale(j) <= scale(i).
-    Padding tokens (`pad_to`) sit after the last scale: no real token sees them, they see everything."""
-    level_L = scale_levels(scales, pad_to)
-    return (level_L[:, None] >= level_L[None, :]).to(device)
+def block_causal_bias(level_L: torch.Tensor) -> torch.Tensor:
+    """The block-causal mask as an additive fp32 (L, L) matrix: query token i may attend key j (0) when
+    scale(j) <= scale(i), else -inf. Padding tokens (level K) sit after the last scale: no real token
+    sees them, they see everything."""
+    return torch.where(level_L[:, None] >= level_L[None, :], 0.0, float("-inf"))
 
 
-@lru_cache(maxsize=16)     # fp32 (L, L) each: 29 MB at L = 2,700 (512 px), so fewer kept than bool masks
-def block_causal_bias(scales: tuple[tuple[int, int], ...], device: str = "cpu", pad_to: int = 0) -> torch.Tensor:
-    """The block-causal mask as an additive fp32 (L, L) matrix: 0 where attending is allowed, -inf elsewhere.
-    What the CPU attention adds to its logits. Built here, outside torch.compile: inductor's CPU code
-    turns a bool mask inside the softmax kernel into a slow per-element select (the fused masked
-    softmax took 2.6 ms per block and call with the bool mask, 1.2 ms with this matrix)."""
-    return torch.where(block_causal_mask(scales, device, pad_to), 0.0, float("-inf"))
-
-
-@lru_cache(maxsize=256)
-def flex_block_mask(scales: tuple[tuple[int, int], ...], device: str, pad_to: int = 0):
-    """The same block-causal structure as a FlexAttention BlockMask (built once per schedule and cached):
-    FlexAttention skips the fully masked 128x128 blocks instead of multiplying through them."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
+@lru_cache(maxsize=32)     # fp32 (L, L) each: 29 MB at L = 2,700 (512 px)
+def attention_mask(kind: str, scales: tuple[tuple[int, int], ...], device: str, pad_to: int = 0):
+    """The block-causal mask of `scales` (padded to `pad_to` tokens) as attention `kind` takes it, built
+    once per schedule: `block_causal_bias`, or for 'flex' a block-sparse BlockMask of the same levels."""
     level_L = scale_levels(scales, pad_to).to(device)
-
-    def causal_over_scales(b, h, q_idx, kv_idx):
-        return level_L[q_idx] >= level_L[kv_idx]
-    L = len(level_L)
-    return create_block_mask(causal_over_scales, None, None, L, L, device=device)
+    return fast_paths.flex_block_mask(level_L) if kind == "flex" else block_causal_bias(level_L)
 
 
-@lru_cache(maxsize=1)
-def _flex_kernel():
-    """flex_attention, compiled to its fused kernel on CUDA (eager flex_attention is a slow reference)."""
-    from torch.nn.attention.flex_attention import flex_attention
-
-    return torch.compile(flex_attention, dynamic=False) if torch.cuda.is_available() else flex_attention
-
-
-def attention(q_BHLc: torch.Tensor, k_BHSc: torch.Tensor, v_BHSc: torch.Tensor, mask_LS, dropout_p: float) -> torch.Tensor:
-    """softmax(q k^T + mask) v with q pre-scaled. `mask_LS`: a FlexAttention BlockMask (block-sparse kernel,
-    `transformer.attention: flex`), a dense bool (L, S) mask (True = attend), its additive 0 / -inf
-    form (`block_causal_bias`), or None.
-    Dense on CUDA: `scaled_dot_product_attention` (fused kernels). Dense on CPU: explicit matmuls and
-    softmax in the input's precision — for FlexVAR's short sequences (<= a few thousand tokens) 2-3x faster than the CPU flash
-    kernel in forward+backward (benchmarks/bench_transformer.py)."""
-    if mask_LS is not None and not isinstance(mask_LS, torch.Tensor):
-        if dropout_p:
-            raise ValueError("transformer.attention: flex has no attention dropout; set attn_drop_rate 0 or use sdpa")
-        return _flex_kernel()(q_BHLc, k_BHSc, v_BHSc, block_mask=mask_LS, scale=1.0)
-    if q_BHLc.device.type != "cpu":
-        return F.scaled_dot_product_attention(q_BHLc, k_BHSc, v_BHSc, attn_mask=mask_LS, scale=1.0, dropout_p=dropout_p)
+def attention(q_BHLc: torch.Tensor, k_BHSc: torch.Tensor, v_BHSc: torch.Tensor, bias_LS: torch.Tensor | None,
+              dropout_p: float) -> torch.Tensor:
+    """softmax(q k^T + bias) v with attention dropout; q arrives pre-scaled (unit rows times the head's
+    learnt scale), `bias_LS` is `block_causal_bias` (None: attend to every key, the KV-cached steps).
+    In bf16 the softmax accumulates in fp32 and rounds once."""
     logits_BHLS = q_BHLc @ k_BHSc.transpose(-2, -1)
-    if mask_LS is not None:   # additive 0 / -inf: masked_fill's values; 5-10% faster for this function here
-        bias_LS = mask_LS if mask_LS.is_floating_point() else torch.where(mask_LS, 0.0, float("-inf"))
+    if bias_LS is not None:
         logits_BHLS = logits_BHLS + bias_LS.to(logits_BHLS.dtype)
-    # the CPU softmax kernels accumulate bf16 in fp32 and round once, as an explicit fp32 softmax
-    # followed by a cast would, without the two (B, H, L, S) casts forward and two backward
     probs_BHLS = F.dropout(logits_BHLS.softmax(dim=-1), dropout_p)
     return probs_BHLS @ v_BHSc
 
@@ -190,11 +157,9 @@ class SelfAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         self.kv_cache: list[torch.Tensor] | None = None   # [k_BHLc, v_BHLc] while caching
 
-    def forward(self, x_BLC: torch.Tensor, mask_LL: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x_BLC: torch.Tensor, mask_LL, attend=attention) -> torch.Tensor:
+        """`attend`: `attention`, or a speed path computing it (fast_paths), with `mask_LL` in its form."""
         bias = torch.cat([self.q_bias, self.zero_k_bias, self.v_bias])
-        # chunk, not one rearrange to (3, B, H, L, c) and unbind: the backward of chunk is a concatenation,
-        # which inductor writes part by part; that of unbind was one kernel evaluating all three
-        # gradients for every element (1.5 instead of 2.5 ms per block, same values)
         qkv_BL3C = self.qkv(x_BLC, bias=bias)
         q, k, v = (rearrange(t, "b l (h c) -> b h l c", h=self.heads) for t in qkv_BL3C.chunk(3, dim=-1))
         q = unit_rows(q, self.log_scale_1H11.clamp(max=MAX_LOG_ATTN_SCALE).exp())
@@ -204,7 +169,7 @@ class SelfAttention(nn.Module):
                 k = torch.cat([self.kv_cache[0], k], dim=2)
                 v = torch.cat([self.kv_cache[1], v], dim=2)
             self.kv_cache[:] = [k, v]
-        out = attention(q, k, v, mask_LL, self.attn_drop if self.training else 0.0)
+        out = attend(q, k, v, mask_LL, self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(rearrange(out, "b h l c -> b l (h c)")))
 
 
@@ -239,9 +204,9 @@ class AdaLNBlock(nn.Module):
             self.mod_cache = self.ada_lin(F.silu(cond_BD))
         return self.mod_cache
 
-    def forward(self, x_BLC: torch.Tensor, cond_BD: torch.Tensor, mask_LL: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x_BLC: torch.Tensor, cond_BD: torch.Tensor, mask_LL, attend=attention) -> torch.Tensor:
         g1, g2, s1, s2, b1, b2 = rearrange(self.modulation(cond_BD), "b (six c) -> six b 1 c", six=6)
-        x_BLC = gated(x_BLC, self.attn(modulate(x_BLC, s1, b1), mask_LL), g1, self.drop_path, self.training)
+        x_BLC = gated(x_BLC, self.attn(modulate(x_BLC, s1, b1), mask_LL, attend), g1, self.drop_path, self.training)
         return gated(x_BLC, self.mlp(modulate(x_BLC, s2, b2)), g2, self.drop_path, self.training)
 
 
@@ -372,37 +337,34 @@ class FlexVAR(nn.Module):
 
         `x_BLCv` (B, L - h_1*w_1, Cvae): inputs of steps 2..K (teacher_forcing.build_inputs).
         In training mode labels are dropped to the null class with probability class_dropout.
-        With `seq_bucket` set, the blocks run on the sequence zero-padded to a multiple of it (padding
-        attends only to itself and later, no real token attends to it; its outputs are cut before the
-        head), so a compiled trunk sees a handful of shapes however many schedules are drawn.
+        With `seq_bucket` set (compile_trunk; FlexAttention pads to its own bucket), the blocks run on the
+        sequence zero-padded to a multiple of it (padding attends only to itself and later, no real token
+        attends to it; its outputs are cut before the head), so a compiled trunk or kernel sees a handful
+        of shapes however many schedules are drawn.
         """
         cond_BD = self.class_cond(self.drop_labels(label_B))
         x_BLC = self.embed_sequence(cond_BD, x_BLCv.to(cond_BD.dtype), scales)
+        kind, attend = self.attention_path(x_BLC.device)
         L = x_BLC.shape[1]
-        L_pad = -(-L // self.seq_bucket) * self.seq_bucket if self.seq_bucket else L
+        bucket = self.seq_bucket or fast_paths.SEQ_BUCKET.get(kind, 0)
+        L_pad = -(-L // bucket) * bucket if bucket else L
         x_BLC = F.pad(x_BLC, (0, 0, 0, L_pad - L))
-        trunk = self._compiled_trunk or self.run_blocks
-        x_BLC = trunk(x_BLC, cond_BD, self.attn_mask(tuple(map(tuple, scales)), x_BLC.device, L_pad))
+        mask = attention_mask(kind, tuple(map(tuple, scales)), str(x_BLC.device), L_pad)
+        x_BLC = (self._compiled_trunk or self.run_blocks)(x_BLC, cond_BD, mask, attend)
         return (self._compiled_head or self.logits)(x_BLC[:, :L], cond_BD)
 
-    def run_blocks(self, x_BLC: torch.Tensor, cond_BD: torch.Tensor, mask_LL) -> torch.Tensor:
+    def run_blocks(self, x_BLC: torch.Tensor, cond_BD: torch.Tensor, mask_LL, attend=attention) -> torch.Tensor:
         """The transformer blocks (the part torch.compile compiles, see compile_trunk)."""
         for blk in self.blocks:
-            x_BLC = blk(x_BLC, cond_BD, mask_LL)
+            x_BLC = blk(x_BLC, cond_BD, mask_LL, attend)
         return x_BLC
 
-    def attn_mask(self, scales: tuple[tuple[int, int], ...], device: torch.device, pad_to: int = 0):
-        """Block-causal mask for `scales` in the form `transformer.attention` picks: a FlexAttention BlockMask
-        ('flex'; 'auto' on CUDA without attention dropout) or a dense matrix ('sdpa'; 'auto' on CPU): bool
-        for scaled_dot_product_attention, additive 0 / -inf for the CPU attention (`block_causal_bias`)."""
-        kind = self.cfg.attention
-        if kind == "auto":
-            no_dropout = not (self.training and self.cfg.attn_drop_rate > 0)
-            kind = "flex" if device.type == "cuda" and no_dropout else "sdpa"
-        if kind == "flex":
-            return flex_block_mask(scales, str(device), pad_to)
-        dense = block_causal_bias if device.type == "cpu" else block_causal_mask
-        return dense(scales, str(device), pad_to)
+    def attention_path(self, device: torch.device) -> tuple[str, Callable]:
+        """(kind, function) of the attention `transformer.attention` picks on `device`: the plain `attention`
+        ('plain'; 'auto' on CPU) or a speed path of fast_paths.py computing it ('sdpa', 'flex'; 'auto' on CUDA)."""
+        attn_dropout = self.training and self.cfg.attn_drop_rate > 0
+        kind = fast_paths.pick_attention(self.cfg.attention, device, attn_dropout)
+        return kind, fast_paths.ATTENTION.get(kind, attention)
 
     def compile_trunk(self, seq_bucket: int, backend: str = "inductor") -> None:
         """torch.compile the blocks and the head for training with random schedules.
@@ -429,8 +391,9 @@ class FlexVAR(nn.Module):
         cached keys/values of all previous steps. Call steps in order after enable_kv_cache(True)."""
         if self.blocks[0].attn.kv_cache is None:
             raise RuntimeError("step_logits needs enable_kv_cache(True) first")
+        _, attend = self.attention_path(x_BlC.device)
         for blk in self.blocks:
-            x_BlC = blk(x_BlC, cond_BD, None)
+            x_BlC = blk(x_BlC, cond_BD, None, attend)
         return self.logits(x_BlC, cond_BD)
 
 

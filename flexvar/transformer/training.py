@@ -41,6 +41,7 @@ from flexvar.run_logger import RunLogger
 from flexvar.schedules import ScheduleSampler, num_tokens
 from flexvar.transformer.train_memory import auto_micro_batch, device_bytes
 from flexvar.transformer.teacher_forcing import inputs_targets, resize_bicubic
+from flexvar.transformer.fast_paths import smoothed_cross_entropy
 from flexvar.transformer.model import FlexVAR
 
 RESUME_FILE = "resume.pt"
@@ -55,40 +56,10 @@ def get_batch(data: LatentSplit, items: torch.Tensor, device) -> tuple[torch.Ten
     return z.to(device), data.labels_N[items // V].to(device)
 
 
-class SmoothedCrossEntropy(torch.autograd.Function):
-    """Mean label-smoothed cross-entropy of (N, V) logits, the value of F.cross_entropy(label_smoothing=e):
-    mean over rows of lse(x) - (1 - e) x[target] - e mean(x), computed in fp32.
-
-    Why not F.cross_entropy: its gradient, softmax(x) - (1 - e) onehot - e / V over N, is cheap to
-    form while the softmax is at hand, so the forward builds it once (in the logits' dtype) and the
-    backward only scales it. Over V = 4096 classes that replaces log_softmax, its backward, the
-    smoothing sum, a fill and two full-size dtype casts.
-    """
-
-    @staticmethod
-    def forward(ctx, logits_NV: torch.Tensor, target_N: torch.Tensor, smoothing: float) -> torch.Tensor:
-        x_NV = logits_NV.float()
-        N, V = x_NV.shape
-        lse_N = torch.logsumexp(x_NV, dim=-1)
-        picked_N = x_NV.gather(1, target_N[:, None]).squeeze(1)
-        loss = (lse_N - (1.0 - smoothing) * picked_N - smoothing * x_NV.mean(-1)).mean()
-        grad_NV = (x_NV - lse_N[:, None]).exp_()
-        if smoothing:
-            grad_NV.sub_(smoothing / V)
-        grad_NV.scatter_add_(1, target_N[:, None], grad_NV.new_full((N, 1), smoothing - 1.0))
-        ctx.save_for_backward(grad_NV.div_(N).to(logits_NV.dtype))
-        return loss
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss: torch.Tensor):
-        (grad_NV,) = ctx.saved_tensors
-        return grad_NV * grad_loss.to(grad_NV.dtype), None, None
-
-
 def token_loss(logits_BLV: torch.Tensor, target_BL: torch.Tensor, label_smoothing: float) -> torch.Tensor:
-    """Mean label-smoothed cross-entropy over all tokens (fp32 whatever the logits' dtype)."""
-    return SmoothedCrossEntropy.apply(logits_BLV.flatten(0, 1), target_BL.flatten(), float(label_smoothing))
+    """Mean label-smoothed cross-entropy over all tokens (fp32 whatever the logits' dtype): F.cross_entropy's,
+    with its gradient formed in the forward (fast_paths.smoothed_cross_entropy)."""
+    return smoothed_cross_entropy(logits_BLV.flatten(0, 1), target_BL.flatten(), label_smoothing)
 
 
 @lru_cache(maxsize=None)
@@ -220,7 +191,7 @@ def train_transformer(model: FlexVAR, quantizer: MultiScaleQuantizer, train: Lat
                       cfg: TrainTransformerConfig, schedule: ScheduleConfig, *, prediction: str, seed: int,
                       device: torch.device, out_dir: str | os.PathLike, logger: RunLogger | None = None,
                       val_logger: RunLogger | None = None,
-                      fingerprint: dict | None = None, stop_after: int | None = None,
+                      fingerprint: dict | None = None, stop_at: int | None = None,
                       on_step: Callable[[int], None] | None = None,
                       val_panel: dict[str, list[tuple[int, int]]] | None = None,
                       parallelism: str = "ddp") -> TrainResult:
@@ -229,8 +200,9 @@ def train_transformer(model: FlexVAR, quantizer: MultiScaleQuantizer, train: Lat
     Logs `loss`, `lr`, `grad_norm`, `tokens_per_s`, `images_per_s` every log_every steps to
     `logger`, and the val metrics (canonical schedule) every eval_every steps and at the end to
     `val_logger` (default: `logger`), with each `val_panel` schedule's too (`evaluate_panel`:
-    `val_loss/<name>`, `val_loss_panel`, ...) when one is given. `stop_after` ends
-    early after that many steps (tests / benchmarks).
+    `val_loss/<name>`, `val_loss_panel`, ...) when one is given. `stop_at` ends the call at that step
+    instead (evaluated and saved there, the LR schedule still that of cfg.steps): the Tune sweep trains
+    its seeds in lockstep, each to the next report, and a later call resumes from out_dir.
 
     Multi-worker (an initialised process group): `parallelism` 'ddp' wraps `model` in
     DistributedDataParallel; 'fsdp' shards a copy of it with FSDP2 and loads the consolidated weights
@@ -288,7 +260,7 @@ def train_transformer(model: FlexVAR, quantizer: MultiScaleQuantizer, train: Lat
 
     n_items = train.num_views * len(train)      # every (image, view) once per epoch of the permutation
     t0, toks, imgs, last_metrics = time.perf_counter(), 0, 0, {}
-    end = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)
+    end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
     while step < end:
         lr = opt.param_groups[0]["lr"]
         loss_sum = 0.0
@@ -319,7 +291,7 @@ def train_transformer(model: FlexVAR, quantizer: MultiScaleQuantizer, train: Lat
             logger.log_metrics(row, step)
             history.append({"step": step, "loss": loss_sum})
             t0, toks, imgs = time.perf_counter(), 0, 0
-        if (step % cfg.eval_every == 0 or step == cfg.steps) and (distributed.is_main() or (sharded and ema is None)):
+        if (step % cfg.eval_every == 0 or step == end) and (distributed.is_main() or (sharded and ema is None)):
             evaluated = ema.module if ema is not None else net   # fsdp net: every worker takes part
             last_metrics = evaluate(evaluated, quantizer, val, canonical, prediction, cfg.batch_size,
                                     cfg.val_batches, device, cfg.precision, micro_batch)
