@@ -24,15 +24,14 @@ from __future__ import annotations
 
 import math
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from flexvar.errors import FlexvarError
 
-if TYPE_CHECKING:   # annotations only: flexvar.config imports this module
-    from flexvar.config import Params, ScheduleConfig, ScheduleSpec
-
+# The settings these functions read are flexvar.config's sections, named in the annotations only:
+# flexvar.config imports this module to validate them, so nothing here imports it back.
 Scales = list[tuple[int, int]]
 
 
@@ -123,7 +122,7 @@ def make_schedule(steps: int, size_hw: tuple[int, int]) -> Scales:
 
 
 # --------------------------------------------------------------------------- training: the step sampler
-def sampler_config(cfg: "ScheduleConfig", full: int) -> "ScheduleConfig":
+def sampler_config(cfg: "flexvar.config.ScheduleConfig", full: int) -> "flexvar.config.ScheduleConfig":
     """A copy of params `schedule:` with canonical/groups/max_tokens filled in for a full latent side `full`.
 
     Official sampler at n=16: intermediate scales 3..15 split at 10 = 0.625 n; it draws 5 of
@@ -143,7 +142,7 @@ def sampler_config(cfg: "ScheduleConfig", full: int) -> "ScheduleConfig":
     return cfg.model_copy(update={"canonical": canonical, "groups": groups, "max_tokens": max_tokens})
 
 
-def sampler_problems(cfg: "ScheduleConfig", full: int) -> list[tuple[tuple, Any, str]]:
+def sampler_problems(cfg: "flexvar.config.ScheduleConfig", full: int) -> list[tuple[tuple, Any, str]]:
     """(key path in `schedule:`, value, message) for each sampler setting that cannot work at latent side `full`."""
     out: list[tuple[tuple, Any, str]] = []
     r = sampler_config(cfg, full)
@@ -174,7 +173,7 @@ class ScheduleSampler:
     checkpoint holding `state_dict()` resumes the exact sequence of schedules.
     """
 
-    def __init__(self, cfg: "ScheduleConfig", size_hw: tuple[int, int], seed: int):
+    def __init__(self, cfg: "flexvar.config.ScheduleConfig", size_hw: tuple[int, int], seed: int):
         self.H, self.W = size_hw
         self.n = max(size_hw)
         self.cfg = sampler_config(cfg, self.n)
@@ -232,7 +231,8 @@ class ScheduleSampler:
         self.generator.set_state(state["generator"])
 
 
-def expected_tokens(cfg: "ScheduleConfig", size_hw: tuple[int, int], draws: int = 2000, seed: int = 0) -> float:
+def expected_tokens(cfg: "flexvar.config.ScheduleConfig", size_hw: tuple[int, int], draws: int = 2000,
+                    seed: int = 0) -> float:
     """Mean tokens per sampled schedule (a cost estimate for sizing batches and sweeps)."""
     sampler = ScheduleSampler(cfg, size_hw, seed)
     return sum(num_tokens(sampler.sample()) for _ in range(draws)) / draws
@@ -329,14 +329,14 @@ def size_side(side: int | str, train_side: int) -> int:
     return round(px)
 
 
-def spec_size(spec: "ScheduleSpec", train_px_hw: tuple[int, int]) -> tuple[int, int] | None:
+def spec_size(spec: "flexvar.config.ScheduleSpec", train_px_hw: tuple[int, int]) -> tuple[int, int] | None:
     """Output (H, W) pixels of a named schedule for a model trained at `train_px_hw`; None = the training size."""
     if spec.size is None:
         return None
     return size_side(spec.size[0], train_px_hw[0]), size_side(spec.size[1], train_px_hw[1])
 
 
-def spec_scales(spec: "ScheduleSpec", train_latent_hw: tuple[int, int], downsample: int) -> Scales:
+def spec_scales(spec: "flexvar.config.ScheduleSpec", train_latent_hw: tuple[int, int], downsample: int) -> Scales:
     """(h, w) scales of a named schedule from params (a `ScheduleSpec` of sample.schedules or
     sweep.eval_panel) for a model trained at `train_latent_hw` latents."""
     train_px = (train_latent_hw[0] * downsample, train_latent_hw[1] * downsample)
@@ -345,7 +345,8 @@ def spec_scales(spec: "ScheduleSpec", train_latent_hw: tuple[int, int], downsamp
                             downsample=downsample)
 
 
-def spec_problem(spec: "ScheduleSpec", train_latent_hw: tuple[int, int], downsample: int) -> tuple[str, str] | None:
+def spec_problem(spec: "flexvar.config.ScheduleSpec", train_latent_hw: tuple[int, int],
+                 downsample: int) -> tuple[str, str] | None:
     """(field, message) when a named schedule cannot be made for this training latent, else None."""
     field = next(k for k in ("steps", "scales", "preset") if getattr(spec, k) is not None)
     train_px = (train_latent_hw[0] * downsample, train_latent_hw[1] * downsample)
@@ -367,7 +368,7 @@ def spec_problem(spec: "ScheduleSpec", train_latent_hw: tuple[int, int], downsam
     return None
 
 
-def schedule_steps(params: "Params", schedule: str) -> int | None:
+def schedule_steps(params: "flexvar.config.Params", schedule: str) -> int | None:
     """Number of generation steps of a named schedule in sample.schedules (None: not there / cannot be made)."""
     spec = params.sample.schedules.get(schedule)
     if spec is None:
@@ -379,7 +380,7 @@ def schedule_steps(params: "Params", schedule: str) -> int | None:
         return None
 
 
-def schedule_size(params: "Params", schedule: str) -> tuple[int, int] | None:
+def schedule_size(params: "flexvar.config.Params", schedule: str) -> tuple[int, int] | None:
     """Output (H, W) pixels of a named schedule; the training resolution unless it sets `size`."""
     spec = params.sample.schedules.get(schedule)
     if spec is None:
