@@ -30,15 +30,17 @@ def _yaml() -> YAML:
     return y
 
 
-SCHEDULE_FORMS = {"steps", "scales", "preset"}   # a named schedule is one unit: written in one of these
+SCHEDULE_SECTIONS = {("sample", "schedules"), ("sweep", "eval_panel")}   # their entries are named schedules
 
 
-def deep_merge(base: Any, patch: Any) -> Any:
+def deep_merge(base: Any, patch: Any, path: tuple[str, ...] = ()) -> Any:
     """Merge `patch` into `base` in place: mappings recurse, everything else is replaced — and so is a
-    named schedule (a mapping with steps, scales or preset): `{scales: [...]}` replaces `{preset: canonical}`."""
-    if isinstance(base, dict) and isinstance(patch, dict) and not (patch.keys() & SCHEDULE_FORMS):
+    named schedule (an entry of sample.schedules or sweep.eval_panel), which is one unit written in one
+    form: `{scales: [...]}` replaces `{preset: canonical}` instead of mixing with it."""
+    if isinstance(base, dict) and isinstance(patch, dict) and path[:-1] not in SCHEDULE_SECTIONS:
         for k, v in patch.items():
-            base[k] = deep_merge(base[k], v) if k in base and isinstance(base[k], dict) and isinstance(v, dict) else v
+            base[k] = (deep_merge(base[k], v, (*path, str(k)))
+                       if k in base and isinstance(base[k], dict) and isinstance(v, dict) else v)
         return base
     return patch
 

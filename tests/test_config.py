@@ -114,6 +114,18 @@ def test_select_flattens_stage_params():
     assert sel["data.resolution"] == params.data.resolution
 
 
+def leaves(d: dict, path: tuple = ()) -> dict[tuple, object]:
+    """Dotted leaves of a params mapping; a named schedule (sample.schedules.X, sweep.eval_panel.X) is one leaf."""
+    out = {}
+    for k, v in d.items():
+        key = (*path, k)
+        if isinstance(v, dict) and v and path not in {("sample", "schedules"), ("sweep", "eval_panel")}:
+            out |= leaves(v, key)
+        else:
+            out[key] = v
+    return out
+
+
 @pytest.mark.parametrize("name", available())
 def test_every_preset_merges_to_valid_params(name, project_root, tmp_path):
     params = tmp_path / "params.yaml"
@@ -121,6 +133,14 @@ def test_every_preset_merges_to_valid_params(name, project_root, tmp_path):
     apply_preset(name, params)
     load_params(params)
     assert "# FlexVAR pipeline settings" in params.read_text()  # comments kept
+    base = leaves(yaml.safe_load((project_root / "params.yaml").read_text()))
+    preset = leaves(yaml.safe_load((project_root / "presets" / f"{name}.yaml").read_text()))
+    merged = leaves(yaml.safe_load(params.read_text()))
+    for key, value in preset.items():
+        assert merged[key] == value, key                         # what the preset sets, it sets
+    for key, value in base.items():                              # and it keeps every other setting
+        if not any(key[:len(p)] == p or p[:len(key)] == key for p in preset):
+            assert merged.get(key) == value, (key, "dropped or changed by the merge")
 
 
 def test_preset_cli_merges_and_rejects_bad(project_root, tmp_path):

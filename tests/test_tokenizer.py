@@ -97,7 +97,8 @@ def test_weights_not_fitting_config_names_file(vq, tmp_path):
 # Official (LlamaGen/FlexVAE) conformance at narrow widths: tests/test_conformance_official.py, against
 # tensors produced by the official code. Here: the group count is a recorded property of the config.
 def test_group_count_is_a_recorded_config_property():
-    official = VQVAE(TokenizerConfig(ch=32, ch_mult=[1, 2], z_channels=32, codebook_dim=8, codebook_size=16))
+    official = VQVAE(TokenizerConfig(ch=32, ch_mult=[1, 2], z_channels=32, codebook_dim=8, codebook_size=16,
+                                     norm_groups=32, norm_min_group_channels=1))   # the official layout
     assert {(m.num_channels, m.num_groups) for m in official.modules() if isinstance(m, torch.nn.GroupNorm)} \
         == {(32, 32), (64, 32)}                        # LlamaGen Normalize: GroupNorm(32, C)
     narrow = TokenizerConfig(ch=16, ch_mult=[1, 2, 4], z_channels=32, codebook_dim=8, codebook_size=16,
