@@ -52,6 +52,30 @@ def tiny_vq(scale: float = 1.0) -> VQVAE:
 SCALES = [1e-3, 1.0, 1e3]
 
 
+def test_cached_copy_follows_a_fused_adamw_step_between_evaluations():
+    """Tokenizer training evaluates in bf16 (eval mode) and steps with fused AdamW in between, which changes
+    the weights without bumping their version: the next evaluation must decode with the new weights."""
+    from flexvar.config import TrainTokenizerConfig
+    from flexvar.optim import make_adamw
+
+    vq = tiny_vq()
+    opt = make_adamw(vq, TrainTokenizerConfig(lr=0.5, weight_decay=0.0))
+    assert opt.defaults["fused"]
+    z = torch.randn(2, 8, 2, 2)
+    vq.eval()
+    before = bd.decode_bf16(vq, z)
+    vq.train()
+    vq.decoder(vq.post_quant_conv(z)).square().mean().backward()
+    opt.step()
+    vq.eval()
+    after = bd.decode_bf16(vq, z)
+    with torch.no_grad():
+        fresh = vq.decoder(vq.post_quant_conv(z))
+    assert (after.float() - before.float()).abs().max() > 0.05            # the step moved the output
+    err = (after.float() - fresh).abs().max() / fresh.abs().max()
+    assert err < 0.05, float(err)                                          # and the bf16 copy followed it
+
+
 @pytest.mark.parametrize("scale", SCALES)
 def test_bf16_decode_matches_fp32_decoder(scale):
     vq = tiny_vq(scale)

@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flexvar.config import TransformerConfig
+from flexvar.config import TrainTransformerConfig, TransformerConfig
+from flexvar.optim import make_adamw
 from flexvar.tokenizer.quantizer import MultiScaleQuantizer
 from flexvar.transformer import fast_paths
 from flexvar.transformer.model import FlexVAR, attention, attention_mask, block_causal_bias, scale_levels
@@ -154,6 +155,33 @@ def test_fused_linear_in_bf16_inference_is_linear_then_gelu():
         assert not fast_paths.cpu_bf16_inference(x)
         fc(x, act="gelu").float().sum().backward()
     assert x.grad is not None and fc.weight.grad is not None
+
+
+def test_bf16_linear_follows_a_fused_adamw_step_between_evaluations():
+    """Training evaluates every eval_every steps in bf16 (eval mode, no grad) and steps the weights with the
+    trainer's fused AdamW in between, which updates them without bumping their version counter: the next
+    evaluation must use the new weights, not the bf16 copy the last one cached."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(fast_paths.Linear(16, 16))
+    fc = model[0]
+    opt = make_adamw(model, TrainTransformerConfig(lr=0.5, weight_decay=0.0))
+    assert opt.defaults["fused"]
+    x = torch.randn(8, 16)
+
+    def evaluate_bf16() -> torch.Tensor:   # as training.evaluate: eval mode, no grad, bf16 autocast, then back
+        model.eval()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x).float()
+        model.train()
+        return out
+
+    before = evaluate_bf16()
+    model(x).square().mean().backward()
+    opt.step()
+    after = evaluate_bf16()
+    expected = F.linear(x, fc.weight, fc.bias).detach()
+    close(after, expected, 2e-2)
+    assert (after - before).abs().max() > 0.1                # the step moved the outputs, and the copy followed
 
 
 def test_compiled_linear_is_linear_then_tanh_gelu():

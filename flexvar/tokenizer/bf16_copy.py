@@ -84,10 +84,11 @@ class SubpixelUpsample(nn.Module):
 def bf16_copy(vqvae, part: str) -> nn.Module:
     """`part` 'encoder' (encoder + quant_conv) or 'decoder' (post_quant_conv + decoder, sub-pixel
     upsampling) as a bf16 channels-last copy, cached per tokenizer and rebuilt when its weights change
-    (checked on the part's first and last conv)."""
+    (checked on the part's first and last conv) or the tokenizer changed mode (VQVAE.train: fused AdamW
+    steps change weights without bumping their version)."""
     first, last = ((vqvae.encoder.conv_in, vqvae.quant_conv) if part == "encoder"
                    else (vqvae.post_quant_conv, vqvae.decoder.conv_out))
-    stamp = tuple((m.weight.data_ptr(), m.weight._version) for m in (first, last))
+    stamp = (*((m.weight.data_ptr(), m.weight._version) for m in (first, last)), getattr(vqvae, "mode_changes", 0))
     cached = _CACHE.setdefault(vqvae, {})
     if part not in cached or cached[part][0] != stamp:
         if part == "encoder":

@@ -253,6 +253,12 @@ class VQVAE(nn.Module):
         self.init_weights()
 
     @torch.no_grad()
+
+    def train(self, mode: bool = True) -> "VQVAE":
+        """Also marks the bf16 inference copies (bf16_copy.py) stale: an optimiser may change the weights
+        between two evaluations without bumping their version counter (fused AdamW does not)."""
+        self.mode_changes = getattr(self, "mode_changes", 0) + 1
+        return super().train(mode)
     def init_weights(self) -> None:
         """He (fan-in) normal init, zero biases, for the encoder's, decoder's and post_quant_conv's convs.
 

@@ -160,8 +160,15 @@ class Linear(nn.Linear):
         y = F.linear(x, self.weight, bias)
         return F.gelu(y, approximate="tanh") if act == "gelu" else y
 
+    def train(self, mode: bool = True) -> "Linear":
+        """Drop the bf16 copy whenever the mode changes: an optimiser may update the weights in between
+        without bumping their version counter (fused AdamW does not), so the stamp alone cannot see it."""
+        self._bf16 = None
+        return super().train(mode)
+
     def bf16_weights(self, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """bf16 weight (cast once, recast when the fp32 weight changes) and bias (small: cast per call)."""
+        """bf16 weight (cast once, recast when the fp32 weight changes or the module changes mode) and bias
+        (small: cast per call)."""
         stamp = (self.weight.data_ptr(), self.weight._version)
         if self._bf16 is None or self._bf16[0] != stamp:
             self._bf16 = (stamp, self.weight.detach().to(torch.bfloat16))
