@@ -19,6 +19,14 @@ block ahead, so exposed = what exceeds forward / backward compute plus the first
 Perfect overlap is an upper bound (NCCL kernels also take a few percent of the SMs).
 Prints markdown tables (weak scaling: batch 32 per GPU, global batch 32 N).
 
+The paper's run (`paper_run`): the d16 preset's `train_transformer.steps` (180 epochs of ImageNet-1k at
+the global batch 768) on one node of 8 GPUs, each taking micro-batch 768 / 8 = 96 per step (no
+accumulation). Measured: the H200's eager d16 step at batches 64 and 128 (images/s interpolated to 96)
+and its 50,000-image sampling rate. Assumed: an H100 SXM runs the compute-bound d16 step at the H200's
+rate (same 989 TFLOP/s bf16 datasheet), with a 15% bracket for H100's 3.35 vs 4.8 TB/s memory
+bandwidth; the DDP all-reduce of `project` over NVLink; no time for data loading (the latent cache is
+read from page cache), evaluation or checkpoints.
+
 Host memory (`--memory-json`, from benchmarks/scale_memory.py at its largest N): per process, the
 measured private memory (Pss_Anon: no shared libraries, no page cache) of the stage's main process,
 which the benchmark showed independent of N, and what each DataLoader worker adds (its Private_Dirty
@@ -177,6 +185,37 @@ def print_host_memory(rows: list[dict], p: Params) -> None:
           f"{2 * n * 4 / MB:.0f} MB (2.56 M image + flip keys).")
 
 
+def paper_run(gpu: dict, params_d16: float, p: Params, mfu: float, gpus: int = 8, h100_slower: float = 1.15) -> list[dict]:
+    """Hours of the d16 preset's training on `gpus` GPUs: measured eager rate and `mfu`, H100 = H200 .. +15%."""
+    t = p.train_transformer
+    per_gpu = t.batch_size // gpus
+    eager = sorted((r for r in gpu["train"] if not r.get("compile")), key=lambda r: r["batch"])
+    lo, hi = max((r for r in eager if r["batch"] <= per_gpu), key=lambda r: r["batch"]), \
+        min((r for r in eager if r["batch"] >= per_gpu), key=lambda r: r["batch"])
+    w = 0.0 if hi["batch"] == lo["batch"] else (per_gpu - lo["batch"]) / (hi["batch"] - lo["batch"])
+    rate = lo["images_per_s"] + w * (hi["images_per_s"] - lo["images_per_s"])     # images/s per GPU, eager
+    mfu_eager = lo["mfu_vs_datasheet"] + w * (hi["mfu_vs_datasheet"] - lo["mfu_vs_datasheet"])
+    sample_min = IMAGENET["fid_samples"] / gpu["sample"]["end_to_end"]["images_per_s"] / gpus / 60
+    rows = []
+    for label, speed in ((f"measured eager ({mfu_eager:.1%} MFU)", 1.0), (f"at {mfu:.0%} MFU", mfu_eager / mfu)):
+        compute = per_gpu / rate * speed
+        step = project(params_d16, compute, gpus, bus_for(gpus, list(BUS)[1]))["ddp_ms"] / 1e3
+        hours = t.steps * step / 3600
+        rows.append({"setting": label, "per_gpu_batch": per_gpu, "step_s": step, "steps": t.steps,
+                     "train_h": hours, "train_h_h100_slow": hours * h100_slower, "sample_50k_min": sample_min})
+    return rows
+
+
+def print_paper_run(rows: list[dict], gpus: int = 8) -> None:
+    print(f"\nd16 preset, 180 epochs of ImageNet-1k on {gpus} GPUs (global batch 768, {rows[0]['per_gpu_batch']} per GPU, "
+          f"{rows[0]['steps']:,} steps; H100 = H200 compute rate .. +15%)\n")
+    print("| setting | step s | training hours (H200 rate) | training hours (H100, +15%) | 50,000 samples, minutes |\n"
+          "|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['setting']} | {r['step_s']:.3f} | {r['train_h']:.1f} | {r['train_h_h100_slow']:.1f} "
+              f"| {r['sample_50k_min']:.1f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gpu-json", default="docs/gpu/gpu_d16.json")
@@ -196,6 +235,7 @@ def main() -> None:
     row32 = next(r for r in gpu["train"] if r["batch"] == 32 and not r.get("compile"))
     params = {f"d{d}": build_flexvar(TransformerConfig(depth=d), 4096, 32, 1000, 16, device="meta").num_params()
               for d in (16, 20, 24)}
+    print_paper_run(paper_run(gpu, params["d16"], d16_params(), args.mfu))
     for label, speed in ((f"measured eager step ({row32['mfu_vs_datasheet']:.1%} MFU)", 1.0),
                          (f"at {args.mfu:.0%} MFU", row32["mfu_vs_datasheet"] / args.mfu)):
         for inter in list(BUS)[1:]:
