@@ -21,5 +21,7 @@ Figures in docs/:
     gt_vs_residual          ground-truth vs residual prediction training curves (paper Fig. 4)
     tokenizer_scales        multi-scale vs full-scale-only tokenizer at every scale (paper Fig. 3)
     make_generation_figures schedules, sizes, aspect ratios and edits from one trained model
-    mlflow_ui_tour          the MLflow UI walked in a real browser, with screenshots
+    mlflow_ui_tour          the MLflow UI walked in a real browser: runs table, FID chart, run page,
+                            model registry, with screenshots
+    dvc_plots_shots         every declared plot of dvc.yaml as `dvc plots show` draws it in a real browser
 """

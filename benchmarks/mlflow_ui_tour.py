@@ -15,6 +15,14 @@ through Selenium — nothing is downloaded at run time — along the README's st
   3. switch to the chart view on the same evaluate runs, search the charts for fid_<space>
      (FID per run; params depth, steps)
                                                        -> mlflow_fid_vs_steps.png
+  4. the run page of the training run that logged the newest version of the registered model
+     (--model, default the deepest `flexvar-d<depth>`): About this run shows MLflow's standard tags,
+     Created by (mlflow.user), Source (mlflow.source.name, its type's icon, the git branch and
+     mlflow.source.git.commit), and the registered model version it made
+                                                       -> mlflow_run_page.png
+  5. the model registry page of that model: every version with its tags, among them the FID of each
+     schedule that evaluate tagged it with (fid_<space>/<schedule>)
+                                                       -> mlflow_registry_versions.png
 
 and prints a JSON summary: the page text of each view and the runs table's cells by run id and
 column (the test reads every evaluate run's FID cell). Exit 2 with one line if Chromium or the chromedriver is missing.
@@ -98,6 +106,39 @@ def experiment_id(url: str) -> str:
             return json.loads(r.read())["experiment"]["experiment_id"]
     except OSError as e:
         raise TourError(f"no experiment {EXPERIMENT!r} at {url}: {e}") from None
+
+
+def rest_get(url: str, endpoint: str, **query) -> dict:
+    """GET `<url>/api/2.0/mlflow/<endpoint>` (MLflow's REST API) as JSON."""
+    q = f"?{urllib.parse.urlencode(query)}" if query else ""
+    try:
+        with urllib.request.urlopen(f"{url}/api/2.0/mlflow/{endpoint}{q}", timeout=30) as r:
+            return json.loads(r.read())
+    except OSError as e:
+        raise TourError(f"{endpoint} at {url}: {e}") from None
+
+
+def transformer_model(url: str) -> str:
+    """The registered `flexvar-d<depth>` model of the largest depth."""
+    names = [m["name"] for m in rest_get(url, "registered-models/search", max_results=1000).get("registered_models", [])]
+    depths = sorted(int(n.removeprefix("flexvar-d")) for n in names
+                    if n.startswith("flexvar-d") and n.removeprefix("flexvar-d").isdigit())
+    if not depths:
+        raise TourError(f"no registered flexvar-d<depth> model at {url} (registered: {names})")
+    return f"flexvar-d{depths[-1]}"
+
+
+def newest_version(url: str, model: str) -> dict:
+    """The newest version of registered model `model` (REST: version, run_id, tags)."""
+    versions = rest_get(url, "model-versions/search", filter=f"name = '{model}'").get("model_versions", [])
+    if not versions:
+        raise TourError(f"registered model {model!r} has no versions at {url}")
+    return max(versions, key=lambda v: int(v["version"]))
+
+
+def ui_page(url: str, route: str) -> str:
+    """A UI link in the Model training view (`workflowType=machine_learning`, as `runs_page` sets it)."""
+    return f"{url.rstrip('/')}/#/{route}?workflowType=machine_learning"
 
 
 # --------------------------------------------------------------------------- the browser
@@ -241,7 +282,7 @@ def filter_charts(driver, text: str) -> None:
     time.sleep(3)
 
 
-def tour(url: str, out: Path, feature_space: str = "domain") -> dict:
+def tour(url: str, out: Path, feature_space: str = "domain", model: str | None = None) -> dict:
     """The README's steps; returns the page text after each and the screenshot paths."""
     out.mkdir(parents=True, exist_ok=True)
     profile = Path(tempfile.mkdtemp(prefix="flexvar-chromium-"))
@@ -264,7 +305,30 @@ def tour(url: str, out: Path, feature_space: str = "domain") -> dict:
         time.sleep(3)
         chart_png = out / "mlflow_fid_vs_steps.png"
         driver.save_screenshot(str(chart_png))
-        return {"table_text": table_text, "table_rows": rows, "chart_text": body_text(driver), "screenshots": [str(table_png), str(chart_png)],
+        chart_text = body_text(driver)
+
+        model = model or transformer_model(url)
+        version = newest_version(url, model)
+        run_id = version["run_id"]
+        driver.get(ui_page(url, f"experiments/{experiment_id(url)}/runs/{run_id}"))
+        wait_for(driver, "the run page's About this run", lambda: all(
+            t in body_text(driver) for t in ("About this run", "Created by", "Source", run_id, model)))
+        time.sleep(2)
+        run_png = out / "mlflow_run_page.png"
+        driver.save_screenshot(str(run_png))
+        run_text = body_text(driver)
+
+        driver.set_window_size(1600, 1250)   # two versions' tags in view
+        driver.get(ui_page(url, f"models/{urllib.parse.quote(model)}"))
+        wait_for(driver, f"the versions of {model}", lambda: f"Version {version['version']}" in body_text(driver)
+                 and f"fid_{feature_space}/" in body_text(driver))
+        time.sleep(2)
+        registry_png = out / "mlflow_registry_versions.png"
+        driver.save_screenshot(str(registry_png))
+        return {"table_text": table_text, "table_rows": rows, "chart_text": chart_text,
+                "run_page": {"run_id": run_id, "text": run_text},
+                "registry": {"model": model, "version": version["version"], "text": body_text(driver)},
+                "screenshots": [str(table_png), str(chart_png), str(run_png), str(registry_png)],
                 "url": driver.current_url}
     except TourError:
         driver.save_screenshot(str(out / "mlflow_tour_failed.png"))
@@ -281,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, default=0, help="port for the server started on --project (0: free)")
     ap.add_argument("--out", type=Path, default=Path("docs"), help="screenshot folder")
     ap.add_argument("--feature-space", default="domain")
+    ap.add_argument("--model", help="registered model for the run and registry pages (default: the deepest flexvar-d<depth>)")
     args = ap.parse_args(argv)
     problem = browser_missing()
     if problem:
@@ -296,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         server = start_server(args.project.resolve(), port, Path(tempfile.gettempdir()) / f"mlflow_tour_{port}.log")
         url = f"http://127.0.0.1:{port}"
     try:
-        result = tour(url, args.out, args.feature_space)
+        result = tour(url, args.out, args.feature_space, args.model)
     except TourError as e:
         print(f"mlflow_ui_tour: {e}", file=sys.stderr)
         return 1

@@ -4,13 +4,16 @@ A copy of the project runs `dvc repro` on the smoke preset; benchmarks/mlflow_ui
 `mlflow server` on localhost on its store and drives Debian's Chromium (Selenium, nothing downloaded)
 through the README's steps. In the runs table, each evaluate run's row must show in its fid_domain cell the FID
 that its variant's evaluate stage wrote (reports/fid_table.json), and the chart view the evaluate runs' FID
-(params depth and steps on each run). Without chromium/chromedriver the test fails with
-one line saying so (CI installs them with apt, .ci/run).
+(params depth and steps on each run). The run page of the run that registered the model shows MLflow's
+standard tags (Created by: mlflow.user; Source: mlflow.source.name and mlflow.source.git.commit), and the
+registry page lists every version of the model with the FID tags evaluate set on it (the stage outputs).
+Without chromium/chromedriver the test fails with one line saying so (CI installs them with apt, .ci/run).
 """
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -57,3 +60,26 @@ def test_readme_mlflow_steps_show_every_fid(project_root, tmp_path):
     assert {f"fid_domain_d{row['depth']}_{row['schedule']}" for row in table} <= set(parent.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"fid_table.md", "fid_vs_steps.png"} <= artifacts
+
+    # the run page: MLflow's standard tags of the run that registered the newest version of the model
+    page = seen["run_page"]["text"].splitlines()
+    tags = client.get_run(seen["run_page"]["run_id"]).data.tags
+    assert tags["mlflow.source.type"] == "LOCAL"
+    user = tags["mlflow.user"]
+    assert page[page.index("Created by") + 1] == user, page
+    source = page[page.index("Source") + 1: page.index("Source") + 4]            # name, branch, short commit
+    assert source[0] == Path(tags["mlflow.source.name"]).name, source
+    assert tags["mlflow.source.git.commit"][:7] in source, (source, tags["mlflow.source.git.commit"])
+    # the registry page: every version of the model, the newest tagged with each schedule's FID
+    model = seen["registry"]["model"]
+    versions = client.search_model_versions(f"name = '{model}'")
+    shown = seen["registry"]["text"]
+    assert versions and all(f"Version {v.version}" in shown for v in versions), (model, shown)
+    newest = max(versions, key=lambda v: int(v.version))
+    assert newest.run_id == seen["run_page"]["run_id"]
+    depth = int(model.removeprefix("flexvar-d"))
+    fids = {k: v for k, v in newest.tags.items() if k.startswith("fid_domain/")}
+    assert fids.keys() == {f"fid_domain/{row['schedule']}" for row in table if row["depth"] == depth}
+    for key, value in fids.items():
+        assert f"{key}\n: {value}" in shown, (key, value)
+        assert float(value) == pytest.approx(fid_of[f"evaluate d{depth}/{key.split('/')[1]}"], rel=1e-6)
