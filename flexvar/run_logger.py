@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import csv
 import os
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +71,19 @@ class CsvLogger(RunLogger):
             if new:
                 w.writeheader()
             w.writerow(row)
+
+
+class LineLogger(RunLogger):
+    """Prints one progress line per log_metrics call (`<prefix>: step 3/6 loss 2.41 ... (12s)`), flushed,
+    so a long stage shows where it is in dvc's / the flow's output. `keys`: the metrics printed."""
+
+    def __init__(self, prefix: str, total: int, keys: tuple[str, ...]):
+        self.prefix, self.total, self.keys, self.t0 = prefix, total, keys, time.perf_counter()
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        shown = " ".join(f"{k} {metrics[k]:.4g}" for k in self.keys if metrics.get(k) is not None)
+        print(f"{self.prefix}: step {step}/{self.total} {shown} ({time.perf_counter() - self.t0:.0f}s)",
+              file=sys.stdout, flush=True)
 
 
 class MultiLogger(RunLogger):

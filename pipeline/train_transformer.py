@@ -26,7 +26,7 @@ from flexvar.checkpoint import file_sha256
 from flexvar.config import load_params
 from flexvar.errors import command
 from flexvar.outputs import check_out_dir, check_out_file
-from flexvar.run_logger import CsvLogger, MultiLogger, RunLogger
+from flexvar.run_logger import CsvLogger, LineLogger, MultiLogger, RunLogger
 from flexvar.schedules import ScheduleSampler
 from flexvar.transformer.checkpoint import save_flexvar
 from flexvar.transformer.training import RESUME_FILE, evaluate, plan_batches, resume_state, train_transformer
@@ -83,10 +83,12 @@ def main(argv: list[str] | None = None) -> int:
         # ranks > 0 write nothing (their `log` is untracked too: pipeline/tracking.py)
         train_csv = CsvLogger(plots / "train.csv", resume_from_step=start) if main_rank else RunLogger()
         val_csv = CsvLogger(plots / "val.csv", resume_from_step=start) if main_rank else RunLogger()
+        line = (LineLogger(f"train_transformer d{d}", cfg.steps, ("loss", "images_per_s", "val_loss", "val_acc"))
+                if main_rank else RunLogger())
         result = train_transformer(
             model, quantizer, train, val, cfg, params.schedule, prediction=tcfg.prediction, seed=params.seed,
-            device=device, out_dir=out, logger=MultiLogger([log, train_csv]),
-            val_logger=MultiLogger([log, val_csv]), fingerprint=fingerprint,
+            device=device, out_dir=out, logger=MultiLogger([log, train_csv, line]),
+            val_logger=MultiLogger([log, val_csv, line]), fingerprint=fingerprint,
             parallelism=params.resources.parallelism)
         if not main_rank:   # the other workers' part ends with training: no final evaluation, no outputs
             return 0

@@ -64,6 +64,8 @@ def test_kill_and_resume_is_bit_identical(workdir):
     assert done.returncode == 0, done.stderr
     metrics = json.loads((workdir / "a" / "m.json").read_text())
     assert metrics["steps"] == 30 and "val_acc_8x8" in metrics
+    progress = [ln for ln in done.stdout.splitlines() if ln.startswith("train_transformer d1: step ")]
+    assert [ln.split()[3] for ln in progress if "loss" in ln.split()[4:5]] == [f"{s}/30" for s in (5, 10, 15, 20, 25, 30)]
 
     proc = subprocess.Popen(stage_cmd("b"), cwd=workdir, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     resume = workdir / "b" / "model" / "resume.pt"
