@@ -226,3 +226,23 @@ def test_generated_imagenet_folder_keeps_small_skips_corrupt_and_writes_beside(t
     center = prepare(DataConfig(source=f"imagefolder:{tmp_path / 'src'}", resolution=64), seed=0,
                      out_dir=tmp_path / "work" / "center")
     assert center["num_skipped"] == 2 and load_split(tmp_path / "work" / "center", "val").images_NCHW.shape == (7, 3, 64, 64)
+
+
+def test_imagefolder_output_does_not_depend_on_the_checkouts_location(tmp_path, monkeypatch):
+    """A relative `imagefolder:` source prepared in two checkouts at different paths gives byte-identical
+    data/prepared (docs/pipeline.md: same params and code, same bytes): stats.json names a skipped file as the
+    source names its folder (`src/train/<class>/<file>`), its reason too, never the checkout's absolute path."""
+    from flexvar.data.rehearsal import make_imagenet_like
+
+    outs = []
+    for checkout in ("a", "b/deeper"):
+        work = tmp_path / checkout
+        made = make_imagenet_like(work / "src", classes=2, train_per_class=3, val_per_class=1, resolution=RES,
+                                  small_fraction=0.25, corrupt=2, seed=0)
+        monkeypatch.chdir(work)
+        stats = prepare(DataConfig(source="imagefolder:src", resolution=RES), seed=0, out_dir=work / "prepared")
+        assert sorted(s["file"] for s in stats["skipped"]) == sorted(
+            Path(f).relative_to(work).as_posix() for f in made["corrupt"])
+        assert not any(str(tmp_path) in s["reason"] for s in stats["skipped"]), stats["skipped"]
+        outs.append(work / "prepared")
+    assert _tree_digest(outs[0]) == _tree_digest(outs[1])

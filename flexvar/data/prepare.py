@@ -134,7 +134,10 @@ def _clean_file(task: tuple[str, bytes | str, int], resolution: int, upscale_sma
         small = min(img.size) < resolution
         return _encoded(name, label, clean(img, resolution, upscale_small, augment), RESIZED_UP if small else "")
     except Exception as e:  # PIL raises many types for bad files
-        return name, label, None, (f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)), b""
+        reason = f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)
+        if isinstance(src, str):   # PIL's message names the file by the absolute path datasets gave it
+            reason = reason.replace(src, name)
+        return name, label, None, reason, b""
 
 
 # --------------------------------------------------------------------------- sources
@@ -194,9 +197,20 @@ def _imagefolder(path: str, cfg: DataConfig, seed: int, cache_dir: str) -> Sourc
         splits["val"] = ds[val_key]
     else:
         splits = _split_off_val(ds["train"], cfg.val_fraction, seed, stratify="label")
-    tasks = {split: (len(d), ((r["image"]["path"] or f"{split}[{i}]", r["image"]["bytes"] or r["image"]["path"],
-                               r["label"]) for i, r in enumerate(d)), _file_work(cfg)) for split, d in splits.items()}
+    name = partial(_source_name, path=path, bases=tuple({os.path.abspath(root), os.path.realpath(root)}))
+    tasks = {split: (len(d), ((name(r["image"]["path"]) if r["image"]["path"] else f"{split}[{i}]",
+                               r["image"]["bytes"] or r["image"]["path"], r["label"]) for i, r in enumerate(d)),
+                     _file_work(cfg)) for split, d in splits.items()}
     return Source(classes, tasks)
+
+
+def _source_name(file: str, path: str, bases: tuple[str, ...]) -> str:
+    """A file of an imagefolder source as `data.source` names its folder (`path/train/<class>/<file>`), not
+    the absolute path datasets gives it: stats.json stays the same in a checkout at another path."""
+    for base in bases:
+        if file.startswith(base + os.sep):
+            return (Path(path) / file[len(base) + 1:]).as_posix()
+    return file
 
 
 def _hf(spec: str, cfg: DataConfig, seed: int, cache_dir: str) -> Source:
