@@ -1,6 +1,7 @@
 """Screenshot every declared plot of dvc.yaml as `dvc plots show` draws it in a real browser.
 
     python -m benchmarks.dvc_plots_shots [--project .] [--out docs/dvc_plots] [--vega-dir .cache/vega]
+    python -m benchmarks.dvc_plots_shots --diff workspace lr-1e-3 --out docs/dvc_plots_diff   # dvc plots diff
 
 In the project, `dvc plots show --json` lists the declared plots (name, type, the filled Vega-Lite spec)
 and `dvc plots show` writes its page, dvc_plots/index.html. The page is opened in Debian's headless
@@ -16,6 +17,8 @@ npm registry with `npm pack` and kept in --vega-dir. Nothing else of the page ch
 Prints a JSON summary, one entry a plot: the PNG, and for a Vega plot its title, the x and y fields and
 their axis titles, and the number of points. Exits 1 naming a plot that has no title or an unnamed axis,
 or that the browser did not draw; 2 with one line if Chromium, the chromedriver or npm is missing.
+With --diff REV..., the same for `dvc plots diff REV...` (revisions or `dvc exp` names: one curve per
+revision in every plot).
 """
 from __future__ import annotations
 
@@ -172,8 +175,9 @@ def shoot(page: Path, plots: dict[str, str], out: Path) -> dict[str, str]:
         shutil.rmtree(profile, ignore_errors=True)
 
 
-def run(project: Path, out: Path, vega_dir: Path) -> dict[str, dict]:
-    declared = json.loads(dvc(project, "plots", "show", "--json"))["data"]
+def run(project: Path, out: Path, vega_dir: Path, diff: list[str] | None = None) -> dict[str, dict]:
+    command = ["plots", "diff", *diff] if diff else ["plots", "show"]
+    declared = json.loads(dvc(project, *command, "--json"))["data"]
     if not declared:
         raise TourError(f"{project}: dvc plots show lists no plots (run dvc repro first)")
     summary = {}
@@ -182,7 +186,7 @@ def run(project: Path, out: Path, vega_dir: Path) -> dict[str, dict]:
         summary[plot] = {"type": entry["type"]}
         if entry["type"] == "vega":
             summary[plot].update(describe(plot, entry["content"]))
-    dvc(project, "plots", "show")
+    dvc(project, *command)
     with tempfile.TemporaryDirectory(prefix="flexvar-dvc-plots-") as tmp:
         page = offline_page(project / "dvc_plots" / "index.html", vega_dir, Path(tmp))
         shots = shoot(page, {p: s["type"] for p, s in summary.items()}, out)
@@ -196,13 +200,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--project", type=Path, default=Path("."), help="project holding dvc.yaml and its plots")
     ap.add_argument("--out", type=Path, default=Path("docs/dvc_plots"), help="screenshot folder")
     ap.add_argument("--vega-dir", type=Path, default=Path(".cache/vega"), help="where Vega's scripts are kept")
+    ap.add_argument("--diff", nargs="+", metavar="REV", help="draw `dvc plots diff REV...` instead of `plots show`")
     args = ap.parse_args(argv)
     problem = browser_missing()
     if problem:
         print(f"dvc_plots_shots: {problem}", file=sys.stderr)
         return 2
     try:
-        summary = run(args.project.resolve(), args.out, args.vega_dir)
+        summary = run(args.project.resolve(), args.out, args.vega_dir, args.diff)
     except TourError as e:
         print(f"dvc_plots_shots: {e}", file=sys.stderr)
         return 1
