@@ -57,13 +57,14 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 # the apt packages of the docstring's install command (one list, kept there)
-FONT_PACKAGES = " ".join(__doc__.split("apt-get install --no-install-recommends")[1].split("\n\n")[0].replace("\\", " ").split())
+FONT_PACKAGES = " ".join(
+    __doc__.split("apt-get install --no-install-recommends")[1].split("\n\n")[0].replace("\\", " ").split())
 
 MIN_IMAGES = 1000
 VAL_EVERY = 10
 FONT_EXTS = {".ttf", ".otf"}
-NOT_LETTERS = re.compile(r"symbol|dingbat|math|icon|emoji|awesome|ornament|braille|music|wingding|webdings|"
-                         r"glyphicon|pi\b|cursor|zapf ?d|d050000l|opensymbol|\bf500\b", re.I)   # f500: pictograms in the letters
+NOT_LETTERS = re.compile(r"symbol|dingbat|math|icon|emoji|awesome|ornament|braille|music|wingding|webdings|glyphicon|"
+                         r"pi\b|cursor|zapf ?d|d050000l|opensymbol|\bf500\b", re.I)   # f500: pictograms as letters
 STYLE_ORDER = ("regular", "bold", "italic", "bold italic")
 
 
