@@ -13,7 +13,8 @@ bad file names (one class folder's file list at a time). The choices, each print
   tokenizer.ch_mult     downsampling f (2**(len-1)) so the latent side is the budget's (cpu 8, gpu 16)
   tokenizer.codebook_size  a power of two (256 .. 1024 on cpu, 4096 / 8912 on gpu) with ~64 training
                         tokens per code
-  sample/sweep schedules   relative to the latent ({preset: canonical}, fractions, size 2x), step counts\n                        sized to the latent side (`write_schedules`)
+  sample/sweep schedules   relative to the latent ({preset: canonical}, fractions, size 2x), step counts
+                        sized to the latent side (`write_schedules`)
   sample.per_class      ~512 samples per variant (cpu), the paper's 50 per class (gpu)
   evaluate.feature_net_steps  ~20 epochs of the training images, 300 .. 3000
   train_*.steps         what fits --minutes after everything else (flexvar/estimate.py's cost model),
