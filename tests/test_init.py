@@ -86,6 +86,8 @@ def test_params_are_sized_to_the_folder(folders, tmp_path, capsys):
         assert schedule_size(params, "large") == (2 * res, 2 * res)
         assert schedule_steps(params, "short") < schedule_steps(params, "canonical") < schedule_steps(params, "long")
         assert "estimated dvc repro time" in stdout
+        assert text.startswith(f"# written by: flexvar init imagefolder:{folder} --budget cpu --minutes 30 "
+                               f"--rate-gflops 50\n")
         chosen[name] = params
     small, big = chosen["small"], chosen["big"]
     assert (small.data.resolution, big.data.resolution) == (16, 64)     # median short sides 24 and 96, cpu cap 64

@@ -293,7 +293,8 @@ def _run_init(args: argparse.Namespace) -> int:
     tmp = out.with_name(f".{out.name}.tmp")   # whole file or nothing
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp.write_text(f"# written by: flexvar init {args.source} --budget {budget} --minutes {minutes:g}"
-                   + (f" --resolution {args.resolution}" if args.resolution else "") + "\n" + buf.getvalue())
+                   + (f" --resolution {args.resolution}" if args.resolution else "")
+                   + (f" --rate-gflops {args.rate_gflops}" if args.rate_gflops else "") + "\n" + buf.getvalue())
     tmp.replace(out)
 
     print(_describe(stats))
