@@ -20,26 +20,26 @@ glyphs  One image per letter per font face of the fonts installed under --fonts-
         dropped. Classes: the letters (default A..J, as notMNIST); every 10th font (all its letters) goes
         to val/, so val letters are in faces never seen in training. The font packages (Debian 12):
             apt-get install --no-install-recommends \
-                fonts-urw-base35 fonts-texgyre fonts-lmodern fonts-cmu fonts-adf-accanthis \
-                fonts-adf-baskervald fonts-adf-berenis fonts-adf-gillius fonts-adf-libris \
-                fonts-adf-romande fonts-adf-tribun fonts-adf-universalis fonts-adf-irianis \
-                fonts-adf-oldania fonts-adf-switzera fonts-adf-verana fonts-adf-ikarius fonts-dustin \
-                fonts-freefont-ttf fonts-croscore fonts-crosextra-carlito fonts-crosextra-caladea \
-                fonts-sil-gentium fonts-linuxlibertine fonts-ebgaramond fonts-cantarell fonts-open-sans \
-                fonts-roboto fonts-lato fonts-comic-neue fonts-humor-sans fonts-junicode \
-                fonts-inconsolata fonts-hack fonts-firacode fonts-jetbrains-mono fonts-league-spartan \
-                fonts-cabin fonts-oflb-euterpe fonts-femkeklaver fonts-breip fonts-beteckna \
-                fonts-isabella fonts-sil-charis fonts-sil-andika fonts-quicksand fonts-lobster \
-                fonts-lobstertwo fonts-yanone-kaffeesatz fonts-tomsontalks fonts-gfs-didot fonts-go \
-                fonts-oldstandard fonts-stix fonts-paratype fonts-averia-gwf fonts-averia-sans-gwf \
-                fonts-averia-serif-gwf fonts-comfortaa fonts-dancingscript fonts-goudybookletter \
-                fonts-jura fonts-manrope fonts-mononoki fonts-play fonts-prociono fonts-rufscript \
-                fonts-vollkorn fonts-lindenhill fonts-ocr-a fonts-ocr-b fonts-cardo \
-                fonts-century-catalogue fonts-clear-sans fonts-fanwood fonts-kristi fonts-blankenburg \
-                fonts-radisnoir fonts-staypuft fonts-f500 fonts-dkg-handwriting fonts-ecolier-court \
-                fonts-anonymous-pro fonts-okolaks fonts-arkpandora fonts-roboto-slab fonts-bebas-neue \
-                fonts-league-mono fonts-monoid fonts-agave fonts-hermit fonts-dosis fonts-uralic \
-                fonts-inter fonts-dejavu-core fonts-liberation
+                fonts-urw-base35 fonts-cmu fonts-adf-accanthis fonts-adf-baskervald fonts-adf-berenis \
+                fonts-adf-gillius fonts-adf-libris fonts-adf-romande fonts-adf-tribun \
+                fonts-adf-universalis fonts-adf-irianis fonts-adf-oldania fonts-adf-switzera \
+                fonts-adf-verana fonts-adf-ikarius fonts-dustin fonts-freefont-ttf fonts-croscore \
+                fonts-crosextra-carlito fonts-crosextra-caladea fonts-sil-gentium fonts-linuxlibertine \
+                fonts-ebgaramond fonts-cantarell fonts-open-sans fonts-roboto fonts-lato \
+                fonts-comic-neue fonts-humor-sans fonts-junicode fonts-inconsolata fonts-hack \
+                fonts-firacode fonts-jetbrains-mono fonts-league-spartan fonts-cabin fonts-oflb-euterpe \
+                fonts-femkeklaver fonts-breip fonts-beteckna fonts-isabella fonts-sil-charis \
+                fonts-sil-andika fonts-quicksand fonts-lobster fonts-lobstertwo fonts-yanone-kaffeesatz \
+                fonts-tomsontalks fonts-gfs-didot fonts-go fonts-oldstandard fonts-paratype \
+                fonts-averia-gwf fonts-averia-sans-gwf fonts-averia-serif-gwf fonts-comfortaa \
+                fonts-dancingscript fonts-goudybookletter fonts-jura fonts-manrope fonts-mononoki \
+                fonts-play fonts-prociono fonts-rufscript fonts-vollkorn fonts-lindenhill fonts-ocr-a \
+                fonts-ocr-b fonts-cardo fonts-century-catalogue fonts-clear-sans fonts-fanwood \
+                fonts-kristi fonts-blankenburg fonts-radisnoir fonts-staypuft fonts-f500 \
+                fonts-dkg-handwriting fonts-ecolier-court fonts-anonymous-pro fonts-okolaks \
+                fonts-arkpandora fonts-roboto-slab fonts-bebas-neue fonts-league-mono fonts-monoid \
+                fonts-agave fonts-hermit fonts-dosis fonts-uralic fonts-inter fonts-dejavu-core \
+                fonts-liberation
 
 Prints one line per folder: classes, images, faces and where; a missing package is one line naming it, exit 2.
 """
