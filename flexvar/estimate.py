@@ -14,11 +14,12 @@ backward):
                      (KV cache: each token once) + decode at the final size
   train_feature_net  steps x batch x 3 x feature-net forward; evaluate: samples x feature-net forward
 
-The rate (FLOP/s) is measured on this machine (`measure_rates`: forward + backward of the params' own
-tokenizer and smallest transformer, a few timed repeats), or given, or, for a GPU budget without a
-GPU here, assumed (ASSUMED_GPU_FLOPS). Small models on a CPU run far below peak and the rate is
-measured on exactly those shapes, so the estimate carries that; what it leaves out (evaluation
-inside training, data loading, bootstrap intervals) is in the fixed STAGE_OVERHEAD_S.
+The rate (FLOP/s) is measured on this machine (`measure_rates`: a few timed training steps of the
+stages' own code, the params' tokenizer and smallest transformer), or given, or, for a GPU budget
+without a GPU here, assumed (ASSUMED_GPU_FLOPS). Small models on a CPU run far below peak and the rate
+is measured on exactly those shapes and steps (quantiser, resizes, optimiser included), so the estimate
+carries that; what it leaves out (evaluation inside training, data loading, bootstrap intervals) is in
+the fixed STAGE_OVERHEAD_S.
 """
 from __future__ import annotations
 
@@ -146,47 +147,56 @@ def _time(fn, repeats: int = 2) -> float:
 
 
 def measure_rates(params: Params, num_classes: int, device: torch.device) -> dict[str, float]:
-    """FLOP/s of forward + backward of the params' tokenizer (full size) and smallest transformer
-    (the sampler's token cap), on `device`, at the stages' precision and batch sizes; shapes shrunk to
-    keep a probe under PROBE_FLOPS (smaller batch, then the tokenizer at a smaller side, the transformer
-    over fewer tokens). What the machine gives now: other processes' load counts."""
-    from flexvar.device import autocast_ctx, resolve_precision
-    from flexvar.tokenizer.vqvae import VQVAE
+    """FLOP/s of the stages' own training steps on `device`: `TokenizerTrainer.train_step` (K random scales,
+    quantiser, losses, clipped AdamW) on random images, and the smallest transformer's `forward_backward`
+    (quantised teacher-forcing inputs, label-smoothed loss) plus its clipped AdamW step over the sampler's
+    token cap; each rate is the cost model's FLOPs for that step (`stage_costs`) over its time, so what a
+    step does besides the counted convolutions and matmuls is in the rate. Shapes are shrunk to keep a step
+    under PROBE_FLOPS (smaller batch, then the tokenizer at a smaller side, the transformer over fewer
+    tokens). What the machine gives now: other processes' load counts."""
+    from flexvar.data.latent_cache import LatentSplit
+    from flexvar.distributed import clipped_step
+    from flexvar.optim import make_adamw
+    from flexvar.tokenizer.quantizer import MultiScaleQuantizer
+    from flexvar.tokenizer.training import TokenizerTrainer
     from flexvar.transformer.model import FlexVAR
+    from flexvar.transformer.training import forward_backward
 
     torch.manual_seed(0)
-    n, f = params.latent_size, params.tokenizer.downsample
-    vq_meta, model_meta = _models(params, min(params.variants.depths), num_classes)
+    n, f, tt, tr = params.latent_size, params.tokenizer.downsample, params.train_tokenizer, params.train_transformer
+    depth = min(params.variants.depths)   # the least efficient per FLOP: the deeper ones' time is not underestimated
+    vq_meta, model_meta = _models(params, depth, num_classes)
     side = params.data.resolution
     while side > 2 * f and sum(tokenizer_flops(vq_meta, side)) > PROBE_FLOPS:
         side //= 2
     enc, dec = tokenizer_flops(vq_meta, side)
-    batch = max(1, min(params.train_tokenizer.batch_size, int(PROBE_FLOPS // (enc + dec))))
+    per_image = 3.0 * (enc + dec * (1 + (tt.num_scales - 1) / 3))    # stage_costs' train_tokenizer, one image
+    batch = max(1, min(tt.batch_size, int(PROBE_FLOPS // per_image)))
     tokens, m = sampler_config(params.schedule, n).max_tokens, n
     while m > 1 and transformer_flops(model_meta, token_scales(tokens * m * m // (n * n), m)) > PROBE_FLOPS:
         m -= max(1, m // 4)
     scales = token_scales(tokens * m * m // (n * n), m)
     t_flops = transformer_flops(model_meta, scales)
-    t_batch = max(1, min(params.train_transformer.batch_size, int(PROBE_FLOPS // t_flops)))
-    vq = VQVAE(params.tokenizer).to(device)
-    model = FlexVAR(params.transformer_for_depth(min(params.variants.depths)),
-                    vocab_size=params.tokenizer.codebook_size, codebook_dim=params.tokenizer.codebook_dim,
-                    num_classes=num_classes,
-                    pe_size=params.transformer.pos_embed_size or n).to(device)
-    x = torch.randn(batch, 3, side, side, device=device)
-    L = sum(h * w for h, w in scales)
-    labels = torch.zeros(t_batch, dtype=torch.long, device=device)
-    x_BLCv = torch.randn(t_batch, L - scales[0][0] * scales[0][1], params.tokenizer.codebook_dim, device=device)
+    t_batch = max(1, min(tr.batch_size, int(PROBE_FLOPS // t_flops)))
 
-    def tok_step():
-        with autocast_ctx(device, resolve_precision(device, params.train_tokenizer.precision)):
-            loss = vq.decode(vq.encode(x)).float().square().mean()
-        loss.backward()
+    images = torch.randint(0, 256, (batch, 3, side, side), dtype=torch.uint8)
+    trainer = TokenizerTrainer(params.tokenizer, tt.model_copy(update={"batch_size": batch, "micro_batch": "auto",
+                                                                        "gan_weight": 0.0, "perceptual_weight": 0.0}),
+                               params.seed, images, device)
+    model = FlexVAR(params.transformer_for_depth(depth), vocab_size=params.tokenizer.codebook_size,
+                    codebook_dim=params.tokenizer.codebook_dim, num_classes=num_classes,
+                    pe_size=params.transformer.pos_embed_size or n).to(device).train()
+    quantizer = MultiScaleQuantizer(params.tokenizer.codebook_size, params.tokenizer.codebook_dim).to(device)
+    latents = LatentSplit(torch.randn(t_batch, 2, params.tokenizer.codebook_dim, m, m),
+                          torch.arange(t_batch) % num_classes, [str(c) for c in range(num_classes)])
+    opt = make_adamw(model, tr)
+    items = torch.arange(t_batch)
 
     def tf_step():
-        with autocast_ctx(device, resolve_precision(device, params.train_transformer.precision)):
-            loss = model(labels, x_BLCv, scales).float().logsumexp(-1).mean()
-        loss.backward()
+        forward_backward(model, quantizer, latents, items, scales, tr, prediction=params.transformer.prediction,
+                         device=device)
+        clipped_step(opt, model.parameters(), tr.grad_clip)
+        opt.zero_grad(set_to_none=True)
 
     def synced(fn):
         def run():
@@ -195,7 +205,7 @@ def measure_rates(params: Params, num_classes: int, device: torch.device) -> dic
                 torch.cuda.synchronize(device)
         return run
 
-    return {"tokenizer": 3.0 * batch * (enc + dec) / _time(synced(tok_step)),
+    return {"tokenizer": batch * per_image / _time(synced(trainer.train_step), repeats=3),
             "transformer": 3.0 * t_batch * t_flops / _time(synced(tf_step))}
 
 

@@ -9,6 +9,7 @@ from PIL import Image, ImageDraw, ImageFont
 from flexvar.cli import main
 from flexvar.config import load_params
 from flexvar.presets import PRESETS_DIR
+from flexvar.schedules import canonical_sides, schedule_size, schedule_steps, sides_of, spec_scales
 
 EMBEDDED = PRESETS_DIR.parent / "params.yaml"
 # the keys init may change over the embedded default (everything else stays as committed)
@@ -45,6 +46,12 @@ def folders(tmp_path_factory):
     return {"small": glyph_folder(base / "small", 24, 40, bad=2), "big": glyph_folder(base / "big", 96, 40, bad=5)}
 
 
+def sides(params, name, panel=False):
+    """Long sides of a named schedule of sample.schedules (or sweep.eval_panel) at the params' latent."""
+    spec = (params.sweep.eval_panel if panel else params.sample.schedules)[name]
+    return sides_of(spec_scales(spec, (params.latent_size,) * 2, params.tokenizer.downsample))
+
+
 def run(argv, capsys):
     rc = main(argv)
     cap = capsys.readouterr()
@@ -74,10 +81,13 @@ def test_params_are_sized_to_the_folder(folders, tmp_path, capsys):
         assert "Every key is documented in flexvar/config.py." in text     # the embedded file's comments kept
         assert changed_keys(yaml.safe_load(EMBEDDED.read_text()), yaml.safe_load(text)) <= INIT_KEYS
         assert params.data.source == f"imagefolder:{folder}"
-        n = params.latent_size
-        assert params.sample.schedules["canonical"].scales[-1] == n
-        assert params.sample.schedules["large"].size == (2 * params.data.resolution,) * 2
+        n, res = params.latent_size, params.data.resolution
+        assert sides(params, "canonical") == canonical_sides(n)
+        assert schedule_size(params, "large") == (2 * res, 2 * res)
+        assert schedule_steps(params, "short") < schedule_steps(params, "canonical") < schedule_steps(params, "long")
         assert "estimated dvc repro time" in stdout
+        assert text.startswith(f"# written by: flexvar init imagefolder:{folder} --budget cpu --minutes 30 "
+                               f"--rate-gflops 50\n")
         chosen[name] = params
     small, big = chosen["small"], chosen["big"]
     assert (small.data.resolution, big.data.resolution) == (16, 64)     # median short sides 24 and 96, cpu cap 64
@@ -102,7 +112,7 @@ def test_budget_and_minutes_scale_the_choices(folders, tmp_path, capsys):
                capsys)[0] == 0
     gpu = load_params(tmp_path / "gpu.yaml")
     assert gpu.latent_size == 16 and gpu.tokenizer.downsample == 4 and gpu.sample.per_class == 50
-    assert gpu.sample.schedules["canonical"].scales == [1, 2, 3, 4, 5, 6, 8, 10, 13, 16]
+    assert sides(gpu, "canonical") == [1, 2, 3, 4, 5, 6, 8, 10, 13, 16]
     steps = {}
     for minutes in (20, 60):
         out = tmp_path / f"m{minutes}.yaml"
@@ -146,3 +156,27 @@ def test_flop_count_matches_the_transformer_formula():
     assert L == 155
     formula = 2 * L * (depth * 12 * w * w + w * V) + depth * 4 * L * L * w
     assert abs(transformer_flops(model, scales) - formula) < 0.05 * formula
+
+
+def test_schedules_are_written_relative_to_the_latent(folders, tmp_path, capsys):
+    """init writes {preset: canonical}, fractions and sizes relative to the training size, so a params file
+    whose data.resolution (or ch_mult) is changed afterwards keeps schedules that follow it."""
+    out = tmp_path / "p.yaml"
+    rc, stdout, err = run(["init", f"imagefolder:{folders['big']}", "--params", str(out), "--rate-gflops", "50"],
+                          capsys)
+    assert rc == 0, err
+    written = yaml.safe_load(out.read_text())
+    assert written["sample"]["schedules"] == {"short": {"steps": 4}, "canonical": {"preset": "canonical"},
+                                              "long": {"steps": 8}, "large": {"steps": 8, "size": "2x"}}
+    assert written["sweep"]["eval_panel"]["uneven"] == {"scales": [0.0, 0.375, 0.625, 1.0]}
+    assert written["sweep"]["eval_panel"]["wide"] == {"steps": 4, "size": ["1x", "2x"]}
+    assert "canonical {preset: canonical} (1,2,3,4,5,6,8 @ 64x64 px)" in stdout
+    assert "large {steps: 8, size: 2x} (1,2,3,5,7,10,13,16 @ 128x128 px)" in stdout
+    p = load_params(out)
+    assert sides(p, "uneven", panel=True) == [1, 3, 5, 8]
+    text = out.read_text().replace("resolution: 64 ", "resolution: 128")      # 16x16 latent: the schedules follow
+    (tmp_path / "q.yaml").write_text(text)
+    q = load_params(tmp_path / "q.yaml")
+    assert q.latent_size == 16
+    assert sides(q, "canonical") == [1, 2, 3, 4, 5, 6, 8, 10, 13, 16]
+    assert schedule_size(q, "large") == (256, 256) and sides(q, "uneven", panel=True) == [1, 6, 10, 16]

@@ -13,7 +13,8 @@ bad file names (one class folder's file list at a time). The choices, each print
   tokenizer.ch_mult     downsampling f (2**(len-1)) so the latent side is the budget's (cpu 8, gpu 16)
   tokenizer.codebook_size  a power of two (256 .. 1024 on cpu, 4096 / 8912 on gpu) with ~64 training
                         tokens per code
-  sample/sweep schedules   derived from the latent side (`write_schedules`)
+  sample/sweep schedules   relative to the latent ({preset: canonical}, fractions, size 2x), step counts
+                        sized to the latent side (`write_schedules`)
   sample.per_class      ~512 samples per variant (cpu), the paper's 50 per class (gpu)
   evaluate.feature_net_steps  ~20 epochs of the training images, 300 .. 3000
   train_*.steps         what fits --minutes after everything else (flexvar/estimate.py's cost model),
@@ -151,20 +152,23 @@ def choose_codebook(train_images: int, latent: int, budget: str) -> tuple[int, s
                  f"codebook 256 .. 1024)"
 
 
-def write_schedules(doc: Any, latent: int, resolution: int) -> dict[str, Any]:
-    """The schedules that depend on the latent side n, in sample.schedules and sweep.eval_panel:
-    canonical = VAR's scales below n, then n; short ~0.6x and long ~1.3x its steps; large = long's steps
-    at twice the resolution; the sweep's uneven list and 1:2 aspect. The one place `init` writes schedules."""
+UNEVEN = [0.0, 0.375, 0.625, 1.0]   # the sweep's non-canonical scale list, fractions of the latent (n=8: 1,3,5,8)
+
+
+def write_schedules(doc: Any, latent: int) -> dict[str, Any]:
+    """The schedules of sample.schedules and sweep.eval_panel, written relative to the latent so that they
+    follow data.resolution and tokenizer.ch_mult: canonical = {preset: canonical} (VAR's scales below n,
+    then n); short ~0.6x and long ~1.3x its steps (step counts, sized to the latent side n chosen here);
+    large = long's steps at size 2x; the sweep's uneven fractions UNEVEN and wide = short's steps at
+    [1x, 2x] (1:2 aspect). The one place `init` writes schedules."""
     from flexvar.schedules import canonical_sides
 
     canonical = canonical_sides(latent)
     short = max(2, round(0.6 * len(canonical)))
     long = min(latent, math.ceil(1.3 * len(canonical)))
-    sample = {"short": {"steps": short}, "canonical": {"scales": canonical}, "long": {"steps": long},
-              "large": {"steps": long, "size": [2 * resolution, 2 * resolution]}}
-    uneven = sorted({1, max(2, latent // 3), max(3, (2 * latent) // 3), latent})
-    panel = {**sample, "uneven": {"scales": uneven},
-             "wide": {"steps": min(latent, max(2, short)), "size": [resolution, 2 * resolution]}}
+    sample = {"short": {"steps": short}, "canonical": {"preset": "canonical"}, "long": {"steps": long},
+              "large": {"steps": long, "size": "2x"}}
+    panel = {**sample, "uneven": {"scales": UNEVEN}, "wide": {"steps": min(latent, short), "size": ["1x", "2x"]}}
     for section, schedules in (("sample", sample), ("sweep", panel)):
         target = doc[section]["schedules" if section == "sample" else "eval_panel"]
         for name, spec in schedules.items():
@@ -262,10 +266,11 @@ def _run_init(args: argparse.Namespace) -> int:
     doc["data"]["source"] = f"imagefolder:{stats.root}"
     for key, value, why in lines:
         _set(doc, key, value, why)
-    sample = write_schedules(doc, latent, res)
-    lines.append(("sample.schedules", ", ".join(f"{k} {_spec_text(v)}" for k, v in sample.items()),
-                  f"derived from the {latent}x{latent} latent"))
+    sample = write_schedules(doc, latent)
     params = load_params_dict(_plain(doc), origin=f"{out} (flexvar init)")
+    lines.append(("sample.schedules", ", ".join(f"{k} {_spec_text(v)} ({_sides_text(params, k)})"
+                                                 for k, v in sample.items()),
+                  f"relative to the latent; sides at this {latent}x{latent} latent in brackets"))
     val = stats.val or max(1, round(stats.train * params.data.val_fraction))   # prepare splits val off train
     counts = DataCounts(stats.train - (0 if stats.val else val), val, classes)
     rates, how = rates_for(params, classes, budget, args.rate_gflops)
@@ -288,7 +293,8 @@ def _run_init(args: argparse.Namespace) -> int:
     tmp = out.with_name(f".{out.name}.tmp")   # whole file or nothing
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp.write_text(f"# written by: flexvar init {args.source} --budget {budget} --minutes {minutes:g}"
-                   + (f" --resolution {args.resolution}" if args.resolution else "") + "\n" + buf.getvalue())
+                   + (f" --resolution {args.resolution}" if args.resolution else "")
+                   + (f" --rate-gflops {args.rate_gflops}" if args.rate_gflops else "") + "\n" + buf.getvalue())
     tmp.replace(out)
 
     print(_describe(stats))
@@ -327,7 +333,17 @@ def check_rates(text: str | None) -> None:
 
 
 def _spec_text(spec: dict) -> str:
-    return " ".join(f"{k} {v}" for k, v in spec.items())
+    return "{" + ", ".join(f"{k}: {v}" for k, v in spec.items()) + "}"
+
+
+def _sides_text(params, name: str) -> str:
+    """The long sides a named schedule of sample.schedules resolves to, e.g. 1,2,3,4,5,6,8 @ 32x32 px."""
+    from flexvar.schedules import schedule_size, sides_of, spec_scales
+
+    n = params.latent_size
+    sides = sides_of(spec_scales(params.sample.schedules[name], (n, n), params.tokenizer.downsample))
+    h, w = schedule_size(params, name)
+    return ",".join(map(str, sides)) + f" @ {h}x{w} px"
 
 
 def _describe(stats: FolderStats) -> str:
