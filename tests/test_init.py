@@ -14,7 +14,7 @@ from flexvar.schedules import canonical_sides, schedule_size, schedule_steps, si
 EMBEDDED = PRESETS_DIR.parent / "params.yaml"
 # the keys init may change over the embedded default (everything else stays as committed)
 INIT_KEYS = {"data.source", "data.resolution", "data.upscale_small", "tokenizer.ch_mult", "tokenizer.codebook_size",
-             "sample.per_class", "evaluate.feature_net_steps", "sample.schedules", "sweep.eval_panel",
+             "sample.per_class", "sample.top_k", "evaluate.feature_net_steps", "sample.schedules", "sweep.eval_panel",
              *(f"{s}.{k}" for s in ("train_tokenizer", "train_transformer")
                for k in ("steps", "warmup_steps", "eval_every", "checkpoint_every"))}
 
@@ -81,6 +81,7 @@ def test_params_are_sized_to_the_folder(folders, tmp_path, capsys):
         assert "Every key is documented in flexvar/config.py." in text     # the embedded file's comments kept
         assert changed_keys(yaml.safe_load(EMBEDDED.read_text()), yaml.safe_load(text)) <= INIT_KEYS
         assert params.data.source == f"imagefolder:{folder}"
+        assert params.sample.top_k == 0                  # the full distribution: real data keeps its variety
         n, res = params.latent_size, params.data.resolution
         assert sides(params, "canonical") == canonical_sides(n)
         assert schedule_size(params, "large") == (2 * res, 2 * res)
