@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -126,13 +127,16 @@ def test_rehearsal_ci_sized(project_root, tmp_path):
                      if any(word in line for word in ("data-parallel", "worker(s)", "wrote")))
     assert out.count("data-parallel on 2 workers (resources.train_workers = 2) via torchrun") == 2, said
     tok = params["train_tokenizer"]
-    assert out.count(f"step {tok['steps']}/{tok['steps']} ") == 1 and out.count("train_tokenizer: wrote") == 1, said
+    tok_steps = re.findall(rf"^step {tok['steps']}/{tok['steps']} ", out, re.M)   # the tokenizer's progress line
+    assert len(tok_steps) == 1 and out.count("train_tokenizer: wrote") == 1, said
     cfg, workers = params["train_transformer"], params["resources"]["train_workers"]
     accum = cfg["batch_size"] // (workers * cfg["micro_batch"])
     assert accum == 2 and workers * cfg["micro_batch"] * accum == cfg["batch_size"]
     assert (f"global batch {cfg['batch_size']} = {workers} worker(s) x micro-batch {cfg['micro_batch']} "
             f"x {accum} accumulation step(s)") in out, said
     assert out.count(f"train_transformer: d{d} wrote") == 1, said
+    n = cfg["steps"]                                   # rank 0 alone prints the progress lines
+    assert len(re.findall(rf"^train_transformer d{d}: step {n}/{n} loss ", out, re.M)) == 1, said
     train = json.loads((repo / "metrics" / "train" / f"d{d}.json").read_text())
     assert train["steps"] == cfg["steps"] and math.isfinite(train["val_loss"]) and "val_loss_16x16" in train
 
