@@ -69,6 +69,14 @@ def launched_by_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ and "LOCAL_RANK" in os.environ
 
 
+def launcher() -> str:
+    """Who started this data-parallel group: torchrun (`dvc repro`'s stages), the caller (a group set up
+    before the stage ran, e.g. the flow's Ray Train workers), or none (a single process)."""
+    if not active():
+        return "none"
+    return "torchrun" if launched_by_torchrun() else "caller"
+
+
 def init_from_env(device: torch.device) -> torch.device:
     """Join the process group torchrun describes (nccl on CUDA, one GPU per local rank; gloo on CPU) and
     return this worker's device; outside torchrun, or in a group already set up (Ray Train), `device`."""

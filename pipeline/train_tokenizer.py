@@ -88,6 +88,8 @@ def run(params, args: argparse.Namespace) -> None:
     keep = trainer.step + 1 if resumed else None
     with stage_run("train_tokenizer", params, PARAM_KEYS, tags={"resumed_from_step": trainer.step},
                    system_metrics=True) as tracker:
+        tracker.log_params({"batch.workers": distributed.rank_world()[1], "batch.micro_batch": trainer.micro_batch,
+                            "batch.accumulation_steps": trainer.accum, "batch.launcher": distributed.launcher()})
         def csv(name: str) -> RunLogger:   # ranks > 0 write no plots (and track nothing: pipeline/tracking.py)
             return CsvLogger(plots / name, resume_from_step=keep) if main_rank else RunLogger()
         logger = MultiLogger([tracker, csv("loss.csv")])

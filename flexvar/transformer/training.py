@@ -236,6 +236,8 @@ def train_transformer(model: FlexVAR, quantizer: MultiScaleQuantizer, train: Lat
     if distributed.is_main():
         print(f"train_transformer: global batch {cfg.batch_size} = {world} worker(s) x micro-batch {micro_batch} "
               f"x {accum} accumulation step(s)", flush=True)
+    logger.log_params({"batch.workers": world, "batch.micro_batch": micro_batch, "batch.accumulation_steps": accum,
+                       "batch.launcher": distributed.launcher()})
     step, history = 0, []
     state = distributed.from_main(resume_state(out_dir, fingerprint))   # rank 0's resume state on all workers
     if state is not None:
