@@ -1,4 +1,5 @@
-"""The rehearsal, CI-sized (issue 30): the d16 workload's shape end to end under a real `dvc repro`.
+"""The rehearsal, CI-sized (issue 30): the d16 workload's shape end to end under a real `dvc repro` and
+under the Prefect flow on a local Ray (`flows.pipeline`, the training stages as Ray Train workers).
 
 In a temporary git repo: `python -m flexvar.data.rehearsal data/rehearsal` writes a small ImageNet-layout
 JPEG folder (4 classes x (3 train + 1 val), mixed sizes, some with a short side under 256 px, 2 corrupt
@@ -11,15 +12,17 @@ gloo workers for both training stages, sample and evaluate.
 Then what the rehearsal is meant to prove: every stage ran and `dvc status` is clean; prepare skipped and
 counted the corrupt files and resized the small ones up; both training stages ran on 2 workers with the
 accumulation the params imply; sample wrote per_class x classes images at 256 px on the 10-step schedule;
-evaluate wrote a finite FID and the report its row. It fails when the training stages ignore
-resources.train_workers (pipeline/data_parallel.py) or prepare skips the small images instead of resizing
-them up. About 3 minutes (110 s of CPU) on 2 cores shared with other work.
+evaluate wrote a finite FID and the report its row; MLflow recorded how each training stage split its
+global batch. It fails when the training stages ignore resources.train_workers (pipeline/data_parallel.py,
+flows/ray_train.py) or prepare skips the small images instead of resizing them up. About 80 s each route
+on 2 idle cores, 3 minutes beside other work.
 """
 from __future__ import annotations
 
 import json
 import math
 import re
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -28,9 +31,10 @@ import pytest
 import yaml
 from PIL import Image
 
+from tests.flows_support import local_ray
 from tests.project_copy import copy_project, run
 
-pytestmark = pytest.mark.slow   # real dvc repro of the whole chain, torchrun inside the training stages
+pytestmark = pytest.mark.slow   # the whole chain, data-parallel training stages
 
 CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS = 4, 3, 1
 SMALL_FRACTION, CORRUPT = 0.25, 2          # 4 of the 16 files with a short side under 256 px; 2 broken (train)
@@ -63,9 +67,10 @@ evaluate:
 """
 
 
-def test_rehearsal_ci_sized(project_root, tmp_path):
+def rehearsal_project(project_root: Path, tmp_path: Path) -> tuple[Path, dict]:
+    """A temp git repo with the generated folder, the rehearsal preset and the CI sizes applied; its params."""
     repo = copy_project(project_root, tmp_path / "repo")
-    py, dvc = [sys.executable, "-m"], [sys.executable, "-m", "dvc"]
+    py = [sys.executable, "-m"]
     made = run(py + ["flexvar.data.rehearsal", "data/rehearsal", "--classes", str(CLASSES),
                      "--train-per-class", str(TRAIN_PER_CLASS), "--val-per-class", str(VAL_PER_CLASS),
                      "--small-fraction", str(SMALL_FRACTION), "--corrupt", str(CORRUPT)], repo)
@@ -80,25 +85,87 @@ def test_rehearsal_ci_sized(project_root, tmp_path):
     assert params["tokenizer"] == {**params["tokenizer"], **rehearsal["tokenizer"]}     # downsampling 16, 8912 codes
     assert params["schedule"] == {**params["schedule"], **rehearsal["schedule"]}        # 10 steps, 680 tokens
     assert params["resources"]["train_workers"] == 2 and params["variants"] == rehearsal["variants"]
+    return repo, params
 
+
+def test_rehearsal_ci_sized(project_root, tmp_path):
+    repo, params = rehearsal_project(project_root, tmp_path)
+    dvc = [sys.executable, "-m", "dvc"]
     repro = run(dvc + ["repro"], repo, timeout=900)
     out = repro.stdout + repro.stderr
-    d, schedule = params["variants"]["depths"][0], params["variants"]["schedules"][0]
+    d = params["variants"]["depths"][0]
+    for stage in check_all_stages_locked(repo, params):      # every stage ran in this repro
+        assert f"Running stage '{stage}'" in repro.stdout, stage
+    check_outputs(repo, params)
 
-    # every stage of the graph ran in this repro and is locked with the rehearsal's params; nothing left to do
-    # (dvc.lock also keeps the committed default's entries for matrix items this params.yaml no longer has)
+    # both training stages data-parallel on 2 workers (torchrun inside the stage), rank 0 alone logging and writing
+    said = "\n".join(line for line in out.splitlines()                 # what the stages said, shown on a failure
+                     if any(word in line for word in ("data-parallel", "worker(s)", "wrote")))
+    assert out.count("data-parallel on 2 workers (resources.train_workers = 2) via torchrun") == 2, said
+    tok = params["train_tokenizer"]
+    tok_steps = re.findall(rf"^step {tok['steps']}/{tok['steps']} ", out, re.M)   # the tokenizer's progress line
+    assert len(tok_steps) == 1 and out.count("train_tokenizer: wrote") == 1, said
+    cfg = params["train_transformer"]
+    assert (f"global batch {cfg['batch_size']} = 2 worker(s) x micro-batch {cfg['micro_batch']} "
+            f"x 2 accumulation step(s)") in out, said
+    assert out.count(f"train_transformer: d{d} wrote") == 1, said
+    n = cfg["steps"]                                   # rank 0 alone prints the progress lines
+    assert len(re.findall(rf"^train_transformer d{d}: step {n}/{n} loss ", out, re.M)) == 1, said
+    check_batch_split(repo, params, launcher="torchrun")
+
+
+def test_rehearsal_ci_sized_flow(project_root, tmp_path):
+    """The same rehearsal through `python -m flows.pipeline`'s flow on a local Ray with 2 CPUs: the training
+    stages on 2 Ray Train workers (gloo), the CPU-heavy stages given both cores by the preset."""
+    from flows.pipeline import run_pipeline
+
+    repo, params = rehearsal_project(project_root, tmp_path)
+    local_ray(2)
+    result = run_pipeline(repo)
+    stages = check_all_stages_locked(repo, params)
+    assert result == {name: "ran" for name in stages}
+    repro = run([sys.executable, "-m", "dvc", "repro"], repo).stdout
+    assert "Running stage" not in repro
+    check_outputs(repo, params)
+    check_batch_split(repo, params, launcher="caller")    # Ray Train's group, not a torchrun inside the task
+
+
+def check_all_stages_locked(repo: Path, params: dict) -> list[str]:
+    """Every stage of the graph is locked with the rehearsal's params and `dvc status` is clean; the stages.
+    (dvc.lock also keeps the committed default's entries for matrix items this params.yaml no longer has.)"""
+    dvc = [sys.executable, "-m", "dvc"]
+    d, schedule = params["variants"]["depths"][0], params["variants"]["schedules"][0]
     stages = run(dvc + ["stage", "list", "--name-only"], repo).stdout.split()
     assert sorted(stages) == sorted(["prepare", "train_tokenizer", "extract_latents", f"train_transformer@{d}",
                                      f"sample@{d}-{schedule}", "train_feature_net", "reference_stats",
                                      f"evaluate@{d}-{schedule}", "report"])
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
-    for stage in stages:
-        assert f"Running stage '{stage}'" in repro.stdout, stage
-        assert stage in lock, stage
+    assert all(stage in lock for stage in stages), sorted(set(stages) - set(lock))
     assert lock["prepare"]["params"]["params.yaml"]["data.source"] == "imagefolder:data/rehearsal"
     assert lock[f"train_transformer@{d}"]["params"]["params.yaml"]["schedule"] == params["schedule"]
     assert "up to date" in run(dvc + ["status"], repo).stdout
+    return stages
 
+
+def check_batch_split(repo: Path, params: dict, launcher: str) -> None:
+    """MLflow holds how each training stage split its global batch: 2 workers started by `launcher`, and for
+    the transformer 2 accumulation steps of its micro-batch (rank 0 alone tracks: one run each)."""
+    with sqlite3.connect(repo / "mlflow.db") as db:
+        rows = db.execute("select r.name, p.key, p.value from params p join runs r on p.run_uuid = r.run_uuid "
+                          "where p.key like 'batch.%'").fetchall()
+    split: dict[str, dict[str, str]] = {}
+    for name, key, value in rows:
+        split.setdefault(name.split()[0], {})[key] = value
+    cfg = params["train_transformer"]
+    assert split == {"train_tokenizer": {"batch.workers": "2", "batch.micro_batch": "2", "batch.accumulation_steps": "1",
+                                         "batch.launcher": launcher},
+                     "train_transformer": {"batch.workers": "2", "batch.micro_batch": str(cfg["micro_batch"]),
+                                           "batch.accumulation_steps": "2", "batch.launcher": launcher}}, split
+
+
+def check_outputs(repo: Path, params: dict) -> None:
+    """What every stage wrote, read back from its outputs."""
+    d, schedule = params["variants"]["depths"][0], params["variants"]["schedules"][0]
     # prepare: the corrupt files skipped and counted, the small ones resized up and kept (read back from the folder)
     corrupt, small = set(), {"train": 0, "val": 0}
     for f in sorted((repo / "data" / "rehearsal").glob("*/*/*.JPEG")):
@@ -121,24 +188,8 @@ def test_rehearsal_ci_sized(project_root, tmp_path):
     assert latents["train"]["shape"] == [stats["totals"]["train"], params["data"]["augment_views"], 32, 16, 16]
     assert latents["val"]["shape"] == [stats["totals"]["val"], 2, 32, 16, 16]              # centre crop and its flip
 
-    # both training stages data-parallel on 2 workers, rank 0 alone logging and writing; the transformer's
-    # global batch split into the accumulation the params imply
-    said = "\n".join(line for line in out.splitlines()                 # what the stages said, shown on a failure
-                     if any(word in line for word in ("data-parallel", "worker(s)", "wrote")))
-    assert out.count("data-parallel on 2 workers (resources.train_workers = 2) via torchrun") == 2, said
-    tok = params["train_tokenizer"]
-    tok_steps = re.findall(rf"^step {tok['steps']}/{tok['steps']} ", out, re.M)   # the tokenizer's progress line
-    assert len(tok_steps) == 1 and out.count("train_tokenizer: wrote") == 1, said
-    cfg, workers = params["train_transformer"], params["resources"]["train_workers"]
-    accum = cfg["batch_size"] // (workers * cfg["micro_batch"])
-    assert accum == 2 and workers * cfg["micro_batch"] * accum == cfg["batch_size"]
-    assert (f"global batch {cfg['batch_size']} = {workers} worker(s) x micro-batch {cfg['micro_batch']} "
-            f"x {accum} accumulation step(s)") in out, said
-    assert out.count(f"train_transformer: d{d} wrote") == 1, said
-    n = cfg["steps"]                                   # rank 0 alone prints the progress lines
-    assert len(re.findall(rf"^train_transformer d{d}: step {n}/{n} loss ", out, re.M)) == 1, said
     train = json.loads((repo / "metrics" / "train" / f"d{d}.json").read_text())
-    assert train["steps"] == cfg["steps"] and math.isfinite(train["val_loss"]) and "val_loss_16x16" in train
+    assert train["steps"] == params["train_transformer"]["steps"] and math.isfinite(train["val_loss"]) and "val_loss_16x16" in train
 
     # sample: per_class x classes images at 256 px on the 10-step schedule
     info = json.loads((repo / "samples" / f"d{d}" / schedule / "info.json").read_text())
