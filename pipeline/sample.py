@@ -4,17 +4,25 @@
         --model models/d2 --out samples/d2/canonical
 
 Writes OUT/samples.npz (`arr_0` uint8 (N, H, W, 3) — the OpenAI ADM evaluator's layout — and
-`labels` int64 (N,); uncompressed, streamed batch by batch so 50,000 samples need one batch of
-memory), OUT/images/{i:05d}_c{label}.png, OUT/grid.png (one row per shown class: at most
-GRID_MAX_CLASSES classes chosen evenly, GRID_PER_CLASS images each) and OUT/info.json (schedule,
-size, timing, grid, and `sampling`: the SamplingSettings the images were drawn with, as generation
-took them). `sample.per_class` images per class, settings from `sample` (schedule
-`sample.schedules[SCHEDULE]`), seeded from `seed`. The memory check counts one batch (the stage
-streams batches) plus what is kept for the whole run (`SampleWriter.held_bytes`: labels, grid), so
-the paper's 50 samples x 1000 classes cost one batch, not 50,000 images.
+`labels` int64 (N,); uncompressed, streamed so 50,000 samples need one batch of memory),
+OUT/images/{i:05d}_c{label}.png, OUT/grid.png (one row per shown class: at most GRID_MAX_CLASSES
+classes chosen evenly, GRID_PER_CLASS images each) and OUT/info.json (schedule, size, timing, grid,
+and `sampling`: the SamplingSettings the images were drawn with, as generation took them).
+`sample.per_class` images per class, settings from `sample` (schedule `sample.schedules[SCHEDULE]`),
+seeded from `seed`. The memory check counts one batch (the stage streams batches) plus what is kept
+for the whole run (`SampleWriter.held_bytes`: labels, grid), so the paper's 50 samples x 1000
+classes cost one batch, not 50,000 images.
+
+Resumable: finished batches are kept in a progress folder beside OUT (`.{OUT name}.partial`, not one
+of the stage's outs, so `dvc repro` and the flow leave it alone) with the random generator's state
+after each batch. A run stopped anywhere (Ctrl-C, a killed job, a preempted node) continues at the
+next batch when the stage runs again with the same model and settings, and writes the same files an
+uninterrupted run writes; with other settings it starts over. OUT appears only when every batch is done.
 """
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -27,7 +35,7 @@ from pipeline.common import setup_torch, stage_args, write_json
 from flexvar.config import ConfigError, load_params
 from flexvar.data.splits import to_uint8
 from flexvar.errors import about, command
-from flexvar.generation.generate import class_labels, generate_batches
+from flexvar.generation.generate import class_labels, generate_batches, make_generator
 from flexvar.generation.memory import check_generation_memory
 from flexvar.grid import GRID_MAX_CLASSES, class_grid, class_grid_size, shown_classes
 from flexvar.outputs import check_out_dir, replace_dir
@@ -60,18 +68,18 @@ def schedule_of(params, name: str, meta: dict):
 
 
 class SampleWriter:
-    """Writes samples batch by batch into a new, empty folder with memory bounded by the batch: samples.npz (ADM layout, arr_0
-    streamed into an uncompressed zip member, then labels), one PNG per image, and a class grid from
-    the first GRID_PER_CLASS images of at most GRID_MAX_CLASSES evenly chosen classes (`held_bytes`)."""
+    """Writes samples batch by batch into the progress folder `partial`, memory bounded by the batch:
+    batch b as shards/{b:05d}.npy (uint8, ADM layout) and one PNG per image in images/. `close(out)`
+    assembles the stage's folder: samples.npz (arr_0 streamed shard by shard, then labels), the PNGs
+    (hard-linked) and a class grid from the first GRID_PER_CLASS images of at most GRID_MAX_CLASSES evenly
+    chosen classes (`held_bytes`). `start` batches of `batch_size` are already in `partial` (a resumed run)."""
 
-    def __init__(self, out: Path, labels_N, class_names: list[str]):
-        from flexvar.data.arrays import NpzWriter
-
-        (out / "images").mkdir(parents=True)     # `out` is the stage's fresh temp folder
-        self.out, self.labels_N, self.class_names = out, labels_N, class_names
-        self.npz, self.arr, self.stream, self.n = NpzWriter(out / "samples.npz"), None, None, 0
+    def __init__(self, partial: Path, labels_N, class_names: list[str], batch_size: int, start: int = 0):
+        for sub in ("shards", "images"):
+            (partial / sub).mkdir(parents=True, exist_ok=True)
+        self.partial, self.labels_N, self.class_names = partial, labels_N, class_names
+        self.batch, self.n = start, min(start * batch_size, len(labels_N))     # next batch, images so far
         self.per_class = min(GRID_PER_CLASS, int(labels_N.bincount().max())) if len(labels_N) else 1
-        self.kept: dict[int, list] = {c: [] for c in shown_classes(len(class_names))}   # the grid's images
 
     @staticmethod
     def held_bytes(num_images: int, num_classes: int, image_hw: tuple[int, int]) -> int:
@@ -86,31 +94,72 @@ class SampleWriter:
         from PIL import Image
 
         arr_BHW3 = rearrange(images_uint8_B3HW, "b c h w -> b h w c").numpy()
-        if self.arr is None:
-            self.arr, self.stream = self.npz.member("arr_0", (len(self.labels_N), *arr_BHW3.shape[1:]), np.uint8)
-        self.arr.write(arr_BHW3)
-        for img, lab, img_3HW in zip(arr_BHW3, labels_B.tolist(), images_uint8_B3HW):
-            Image.fromarray(img).save(self.out / "images" / f"{self.n:05d}_c{lab}.png")
-            kept = self.kept.get(lab)
-            if kept is not None and len(kept) < self.per_class:
-                kept.append(img_3HW.clone())     # its own pixels: a view would keep the whole batch alive
+        for img, lab in zip(arr_BHW3, labels_B.tolist()):
+            Image.fromarray(img).save(self.partial / "images" / f"{self.n:05d}_c{lab}.png")
             self.n += 1
+        shard = self.partial / "shards" / f"{self.batch:05d}.npy"
+        with open(shard.with_suffix(".tmp"), "wb") as f:      # whole or absent: a crash leaves no half shard
+            np.save(f, arr_BHW3)
+        os.replace(shard.with_suffix(".tmp"), shard)
+        self.batch += 1
 
-    def close(self) -> dict:
-        """Finish samples.npz, draw grid.png; return what the grid shows."""
+    def close(self, out: Path) -> dict:
+        """Assemble OUT from the finished batches; return what the grid shows."""
         import torch
 
-        self.arr.close()
-        self.stream.close()
-        labels, stream = self.npz.member("labels", (len(self.labels_N),), np.int64)
+        from flexvar.data.arrays import NpzWriter
+
+        npz, arr, stream, at = NpzWriter(out / "samples.npz"), None, None, 0
+        self.kept = kept = {c: [] for c in shown_classes(len(self.class_names))}   # the grid's images
+        for b in range(self.batch):
+            arr_BHW3 = np.load(self.partial / "shards" / f"{b:05d}.npy")
+            if arr is None:
+                arr, stream = npz.member("arr_0", (len(self.labels_N), *arr_BHW3.shape[1:]), np.uint8)
+            arr.write(arr_BHW3)
+            for img, lab in zip(arr_BHW3, self.labels_N[at:at + len(arr_BHW3)].tolist()):
+                if lab in kept and len(kept[lab]) < self.per_class:
+                    kept[lab].append(torch.from_numpy(rearrange(img, "h w c -> c h w").copy()))  # its own pixels
+            at += len(arr_BHW3)
+        arr.close()
+        stream.close()
+        labels, stream = npz.member("labels", (len(self.labels_N),), np.int64)
         labels.write(self.labels_N.numpy().astype(np.int64))
         labels.close()
         stream.close()
-        self.npz.close()
-        kept = [(lab, img) for lab in self.kept for img in self.kept[lab]]
-        class_grid(torch.stack([img for _, img in kept]), torch.tensor([lab for lab, _ in kept]), self.class_names,
-                   per_class=self.per_class, classes=list(self.kept)).save(self.out / "grid.png")
-        return {"classes": list(self.kept), "per_class": self.per_class, "kept_images": len(kept)}
+        npz.close()
+        (out / "images").mkdir()
+        for png in sorted((self.partial / "images").iterdir()):   # linked: a failure here loses no finished batch
+            os.link(png, out / "images" / png.name)
+        shown = [(lab, img) for lab in kept for img in kept[lab]]
+        class_grid(torch.stack([img for _, img in shown]), torch.tensor([lab for lab, _ in shown]), self.class_names,
+                   per_class=self.per_class, classes=list(kept)).save(out / "grid.png")
+        return {"classes": list(kept), "per_class": self.per_class, "kept_images": len(shown)}
+
+
+def progress_dir(out: Path) -> Path:
+    """Where a run keeps its finished batches until it is complete: a hidden sibling of OUT."""
+    return out.parent / f".{out.name}.partial"
+
+
+def load_progress(partial: Path, fingerprint: dict) -> dict | None:
+    """The saved progress of an earlier run with this fingerprint; None (and `partial` cleared) otherwise."""
+    import torch
+
+    state_file = partial / "state.pt"
+    if state_file.is_file():
+        state = torch.load(state_file, weights_only=True)
+        if state.get("fingerprint") == fingerprint:
+            return state
+        print(f"sample: {partial} holds batches of other settings or another model; starting over", flush=True)
+    shutil.rmtree(partial, ignore_errors=True)
+    return None
+
+
+def save_progress(partial: Path, state: dict) -> None:
+    import torch
+
+    torch.save(state, partial / "state.tmp")
+    os.replace(partial / "state.tmp", partial / "state.pt")     # the old state or the new one, never half
 
 
 def check_memory(cfg, name: str, model, vqvae, scales, num_images: int, num_classes: int) -> int:
@@ -139,22 +188,41 @@ def main(argv: list[str] | None = None) -> int:
     class_names = list(meta.get("class_names") or [str(c) for c in range(meta["num_classes"])])
     labels = class_labels(meta["num_classes"], cfg.per_class)
     memory = check_memory(cfg, name, model, vqvae, scales, len(labels), len(class_names))
+    h, w = scales[-1]
+    size = [h * vqvae.cfg.downsample, w * vqvae.cfg.downsample]
+    model_sha = file_sha256(flexvar_path(model_dir))
+    fingerprint = {"model_sha256": model_sha, "tokenizer_sha256": meta.get("tokenizer_sha256"),
+                   "scales": [list(s) for s in scales], "sampling": sampling.model_dump(mode="json"),
+                   "seed": params.seed, "num_images": len(labels), "batch_size": cfg.batch_size,
+                   "device": device.type}
+    partial = progress_dir(out)
+    state = load_progress(partial, fingerprint)
+    gen, start, before = make_generator(params.seed, device), 0, 0.0
+    if state is not None:
+        gen.set_state(state["generator"])
+        start, before = state["next_batch"], state["seconds"]
+        print(f"sample: resuming at batch {start} ({state['images']} of {len(labels)} images done) "
+              f"from {partial}", flush=True)
     with stage_run("sample", params, keys, variant=f"d{d}/{name}") as log:
         t0 = time.perf_counter()
+        writer = SampleWriter(partial, labels, class_names, cfg.batch_size, start)
+        for part in generate_batches(model, vqvae, labels, scales, sampling, batch_size=cfg.batch_size,
+                                     seed=params.seed, train_side=max(meta["latent_hw"]), progress=True,
+                                     start=start, generator=gen):
+            writer.write(to_uint8(part.images), part.labels)     # one batch: written, then dropped
+            save_progress(partial, {"fingerprint": fingerprint, "next_batch": writer.batch, "images": writer.n,
+                                    "generator": gen.get_state(), "seconds": before + time.perf_counter() - t0})
         with replace_dir(out, "sample") as tmp:
-            writer = SampleWriter(tmp, labels, class_names)
-            for part in generate_batches(model, vqvae, labels, scales, sampling, batch_size=cfg.batch_size,
-                                         seed=params.seed, train_side=max(meta["latent_hw"]), progress=True):
-                writer.write(to_uint8(part.images), part.labels)     # one batch: written, then dropped
-            grid = writer.close()
-            seconds = time.perf_counter() - t0
+            grid = writer.close(tmp)
+            seconds = before + time.perf_counter() - t0
             info = {"depth": d, "schedule": name, "scales": [list(s) for s in scales], "steps": len(scales),
-                    "size": list(part.images.shape[-2:]), "num_images": len(labels), "seconds": seconds,
+                    "size": size, "num_images": len(labels), "seconds": seconds,
                     "images_per_s": len(labels) / seconds, "device": str(device),
-                    "sampling": sampling.model_dump(mode="json"), "grid": grid,
+                    "sampling": sampling.model_dump(mode="json"), "grid": grid, "resumed_at_batch": start,
                     "memory_estimate_gb": memory / 1024 ** 3,
-                    "model_sha256": file_sha256(flexvar_path(model_dir))}   # evaluate tags the registered version
+                    "model_sha256": model_sha}   # evaluate tags the registered version
             write_json(tmp / "info.json", info)
+        shutil.rmtree(partial)
         log.log_metrics({"images_per_s": info["images_per_s"], "sample_seconds": seconds,
                          "num_images": len(labels), "steps": len(scales)})
         log.log_artifact(out / "grid.png")

@@ -142,14 +142,20 @@ def generate(model, vqvae, labels_N: torch.Tensor, scales: Scales, sampling: Sam
 
 
 def generate_batches(model, vqvae, labels_N: torch.Tensor, scales: Scales, sampling: SamplingSettings, *,
-                     batch_size: int = 32, seed: int = 0, progress: bool = False, **kwargs) -> Iterator[Generation]:
+                     batch_size: int = 32, seed: int = 0, progress: bool = False, start: int = 0,
+                     generator: torch.Generator | None = None, **kwargs) -> Iterator[Generation]:
     """`generate`, one batch at a time (same seeded generator, same images): callers that write each
-    batch to disk keep memory bounded by the batch, whatever len(labels_N)."""
+    batch to disk keep memory bounded by the batch, whatever len(labels_N).
+
+    Resuming: `start` skips the first `start` batches and `generator` continues the random stream
+    (a generator whose state was saved after batch start - 1); the batches then equal those of one
+    uninterrupted run."""
     device = next(model.parameters()).device
-    gen = make_generator(seed, device)
+    gen = generator if generator is not None else make_generator(seed, device)
     forced = kwargs.pop("forced", None)
     starts = range(0, len(labels_N), batch_size)
-    for s in tqdm(starts, desc="batches", disable=not progress or len(starts) == 1):
+    for s in tqdm(starts[start:], desc="batches", initial=start, total=len(starts),
+                  disable=not progress or len(starts) == 1):
         sl = slice(s, s + batch_size)
         f = None if forced is None else [None if x is None else (x[0][sl], x[1][sl]) for x in forced]
         yield generate_batch(model, vqvae, labels_N[sl], scales, sampling, generator=gen, forced=f,
