@@ -124,11 +124,11 @@ def test_an_interrupted_run_resumes_at_its_next_batch_and_writes_what_one_run_wr
     assert sample.main(argv + ["--out", str(out)]) == 0
     assert "sample: resuming at batch 2 (4 of 8 images done)" in capsys.readouterr().out
     assert not partial.exists() and json.loads((out / "info.json").read_text())["resumed_at_batch"] == 2
-    def files(folder):
+    def listing(folder):
         return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != "info.json")
 
-    assert files(out) == files(whole) and sum(f.endswith(".png") for f in files(whole)) == 8 + 1   # + grid.png
-    files = files(whole)
+    files = listing(whole)
+    assert listing(out) == files and sum(f.endswith(".png") for f in files) == 8 + 1   # + grid.png
     for f in files:
         assert (whole / f).read_bytes() == (out / f).read_bytes(), f
 
