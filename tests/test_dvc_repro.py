@@ -21,6 +21,11 @@ def test_repro_prepare_then_noop(project_root, tmp_path):
     first = run(dvc + ["repro", "prepare"], repo)
     assert "Running stage 'prepare'" in first.stdout
     assert (repo / "data" / "prepared" / "stats.json").is_file() and (repo / "dvc.lock").is_file()
+    # the outs are hard links into the cache (.dvc/config cache.type): committing an out writes it once
+    # more, not twice (copy mode copies it into the cache and back), and the disk holds it once
+    # (dvc links one file per cache object: of two identical small files one stays a copy)
+    arrow = list((repo / "data" / "prepared").rglob("*.arrow"))
+    assert len(arrow) == 2 and all(f.stat().st_nlink == 2 for f in arrow), "outs are copies, not cache links"
     second = run(dvc + ["repro", "prepare"], repo)
     assert "Running stage" not in second.stdout and "didn't change" in second.stdout
     status = run(dvc + ["status", "prepare"], repo)
