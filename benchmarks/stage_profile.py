@@ -8,7 +8,9 @@ process tree every 0.5 s (/proc/<pid>/smaps_rollup, /proc/<pid>/io). A stage's w
 dvc's "Running stage 'X'" or the flow's "submitted X" and closes at the next dvc stage line / the
 flow's "X: finished". Reported per stage: wall time of its window; peak summed PSS of the tree while
 the window is open (every process: the stage, its DataLoader / torchrun workers, and under the flow
-the Ray processes around it; PSS counts a shared page once); bytes its processes wrote
+the Ray processes around it; PSS counts a shared page once) and of its Pss_Anon (the same without
+file-backed pages: a memory-mapped file read through, like samples.npz in evaluate, is page cache
+the kernel can drop, but counts in PSS); bytes its processes wrote
 (/proc/<pid>/io write_bytes, polled, so a process's last 0.5 s may be missed) and the size of its
 outputs as recorded in dvc.lock. Windows may overlap under the flow (matrix entries run together);
 then the peak is that of everything running at once. The JSON is rewritten after every stage, and
@@ -57,7 +59,7 @@ class Profile:
     def start(self, name: str, t: float) -> None:
         with self.lock:
             self.open[name] = t
-            self.stages[name] = {"start": t, "peak_pss_bytes": 0, "written_bytes": 0}
+            self.stages[name] = {"start": t, "peak_pss_bytes": 0, "peak_anon_bytes": 0, "written_bytes": 0}
 
     def close(self, name: str, t: float) -> None:
         with self.lock:
@@ -69,7 +71,8 @@ class Profile:
             procs = [root] + root.children(recursive=True)
         except psutil.NoSuchProcess:
             return
-        pss = sum(smaps(p.pid)["Pss"] for p in procs)
+        mem = [smaps(p.pid) for p in procs]
+        pss, anon = sum(m["Pss"] for m in mem), sum(m["Pss_Anon"] for m in mem)
         with self.lock:
             for p in procs:
                 w = written(p.pid)
@@ -80,6 +83,7 @@ class Profile:
                         self.stages[name]["written_bytes"] += dw // len(self.open)
             for name in self.open:
                 self.stages[name]["peak_pss_bytes"] = max(self.stages[name]["peak_pss_bytes"], pss)
+                self.stages[name]["peak_anon_bytes"] = max(self.stages[name]["peak_anon_bytes"], anon)
 
 
 def lock_out_sizes(lock_path: Path) -> dict[str, int]:
@@ -94,6 +98,7 @@ def report(prof: Profile, cmd: list[str], rc: int | None, t0: float, out: Path) 
     sizes = lock_out_sizes(Path("dvc.lock"))
     with prof.lock:
         rows = {name: {"wall_s": s.get("wall_s"), "peak_pss_gb": round(s["peak_pss_bytes"] / 2**30, 2),
+                       "peak_anon_gb": round(s["peak_anon_bytes"] / 2**30, 2),
                        "written_gb": round(s["written_bytes"] / 2**30, 3),
                        "outs_gb": round(sizes.get(name, 0) / 2**30, 3)} for name, s in prof.stages.items()}
     result = {"command": " ".join(cmd), "rc": rc, "wall_s": round(time.time() - t0, 1), "stages": rows}
@@ -150,9 +155,10 @@ def main() -> None:
     for name in list(prof.open):
         prof.close(name, time.time())
     result = report(prof, cmd, rc, t0, out)
-    print(f"{'stage':40s} {'wall s':>8s} {'peak PSS GB':>12s} {'written GB':>11s} {'outs GB':>8s}")
+    print(f"{'stage':40s} {'wall s':>8s} {'peak PSS GB':>12s} {'anon GB':>8s} {'written GB':>11s} {'outs GB':>8s}")
     for name, r in result["stages"].items():
-        print(f"{name:40s} {r['wall_s'] or 0:8.1f} {r['peak_pss_gb']:12.2f} {r['written_gb']:11.3f} {r['outs_gb']:8.3f}")
+        print(f"{name:40s} {r['wall_s'] or 0:8.1f} {r['peak_pss_gb']:12.2f} {r['peak_anon_gb']:8.2f} "
+              f"{r['written_gb']:11.3f} {r['outs_gb']:8.3f}")
     print(f"total {result['wall_s']:.1f}s, rc {rc}; written to {out}")
     sys.exit(rc if rc is not None else 1)
 

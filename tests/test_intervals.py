@@ -72,7 +72,7 @@ def test_intervals_stay_inside_the_metric_range_at_small_n(seed):
 def test_class_acc_of_real_val_images_equals_classifier_val_accuracy(tiny_prepared, feature_net):
     val = load_split(tiny_prepared, "val")
     feats = sample_features(val.images_NCHW, _cfg(), feature_net, CPU)
-    acc = class_correct(feats["logits"], val.labels_N).mean()
+    acc = class_correct(feats["top_class"], val.labels_N, feats["num_classes"]).mean()
     expected = evaluate_feature_net(load_feature_net(feature_net), val, CPU)["accuracy"]
     assert acc == pytest.approx(expected, abs=1e-9)
     assert acc == pytest.approx(feature_net_metrics(feature_net)["val_accuracy"], abs=1e-9)
@@ -115,22 +115,22 @@ def test_class_acc_interval_matches_binomial_width():
 
 def test_class_correct_rejects_missing_labels():
     with pytest.raises(MetricsError, match="labels"):
-        class_correct(np.zeros((3, 8)), np.full(3, -1))
+        class_correct(np.zeros(3, dtype=np.int64), np.full(3, -1), num_classes=8)
 
 
 def test_sample_intervals_keys_seeded_and_centred(tiny_prepared, feature_net, reference):
     out, _ = reference
-    val = load_split(tiny_prepared, "val")
+    train = load_split(tiny_prepared, "train")   # not the reference split itself: its FID is 0 up to rounding
     cfg = _cfg(bootstrap_samples=200)
-    point = compute_metrics(val.images_NCHW, out, cfg, feature_net, CPU, seed=0)
-    m = sample_intervals(val.images_NCHW, val.labels_N, point, out, cfg, feature_net, CPU, seed=0)
+    point = compute_metrics(train.images_NCHW, out, cfg, feature_net, CPU, seed=0)
+    m = sample_intervals(train.images_NCHW, train.labels_N, point, out, cfg, feature_net, CPU, seed=0)
     assert set(m) == {"class_acc_domain", "class_acc_domain_ci_low", "class_acc_domain_ci_high",
                       "fid_domain_ci_low", "fid_domain_ci_high"}
     assert m["fid_domain_ci_low"] < point["fid_domain"] < m["fid_domain_ci_high"]
     assert m["class_acc_domain_ci_low"] <= m["class_acc_domain"] <= m["class_acc_domain_ci_high"]
-    assert m == sample_intervals(val.images_NCHW, val.labels_N, point, out, cfg, feature_net, CPU, seed=0)
-    assert m != sample_intervals(val.images_NCHW, val.labels_N, point, out, cfg, feature_net, CPU, seed=1)
-    none = sample_intervals(val.images_NCHW, val.labels_N, point, out, _cfg(bootstrap_samples=0), feature_net, CPU, 0)
+    assert m == sample_intervals(train.images_NCHW, train.labels_N, point, out, cfg, feature_net, CPU, seed=0)
+    assert m != sample_intervals(train.images_NCHW, train.labels_N, point, out, cfg, feature_net, CPU, seed=1)
+    none = sample_intervals(train.images_NCHW, train.labels_N, point, out, _cfg(bootstrap_samples=0), feature_net, CPU, 0)
     assert set(none) == {"class_acc_domain"} and none["class_acc_domain"] == m["class_acc_domain"]
 
 
@@ -160,7 +160,8 @@ def test_inception_label_map_orders_columns_by_sorted_synset(tmp_path):
     logits_NC[1, 7], logits_NC[1, 2] = 1.0, 0.5
     logits_NK = imagenet_logits(logits_NC, columns_K)
     assert logits_NK.tolist() == [[0.0, 3.0, 0.0], [0.5, 0.0, 1.0]]
-    assert class_correct(logits_NK, np.array([1, 2])).tolist() == [1.0, 1.0]
+    assert class_correct(logits_NK.argmax(1), np.array([1, 2]), num_classes=3).tolist() == [1.0, 1.0]
+    assert imagenet_logits(torch.from_numpy(logits_NC), columns_K).tolist() == logits_NK.tolist()   # batches
     assert read_inception_label_map(_imagenet_map(tmp_path / "imagenet.pbtxt")).tolist() == \
         [1 + (7 * k) % 1000 for k in range(1000)]
 

@@ -94,15 +94,16 @@ class FrechetToReference:
         return float(diff_D @ diff_D + trace_x + self.trace - 2 * tr_covmean)
 
 
-def class_correct(logits_NK: torch.Tensor | np.ndarray, labels_N: torch.Tensor | np.ndarray) -> np.ndarray:
+def class_correct(top_class_N: torch.Tensor | np.ndarray, labels_N: torch.Tensor | np.ndarray,
+                  num_classes: int) -> np.ndarray:
     """1.0 where the classifier's top class is the label the image was generated for, else 0.0 (N,)."""
-    logits_NK, labels_N = np.asarray(logits_NK), np.asarray(labels_N)
-    if labels_N.ndim != 1 or len(labels_N) != len(logits_NK):
-        raise MetricsError(f"need one class label per image: {len(labels_N)} labels for {len(logits_NK)} images")
-    if (labels_N < 0).any() or (labels_N >= logits_NK.shape[1]).any():
-        raise MetricsError(f"class labels must lie in [0, {logits_NK.shape[1]}) (the classifier's classes); "
+    top_class_N, labels_N = np.asarray(top_class_N), np.asarray(labels_N)
+    if labels_N.ndim != 1 or len(labels_N) != len(top_class_N):
+        raise MetricsError(f"need one class label per image: {len(labels_N)} labels for {len(top_class_N)} images")
+    if (labels_N < 0).any() or (labels_N >= num_classes).any():
+        raise MetricsError(f"class labels must lie in [0, {num_classes}) (the classifier's classes); "
                            f"got {labels_N.min()}..{labels_N.max()} — were the samples written without labels?")
-    return (logits_NK.argmax(1) == labels_N).astype(np.float64)
+    return (top_class_N == labels_N).astype(np.float64)
 
 
 def read_inception_label_map(path: str | os.PathLike, num_classes: int = IMAGENET_CLASSES) -> np.ndarray:
@@ -125,9 +126,9 @@ def read_inception_label_map(path: str | os.PathLike, num_classes: int = IMAGENE
     return np.array([node for _, node in sorted(entries)], dtype=np.int64)
 
 
-def imagenet_logits(logits_NC: np.ndarray, columns_K: np.ndarray) -> np.ndarray:
+def imagenet_logits(logits_NC: torch.Tensor | np.ndarray, columns_K: np.ndarray) -> torch.Tensor | np.ndarray:
     """Inception's node-id-ordered logits (N, 1008) -> ImageNet class order (N, K): column k = node columns_K[k]."""
-    return np.asarray(logits_NC)[:, columns_K]
+    return logits_NC[:, columns_K]
 
 
 def class_logit_columns(cfg: EvaluateConfig, labels_N: torch.Tensor | np.ndarray) -> tuple[np.ndarray | None, str]:
@@ -229,19 +230,27 @@ def _extractor(cfg: EvaluateConfig, feature_net_path, layers: list[str], device:
 
 
 def sample_features(samples_NCHW: torch.Tensor, cfg: EvaluateConfig, feature_net_path, device: torch.device,
-                    batch_size: int = 64) -> dict[str, np.ndarray]:
-    """The samples' FID-layer features (and class logits where the space has a classifier), extracted once."""
+                    columns_K: np.ndarray | None = None, batch_size: int = 64) -> dict[str, np.ndarray | int]:
+    """The samples' FID-layer features (N, D) float64, extracted once, and the classifier's top class (N,)
+    over its logits (in class order: `columns_K` picks and orders the columns, see class_logit_columns)
+    and the number of classes; the logits themselves are dropped batch by batch (N x 1000 float64 is
+    400 MB at 50,000 samples)."""
     layers = [FID_LAYER[cfg.feature_space], CLASS_LOGITS[cfg.feature_space]]
     extractor, _, cuda = _extractor(cfg, feature_net_path, layers, device)
     images = UInt8Images(samples_NCHW)
-    out: dict[str, list[torch.Tensor]] = {k: [] for k in layers}
+    features_N = torch.empty(0, dtype=torch.float64)
+    top_class, num_classes = [], 0
     with torch.no_grad():
         for i in range(0, len(images), batch_size):
             batch = images.images_NCHW[i:i + batch_size]
-            feats = extractor(batch.cuda() if cuda else batch)
-            for k, v in zip(layers, feats):
-                out[k].append(v.double().cpu())
-    return {k: torch.cat(v).numpy() for k, v in out.items()}
+            features_BD, logits_BC = extractor(batch.cuda() if cuda else batch)
+            if i == 0:
+                features_N = torch.empty(len(images), features_BD.shape[1], dtype=torch.float64)
+            features_N[i:i + len(batch)] = features_BD.double().cpu()
+            logits_BK = logits_BC if columns_K is None else imagenet_logits(logits_BC, columns_K)
+            top_class.append(logits_BK.argmax(1).cpu())
+            num_classes = logits_BK.shape[1]
+    return {"features": features_N.numpy(), "top_class": torch.cat(top_class).numpy(), "num_classes": num_classes}
 
 
 def reference_statistics(reference_dir: str | os.PathLike, cfg: EvaluateConfig, feature_net_path,
@@ -273,20 +282,17 @@ def sample_intervals(samples_NCHW: torch.Tensor, labels_N: torch.Tensor, point: 
     centred on its fid_<space>.
     """
     space, num = cfg.feature_space, cfg.bootstrap_samples
-    feats = sample_features(samples_NCHW, cfg, feature_net_path, device)
-    out: dict[str, float] = {}
     columns_K, skipped = class_logit_columns(cfg, labels_N)
+    feats = sample_features(samples_NCHW, cfg, feature_net_path, device, columns_K)
+    out: dict[str, float] = {}
     if not skipped:
-        logits_NK = feats[CLASS_LOGITS[space]]
-        if columns_K is not None:
-            logits_NK = imagenet_logits(logits_NK, columns_K)
-        correct_N = class_correct(logits_NK, labels_N)
+        correct_N = class_correct(feats["top_class"], labels_N, feats["num_classes"])
         out[f"class_acc_{space}"] = float(correct_N.mean())
         if num:
             out[f"class_acc_{space}_ci_low"], out[f"class_acc_{space}_ci_high"] = mean_interval(correct_N, num, seed)
     key = f"fid_{space}"
     if num and key in point:
         frechet = FrechetToReference(*reference_statistics(reference_dir, cfg, feature_net_path, device))
-        out[f"{key}_ci_low"], out[f"{key}_ci_high"] = fid_interval(feats[FID_LAYER[space]], frechet, point[key],
+        out[f"{key}_ci_low"], out[f"{key}_ci_high"] = fid_interval(feats["features"], frechet, point[key],
                                                                    num, seed, device=device)
     return out

@@ -34,6 +34,8 @@ import torch
 import torch_fidelity
 from torch.utils.data import Dataset
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+from torch_fidelity.utils import (create_feature_extractor, extract_featuresdict_from_input_id_cached,
+                                  resolve_feature_layer_for_metric)
 
 from flexvar.checkpoint import file_sha256
 from flexvar.config import EvaluateConfig, SamplingSettings
@@ -45,6 +47,11 @@ INCEPTION_EXTRACTOR = "inception-v3-compat"
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS_FILE}"
 REFERENCE_INFO = "reference.json"
+# precision/recall compare every sample with every other (k-NN radii): torch-fidelity computes the pairwise
+# distances in blocks of `prc_batch_size` rows x all N columns, and holds about three such blocks at once.
+# Its default, 10,000 rows, is 2 GB per block at the paper's 50,000 samples; rows are chosen here so that a
+# block holds at most this many distances (64 MB of float32), whatever N.
+PRC_BLOCK_DISTANCES = 2 ** 24
 
 # torch-fidelity's result keys -> our names (the feature space is appended: fid_domain, ...)
 _RENAME = {
@@ -253,10 +260,16 @@ def _fidelity_kwargs(cfg: EvaluateConfig, extractor: str, weights: Path, n1: int
         feature_extractor=extractor, feature_extractor_weights_path=str(weights),
         fid="fid" in want, isc="isc" in want, kid="kid" in want, prc="prc" in want,
         kid_subset_size=min(cfg.kid_subset_size, n1, n2), isc_splits=max(1, min(10, n1 // 2)),
+        prc_batch_size=prc_rows(n1, n2),
         cuda=device.type == "cuda" and torch.cuda.is_available(), batch_size=64,
         save_cpu_ram=not workers,   # workers: torch-fidelity's DataLoader decodes in worker processes
         rng_seed=seed, verbose=False,
     )
+
+
+def prc_rows(n1: int, n2: int) -> int:
+    """Rows per block of precision/recall's pairwise distances: a block is rows x max(n1, n2) distances."""
+    return max(64, PRC_BLOCK_DISTANCES // max(n1, n2, 1))
 
 
 def name_metrics(raw: dict[str, float], feature_space: str) -> dict[str, float]:
@@ -273,7 +286,10 @@ def compute_reference(reference_NCHW: torch.Tensor | Dataset | None, out_dir: st
     uint8 (3, H, W) images read from disk (then `workers` lets torch-fidelity's DataLoader decode in
     worker processes) — or None when `evaluate.reference` names the source.
     Returns the reference scored against itself: IS of real data (an upper bound for samples),
-    FID ~ 0 and precision/recall ~ 1 as a sanity check (an ADM batch: its statistics are checked only).
+    FID and KID ~ 0 as a sanity check (an ADM batch: its statistics are checked only). Precision and
+    recall of a set against itself are 1 by construction and cost N^2 distances (all held at once in
+    torch-fidelity's parallel-decoding mode: 10 GB per matrix at 50,000 images), so only the features
+    they need are cached.
     """
     kind, path = reference_source(cfg)
     extractor, weights = feature_weights(cfg, feature_net_path)
@@ -290,9 +306,14 @@ def compute_reference(reference_NCHW: torch.Tensor | Dataset | None, out_dir: st
         else:
             ref = UInt8Images(reference_NCHW)
             n = len(ref)
-        raw = torch_fidelity.calculate_metrics(
-            input1=ref, input2=ref, input1_cache_name=name, input2_cache_name=name, cache_root=str(out_dir),
-            **_fidelity_kwargs(cfg, extractor, weights, n, n, device, seed, workers and kind != "folder"))
+        kw = _fidelity_kwargs(cfg, extractor, weights, n, n, device, seed, workers and kind != "folder")
+        cached = dict(input1=ref, input1_cache_name=name, cache_root=str(out_dir))
+        raw = {} if set(cfg.metrics) == {"prc"} else torch_fidelity.calculate_metrics(
+            input2=ref, input2_cache_name=name, **cached, **{**kw, "prc": False})
+        if kw["prc"]:   # the features precision/recall read from the cache (a no-op after FID or KID)
+            layer = resolve_feature_layer_for_metric("prc", **kw)
+            net = create_feature_extractor(extractor, [layer], **{k: v for k, v in kw.items() if k != "feature_extractor"})
+            extract_featuresdict_from_input_id_cached(1, net, **cached, **{**kw, "cache": True})
         info |= {"num_images": n, "self_metrics": name_metrics(raw, cfg.feature_space)}
     (out_dir / REFERENCE_INFO).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     return info
@@ -326,9 +347,7 @@ def compute_metrics(samples_NCHW: torch.Tensor, reference_dir: str | os.PathLike
 def _metrics_vs_adm(samples: UInt8Images, ref: dict[str, np.ndarray], cfg: EvaluateConfig, extractor: str,
                     weights: Path, device: torch.device, seed: int) -> dict[str, float]:
     """FID of the samples' Inception statistics against an ADM reference batch's mu/sigma; IS of the samples."""
-    from torch_fidelity.metric_fid import (KEY_METRIC_FID, fid_input_id_to_statistics, fid_statistics_to_metric,
-                                           resolve_feature_layer_for_metric)
-    from torch_fidelity.utils import create_feature_extractor
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_input_id_to_statistics, fid_statistics_to_metric
 
     kw = _fidelity_kwargs(cfg, extractor, weights, len(samples), 2, device, seed)
     out: dict[str, float] = {}
