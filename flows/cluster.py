@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from flexvar.config import ResourcesConfig
+from flows.ray_logging import PRINT_ONCE_ENV, SETUP_HOOK
 
 # Not shipped to remote workers: DVC outputs and caches (workers read them from the shared filesystem).
 SHIP_EXCLUDES = [".git", ".venv", ".cache", ".dvc/cache", ".dvc/tmp", "data", "models", "samples", "metrics",
@@ -62,10 +63,10 @@ def prefect_api() -> Iterator[str]:
 
 
 def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment every Ray worker gets: the Prefect API, offline switches, the driver's interpreter on PATH."""
+    """Environment every Ray worker gets: the Prefect API, offline switches, prints passed through once."""
     from pipeline.env import TELEMETRY_OFF
 
-    env = {k: os.environ[k] for k in TELEMETRY_OFF if k in os.environ}
+    env = {**PRINT_ONCE_ENV, **{k: os.environ[k] for k in TELEMETRY_OFF if k in os.environ}}
     if os.environ.get("PREFECT_API_URL"):
         env["PREFECT_API_URL"] = os.environ["PREFECT_API_URL"]
     return {**env, **(extra or {})}
@@ -78,7 +79,7 @@ def ray_init_kwargs(res: ResourcesConfig, root: Path, env: dict[str, str] | None
         # Local workers import flows/pipeline/flexvar from the project on PYTHONPATH.
         path = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH", "")]))
         return {"num_cpus": res.ray_num_cpus or os.cpu_count(), "include_dashboard": False,
-                "runtime_env": {"env_vars": {**env, "PYTHONPATH": path}}}
+                "runtime_env": {"env_vars": {**env, "PYTHONPATH": path}, "worker_process_setup_hook": SETUP_HOOK}}
     return {"runtime_env": {"working_dir": str(root), "excludes": SHIP_EXCLUDES, "env_vars": env}}
 
 
