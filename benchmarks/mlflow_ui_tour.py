@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,6 +41,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from flows.cluster import free_port
 from pipeline.tracking import runs_page
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -70,11 +70,6 @@ def browser_missing() -> str | None:
 
 
 # --------------------------------------------------------------------------- the MLflow server
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def start_server(project: Path, port: int, log_path: Path) -> subprocess.Popen:
     """`mlflow server` on the project's embedded store (artifacts served from mlartifacts/), healthy."""

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Any, Iterator
 
 from flexvar.config import ResourcesConfig
-from flows.ray_logging import PRINT_ONCE_ENV, SETUP_HOOK
 
 # Not shipped to remote workers: DVC outputs and caches (workers read them from the shared filesystem).
 SHIP_EXCLUDES = [".git", ".venv", ".cache", ".dvc/cache", ".dvc/tmp", "data", "models", "samples", "metrics",
@@ -29,6 +29,10 @@ SHIP_EXCLUDES = [".git", ".venv", ".cache", ".dvc/cache", ".dvc/tmp", "data", "m
 
 
 LOCAL_RAY_AUTH_MODE = "disabled"
+
+# Ray Train replaces print() in its workers by a function that logs the line and, when something has
+# wrapped sys.stdout, prints it as well: every line of a training stage reached the flow's log twice.
+PRINT_ONCE_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
 def ensure_prefect_api() -> str:
@@ -78,9 +82,21 @@ def ray_init_kwargs(res: ResourcesConfig, root: Path, env: dict[str, str] | None
     if not res.ray_address:
         # Local workers import flows/pipeline/flexvar from the project on PYTHONPATH.
         path = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH", "")]))
-        return {"num_cpus": res.ray_num_cpus or os.cpu_count(), "include_dashboard": False,
-                "runtime_env": {"env_vars": {**env, "PYTHONPATH": path}, "worker_process_setup_hook": SETUP_HOOK}}
+        # The dashboard serves the State API, which Ray Train's placement-group cleaner asks whether a
+        # training controller still lives; without it a stage task killed mid-training (for memory, say)
+        # and retried waits forever for the CPUs/GPUs its dead predecessor's placement group holds. Its
+        # workers are told its address, which a second Ray instance on the machine would make ambiguous.
+        port = free_port()
+        env = {**env, "PYTHONPATH": path, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
+        return {"num_cpus": res.ray_num_cpus or os.cpu_count(), "include_dashboard": True,
+                "dashboard_host": "127.0.0.1", "dashboard_port": port, "runtime_env": {"env_vars": env}}
     return {"runtime_env": {"working_dir": str(root), "excludes": SHIP_EXCLUDES, "env_vars": env}}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def init_ray(res: ResourcesConfig, root: Path, env: dict[str, str] | None = None) -> bool:

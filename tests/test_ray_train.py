@@ -259,3 +259,55 @@ def test_stage_on_two_workers(ray_up, tmp_path, capfd):
     assert one_run.returncode == 0, one_run.stderr
     one, two = (json.loads((work / r / "m.json").read_text()) for r in ("one", "two"))
     assert abs(one["train_loss"] - two["train_loss"]) <= TOL and abs(one["val_loss"] - two["val_loss"]) <= TOL
+
+
+def sleep_on_worker(seconds: float, started: str) -> None:
+    import time
+
+    import ray.train
+
+    (Path(started) / f"rank{ray.train.get_context().get_world_rank()}").touch()
+    time.sleep(seconds)
+
+
+def new_placement_groups(before: set) -> dict:
+    import ray
+
+    return {k: v["state"] for k, v in ray.util.placement_group_table().items() if k not in before}
+
+
+@pytest.mark.slow
+def test_killed_stage_task_frees_its_workers(ray_up, tmp_path):
+    """A stage task killed mid-training (as Ray's memory monitor kills the largest task, then retries it) leaves
+    the placement group of its Ray Train workers behind. Ray Train's placement-group cleaner removes it once the
+    State API reports the controller dead; the embedded cluster starts the dashboard that serves that API
+    (flows/cluster.py). Without it the group held both CPUs for good and the retried stage waited forever."""
+    import time
+
+    import ray
+
+    from flexvar.config import StageResources
+    from flows.ray_train import run_on_workers
+
+    before, pid_file = set(ray.util.placement_group_table()), tmp_path / "stage_task.pid"
+
+    @ray.remote(num_cpus=0, max_retries=0)
+    def stage_task() -> None:
+        pid_file.write_text(str(os.getpid()))
+        run_on_workers(sleep_on_worker, {"seconds": 600, "started": str(tmp_path)}, 2, StageResources(num_cpus=1),
+                       tmp_path / "ray", "killed")
+
+    ref = stage_task.remote()
+    deadline = time.monotonic() + 300
+    while len(list(tmp_path.glob("rank*"))) < 2 and time.monotonic() < deadline:   # both workers training
+        time.sleep(1)
+    created = [k for k, state in new_placement_groups(before).items() if state == "CREATED"]
+    assert created and pid_file.is_file() and len(list(tmp_path.glob("rank*"))) == 2, "the 2 workers never started"
+    os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    with pytest.raises(ray.exceptions.RayError):
+        ray.get(ref)
+    deadline = time.monotonic() + 120
+    while any(new_placement_groups(before)[k] != "REMOVED" for k in created) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert all(new_placement_groups(before)[k] == "REMOVED" for k in created), new_placement_groups(before)
+    assert ray.available_resources().get("CPU", 0) == 2

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -16,6 +15,7 @@ import pytest
 import yaml
 
 from flexvar.config import load_params_dict, select
+from flows.cluster import free_port
 from pipeline.common import set_offline_env
 from pipeline.tracking import TrackingError, UntrackedLogger, runs_page, stage_run
 
@@ -43,12 +43,6 @@ STAGE_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env(**extra) -> dict[str, str]:
     set_offline_env()
     env = {k: v for k, v in os.environ.items()
@@ -62,7 +56,7 @@ def _env(**extra) -> dict[str, str]:
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` on a free localhost port, stopped at the end of the session."""
     d = tmp_path_factory.mktemp("mlflow_server")
-    port = _free_port()
+    port = free_port()
     env = _env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     cmd = [str(Path(PY).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
            "--workers", "1", "--backend-store-uri", f"sqlite:///{d / 'server.db'}",
@@ -185,7 +179,7 @@ def test_dvc_repro_stages_share_one_parent_per_execution(tmp_path):
 
 
 def test_unreachable_server_fails_naming_uri(monkeypatch):
-    uri = f"http://127.0.0.1:{_free_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     params = load_params_dict({"tracking": {"experiment": "test"}})
     ran = []
@@ -197,7 +191,7 @@ def test_unreachable_server_fails_naming_uri(monkeypatch):
 
 def test_unreachable_server_not_required_runs_untracked(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    uri = f"http://127.0.0.1:{_free_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     params = load_params_dict({"tracking": {"uri": uri, "required": False}})
     with stage_run("train_tokenizer", params, ["seed"]) as log:
         assert isinstance(log, UntrackedLogger) and log.run_id is None
