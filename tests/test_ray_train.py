@@ -234,8 +234,8 @@ def test_stage_on_two_workers(ray_up, tmp_path, capfd):
     """The train_transformer stage itself on 2 workers: outputs and tracking from rank 0 only, and the same
     train/val loss as a 1-worker run (a killed 2-worker run resuming: test_killed_two_worker_run_resumes;
     a killed stage: tests/test_transformer_resume.py). Its log reaches the driver once a line (Ray Train's
-    print patch printed each twice) and without the PlacementGroupCleaner's warning that the State API
-    is down (no dashboard in the embedded cluster), which it otherwise repeats every second (flows/ray_logging.py)."""
+    print patch printed each twice) and without the PlacementGroupCleaner's warning that the State API is
+    down, repeated every second when the embedded cluster ran no dashboard (flows/cluster.py)."""
     import time
 
     from flexvar.config import load_params
