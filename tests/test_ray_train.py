@@ -10,6 +10,7 @@ Checked for `ddp` and for `fsdp` (with gradient accumulation, so no_sync micro-s
 for a 2-worker run killed mid-training (one worker SIGKILLed; Ray Train restarts the group, which
 resumes from rank 0's consolidated checkpoint), and for the real train_transformer stage on 2
 workers: rank 0 writes the outputs, rank 1 only scratch copies, and the losses equal a 1-worker run's.
+A stage task killed while its 2 workers train leaves no placement group holding the CPUs behind.
 """
 from __future__ import annotations
 
