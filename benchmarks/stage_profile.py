@@ -10,15 +10,17 @@ flow's "X: finished". Reported per stage: wall time of its window; peak summed P
 the window is open (every process: the stage, its DataLoader / torchrun workers, and under the flow
 the Ray processes around it; PSS counts a shared page once) and of its Pss_Anon (the same without
 file-backed pages: a memory-mapped file read through, like samples.npz in evaluate, is page cache
-the kernel can drop, but counts in PSS); bytes its processes wrote
-(/proc/<pid>/io write_bytes, polled, so a process's last 0.5 s may be missed) and the size of its
-outputs as recorded in dvc.lock. Windows may overlap under the flow (matrix entries run together);
+the kernel can drop, but counts in PSS); bytes its processes wrote (/proc/<pid>/io write_bytes,
+polled; a process's count includes what the children it has reaped wrote, so when a child is gone
+what was already counted for it is taken off its parent's next increase: each byte counts once, and
+a child's last writes arrive through its parent) and the size of its outputs as recorded in dvc.lock. Windows may overlap under the flow (matrix entries run together);
 then the peak is that of everything running at once. The JSON is rewritten after every stage, and
 Ctrl-C (or SIGTERM) stops the command's process group and still writes what was measured.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -54,7 +56,8 @@ class Profile:
         self.stages: dict[str, dict] = {}
         self.lock = threading.Lock()
         self.writes: dict[int, int] = {}         # pid -> last write_bytes seen
-        self.pid_stages: dict[int, set] = {}     # pid -> stages open while it was seen writing
+        self.parent: dict[int, int] = {}         # pid -> its parent's pid when last seen
+        self.reaped: dict[int, int] = {}         # pid -> bytes already counted for its vanished children
 
     def start(self, name: str, t: float) -> None:
         with self.lock:
@@ -74,10 +77,19 @@ class Profile:
         mem = [smaps(p.pid) for p in procs]
         pss, anon = sum(m["Pss"] for m in mem), sum(m["Pss_Anon"] for m in mem)
         with self.lock:
+            live = {p.pid for p in procs}
+            for pid in [pid for pid in self.writes if pid not in live]:   # exited: its parent's count now has it
+                ppid = self.parent.pop(pid, None)
+                self.reaped[ppid] = self.reaped.get(ppid, 0) + self.writes.pop(pid)
             for p in procs:
                 w = written(p.pid)
                 dw = w - self.writes.get(p.pid, 0)
+                known = min(self.reaped.get(p.pid, 0), max(dw, 0))
+                self.reaped[p.pid] = self.reaped.get(p.pid, 0) - known
+                dw -= known
                 self.writes[p.pid] = w
+                with contextlib.suppress(psutil.Error):
+                    self.parent[p.pid] = p.ppid()
                 if dw > 0 and self.open:
                     for name in self.open:                 # shared among the stages open at once
                         self.stages[name]["written_bytes"] += dw // len(self.open)
