@@ -78,9 +78,16 @@ class Profile:
         pss, anon = sum(m["Pss"] for m in mem), sum(m["Pss_Anon"] for m in mem)
         with self.lock:
             live = {p.pid for p in procs}
-            for pid in [pid for pid in self.writes if pid not in live]:   # exited: its parent's count now has it
-                ppid = self.parent.pop(pid, None)
-                self.reaped[ppid] = self.reaped.get(ppid, 0) + self.writes.pop(pid)
+            gone = [pid for pid in self.writes if pid not in live]    # exited: its parent's count now has it
+            for pid in gone:
+                self.reaped[self.parent.get(pid)] = self.reaped.get(self.parent.get(pid), 0) + self.writes.pop(pid)
+            for _ in gone:      # a chain gone in one interval (a command and its shell) passes it up
+                for pid in gone:
+                    if self.reaped.get(pid):
+                        ppid = self.parent.get(pid)
+                        self.reaped[ppid] = self.reaped.get(ppid, 0) + self.reaped.pop(pid)
+            for pid in gone:
+                self.parent.pop(pid, None)
             for p in procs:
                 w = written(p.pid)
                 dw = w - self.writes.get(p.pid, 0)

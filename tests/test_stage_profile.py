@@ -3,7 +3,8 @@
 A process's /proc/<pid>/io includes what the children it has reaped wrote; summing every process of the
 tree then counted a finished child twice (once as itself, once inside its parent): the rehearsal's
 sample stage showed 42.7 GB written for the 21.8 GB its files take. Here a stage writes 64 MiB from a
-child process of a shell, which reaps it; the profile must report 64 MiB, not 128.
+child of `sh`, which reaps it and exits at once (so both vanish between two polls, as a stage command
+and its shell do), under a shell that reaps `sh`; the profile must report 64 MiB, not 128.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def test_written_counts_a_reaped_childs_bytes_once(tmp_path):
         time.sleep(1.5)   # seen by the poller before it exits
     """)
     (tmp_path / "write.py").write_text(write)
-    script = (f"echo \"Running stage 'write'\"; {sys.executable} write.py; sleep 1.5; "
+    script = (f"echo \"Running stage 'write'\"; sh -c '{sys.executable} write.py; true'; sleep 1.5; "
               f"echo \"Running stage 'idle'\"; sleep 1.5")
     out = tmp_path / "profile.json"
     run = subprocess.run([sys.executable, "-m", "benchmarks.stage_profile", "--out", str(out), "--every", "0.2",
