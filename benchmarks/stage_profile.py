@@ -13,8 +13,9 @@ file-backed pages: a memory-mapped file read through, like samples.npz in evalua
 the kernel can drop, but counts in PSS); bytes its processes wrote (/proc/<pid>/io write_bytes,
 polled; a process's count includes what the children it has reaped wrote, so when a child is gone
 what was already counted for it is taken off its parent's next increase: each byte counts once, and
-a child's last writes arrive through its parent) and the size of its outputs as recorded in dvc.lock. Windows may overlap under the flow (matrix entries run together);
-then the peak is that of everything running at once. The JSON is rewritten after every stage, and
+a child's last writes arrive through its parent) and the size of its outputs as recorded in dvc.lock.
+Windows may overlap under the flow (matrix entries run together); then the peak is that of
+everything running at once. The JSON is rewritten after every stage, and
 Ctrl-C (or SIGTERM) stops the command's process group and still writes what was measured.
 """
 from __future__ import annotations
@@ -78,14 +79,14 @@ class Profile:
         pss, anon = sum(m["Pss"] for m in mem), sum(m["Pss_Anon"] for m in mem)
         with self.lock:
             live = {p.pid for p in procs}
-            gone = [pid for pid in self.writes if pid not in live]    # exited: its parent's count now has it
-            for pid in gone:
-                self.reaped[self.parent.get(pid)] = self.reaped.get(self.parent.get(pid), 0) + self.writes.pop(pid)
-            for _ in gone:      # a chain gone in one interval (a command and its shell) passes it up
-                for pid in gone:
-                    if self.reaped.get(pid):
-                        ppid = self.parent.get(pid)
-                        self.reaped[ppid] = self.reaped.get(ppid, 0) + self.reaped.pop(pid)
+            gone = {pid for pid in self.writes if pid not in live}    # exited: an ancestor's count now has it
+            for pid in gone:      # what was counted for it: its own bytes and its vanished children's
+                self.reaped[pid] = self.reaped.get(pid, 0) + self.writes.pop(pid)
+            for pid in gone:      # passes to its nearest live ancestor (a command and its shell go together)
+                heir = self.parent.get(pid)
+                while heir in gone:
+                    heir = self.parent.get(heir)
+                self.reaped[heir] = self.reaped.get(heir, 0) + self.reaped.pop(pid)
             for pid in gone:
                 self.parent.pop(pid, None)
             for p in procs:
