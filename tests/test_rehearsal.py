@@ -13,9 +13,10 @@ Then what the rehearsal is meant to prove: every stage ran and `dvc status` is c
 counted the corrupt files and resized the small ones up; both training stages ran on 2 workers with the
 accumulation the params imply; sample wrote per_class x classes images at 256 px on the 10-step schedule;
 evaluate wrote a finite FID and the report its row; MLflow recorded how each training stage split its
-global batch. It fails when the training stages ignore resources.train_workers (pipeline/data_parallel.py,
-flows/ray_train.py) or prepare skips the small images instead of resizing them up. About 80 s each route
-on 2 idle cores, 3 minutes beside other work.
+global batch; and both routes wrote the same models, reference features, samples and FID. It fails when the
+training stages ignore resources.train_workers (pipeline/data_parallel.py, flows/ray_train.py) or prepare
+skips the small images instead of resizing them up. About 80 s each route on 2 idle cores, 3 minutes beside
+other work.
 """
 from __future__ import annotations
 
@@ -88,10 +89,27 @@ def rehearsal_project(project_root: Path, tmp_path: Path) -> tuple[Path, dict]:
     return repo, params
 
 
-def test_rehearsal_ci_sized(project_root, tmp_path):
-    repo, params = rehearsal_project(project_root, tmp_path)
-    dvc = [sys.executable, "-m", "dvc"]
-    repro = run(dvc + ["repro"], repo, timeout=900)
+@pytest.fixture(scope="module")
+def dvc_route(project_root, tmp_path_factory):
+    """The rehearsal through `dvc repro`, pinned to 2 CPUs (taskset): the 2-core machine the preset is written
+    for, so its single-process stages run torch on 2 threads (torch's default follows the CPU affinity)."""
+    repo, params = rehearsal_project(project_root, tmp_path_factory.mktemp("dvc_route"))
+    repro = run(["taskset", "-c", "0,1", sys.executable, "-m", "dvc", "repro"], repo, timeout=900)
+    return repo, params, repro
+
+
+@pytest.fixture(scope="module")
+def flow_route(project_root, tmp_path_factory):
+    """The same rehearsal through `python -m flows.pipeline`'s flow on a local Ray with 2 CPUs."""
+    from flows.pipeline import run_pipeline
+
+    repo, params = rehearsal_project(project_root, tmp_path_factory.mktemp("flow_route"))
+    local_ray(2)
+    return repo, params, run_pipeline(repo)
+
+
+def test_rehearsal_ci_sized(dvc_route):
+    repo, params, repro = dvc_route
     out = repro.stdout + repro.stderr
     d = params["variants"]["depths"][0]
     for stage in check_all_stages_locked(repo, params):      # every stage ran in this repro
@@ -114,20 +132,38 @@ def test_rehearsal_ci_sized(project_root, tmp_path):
     check_batch_split(repo, params, launcher="torchrun")
 
 
-def test_rehearsal_ci_sized_flow(project_root, tmp_path):
-    """The same rehearsal through `python -m flows.pipeline`'s flow on a local Ray with 2 CPUs: the training
-    stages on 2 Ray Train workers (gloo), the CPU-heavy stages given both cores by the preset."""
-    from flows.pipeline import run_pipeline
-
-    repo, params = rehearsal_project(project_root, tmp_path)
-    local_ray(2)
-    result = run_pipeline(repo)
+def test_rehearsal_ci_sized_flow(flow_route):
+    """The flow ran every stage: the training stages on 2 Ray Train workers (gloo), the single-process
+    stages given both cores by the preset; a `dvc repro` after it finds nothing to run."""
+    repo, params, result = flow_route
     stages = check_all_stages_locked(repo, params)
     assert result == {name: "ran" for name in stages}
     repro = run([sys.executable, "-m", "dvc", "repro"], repo).stdout
     assert "Running stage" not in repro
     check_outputs(repo, params)
     check_batch_split(repo, params, launcher="caller")    # Ray Train's group, not a torchrun inside the task
+
+
+def test_both_routes_compute_the_same_bytes(dvc_route, flow_route):
+    """`dvc repro` and the flow write identical models, reference features and samples, and the same FID:
+    a stage's numbers do not depend on the route. It fails when a stage runs torch on other threads under
+    the flow than under `dvc repro` (the feature net on Ray's default 1 CPU: weights ~1e-5 apart), or a
+    route seeds or splits the data differently."""
+    (dvc_repo, params, _), (flow_repo, _, _) = dvc_route, flow_route
+    d, schedule = params["variants"]["depths"][0], params["variants"]["schedules"][0]
+    outs = {"prepare": "data/prepared", "train_tokenizer": "models/tokenizer", f"train_transformer@{d}": f"models/d{d}",
+            "train_feature_net": "models/feature_net", "reference_stats": "data/reference"}
+
+    def md5s(repo: Path) -> dict[str, str]:
+        lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+        return {stage: next(o["md5"] for o in lock[stage]["outs"] if o["path"] == path) for stage, path in outs.items()}
+
+    assert md5s(dvc_repo) == md5s(flow_repo)
+    npz = Path("samples") / f"d{d}" / schedule / "samples.npz"
+    assert (dvc_repo / npz).read_bytes() == (flow_repo / npz).read_bytes()
+    fid = [json.loads((repo / "metrics" / "eval" / f"d{d}" / f"{schedule}.json").read_text())["fid_domain"]
+           for repo in (dvc_repo, flow_repo)]
+    assert fid[0] == fid[1], fid
 
 
 def check_all_stages_locked(repo: Path, params: dict) -> list[str]:
