@@ -147,8 +147,8 @@ def test_rehearsal_ci_sized_flow(flow_route):
 def test_both_routes_compute_the_same_bytes(dvc_route, flow_route):
     """`dvc repro` and the flow write identical models, reference features and samples, and the same FID:
     a stage's numbers do not depend on the route. It fails when a stage runs torch on other threads under
-    the flow than under `dvc repro` (the feature net on Ray's default 1 CPU: weights ~1e-5 apart), or a
-    route seeds or splits the data differently."""
+    the flow than under `dvc repro` (the feature net on Ray's default 1 CPU: weights up to 5e-4 apart), or
+    a route seeds or splits the data differently."""
     (dvc_repo, params, _), (flow_repo, _, _) = dvc_route, flow_route
     d, schedule = params["variants"]["depths"][0], params["variants"]["schedules"][0]
     outs = {"prepare": "data/prepared", "train_tokenizer": "models/tokenizer", f"train_transformer@{d}": f"models/d{d}",
