@@ -15,8 +15,8 @@ polled; a process's count includes what the children it has reaped wrote, so whe
 what was already counted for it is taken off its parent's next increase: each byte counts once, and
 a child's last writes arrive through its parent) and the size of its outputs as recorded in dvc.lock.
 Windows may overlap under the flow (matrix entries run together); then the peak is that of
-everything running at once. The JSON is rewritten after every stage, and
-Ctrl-C (or SIGTERM) stops the command's process group and still writes what was measured.
+everything running at once. The JSON is rewritten after every stage, and Ctrl-C (or SIGTERM) stops
+the command's process group and still writes what was measured.
 """
 from __future__ import annotations
 
@@ -80,13 +80,11 @@ class Profile:
         with self.lock:
             live = {p.pid for p in procs}
             gone = {pid for pid in self.writes if pid not in live}    # exited: an ancestor's count now has it
-            for pid in gone:      # what was counted for it: its own bytes and its vanished children's
-                self.reaped[pid] = self.reaped.get(pid, 0) + self.writes.pop(pid)
-            for pid in gone:      # passes to its nearest live ancestor (a command and its shell go together)
-                heir = self.parent.get(pid)
+            for pid in gone:      # what was counted for it (its bytes and its vanished children's) passes to
+                heir = self.parent.get(pid)     # its nearest live ancestor (a command and its shell go together)
                 while heir in gone:
                     heir = self.parent.get(heir)
-                self.reaped[heir] = self.reaped.get(heir, 0) + self.reaped.pop(pid)
+                self.reaped[heir] = self.reaped.get(heir, 0) + self.writes.pop(pid) + self.reaped.pop(pid, 0)
             for pid in gone:
                 self.parent.pop(pid, None)
             for p in procs:
