@@ -4,8 +4,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import subprocess
 import sys
+import threading
 import zlib
 from pathlib import Path
 
@@ -199,6 +201,8 @@ def test_generated_imagenet_folder_keeps_small_skips_corrupt_and_writes_beside(t
     assert (made["train"], made["val"], len(made["small"]), len(made["corrupt"])) == (32, 8, 8, 2)
     assert sorted(p.name for p in (tmp_path / "src" / "train").iterdir()) == sorted(
         p.name for p in (tmp_path / "src" / "val").iterdir())
+    import multiprocessing.util
+    multiprocessing.util.get_temp_dir()   # the workers' forkserver socket lives there (bytes, not data): made first
     no_temp = tmp_path / "no-system-temp"               # a file, not a folder: any use of the system temp fails
     no_temp.write_text("")
     monkeypatch.setattr(tempfile, "tempdir", str(no_temp))
@@ -246,3 +250,39 @@ def test_imagefolder_output_does_not_depend_on_the_checkouts_location(tmp_path, 
         assert not any(str(tmp_path) in s["reason"] for s in stats["skipped"]), stats["skipped"]
         outs.append(work / "prepared")
     assert _tree_digest(outs[0]) == _tree_digest(outs[1])
+
+
+# --------------------------------------------------------------------------- the worker pool
+HELD_BY_THE_CALLER = threading.Lock()
+
+
+def _lock_is_free(_task) -> bool:
+    """In a worker: whether the caller's lock, held while the pool runs, is free in this process."""
+    if not HELD_BY_THE_CALLER.acquire(timeout=0.2):
+        return False
+    HELD_BY_THE_CALLER.release()
+    return True
+
+
+def test_prepare_workers_do_not_inherit_the_callers_held_locks():
+    """A pool forked from a threaded caller (Prefect's event loop, Ray's) copies every lock some thread
+    holds at that moment, held, and a worker that needs one hangs; so does the pool's shutdown (a CI
+    run hung 600 s in Pool.terminate). The workers must start from a clean process: the lock this test
+    holds must be free in them."""
+    from flexvar.data.prepare import run_tasks
+    with HELD_BY_THE_CALLER:
+        assert list(run_tasks(_lock_is_free, range(4), num_workers=2, chunksize=1)) == [True] * 4
+
+
+def _die(task):
+    if task == 2:
+        os._exit(3)     # a worker killed mid-task (the OOM killer, a crash in a C decoder)
+    return task
+
+
+@pytest.mark.timeout(120)
+def test_a_dead_prepare_worker_stops_the_run_with_an_error():
+    """multiprocessing.Pool replaces a dead worker and waits forever for the task it lost."""
+    from flexvar.data.prepare import run_tasks
+    with pytest.raises(DataError, match="a prepare worker process died.*data.num_workers: 0"):
+        list(run_tasks(_die, range(8), num_workers=2, chunksize=1))

@@ -13,12 +13,12 @@ images when `data.upscale_small`), `official` stores the whole image with its sh
 ceil(resolution / 0.88), the pixels every official random crop is drawn from; plus `stats.json`
 (counts per class and split, skipped files and why, content hash) and `preview.png`.
 Everything, the Arrow data and the source's `datasets` cache included, is written into one temp
-folder beside the output (`.<out>.tmp*` in its parent: the same file system, nothing in the system
-temp folder) and renamed into place when everything succeeded; on failure the temp folder is removed.
+folder beside the output (`.<out>.tmp*` in its parent: the same file system; the system temp folder
+holds only the worker pool's socket) and renamed into place when everything succeeded; on failure the temp folder is removed.
 
 Streaming, at any size: each split is a lazy sequence of tasks (an index for builtin images, a
-file path or encoded bytes otherwise); `data.num_workers` processes render or decode, clean and
-PNG-encode them in order (multiprocessing imap), and the main process appends the results to the
+file path or encoded bytes otherwise); `data.num_workers` processes (from a forkserver) render or
+decode, clean and PNG-encode them in order, and the main process appends the results to the
 split's Arrow file as they arrive, with a tqdm progress bar. No split is ever held in memory: only the
 running content hash, label counts, the skip list and a few preview images. The content hash is
 built from each image's pixel digest, computed by the worker that decoded it (the main process
@@ -36,6 +36,8 @@ import os
 import shutil
 import tempfile
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -248,16 +250,26 @@ def read_source(cfg: DataConfig, seed: int, cache_dir: str) -> Source:
 # --------------------------------------------------------------------------- streaming the work
 def run_tasks(work, tasks: Iterable[Any], num_workers: int, chunksize: int = 16) -> Iterator[Any]:
     """work(task) for every task, in order: in `num_workers` processes (0: here). Tasks are handed out
-    in windows of a few chunks per worker, so neither pending tasks nor finished results pile up
-    (Pool.imap alone would buffer results without bound when the consumer is slower)."""
+    in windows of a few chunks per worker, so neither pending tasks nor finished results pile up.
+
+    The workers come from a forkserver, a clean single-threaded process, not forked from the caller:
+    a caller with threads (Prefect's event loop, Ray's, a DataLoader's) may hold a lock at the moment
+    of a fork, the child inherits it held and hangs, and so does the pool's shutdown waiting for it.
+    A worker that dies (it could not start, or was killed) stops the run with an error, never a hang."""
     if num_workers == 0:
         yield from map(work, tasks)
         return
     tasks = iter(tasks)
     window = num_workers * chunksize * 4
-    with multiprocessing.get_context("fork").Pool(num_workers) as pool:
-        while batch := list(itertools.islice(tasks, window)):
-            yield from pool.imap(work, batch, chunksize=chunksize)
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])    # the server imports this module once; each worker is a fork of it
+    try:
+        with ProcessPoolExecutor(num_workers, mp_context=ctx) as pool:
+            while batch := list(itertools.islice(tasks, window)):
+                yield from pool.map(work, batch, chunksize=chunksize)
+    except BrokenProcessPool as e:
+        raise DataError(f"a prepare worker process died: {e} Its own error, if any, is printed above; "
+                        f"data.num_workers: 0 prepares in the stage's process") from e
 
 
 PREVIEW_CLASSES = 16   # the preview shows at most this many classes (ImageNet has 1,000)
