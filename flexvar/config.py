@@ -352,7 +352,9 @@ class TrackingConfig(Section):
 
 
 class StageResources(Section):
-    num_cpus: float = Field(1.0, ge=0.0)
+    # unset: under the flow a single-process stage takes a whole node's CPUs (the threads `dvc repro`
+    # gives it, so both routes compute the same bytes) and each Ray Train worker 1 (torchrun's 1 thread)
+    num_cpus: float | None = Field(None, ge=0.0)
     num_gpus: float = Field(0.0, ge=0.0)
 
 
@@ -378,7 +380,7 @@ class ResourcesConfig(Section):
 
     def for_stage(self, stage: str) -> StageResources:
         """Resources of a dvc.yaml stage: its own entry ("train_transformer@d2"), else its matrix
-        group's ("train_transformer"), else the default (1 CPU, no GPU)."""
+        group's ("train_transformer"), else the default (num_cpus unset, no GPU)."""
         return self.stages.get(stage) or self.stages.get(stage.split("@")[0]) or StageResources()
 
 

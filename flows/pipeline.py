@@ -13,6 +13,8 @@ What it does:
     stage, parallel branches) run at the same time, as far as Ray's resources allow;
   * per-stage Ray resources from params `resources.stages.<stage>` (num_cpus / num_gpus; the
     dvc.yaml stage name or one matrix entry's full name), applied with prefect-ray's remote_options;
+    a CPU stage without num_cpus takes a whole node's CPUs, the threads `dvc repro` gives it (a GPU
+    stage its GPUs' share of the node);
   * failed stages are retried `resources.retries` times with exponential backoff from
     `resources.retry_delay_s` (retries keep partial outputs, so training resumes from its checkpoint);
   * every finished stage is committed to dvc.lock on the driver, one at a time (`dvc commit -f`),
@@ -115,11 +117,27 @@ def is_multi_worker(spec: StageSpec, params: Params) -> bool:
     return any(parse_stage_command(c) for c in spec.cmds) and train_workers(params, spec.name) > 1
 
 
+def node_cpus(num_gpus: float) -> float:
+    """The default CPUs of a stage under the flow: the whole of the largest live Ray node (what `dvc
+    repro` gives a stage on one machine); with GPUs, the share of that node that goes with them, so
+    one-GPU stages still run side by side on a many-GPU node. 1 while no node has the GPUs."""
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU", 0.0) >= num_gpus]
+    if not nodes:
+        return 1.0
+    node = max(nodes, key=lambda r: r.get("CPU", 0.0))
+    share = num_gpus / node["GPU"] if num_gpus else 1.0
+    return max(float(int(node.get("CPU", 0.0) * share)), 1.0)
+
+
 def submit(spec: StageSpec, params: Params, env: dict[str, str]):
     res = params.resources.for_stage(spec.name)
     multi = is_multi_worker(spec, params)
     if multi:   # the task only waits; its Ray Train workers hold the stage's resources, each
         res = StageResources(num_cpus=0, num_gpus=0)
+    elif res.num_cpus is None:   # Ray sets OMP_NUM_THREADS to it: the stage runs on the threads dvc repro gives it
+        res = StageResources(num_cpus=node_cpus(res.num_gpus), num_gpus=res.num_gpus)
     task_ = run_stage.with_options(
         name=f"stage {spec.group}", task_run_name=spec.name, retries=params.resources.retries,
         retry_delay_seconds=exponential_backoff(params.resources.retry_delay_s) if params.resources.retries else 0)

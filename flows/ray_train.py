@@ -18,7 +18,7 @@ How the N copies cooperate (the library side is flexvar/distributed.py, no-ops i
   * rank 0 alone writes the stage's outputs (models/, metrics/, plots/, the resume checkpoint) and
     logs to MLflow (pipeline/tracking.py gives other ranks an untracked logger); other ranks write
     their copies to a scratch folder (.cache/ray_train/rank<k>/) that nothing reads.
-Resources per worker: `resources.stages.<stage>` (num_cpus / num_gpus). Worker failures restart
+Resources per worker: `resources.stages.<stage>` (num_cpus, 1 if unset; num_gpus). Worker failures restart
 the whole group up to `resources.retries` times (Ray Train FailureConfig); training resumes from
 rank 0's checkpoint. Workers need the project at the same path (shared filesystem, as for the flow).
 """
@@ -103,7 +103,7 @@ def run_on_workers(fn: Callable[..., Any], kwargs: dict[str, Any], workers: int,
     from ray.train.torch import TorchConfig, TorchTrainer
 
     use_gpu = res.num_gpus > 0
-    per_worker = {"CPU": res.num_cpus, **({"GPU": res.num_gpus} if use_gpu else {})}
+    per_worker = {"CPU": 1 if res.num_cpus is None else res.num_cpus, **({"GPU": res.num_gpus} if use_gpu else {})}
     trainer = TorchTrainer(
         _call_on_worker, train_loop_config={"fn": fn, "kwargs": kwargs},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),

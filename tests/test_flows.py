@@ -1,18 +1,21 @@
 """The Prefect pipeline flow on a real local Ray and a real Prefect server.
 
 1. A small synthetic DVC project pins down the mechanics: a matrix stage's entries run at the same
-   time (each waits for the other to start), dependencies are respected, a failing stage is retried,
+   time (each waits for the other to start), a stage without num_cpus gets the whole node's CPUs
+   as threads, dependencies are respected, a failing stage is retried,
    every stage lands in dvc.lock, `dvc status` is clean, `dvc repro` and a second flow run do nothing.
 2. The real project (a temp git copy on the smoke preset, shrunk, two depths), brought up to date
    up to train_transformer (its matrix entries in parallel): the flow completes, `dvc status` is
    clean, `dvc repro` is a no-op, and MLflow holds one parent run with every stage run under it.
 3. The embedded Ray's workers run at the driver's priority, not Ray's default nice 15 (which starves
    sweep trials beside any other work on the machine).
+4. The CPUs a stage without `num_cpus` asks for: a whole node, or its GPUs' share of one.
 """
 from __future__ import annotations
 
 import os
 import sqlite3
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -68,7 +71,7 @@ FAIL_ONCE = """\
 SYNTHETIC_DVC = """\
     stages:
       a:
-        cmd: mkdir -p out marks && echo a > out/a.txt
+        cmd: mkdir -p out marks && echo a > out/a.txt && echo $OMP_NUM_THREADS > marks/a_threads
         outs: [out/a.txt]
       b:
         matrix:
@@ -100,12 +103,29 @@ def test_flow_mechanics(ray_and_prefect, tmp_path):
     assert result == {"a": "ran", "b@2": "ran", "b@4": "ran", "c": "ran"}
     assert (repo / "out/c.txt").read_text() == "2\n4\n"
     assert (repo / "marks/c_attempts").read_text() == "2"          # failed once, retried once
+    assert (repo / "marks/a_threads").read_text() == "2\n"   # no num_cpus: the whole node, dvc repro's threads
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
     assert set(lock) == {"a", "b@2", "b@4", "c"}
     assert "up to date" in run(DVC + ["status"], repo).stdout
     repro = run(DVC + ["repro"], repo).stdout
     assert "Running stage" not in repro and "is cached" not in repro
     assert run_pipeline(repo) == {"a": "skipped", "b@2": "skipped", "b@4": "skipped", "c": "skipped"}
+
+
+def test_a_stage_without_num_cpus_gets_a_whole_node_or_its_gpus_share(tmp_path):
+    """node_cpus on a fresh local Ray declaring 16 CPUs and 8 GPUs: a CPU stage 16 (dvc repro's
+    threads), a 1-GPU stage 2 (eight fit side by side), more GPUs than any node has: 1."""
+    code = """
+import ray
+from flows.pipeline import node_cpus
+ray.init(address="local", num_cpus=16, num_gpus=8, include_dashboard=False)
+print(node_cpus(0), node_cpus(1), node_cpus(0.5), node_cpus(8), node_cpus(9))
+ray.shutdown()
+"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split()[-5:] == ["16.0", "2.0", "1.0", "16.0", "1.0"]
 
 
 def tiny_project(dst: Path) -> Path:
